@@ -1,0 +1,58 @@
+# paploss: the two commands a new user needs are `make run` and `make test`.
+# Everything installs itself into .venv/ at the repo root on first use.
+
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PRESET ?= quick
+IMAGE ?= paploss:latest
+HOST ?=
+MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
+export MLFLOW_TRACKING_URI
+
+.PHONY: install run test test-fast ui compile submit bench bench-search image clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install paploss with its test tools
+
+run: install  ## the main job: a real search on the bundled dataset through kfp.local (PRESET=smoke|quick|paper)
+	$(BIN)/paploss run --preset $(PRESET)
+
+test: install  ## the whole test suite, slow end-to-end tests included
+	$(BIN)/python -m pytest -q
+
+test-fast: install  ## the test suite without the slow end-to-end tests
+	$(BIN)/python -m pytest -q -m "not slow"
+
+ui: install  ## MLflow UI on the local store
+	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --port 5000
+
+compile: install  ## write build/search_pipeline.yaml (IMAGE=... sets the components' image)
+	$(BIN)/paploss compile --image $(IMAGE) --out build/search_pipeline.yaml
+
+submit: compile  ## submit the compiled pipeline to HOST (a Kubeflow Pipelines endpoint)
+	$(BIN)/paploss submit --host $(HOST) --package build/search_pipeline.yaml
+
+bench: install  ## micro-benchmarks (loss, training step); results go to BENCHMARKS.md by hand
+	$(BIN)/python -m bench.loss
+	$(BIN)/python -m bench.train_step
+
+bench-search: install  ## the search-quality benchmark of BENCHMARKS.md (long: about 90 minutes on 2 CPU cores)
+	$(BIN)/paploss bench --out docs
+
+image:  ## build the CPU and CUDA images (needs Docker)
+	docker build -f docker/Dockerfile.cpu -t $(IMAGE) .
+	docker build -f docker/Dockerfile.cuda -t $(IMAGE:latest=cuda) .
+
+clean:  ## remove local runs (keeps .venv)
+	rm -rf build runs local_outputs mlflow.db mlartifacts

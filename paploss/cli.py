@@ -1,0 +1,63 @@
+"""The ``paploss`` command line.
+
+Each sub-command lives next to the code it drives and is imported only when it is
+called, so ``paploss --help`` answers at once and ``paploss train`` never imports kfp.
+Register a command by adding ``name: "module:attribute"`` to ``COMMANDS``; the
+attribute is a ``click.Command``.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    # name: ("module:attribute", one-line help shown by `paploss --help`)
+    "data": ("paploss.data.cli:data", "Make bundled datasets, convert VOC, split for search."),
+    "pretrain": ("paploss.engine_cli:pretrain", "Pre-train the warm-start backbone on a classification task."),
+    "train": ("paploss.engine_cli:train", "Train a detector with a loss (paploss spec or a baseline)."),
+    "evaluate": ("paploss.engine_cli:evaluate", "COCO AP of a checkpoint on a split."),
+    "search": ("paploss.search_cli:search", "Run the PPO loss search in-process (no Kubeflow)."),
+    "run": ("pipelines.run_local:run", "Run the search pipeline locally through kfp.local."),
+    "compile": ("pipelines.compile:compile_cmd", "Compile the search pipeline to Kubeflow YAML."),
+    "submit": ("pipelines.submit:submit", "Submit the compiled pipeline to a Kubeflow endpoint."),
+    "retrain": ("pipelines.retrain:retrain", "Submit, wait, and promote the new model if it beats the champion."),
+    "bench": ("bench.search:bench", "The search-quality benchmark (the paper's tables on our data)."),
+}
+
+
+class LazyGroup(click.Group):
+    """A click group whose commands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        target, _ = COMMANDS[name]
+        module_name, attr = target.split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            raise click.ClickException(
+                f"command {name!r} needs module {module_name!r}, which is not installed: {exc}"
+            ) from exc
+        return getattr(module, attr)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="paploss")
+def main() -> None:
+    """Search a Parameterized AP Loss for object detection, track it in MLflow,
+    and run it as a Kubeflow pipeline (locally through kfp.local by default)."""
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,288 @@
+"""Read and write local paths and ``s3://`` URIs, atomically.
+
+Every write goes to a temporary name first and is then renamed (local) or is a
+single ``PutObject`` (S3, which is atomic per object), so a reader never sees a
+half-written file and a crash never destroys what was there before.
+
+S3 goes through boto3; the endpoint comes from the environment as boto3 reads it
+(``AWS_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL_S3``), so the same code talks to AWS,
+MinIO or a local ``moto_server``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+__all__ = [
+    "StorageError",
+    "is_s3",
+    "split_s3",
+    "join",
+    "exists",
+    "read_bytes",
+    "read_text",
+    "read_json",
+    "write_bytes",
+    "write_text",
+    "write_json",
+    "list_files",
+    "upload_dir",
+    "download_dir",
+    "localize",
+    "copy",
+]
+
+
+class StorageError(OSError):
+    """A storage operation failed; the message names the URI and the reason."""
+
+
+def is_s3(uri: str | os.PathLike) -> bool:
+    return str(uri).startswith("s3://")
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
+    if not is_s3(uri):
+        raise ValueError(f"not an s3:// URI: {uri!r}")
+    rest = uri[len("s3://"):]
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise ValueError(f"s3 URI has no bucket: {uri!r}")
+    return bucket, key
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    """Join path parts onto a local path or an S3 URI."""
+    base = str(base)
+    if is_s3(base):
+        return posixpath.join(base.rstrip("/"), *parts) if parts else base
+    return str(Path(base, *parts))
+
+
+def _client():
+    import boto3  # imported lazily: most local runs never touch S3
+
+    return boto3.client("s3")
+
+
+def _endpoint() -> str:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the default AWS endpoint"
+
+
+def _s3_error(uri: str, exc: Exception) -> Exception:
+    """Turn boto's exceptions into errors that say what went wrong and where."""
+    from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
+
+    if isinstance(exc, EndpointConnectionError):
+        return StorageError(f"cannot reach the S3 endpoint {_endpoint()} for {uri}: {exc}")
+    if isinstance(exc, NoCredentialsError):
+        return StorageError(
+            f"no S3 credentials for {uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+        )
+    if isinstance(exc, ClientError):
+        code = exc.response.get("Error", {}).get("Code", "")
+        if code in ("404", "NoSuchKey", "NotFound"):
+            return FileNotFoundError(f"no such object: {uri}")
+        if code == "NoSuchBucket":
+            return FileNotFoundError(f"no such bucket for {uri}")
+        return StorageError(f"S3 error {code or exc} for {uri} at {_endpoint()}")
+    return exc
+
+
+def exists(uri: str | os.PathLike) -> bool:
+    uri = str(uri)
+    if not is_s3(uri):
+        return Path(uri).exists()
+    bucket, key = split_s3(uri)
+    client = _client()
+    try:
+        client.head_object(Bucket=bucket, Key=key)
+        return True
+    except Exception as exc:  # noqa: BLE001 - classified below
+        err = _s3_error(uri, exc)
+        if not isinstance(err, FileNotFoundError):
+            raise err from exc
+    # a "directory": any object under the prefix
+    try:
+        resp = client.list_objects_v2(Bucket=bucket, Prefix=key.rstrip("/") + "/", MaxKeys=1)
+    except Exception as exc:  # noqa: BLE001
+        err = _s3_error(uri, exc)
+        if isinstance(err, FileNotFoundError):
+            return False
+        raise err from exc
+    return resp.get("KeyCount", 0) > 0
+
+
+def read_bytes(uri: str | os.PathLike) -> bytes:
+    uri = str(uri)
+    if not is_s3(uri):
+        try:
+            return Path(uri).read_bytes()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no such file: {uri}") from None
+    bucket, key = split_s3(uri)
+    try:
+        return _client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    except Exception as exc:  # noqa: BLE001
+        raise _s3_error(uri, exc) from exc
+
+
+def read_text(uri: str | os.PathLike) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def read_json(uri: str | os.PathLike) -> Any:
+    text = read_text(uri)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{uri} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+
+
+def write_bytes(uri: str | os.PathLike, data: bytes) -> str:
+    """Write ``data`` to ``uri`` atomically; returns the URI."""
+    uri = str(uri)
+    if is_s3(uri):
+        bucket, key = split_s3(uri)
+        try:
+            _client().put_object(Bucket=bucket, Key=key, Body=data)
+        except Exception as exc:  # noqa: BLE001
+            raise _s3_error(uri, exc) from exc
+        return uri
+    path = Path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return uri
+
+
+def write_text(uri: str | os.PathLike, text: str) -> str:
+    return write_bytes(uri, text.encode("utf-8"))
+
+
+def write_json(uri: str | os.PathLike, obj: Any, indent: int | None = 2) -> str:
+    return write_text(uri, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
+
+
+def list_files(uri: str | os.PathLike) -> Iterator[str]:
+    """Every file below a folder or prefix, as relative POSIX paths, sorted."""
+    uri = str(uri)
+    if not is_s3(uri):
+        root = Path(uri)
+        if not root.is_dir():
+            raise FileNotFoundError(f"no such folder: {uri}")
+        yield from sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+        return
+    bucket, key = split_s3(uri)
+    prefix = key.rstrip("/") + "/" if key else ""
+    paginator = _client().get_paginator("list_objects_v2")
+    try:
+        keys = [
+            obj["Key"][len(prefix):]
+            for page in paginator.paginate(Bucket=bucket, Prefix=prefix)
+            for obj in page.get("Contents", [])
+        ]
+    except Exception as exc:  # noqa: BLE001
+        raise _s3_error(uri, exc) from exc
+    yield from sorted(k for k in keys if k and not k.endswith("/"))
+
+
+def upload_dir(local_dir: str | os.PathLike, uri: str) -> str:
+    """Copy a local folder to ``uri`` (local or S3), file by file, each atomically."""
+    local_dir = Path(local_dir)
+    for rel in list_files(local_dir):
+        dst = join(uri, rel)
+        if is_s3(uri):
+            bucket, key = split_s3(dst)
+            try:
+                _client().upload_file(str(local_dir / rel), bucket, key)
+            except Exception as exc:  # noqa: BLE001
+                raise _s3_error(dst, exc) from exc
+        else:
+            write_bytes(dst, (local_dir / rel).read_bytes())
+    return uri
+
+
+def download_dir(uri: str, local_dir: str | os.PathLike) -> Path:
+    """Copy a folder or prefix to ``local_dir``: into a temporary sibling, then renamed."""
+    local_dir = Path(local_dir)
+    files = list(list_files(uri))
+    if not files:
+        raise FileNotFoundError(f"no files under {uri}")
+    local_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=local_dir.parent, prefix=f".{local_dir.name}."))
+    try:
+        for rel in files:
+            dst = tmp / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if is_s3(uri):
+                bucket, key = split_s3(join(uri, rel))
+                try:
+                    _client().download_file(bucket, key, str(dst))
+                except Exception as exc:  # noqa: BLE001
+                    raise _s3_error(join(uri, rel), exc) from exc
+            else:
+                shutil.copyfile(join(uri, rel), dst)
+        if local_dir.exists():
+            shutil.rmtree(local_dir)
+        os.replace(tmp, local_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return local_dir
+
+
+def cache_dir() -> Path:
+    """Where remote datasets and files are cached (``PAPLOSS_CACHE`` or ~/.cache/paploss)."""
+    return Path(os.environ.get("PAPLOSS_CACHE", Path.home() / ".cache" / "paploss"))
+
+
+def localize(uri: str | os.PathLike) -> Path:
+    """A local path holding ``uri``: the path itself if local, else a cached download.
+
+    The cache key is the URI; a finished download is reused (datasets are immutable
+    by convention: write a new URI for new data)."""
+    uri = str(uri)
+    if not is_s3(uri):
+        if not Path(uri).exists():
+            raise FileNotFoundError(f"no such file or folder: {uri}")
+        return Path(uri)
+    digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    target = cache_dir() / digest / posixpath.basename(uri.rstrip("/"))
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    bucket, key = split_s3(uri)
+    try:
+        _client().head_object(Bucket=bucket, Key=key)
+        is_file = True
+    except Exception as exc:  # noqa: BLE001
+        err = _s3_error(uri, exc)
+        if not isinstance(err, FileNotFoundError):
+            raise err from exc
+        is_file = False
+    if is_file:
+        write_bytes(target, read_bytes(uri))
+        return target
+    return download_dir(uri, target)
+
+
+def copy(src: str | os.PathLike, dst: str | os.PathLike) -> str:
+    """Copy one file between any two locations (local or S3), atomically at the target."""
+    return write_bytes(dst, read_bytes(src))
