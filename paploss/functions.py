@@ -1,0 +1,328 @@
+"""The substitute functions of the Parameterized AP Loss (SPEC §1 table, §2).
+
+Two views of the same functions live here:
+
+* on their natural argument, for plots and for the quality terms: ``x`` in [0, 1]
+  for the ranking places H1, H2 (``x = d / 2 + 1/2`` with ``d = s_j - s_i``) and the
+  localisation quality ``u`` in [0, 1] for I1, I2, I3;
+* for the ranking places, as a function of the score difference ``d`` cut into
+  polynomial :class:`Piece` s (``c0 + c1 d + c2 d²`` on an interval of ``d``). That
+  exact description is what lets :mod:`paploss.loss` sum ``H(s_j - s_i)`` over all
+  pairs with one sort and prefix sums instead of an N×P matrix.
+
+Conventions (written down because the SPEC leaves them open):
+
+* ``f(·; θ)`` is *right-continuous*: on ``[x_k, x_{k+1})`` it is the segment from
+  ``p_k`` to ``p_{k+1}``. Where two control points share an x (a zero-width segment)
+  ``f`` jumps there and takes the value of the last point with that x; such a
+  segment never divides by zero. ``f(x) = f(0)`` for ``x < 0`` and ``1`` for ``x >= 1``.
+* Derivatives are those of the piece that contains the point (right derivatives),
+  which is what autograd gives for the code below; at ``x >= 1`` it is 0.
+* ``sqrt`` has derivative 0 at 0 (instead of +inf), so that the many pairs with
+  ``d <= -1`` (``x`` clamped to 0) cannot produce Inf or NaN gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:  # pragma: no cover
+    from paploss.spec import LossSpec
+
+__all__ = [
+    "HANDCRAFTED",
+    "Piece",
+    "RankFunction",
+    "piecewise_linear",
+    "handcrafted_function",
+    "step_function",
+    "rank_function_piecewise_linear",
+    "rank_function_handcrafted",
+    "rank_function_step",
+    "plot_functions",
+]
+
+HANDCRAFTED = ("sigmoid", "sqrt", "linear", "square")
+
+_INF = math.inf
+
+
+def _split_points(points12: Sequence[float]) -> tuple[list[float], list[float]]:
+    if len(points12) != 12:
+        raise ValueError(f"points12 must have 12 numbers (x0, y0, ..., x5, y5), got {len(points12)}: {tuple(points12)!r}")
+    return [float(v) for v in points12[0::2]], [float(v) for v in points12[1::2]]
+
+
+def _slopes(xs: Sequence[float], ys: Sequence[float]) -> list[float]:
+    """Slope of each of the 5 segments; 0 for a zero-width segment (a jump)."""
+    return [
+        (ys[k + 1] - ys[k]) / (xs[k + 1] - xs[k]) if xs[k + 1] > xs[k] else 0.0
+        for k in range(5)
+    ]
+
+
+def piecewise_linear(x: Tensor, points12: Sequence[float]) -> Tensor:
+    """Monotone piecewise-linear ``f(x; θ)`` through 6 control points (SPEC §2).
+
+    Args:
+        x: any shape, any floating dtype and device.
+        points12: ``(x0, y0, ..., x5, y5)`` with ``(x0, y0) = (0, 0)``,
+            ``(x5, y5) = (1, 1)`` and non-decreasing x and y
+            (see :func:`paploss.spec.theta_to_points`).
+
+    Returns:
+        ``f(x)``, same shape, dtype and device as ``x``: for ``x_k <= x < x_{k+1}``
+        ``y_k + (x - x_k) (y_{k+1} - y_k) / (x_{k+1} - x_k)``; ``f(0)`` below 0 and
+        ``1`` at and above 1. Differentiable in ``x`` (slope of the containing
+        segment; 0 outside [0, 1)).
+    """
+    xs_l, ys_l = _split_points(points12)
+    if not torch.is_floating_point(x):
+        raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    xs = torch.tensor(xs_l, dtype=x.dtype, device=x.device)          # (6,)
+    ys = torch.tensor(ys_l, dtype=x.dtype, device=x.device)          # (6,)
+    slopes = torch.tensor(_slopes(xs_l, ys_l), dtype=x.dtype, device=x.device)  # (5,)
+    xc = x.clamp(0.0, 1.0)
+    # segment k with x_k <= xc < x_{k+1}: number of inner break points x_1..x_4 that are <= xc
+    k = torch.searchsorted(xs[1:5].contiguous(), xc.detach().contiguous(), right=True)
+    value = ys[k] + slopes[k] * (xc - xs[k])
+    return torch.where(x >= 1.0, torch.ones_like(value), value)
+
+
+def step_function(x: Tensor) -> Tensor:
+    """The step ``sign(d)/2 + 1/2`` on ``x = d/2 + 1/2``: 0 below 1/2, 1/2 at 1/2, 1 above.
+
+    Used for H1 when a searched spec gives only four functions (SPEC §1). No gradient.
+    """
+    return ((torch.sign(x.detach() - 0.5) + 1.0) / 2.0).to(x.dtype)
+
+
+def _safe_sqrt(x: Tensor) -> Tensor:
+    """``sqrt(max(x, 0))`` with derivative 0 (not +inf) at 0."""
+    positive = x > 0
+    root = torch.sqrt(torch.where(positive, x, torch.ones_like(x)))
+    return torch.where(positive, root, torch.zeros_like(x))
+
+
+def handcrafted_function(form: str, place: str) -> Callable[[Tensor], Tensor]:
+    """The function of a handcrafted form at a place (SPEC §1 table), on its natural argument.
+
+    ``place`` is one of H2, I2, I3, I1, H1. Ranking places (H*) take ``x = d/2 + 1/2``
+    (not clamped: ``sigmoid`` is ``sigmoid(d)`` for every ``d``), quality places (I*)
+    take ``u`` in [0, 1].
+    """
+    ranking = place.startswith("H")
+    if form == "sigmoid":
+        return (lambda x: torch.sigmoid(2.0 * x - 1.0))  # sigmoid(d) / sigmoid(2u - 1)
+    if form == "sqrt":
+        return lambda x: _safe_sqrt(x.clamp(max=1.0))
+    if form == "linear":
+        return lambda x: x.clamp(0.0, 1.0)
+    if form == "square":
+        return lambda x: x.clamp(0.0, 1.0) ** 2
+    raise ValueError(f"form must be one of {HANDCRAFTED} for a handcrafted function, got {form!r}"
+                     + (" (ranking place)" if ranking else ""))
+
+
+# --------------------------------------------------------------------------------------
+# Ranking functions as functions of d = s_j - s_i
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Piece:
+    """``H(d) = c0 + c1 d + c2 d²`` for ``d`` in an interval.
+
+    The interval is ``[lo, hi)`` by default; ``lo_closed=False`` opens the lower end
+    and ``hi_closed=True`` closes the upper end (``lo = hi`` with both closed is a
+    single point, as the step's value 1/2 at ``d = 0``). ``lo`` may be ``-inf`` and
+    ``hi`` ``+inf``.
+    """
+
+    lo: float
+    hi: float
+    c0: float
+    c1: float = 0.0
+    c2: float = 0.0
+    lo_closed: bool = True
+    hi_closed: bool = False
+
+
+@dataclass(frozen=True)
+class RankFunction:
+    """A ranking substitute ``H(d)`` of the score difference ``d = s_j - s_i``.
+
+    Attributes:
+        name: a short description (for errors and plots).
+        value: ``H(d)`` on a tensor of any shape (autograd-friendly).
+        derivative: ``H'(d)`` (the right derivative at break points).
+        pieces: the exact piecewise-polynomial description, or ``None`` when ``H``
+            is not piecewise polynomial (``sigmoid``, ``sqrt``): then the loss uses
+            the chunked dense path.
+    """
+
+    name: str
+    value: Callable[[Tensor], Tensor]
+    derivative: Callable[[Tensor], Tensor]
+    pieces: tuple[Piece, ...] | None
+
+    def __call__(self, d: Tensor) -> Tensor:
+        return self.value(d)
+
+
+def _pieces_value(pieces: Sequence[Piece], d: Tensor, derivative: bool = False) -> Tensor:
+    out = torch.zeros_like(d)
+    for p in pieces:
+        inside = (d >= p.lo) if p.lo_closed else (d > p.lo)
+        inside = inside & ((d <= p.hi) if p.hi_closed else (d < p.hi))
+        v = (p.c1 + 2.0 * p.c2 * d) if derivative else (p.c0 + p.c1 * d + p.c2 * d * d)
+        out = torch.where(inside, v, out)
+    return out
+
+
+def rank_function_piecewise_linear(points12: Sequence[float], name: str = "f") -> RankFunction:
+    """``H(d) = f(clamp(d/2 + 1/2, 0, 1); θ)`` as pieces in ``d``.
+
+    Segment k of f, ``x in [x_k, x_{k+1})``, is ``d in [2 x_k - 1, 2 x_{k+1} - 1)`` with
+    ``H = y_k + m_k (d/2 + 1/2 - x_k)``: ``c0 = y_k + m_k (1/2 - x_k)``, ``c1 = m_k / 2``.
+    Below ``d = -1`` H is ``f(0)``, from ``d = 1`` on it is 1.
+    """
+    xs, ys = _split_points(points12)
+    m = _slopes(xs, ys)
+    f0 = next(ys[k] for k in range(5, -1, -1) if xs[k] <= 0.0)  # right-continuous f(0)
+    pieces = [Piece(-_INF, 2.0 * xs[0] - 1.0, f0)]
+    for k in range(5):
+        if xs[k + 1] > xs[k]:
+            pieces.append(Piece(2.0 * xs[k] - 1.0, 2.0 * xs[k + 1] - 1.0,
+                                ys[k] + m[k] * (0.5 - xs[k]), m[k] / 2.0))
+    pieces.append(Piece(1.0, _INF, 1.0))
+    pts = tuple(float(v) for v in points12)
+    return RankFunction(
+        name=name,
+        value=lambda d: piecewise_linear(d / 2.0 + 0.5, pts),
+        derivative=lambda d: _pieces_value(pieces, d, derivative=True),
+        pieces=tuple(pieces),
+    )
+
+
+def rank_function_step() -> RankFunction:
+    """The step ``H(d) = sign(d)/2 + 1/2`` (0, then 1/2 at ``d = 0``, then 1)."""
+    pieces = (
+        Piece(-_INF, 0.0, 0.0, lo_closed=False, hi_closed=False),
+        Piece(0.0, 0.0, 0.5, lo_closed=True, hi_closed=True),
+        Piece(0.0, _INF, 1.0, lo_closed=False, hi_closed=False),
+    )
+    return RankFunction(
+        name="step",
+        value=lambda d: (torch.sign(d.detach()) / 2.0 + 0.5).to(d.dtype),
+        derivative=lambda d: torch.zeros_like(d),
+        pieces=pieces,
+    )
+
+
+def _sigmoid_derivative(d: Tensor) -> Tensor:
+    s = torch.sigmoid(d)
+    return s * (1.0 - s)
+
+
+def _sqrt_rank_derivative(d: Tensor) -> Tensor:
+    x = d / 2.0 + 0.5
+    inside = (x > 0) & (x < 1)
+    safe = torch.where(inside, x, torch.ones_like(x))
+    return torch.where(inside, 0.25 / torch.sqrt(safe), torch.zeros_like(x))
+
+
+def rank_function_handcrafted(form: str) -> RankFunction:
+    """H of a handcrafted form as a function of ``d`` (SPEC §1 table).
+
+    ``linear``: ``x``; ``square``: ``x²`` (``x = clamp(d/2 + 1/2, 0, 1)``), both exact
+    pieces. ``sigmoid``: ``sigmoid(d)``; ``sqrt``: ``sqrt(x)``; no pieces (dense path).
+    """
+    if form == "linear":
+        pieces = (Piece(-_INF, -1.0, 0.0), Piece(-1.0, 1.0, 0.5, 0.5), Piece(1.0, _INF, 1.0))
+        return RankFunction("linear", lambda d: (d / 2.0 + 0.5).clamp(0.0, 1.0),
+                            lambda d: _pieces_value(pieces, d, derivative=True), pieces)
+    if form == "square":
+        # ((d + 1) / 2)² = 1/4 + d/2 + d²/4 on [-1, 1)
+        pieces = (Piece(-_INF, -1.0, 0.0), Piece(-1.0, 1.0, 0.25, 0.5, 0.25), Piece(1.0, _INF, 1.0))
+        return RankFunction("square", lambda d: (d / 2.0 + 0.5).clamp(0.0, 1.0) ** 2,
+                            lambda d: _pieces_value(pieces, d, derivative=True), pieces)
+    if form == "sigmoid":
+        return RankFunction("sigmoid", torch.sigmoid, _sigmoid_derivative, None)
+    if form == "sqrt":
+        return RankFunction("sqrt", lambda d: _safe_sqrt((d / 2.0 + 0.5).clamp(max=1.0)),
+                            _sqrt_rank_derivative, None)
+    raise ValueError(f"form must be one of {HANDCRAFTED}, got {form!r}")
+
+
+# --------------------------------------------------------------------------------------
+# Figure 1 of the paper
+# --------------------------------------------------------------------------------------
+
+
+def plot_functions(spec: "LossSpec", path_or_ax, title: str | None = None):
+    """Draw the five functions of ``spec`` with their control points (like Figure 1).
+
+    Args:
+        spec: a :class:`paploss.spec.LossSpec`.
+        path_or_ax: a matplotlib ``Axes`` (all five curves on it), or a local path /
+            ``s3://`` URI ending in ``.png``/``.pdf``/``.svg`` where a 1×5 figure is
+            written atomically (through :mod:`paploss.storage`).
+        title: optional figure title (default: the spec's form and gradient scale).
+
+    Returns:
+        the ``Axes`` drawn on, or the URI written.
+    """
+    import matplotlib
+
+    from paploss.spec import FUNCTIONS
+
+    xs = torch.linspace(0.0, 1.0, 401, dtype=torch.float64)
+    label = title or f"{spec.form} (gradient scale {spec.grad_scale:.3g})"
+    if not isinstance(path_or_ax, (str, os.PathLike)):
+        ax = path_or_ax
+        for name in FUNCTIONS:
+            ax.plot(xs.numpy(), spec.function(name)(xs).numpy(), label=name)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title(label)
+        ax.legend()
+        return ax
+
+    import io
+
+    if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "cairo"):
+        matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    from paploss import storage
+
+    path = str(path_or_ax)
+    fmt = path.rsplit(".", 1)[-1].lower() if "." in path else ""
+    if fmt not in ("png", "pdf", "svg"):
+        raise ValueError(f"path_or_ax must end in .png, .pdf or .svg, got {path!r}")
+    fig, axes = plt.subplots(1, 5, figsize=(17, 3.6), sharey=True)
+    try:
+        for ax, name in zip(axes, FUNCTIONS):
+            ax.plot(xs.numpy(), spec.function(name)(xs).numpy(), color="tab:blue")
+            pts = spec.points_of(name)
+            if pts is not None:
+                ax.plot(pts[0::2], pts[1::2], "o", color="tab:red", markersize=4)
+            ax.set_title(name)
+            ax.set_xlabel("x = d/2 + 1/2" if name.startswith("H") else "u")
+            ax.set_xlim(0, 1)
+            ax.set_ylim(-0.02, 1.02)
+            ax.grid(alpha=0.3)
+        fig.suptitle(label)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format=fmt, dpi=110)
+    finally:
+        plt.close(fig)
+    return storage.write_bytes(path, buf.getvalue())
