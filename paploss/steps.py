@@ -1,0 +1,695 @@
+"""The search pipeline's steps as plain functions on URIs and small JSON.
+
+Each function here is one pipeline task (``components/`` wraps each in a KFP
+component; ``paploss search`` calls them directly in one process). They share three
+rules:
+
+- **Inputs and outputs are small**: strings (URIs, JSON), numbers, lists and dicts.
+  Large things (datasets, checkpoints, controller states) live at URIs under the
+  work folder ``work`` (a local path or ``s3://``), written atomically through
+  :mod:`paploss.storage`.
+- **Pure and idempotent**: the outputs depend only on the inputs, and a step
+  called again with the same inputs finds its finished output and returns it
+  without doing the work twice. With KFP's cache this makes a re-run of a stopped
+  search replay its finished rounds and go on (DESIGN: "a trial is a pure function
+  of (data, θ, seed, config)"). All randomness of sampling is the controller's.
+- **Failures are results**: a proxy trial catches its own exceptions (after
+  ``attempts`` tries) and reports ``failed`` so that its round goes on; the
+  controller update counts failed and diverged trials as ``min_reward`` (SPEC §3)
+  and stops the search, saying so, beyond ``max_failed_trials``.
+
+Work-folder layout::
+
+    {work}/data/<key>/                         prepared dataset (images/, annotations/)
+    {work}/pretrain/<key>/backbone.pt          warm start, shared by searches on that data
+    {work}/searches/<search_name>/state/round-NNN.json   controller state after NNN rounds
+    {work}/searches/<search_name>/trials/rNNN-sMM.json   one trial's result
+    {work}/searches/<search_name>/final/<loss>.json      a final training's result
+    {work}/searches/<search_name>/final/<loss>/          its checkpoint
+    {work}/searches/<search_name>/report.json            the AP table
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from paploss import storage
+
+__all__ = [
+    "StepError",
+    "SearchFailed",
+    "BASELINES",
+    "SEARCHED",
+    "tracking_config",
+    "search_dir",
+    "prepare_data",
+    "pretrain",
+    "init_search",
+    "proxy_trial",
+    "controller_update",
+    "final_train",
+    "report",
+    "validate_search_params",
+    "check_dataset",
+]
+
+#: The baselines trained beside the searched loss (SPEC §4, RetinaNet).
+BASELINES = ("focal+l1", "focal+giou")
+#: The name of the searched loss in results and MLflow.
+SEARCHED = "searched"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_ANN_SPLITS = ("train", "val", "search_train", "search_val")
+
+
+class StepError(ValueError):
+    """A step got input it cannot use; the message names the argument and value."""
+
+
+class SearchFailed(RuntimeError):
+    """The search cannot go on (for instance: too many failed trials)."""
+
+
+def _log(msg: str) -> None:
+    """A progress line; ``paploss run`` shows lines that start with ``paploss>``."""
+    print(f"paploss> {msg}", flush=True)
+
+
+def _key(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts: names outputs by their inputs."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def search_dir(work: str, search_name: str) -> str:
+    return storage.join(work, "searches", search_name)
+
+
+def tracking_config(uri: str = "", experiment: str = "paploss") -> dict:
+    """The small dict every step gets to reach MLflow (``uri`` "" = the environment's)."""
+    return {"uri": uri, "experiment": experiment}
+
+
+def _client(tracking: Mapping[str, str]):
+    from paploss.tracking import make_client
+
+    return make_client(tracking.get("uri") or None)
+
+
+# ----------------------------------------------------------------------------------
+# Input validation (runs before any training)
+# ----------------------------------------------------------------------------------
+
+
+def _check_name(search_name: str) -> None:
+    if not isinstance(search_name, str) or not _NAME_RE.match(search_name):
+        raise StepError(
+            f"search_name={search_name!r} must be 1-128 characters of letters, digits, '.', '_' or '-'"
+        )
+
+
+def validate_search_params(
+    *, rounds: int, samples: int, parallelism: int, max_failed_trials: int, search_name: str,
+    model_name: str = "paploss-retinanet", attempts: int = 1,
+) -> None:
+    """Range checks of the search parameters; raises ``StepError`` naming the first bad one."""
+    checks = (
+        ("rounds", rounds, 1, "a search needs at least one round"),
+        ("samples", samples, 2, "PPO's advantage is reward minus the round's mean: at least 2 samples per round"),
+        ("parallelism", parallelism, 1, "at least one trial must run at a time"),
+        ("max_failed_trials", max_failed_trials, 0, "a count of trials"),
+        ("attempts", attempts, 1, "a trial is tried at least once"),
+    )
+    for name, value, low, why in checks:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise StepError(f"{name}={value!r} is out of range: must be an integer >= {low} ({why})")
+    _check_name(search_name)
+    if not isinstance(model_name, str) or not _NAME_RE.match(model_name):
+        raise StepError(f"model_name={model_name!r} must be letters, digits, '.', '_' or '-'")
+
+
+def _bundled_name(dataset: str) -> str | None:
+    if dataset.startswith("bundled:"):
+        from paploss.data.bundled import BUNDLED
+
+        name = dataset.split(":", 1)[1]
+        if name not in BUNDLED:
+            raise StepError(f"dataset={dataset!r}: unknown bundled dataset {name!r}; known: {sorted(BUNDLED)}")
+        return name
+    return None
+
+
+def check_dataset(dataset: str) -> None:
+    """Fail fast when ``dataset`` cannot be read: a bundled name (``bundled:shapes``)
+    or a folder/prefix with ``annotations/train.json`` and ``annotations/val.json``.
+    Raises ``StepError`` naming the URI (and the S3 endpoint when it is unreachable)."""
+    if not isinstance(dataset, str) or not dataset:
+        raise StepError(f"dataset={dataset!r}: give a folder, an s3:// URI or bundled:<name>")
+    if _bundled_name(dataset):
+        return
+    for split in ("train", "val"):
+        uri = storage.join(dataset, "annotations", f"{split}.json")
+        try:
+            ok = storage.exists(uri)
+        except storage.StorageError as exc:
+            raise StepError(f"dataset={dataset!r}: {exc}") from None
+        if not ok:
+            raise StepError(f"dataset={dataset!r} has no annotations/{split}.json (looked for {uri})")
+
+
+# ----------------------------------------------------------------------------------
+# Data and warm start
+# ----------------------------------------------------------------------------------
+
+
+def prepare_data(
+    dataset: str,
+    work: str,
+    split_seed: int = 0,
+    search_val_fraction: float = 0.2,
+    bundled: Mapping[str, Any] | None = None,
+) -> str:
+    """Make the dataset a search needs; returns its URI (``{work}/data/<key>``).
+
+    ``dataset`` is ``bundled:<name>`` (generated, deterministic; ``bundled`` may set
+    ``n_train``, ``n_val``, ``image_size``, ``seed``) or a COCO folder/``s3://``
+    prefix with ``images/`` and ``annotations/{train,val}.json``. The result holds
+    ``annotations/{train,val,search_train,search_val}.json`` (SPEC §4: search-train
+    and search-val cut out of train, disjoint, every class in both; never the real
+    val). A dataset that already has both search files is used as it is.
+    """
+    check_dataset(dataset)
+    if not 0.0 < float(search_val_fraction) < 1.0:
+        raise StepError(f"search_val_fraction={search_val_fraction!r} must be in (0, 1)")
+    bundled = dict(bundled or {})
+    name = _bundled_name(dataset)
+    if name is None and all(
+        storage.exists(storage.join(dataset, "annotations", f"{s}.json")) for s in ("search_train", "search_val")
+    ):
+        return dataset
+    key = _key("data", dataset, bundled if name else None, int(split_seed), float(search_val_fraction))
+    out = storage.join(work, "data", f"{name or 'dataset'}-{key}")
+    marker = storage.join(out, "annotations", "search_val.json")
+    if storage.exists(marker):
+        return out
+    from paploss.data import search_split
+
+    with tempfile.TemporaryDirectory(prefix="paploss-data-") as tmp:
+        local = Path(tmp, "data")
+        if name is not None:
+            from paploss.data import make_dataset
+
+            unknown = sorted(set(bundled) - {"n_train", "n_val", "image_size", "seed"})
+            if unknown:
+                raise StepError(f"bundled options {unknown} are unknown; known: n_train, n_val, image_size, seed")
+            _log(f"generating bundled dataset {name} {bundled or '(default size)'}")
+            make_dataset(name, local, progress=False, **bundled)
+        else:
+            _log(f"copying {dataset} for the search split")
+            storage.download_dir(dataset, local)
+        from paploss.data import load_coco
+
+        for split in ("train", "val"):
+            load_coco(local / "annotations" / f"{split}.json", images_dir=local / "images")
+        search_split(local, val_fraction=float(search_val_fraction), seed=int(split_seed))
+        if storage.is_s3(out):
+            # the marker (search_val.json) goes last: a reader never sees half a dataset
+            storage.upload_dir(local / "images", storage.join(out, "images"))
+            for split in _ANN_SPLITS:
+                storage.copy(local / "annotations" / f"{split}.json", storage.join(out, "annotations", f"{split}.json"))
+        else:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            if Path(out).exists():
+                shutil.rmtree(out)  # an earlier crash left it without its marker
+            shutil.copytree(local, Path(tmp, "staged"))
+            os.replace(Path(tmp, "staged"), out)
+    return out
+
+
+def _local(uri: str) -> Path:
+    return storage.localize(uri)
+
+
+def _engine():
+    from paploss import engine
+
+    return engine
+
+
+def _train_config(base: Mapping[str, Any], where: str, **fields: Any):
+    """``TrainConfig(**base, **fields)`` with unknown keys named, not a TypeError."""
+    engine = _engine()
+    known = {f.name for f in dataclasses.fields(engine.TrainConfig)}
+    unknown = sorted(set(base) - known)
+    if unknown:
+        raise StepError(f"{where} has unknown training option(s) {unknown}; known: {sorted(known)}")
+    merged = {**dict(base), **{k: v for k, v in fields.items() if k in known}}
+    return engine.TrainConfig(**merged)
+
+
+def pretrain(data: str, work: str, config: Mapping[str, Any] | None = None, seed: int = 0) -> str:
+    """The warm start every trial and final training begins from (a backbone
+    pre-trained on a classification task, as the paper's ImageNet one); returns
+    its URI, shared by every search on the same data and config."""
+    config = dict(config or {})
+    out = storage.join(work, "pretrain", _key("pretrain", data, config, int(seed)), "backbone.pt")
+    if storage.exists(out):
+        return out
+    engine = _engine()
+    with tempfile.TemporaryDirectory(prefix="paploss-pretrain-") as tmp:
+        _log(f"pre-training the warm start on {data}")
+        result = engine.pretrain(str(_local(data)), str(Path(tmp, "backbone.pt")), seed=int(seed), **config)
+        path = Path(getattr(result, "checkpoint", None) or result or Path(tmp, "backbone.pt"))
+        storage.write_bytes(out, path.read_bytes())
+    return out
+
+
+# ----------------------------------------------------------------------------------
+# The search: init, trials, update
+# ----------------------------------------------------------------------------------
+
+
+def _state_uri(work: str, search_name: str, round: int) -> str:
+    return storage.join(search_dir(work, search_name), "state", f"round-{round:03d}.json")
+
+
+def _trials_of(controller, samples: int, seed: int) -> list[str]:
+    """The next round's trials as JSON strings: round, sample index, θ, training seed."""
+    if controller.done:
+        return []
+    thetas = controller.sample(samples).tolist()
+    return [
+        json.dumps({"round": controller.round, "sample": i, "theta": theta, "seed": int(seed)})
+        for i, theta in enumerate(thetas)
+    ]
+
+
+def init_search(
+    work: str,
+    search_name: str,
+    rounds: int,
+    samples: int,
+    seed: int = 0,
+    controller: Mapping[str, Any] | None = None,
+    tracking: Mapping[str, str] | None = None,
+    params: Mapping[str, Any] | None = None,
+) -> dict:
+    """Controller state before round 0 and round 0's trials.
+
+    ``controller``: options of :class:`paploss.search.Controller` (``sigma``,
+    ``lr``, ``steps``, ``clip_eps``, ``functions``, ``grad_scale``, ``shared``,
+    ``fixed``, ``min_reward``, ``mu``). Opens (or, on resume, reopens) the
+    search's parent run in MLflow with ``params``. Returns ``{"state": uri,
+    "trials": [json, …]}``.
+    """
+    from paploss.search import Controller
+
+    _check_name(search_name)
+    options = dict(controller or {})
+    for bad in ("rounds", "seed", "samples"):
+        if bad in options:
+            raise StepError(f"controller option {bad!r} is a search parameter: pass it as {bad}=")
+    try:
+        c = Controller(rounds=int(rounds), seed=int(seed), samples=int(samples), **options)
+    except TypeError as exc:
+        raise StepError(f"controller options {sorted(options)}: {exc}") from None
+    uri = _state_uri(work, search_name, 0)
+    if storage.exists(uri):
+        existing = Controller.from_state_dict(storage.read_json(uri))
+        if existing.state_dict()["options"] != c.state_dict()["options"]:
+            raise StepError(
+                f"search {search_name!r} already exists in {work} with other controller options; "
+                "choose another search_name"
+            )
+    else:
+        storage.write_json(uri, {"controller": c.state_dict(), "failed_trials": 0, "search_name": search_name})
+    if tracking is not None:
+        from paploss import tracking as tr
+
+        client = _client(tracking)
+        tr.start_search(client, tracking["experiment"], search_name,
+                        {**dict(params or {}), "rounds": rounds, "samples": samples, "seed": seed,
+                         "controller": options})
+    _log(f"search {search_name}: {rounds} rounds x {samples} samples, D={c.dim}")
+    return {"state": uri, "trials": _trials_of(c, samples, seed)}
+
+
+def _parse_trial(trial: str | Mapping[str, Any]) -> dict:
+    t = json.loads(trial) if isinstance(trial, str) else dict(trial)
+    for field in ("round", "sample", "theta", "seed"):
+        if field not in t:
+            raise StepError(f"trial {str(trial)[:200]} lacks the field {field!r}")
+    return t
+
+
+def _trial_uri(work: str, search_name: str, r: int, s: int) -> str:
+    return storage.join(search_dir(work, search_name), "trials", f"r{r:03d}-s{s:02d}.json")
+
+
+def _run_training(cfg, on_step=None):
+    return _engine().train(cfg, on_step=on_step)
+
+
+def proxy_trial(
+    data: str,
+    init: str,
+    trial: str | Mapping[str, Any],
+    proxy: Mapping[str, Any],
+    work: str,
+    search_name: str,
+    state: str = "",
+    tracking: Mapping[str, str] | None = None,
+    attempts: int = 1,
+    train_fn: Callable | None = None,
+) -> str:
+    """Train one proxy model with the loss of one sampled θ; its reward is the AP on
+    search-val (SPEC §3, §4). Returns the result as JSON text::
+
+        {"round", "sample", "theta", "reward" (null if failed), "failed", "diverged",
+         "error", "metrics", "seconds"}
+
+    ``trial``: one item of ``init_search``/``controller_update``'s ``trials``.
+    ``proxy``: ``TrainConfig`` fields of the proxy training (``reward_metric``,
+    default ``AP``, picks the reward; ``AP50`` for VOC-style data). ``state``: the
+    controller state the θ was drawn from (for θ → LossSpec). Exceptions are caught
+    and retried ``attempts`` times, then reported as ``failed``; a diverged run
+    (SPEC §3) is ``failed`` too. ``train_fn`` replaces ``engine.train`` (tests).
+    """
+    t = _parse_trial(trial)
+    r, s = int(t["round"]), int(t["sample"])
+    theta = [float(v) for v in t["theta"]]
+    out = _trial_uri(work, search_name, r, s)
+    if storage.exists(out):
+        done = storage.read_json(out)
+        if done.get("theta") == theta:
+            _ensure_trial_logged(done, search_name, state, tracking)
+            return json.dumps(done)
+    proxy = dict(proxy or {})
+    metric = proxy.pop("reward_metric", "AP")
+    functions: Sequence[str] = ()
+    losses: list[float] = []
+    result: dict[str, Any] = {"round": r, "sample": s, "theta": theta, "seed": int(t["seed"]),
+                              "reward": None, "failed": True, "diverged": False, "error": "",
+                              "metrics": {}, "seconds": 0.0, "spec": None}
+    start = time.monotonic()
+    for attempt in range(1, int(attempts) + 1):
+        losses = []
+        try:
+            spec = _spec_of(state, theta)
+            result["spec"] = spec.to_json() if spec is not None else None
+            with tempfile.TemporaryDirectory(prefix="paploss-trial-") as tmp:
+                cfg = _train_config(
+                    proxy, "proxy config",
+                    data=str(_local(data)), train_ann="search_train", val_ann="search_val",
+                    loss="paploss", spec=spec, init=str(_local(init)) if init else None,
+                    seed=int(t["seed"]), out_dir=tmp,
+                ) if train_fn is None else {"proxy": proxy, "spec": spec, "seed": int(t["seed"]), "theta": theta}
+                res = (train_fn or _run_training)(cfg, on_step=lambda it, loss: losses.append(float(loss)))
+            metrics = {k: float(v) for k, v in dict(res.metrics).items()}
+            if metric not in metrics:
+                raise StepError(f"reward_metric={metric!r} is not among the metrics {sorted(metrics)}")
+            result.update(metrics=metrics, diverged=bool(res.diverged), error="")
+            if res.diverged:
+                result.update(failed=True, error="diverged (SPEC §3: training loss NaN or 1.0 for > 50 iterations)")
+            else:
+                result.update(failed=False, reward=metrics[metric])
+            break
+        except Exception as exc:  # noqa: BLE001 - a failed trial is a result, not a crash
+            result["error"] = f"attempt {attempt}/{attempts}: {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
+            _log(f"round {r} sample {s}: attempt {attempt}/{attempts} failed: {type(exc).__name__}: {exc}")
+    result["seconds"] = round(time.monotonic() - start, 3)
+    result["losses"] = losses
+    storage.write_json(out, result, indent=None)
+    what = "FAILED" if result["failed"] else f"reward {result['reward']:.4f}"
+    _log(f"round {r} sample {s}: {what} ({result['seconds']:.0f}s)")
+    _ensure_trial_logged(result, search_name, state, tracking)
+    return json.dumps(result)
+
+
+def _spec_of(state: str, theta: list[float]):
+    from paploss.search import Controller
+
+    if not state:
+        return None
+    c = Controller.from_state_dict(storage.read_json(state)["controller"])
+    return c.spec_of(theta)
+
+
+def _ensure_trial_logged(result: Mapping[str, Any], search_name: str, state: str,
+                         tracking: Mapping[str, str] | None) -> None:
+    """Log the trial's nested MLflow run unless it is there already (a retried step)."""
+    if tracking is None:
+        return
+    from paploss import tracking as tr
+
+    client = _client(tracking)
+    parent = tr.find_search_run(client, tracking["experiment"], search_name)
+    if parent is None:
+        raise SearchFailed(f"no MLflow parent run for search {search_name!r} in experiment {tracking['experiment']!r}")
+    existing = client.search_runs(
+        [parent.info.experiment_id],
+        filter_string=(f"tags.`paploss.kind` = 'trial' and tags.`paploss.search_name` = '{search_name}' "
+                       f"and tags.`paploss.round` = '{result['round']}' and tags.`paploss.sample` = '{result['sample']}'"),
+        max_results=1,
+    )
+    if existing:
+        return
+    names: Sequence[str] = ()
+    if state:
+        from paploss.search import Controller
+
+        names = Controller.from_state_dict(storage.read_json(state)["controller"]).parameter_names
+    tr.log_trial(
+        client, parent.info.run_id, search_name=search_name, round=int(result["round"]),
+        sample=int(result["sample"]), theta=result["theta"], names=names, spec_json=result.get("spec"),
+        losses=result.get("losses", ()), reward=result["reward"], failed=bool(result["failed"]),
+        diverged=bool(result["diverged"]), error=result.get("error", ""), metrics=result.get("metrics"),
+        seconds=result.get("seconds"),
+    )
+
+
+def controller_update(
+    state: str,
+    results: Sequence[str | Mapping[str, Any]],
+    work: str,
+    search_name: str,
+    max_failed_trials: int = 0,
+    tracking: Mapping[str, str] | None = None,
+) -> dict:
+    """One PPO round (SPEC §3) on the round's trial results; returns the next state
+    and the next round's trials, ``{"state": uri, "trials": [...], "round": r,
+    "mean_reward", "max_reward", "failed_trials"}``.
+
+    Failed and diverged trials get the controller's ``min_reward``. When the
+    search's failed trials exceed ``max_failed_trials`` it stops with
+    ``SearchFailed`` (and no new state is written). Logs the round's metrics and
+    figures on the parent MLflow run.
+    """
+    from paploss.search import Controller
+
+    doc = storage.read_json(state)
+    c = Controller.from_state_dict(doc["controller"])
+    parsed = sorted((json.loads(x) if isinstance(x, str) else dict(x) for x in results), key=lambda d: d["sample"])
+    rounds_seen = {int(p["round"]) for p in parsed}
+    if rounds_seen != {c.round}:
+        raise StepError(f"results are for round(s) {sorted(rounds_seen)} but the state {state} is at round {c.round}")
+    samples = len(parsed)
+    expected = c.sample(samples).tolist()
+    for p, theta in zip(parsed, expected):
+        if any(abs(a - b) > 1e-12 for a, b in zip(p["theta"], theta)):
+            raise StepError(f"result of round {c.round} sample {p['sample']} is for another θ than the controller drew")
+    r = c.round
+    out = _state_uri(work, search_name, r + 1)
+    seed = int(parsed[0]["seed"]) if parsed else 0
+    if storage.exists(out):
+        done = storage.read_json(out)
+        nxt = Controller.from_state_dict(done["controller"])
+        if nxt.round == r + 1 and [list(t) for t in nxt.history[r].thetas] == [p["theta"] for p in parsed]:
+            return _update_output(out, nxt, done["failed_trials"], samples, seed)
+    failed_now = [p for p in parsed if p["failed"]]
+    total_failed = int(doc.get("failed_trials", 0)) + len(failed_now)
+    if total_failed > int(max_failed_trials):
+        errors = "; ".join(f"r{p['round']} s{p['sample']}: {str(p['error']).splitlines()[0] if p['error'] else ''}"
+                           for p in failed_now)
+        raise SearchFailed(
+            f"search {search_name!r}: {total_failed} failed trials exceed max_failed_trials={max_failed_trials} "
+            f"(round {r}: {errors})"
+        )
+    rewards = [float("nan") if p["failed"] else float(p["reward"]) for p in parsed]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # failed trials: counted and reported below
+        record = c.update([p["theta"] for p in parsed], rewards)
+    storage.write_json(out, {"controller": c.state_dict(), "failed_trials": total_failed, "search_name": search_name})
+    ok = [x for x in rewards if math.isfinite(x)]
+    _log(
+        f"round {r + 1}/{c.rounds}: mean reward {record.mean_reward:.4f}, "
+        f"max {max(ok) if ok else float('nan'):.4f}, failed {len(failed_now)} (total {total_failed})"
+    )
+    if tracking is not None:
+        from paploss import tracking as tr
+
+        client = _client(tracking)
+        parent = tr.find_search_run(client, tracking["experiment"], search_name)
+        if parent is None:
+            raise SearchFailed(f"no MLflow parent run for search {search_name!r}")
+        history = [[None if i in rec.failed else v for i, v in enumerate(rec.rewards)] for rec in c.history]
+        tr.log_round(
+            client, parent.info.run_id, round=r, rewards=[None if not math.isfinite(x) else x for x in rewards],
+            failed=len(failed_now), mu=c.mu.tolist(), names=c.parameter_names, spec=c.spec(), history=history,
+        )
+    return _update_output(out, c, total_failed, samples, seed)
+
+
+def _update_output(uri: str, c, failed: int, samples: int, seed: int) -> dict:
+    rec = c.history[-1]
+    ok = [v for i, v in enumerate(rec.rewards) if i not in rec.failed]
+    return {
+        "state": uri,
+        "trials": _trials_of(c, samples, seed),
+        "round": c.round,
+        "mean_reward": rec.mean_reward,
+        "max_reward": max(ok) if ok else None,
+        "failed_trials": failed,
+    }
+
+
+# ----------------------------------------------------------------------------------
+# Final training and report
+# ----------------------------------------------------------------------------------
+
+
+def final_train(
+    data: str,
+    init: str,
+    loss: str,
+    final: Mapping[str, Any],
+    work: str,
+    search_name: str,
+    state: str = "",
+    seed: int = 0,
+    tracking: Mapping[str, str] | None = None,
+    model_name: str = "paploss-retinanet",
+    promote: bool = True,
+) -> str:
+    """Train the detector on train and evaluate it on the real val set (SPEC §4).
+
+    ``loss``: ``searched`` (the controller's final mean μ, read from ``state``) or
+    a baseline (``focal+l1``, ``focal+giou``). Logs a nested ``paploss.kind=final``
+    run; the searched one registers a version of ``model_name`` (and becomes
+    ``champion`` when ``promote`` and it is at least as good). Returns JSON
+    ``{"loss", "metrics", "checkpoint", "diverged", "seconds", "model_version", "promoted"}``.
+    """
+    if loss != SEARCHED and loss not in BASELINES:
+        raise StepError(f"loss={loss!r}: expected {SEARCHED!r} or one of {list(BASELINES)}")
+    spec = None
+    if loss == SEARCHED:
+        if not state:
+            raise StepError("final_train(loss='searched') needs the final controller state")
+        from paploss.search import Controller
+
+        spec = Controller.from_state_dict(storage.read_json(state)["controller"]).spec()
+    out = storage.join(search_dir(work, search_name), "final", f"{loss}.json")
+    key = _key(data, init, loss, dict(final), state, int(seed))
+    if storage.exists(out):
+        done = storage.read_json(out)
+        if done.get("key") == key:
+            return json.dumps(done)
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="paploss-final-") as tmp:
+        losses: list[float] = []
+        cfg = _train_config(
+            final, "final config",
+            data=str(_local(data)), train_ann="train", val_ann="val",
+            loss="paploss" if loss == SEARCHED else loss, spec=spec,
+            init=str(_local(init)) if init else None, seed=int(seed), out_dir=tmp,
+        )
+        _log(f"final training with {loss}")
+        res = _run_training(cfg, on_step=lambda it, value: losses.append(float(value)))
+        ckpt_uri = storage.join(search_dir(work, search_name), "final", loss, "checkpoint.pt")
+        if res.checkpoint:
+            storage.write_bytes(ckpt_uri, Path(res.checkpoint).read_bytes())
+        else:
+            ckpt_uri = ""
+    result = {
+        "loss": loss, "key": key, "metrics": {k: float(v) for k, v in dict(res.metrics).items()},
+        "checkpoint": ckpt_uri, "diverged": bool(res.diverged), "seconds": round(time.monotonic() - start, 3),
+        "spec": spec.to_json() if spec is not None else None, "model_version": None, "promoted": False,
+    }
+    if tracking is not None:
+        from paploss import tracking as tr
+
+        client = _client(tracking)
+        parent = tr.find_search_run(client, tracking["experiment"], search_name)
+        if parent is None:
+            raise SearchFailed(f"no MLflow parent run for search {search_name!r}")
+        run_id = tr.log_final(
+            client, parent.info.run_id, search_name=search_name, loss=loss, metrics=result["metrics"],
+            losses=losses, checkpoint=ckpt_uri or None, spec_json=result["spec"],
+            params={**{k: v for k, v in dict(final).items()}, "seed": seed},
+        )
+        result["run_id"] = run_id
+        if loss == SEARCHED:
+            version, promoted = tr.register_detector(
+                client, model_name, run_id, search_name=search_name,
+                ap=result["metrics"].get("AP", 0.0), promote=bool(promote),
+            )
+            result.update(model_version=version, promoted=promoted)
+    storage.write_json(out, result)
+    ap = result["metrics"].get("AP", float("nan"))
+    _log(f"final {loss}: AP {ap:.4f}" + (f", model version {result['model_version']}" if result["model_version"] else ""))
+    return json.dumps(result)
+
+
+def report(
+    finals: Sequence[str | Mapping[str, Any]],
+    state: str,
+    work: str,
+    search_name: str,
+    tracking: Mapping[str, str] | None = None,
+) -> str:
+    """The AP table of the final trainings (searched loss and baselines) as JSON;
+    written to ``report.json`` in the search folder and on the parent MLflow run,
+    which is then marked finished."""
+    rows = [json.loads(x) if isinstance(x, str) else dict(x) for x in finals]
+    from paploss.search import Controller
+
+    doc = storage.read_json(state)
+    c = Controller.from_state_dict(doc["controller"])
+    best = c.best()
+    table = {
+        "search_name": search_name,
+        "rounds": c.round,
+        "failed_trials": doc.get("failed_trials", 0),
+        "searched_spec": c.spec().to_json(),
+        "best_trial": dataclasses.asdict(best) if best is not None else None,
+        "final": {row["loss"]: row["metrics"] for row in rows},
+        "model_version": next((row.get("model_version") for row in rows if row["loss"] == SEARCHED), None),
+        "promoted": next((row.get("promoted") for row in rows if row["loss"] == SEARCHED), False),
+    }
+    uri = storage.join(search_dir(work, search_name), "report.json")
+    storage.write_json(uri, table)
+    if tracking is not None:
+        from paploss import tracking as tr
+
+        client = _client(tracking)
+        parent = tr.find_search_run(client, tracking["experiment"], search_name)
+        if parent is not None:
+            client.log_dict(parent.info.run_id, table, "report.json")
+            for row in rows:
+                for k in ("AP", "AP50"):
+                    if k in row["metrics"]:
+                        client.log_metric(parent.info.run_id, f"final.{row['loss']}.{k}", row["metrics"][k])
+            tr.finish_search(client, parent.info.run_id)
+    return json.dumps(table)
