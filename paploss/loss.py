@@ -86,132 +86,187 @@ def scale_grad(x: Tensor, g: float) -> Tensor:
 # --------------------------------------------------------------------------------------
 
 
-def _bound_index(s64: Tensor, q: Tensor, bound: float, side: str, cache: dict) -> Tensor:
-    """Position in sorted ``s64`` (M,) of ``q + bound`` for each q (P,): int64 (P,)."""
+def _round_to(b: Tensor, dtype: torch.dtype, up: bool) -> Tensor:
+    """Bounds ``b`` (float64) rounded to ``dtype`` towards +inf (``up``) or -inf.
+
+    For ``s`` of that dtype, ``s < b  <=>  s < round_up(b)`` and ``s <= b  <=>  s <= round_down(b)``:
+    the search then runs in the scores' own dtype (no float64 copy of all N scores)
+    and still compares exactly as in float64.
+    """
+    if dtype == torch.float64:
+        return b
+    r = b.to(dtype)
+    back = r.to(torch.float64)
+    if up:
+        return torch.where(back < b, torch.nextafter(r, r.new_full((), math.inf)), r)
+    return torch.where(back > b, torch.nextafter(r, r.new_full((), -math.inf)), r)
+
+
+def _bound_index(s: Tensor, q64: Tensor, bound: float, side: str, cache: dict) -> Tensor:
+    """Index in sorted ``s`` (M,) of ``q + bound`` (P,): ``#{s_j < q + bound}`` for
+    side ``left``, ``#{s_j <= q + bound}`` for ``right``. int64 (P,)."""
     key = (bound, side)
     if key not in cache:
         if bound == -math.inf:
-            cache[key] = torch.zeros(q.shape, dtype=torch.long, device=q.device)
+            cache[key] = torch.zeros(q64.shape, dtype=torch.long, device=q64.device)
         elif bound == math.inf:
-            cache[key] = torch.full(q.shape, s64.numel(), dtype=torch.long, device=q.device)
+            cache[key] = torch.full(q64.shape, s.numel(), dtype=torch.long, device=q64.device)
         else:
-            cache[key] = torch.searchsorted(s64, q + bound, side=side)
+            b = _round_to(q64 + bound, s.dtype, up=(side == "left"))
+            cache[key] = torch.searchsorted(s, b, side=side)
     return cache[key]
 
 
-def _piece_range(s64: Tensor, q: Tensor, p: Piece, cache: dict) -> tuple[Tensor, Tensor]:
-    """Index range ``[a, b)`` of sorted entries with ``s_j - q_i`` inside piece ``p``."""
-    a = _bound_index(s64, q, p.lo, "right" if not p.lo_closed else "left", cache)
-    b = _bound_index(s64, q, p.hi, "right" if p.hi_closed else "left", cache)
+def _piece_range(s: Tensor, q64: Tensor, p: Piece, cache: dict) -> tuple[Tensor, Tensor]:
+    """Index range ``[a, b)`` of the sorted entries with ``s_j - q_i`` inside piece ``p``."""
+    a = _bound_index(s, q64, p.lo, "left" if p.lo_closed else "right", cache)
+    b = _bound_index(s, q64, p.hi, "right" if p.hi_closed else "left", cache)
     return a, torch.maximum(a, b)
 
 
 def _prefix(v: Tensor) -> Tensor:
-    """``[0, v_0, v_0 + v_1, ...]`` (M + 1,)."""
-    return torch.cat([v.new_zeros(1), torch.cumsum(v, 0)])
+    """``[0, v_0, v_0 + v_1, ...]`` (M + 1,) accumulated in float64."""
+    out = torch.empty(v.numel() + 1, dtype=torch.float64, device=v.device)
+    out[0] = 0.0
+    torch.cumsum(v, 0, dtype=torch.float64, out=out[1:])
+    return out
+
+
+class _Prefix:
+    """Lazily built prefix sums of ``v s^m`` (float64) over the sorted scores."""
+
+    def __init__(self, s: Tensor, v: Tensor | None):
+        self.s, self.v, self._cache = s, v, {}
+
+    def __call__(self, m: int) -> Tensor | None:
+        if m == 0 and self.v is None:
+            return None  # counts: b - a
+        if m not in self._cache:
+            if m == 0:
+                x = self.v
+            else:
+                x = self.s.to(torch.float64) if m == 2 or self.v is not None else self.s
+                if m == 2:
+                    x = x * x
+                if self.v is not None:
+                    x = x * self.v.to(torch.float64)
+            self._cache[m] = _prefix(x)
+        return self._cache[m]
+
+
+def _piecewise_sums(s: Tensor, q64: Tensor, pieces, prefix: _Prefix, cache: dict):
+    """Forward sums for one H: ``out_i = sum_j v_j H(s_j - q_i)`` and
+    ``dout_i = sum_j v_j H'(s_j - q_i)``, plus each piece's index range. float64 (P,)."""
+    out = torch.zeros_like(q64)
+    dout = torch.zeros_like(q64)
+    starts, ends = [], []
+    for p in pieces:
+        a, b = _piece_range(s, q64, p, cache)
+        starts.append(a)
+        ends.append(b)
+        pre0 = prefix(0)
+        n0 = (b - a).to(torch.float64) if pre0 is None else pre0[b] - pre0[a]
+        val = p.c0 * n0
+        if p.c1 != 0.0 or p.c2 != 0.0:
+            pre1 = prefix(1)
+            n1 = pre1[b] - pre1[a]
+            lin = n1 - q64 * n0                          # sum v (s_j - q_i)
+            val = val + p.c1 * lin
+            dout = dout + p.c1 * n0
+            if p.c2 != 0.0:
+                pre2 = prefix(2)
+                n2 = pre2[b] - pre2[a]
+                val = val + p.c2 * (n2 - 2.0 * q64 * n1 + q64 * q64 * n0)
+                dout = dout + 2.0 * p.c2 * lin
+        out = out + val
+    return out, dout, starts, ends
 
 
 class _PiecewiseRankSum(torch.autograd.Function):
     """``out_i = sum_j v_j H(s_j - q_i)`` for a piecewise-polynomial H, exactly.
 
     Inputs: ``q`` (P,) reference scores, ``s`` (M,) scores sorted ascending, ``v``
-    (M,) weights or ``None`` (all ones), ``pieces`` of H. Output (P,), dtype of ``q``.
+    (M,) weights or ``None`` (all ones), ``pieces`` of H, and optionally
+    ``den_pieces`` of a second function summed with weights 1 over the same sorted
+    scores and prefix sums (no gradient; the loss's H1 denominator).
+    Outputs (P,) and (P,) (zeros without ``den_pieces``), dtype of ``q``.
     Time O((M + P · pieces) log M), memory O(M + P · pieces); sums in float64.
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, s: Tensor, v: Tensor | None, pieces: tuple[Piece, ...]) -> Tensor:
-        s64 = s.detach().to(torch.float64)
+    def forward(ctx, q, s, v, pieces, den_pieces):
         q64 = q.detach().to(torch.float64)
-        m = s64.numel()
-        center = s64[m // 2] if m else s64.new_zeros(())   # shift powers of s to keep prefix sums small
-        sc = s64 - center                                   # (M,)
-        qc = q64 - center                                   # (P,)
-        v64 = None if v is None else v.detach().to(torch.float64)
-        need2 = any(p.c2 != 0.0 for p in pieces)
-        need1 = need2 or any(p.c1 != 0.0 for p in pieces)
-        pre0 = None if v64 is None else _prefix(v64)
-        vs = sc if v64 is None else v64 * sc
-        pre1 = _prefix(vs) if need1 else None
-        pre2 = _prefix(vs * sc) if need2 else None
-
-        out = torch.zeros_like(q64)
-        dout = torch.zeros_like(q64)   # sum_j v_j H'(s_j - q_i): d out_i / d q_i = -dout_i
+        sd = s.detach()
+        prefix = _Prefix(sd, None if v is None else v.detach())
         cache: dict = {}
-        starts, ends = [], []
-        for p in pieces:
-            a, b = _piece_range(s64, q64, p, cache)
-            starts.append(a)
-            ends.append(b)
-            n0 = (b - a).to(torch.float64) if pre0 is None else pre0[b] - pre0[a]
-            val = p.c0 * n0
-            if p.c1 != 0.0 or p.c2 != 0.0:
-                n1 = pre1[b] - pre1[a]
-                lin = n1 - qc * n0                   # sum v (s_j - q_i)
-                val = val + p.c1 * lin
-                dout = dout + p.c1 * n0
-                if p.c2 != 0.0:
-                    n2 = pre2[b] - pre2[a]
-                    val = val + p.c2 * (n2 - 2.0 * qc * n1 + qc * qc * n0)
-                    dout = dout + 2.0 * p.c2 * lin
-            out = out + val
+        out, dout, starts, ends = _piecewise_sums(sd, q64, pieces, prefix, cache)
+        if den_pieces is not None:
+            if v is not None:
+                raise ValueError("den_pieces needs unit weights (v is None)")
+            den = _piecewise_sums(sd, q64, den_pieces, prefix, cache)[0].to(q.dtype)
+        else:
+            den = q.new_zeros(q.shape)
+        ctx.mark_non_differentiable(den)
         ctx.pieces = pieces
         ctx.has_v = v is not None
-        ctx.save_for_backward(s, v if v is not None else s.new_empty(0), qc, center.reshape(1), dout,
+        ctx.save_for_backward(s, v if v is not None else s.new_empty(0), q64, dout,
                               torch.stack(starts), torch.stack(ends))
-        return out.to(q.dtype)
+        return out.to(q.dtype), den
 
     @staticmethod
-    def backward(ctx, grad_out: Tensor):
-        s, v, qc, center, dout, starts, ends = ctx.saved_tensors
+    def backward(ctx, grad_out: Tensor, _grad_den):
+        s, v, q64, dout, starts, ends = ctx.saved_tensors
         g = grad_out.to(torch.float64)                       # (P,)
         need_q, need_s, need_v = ctx.needs_input_grad[:3]
+        need_v = need_v and ctx.has_v
         grad_q = grad_s = grad_v = None
         if need_q:
             grad_q = (-g * dout).to(grad_out.dtype)
-        if need_s or (need_v and ctx.has_v):
-            m = s.numel()
-            sc = s.detach().to(torch.float64) - center        # (M,)
-            # per-entry polynomial coefficients: sum over (i, piece) covering j of
-            #   g_i (c0 + c1 (s_j - q_i) + c2 (s_j - q_i)²) = C0_j + C1_j s_j + C2_j s_j²
-            diff = torch.zeros(3, m + 1, dtype=torch.float64, device=s.device)
-            for k, p in enumerate(ctx.pieces):
-                a, b = starts[k], ends[k]
-                coeffs = (
-                    g * (p.c0 - p.c1 * qc + p.c2 * qc * qc),
-                    g * (p.c1 - 2.0 * p.c2 * qc),
-                    g * p.c2,
-                )
-                for r, c in enumerate(coeffs):
-                    if r == 0 and not (need_v and ctx.has_v):
-                        continue
-                    if (r == 1 and p.c1 == 0.0 and p.c2 == 0.0) or (r == 2 and p.c2 == 0.0):
-                        continue
-                    if r == 0 and p.c0 == 0.0 and p.c1 == 0.0 and p.c2 == 0.0:
-                        continue
-                    diff[r].index_add_(0, a, c)
-                    diff[r].index_add_(0, b, -c)
-            used = [bool(diff[r].any()) for r in range(3)]
-            coef = [torch.cumsum(diff[r, :m], 0) if used[r] else None for r in range(3)]
-            if need_s:
-                ds = torch.zeros_like(sc)
-                if coef[1] is not None:
-                    ds = ds + coef[1]
-                if coef[2] is not None:
-                    ds = ds + 2.0 * coef[2] * sc
-                if ctx.has_v:
-                    ds = ds * v.detach().to(torch.float64)
-                grad_s = ds.to(s.dtype)
-            if need_v and ctx.has_v:
-                dv = torch.zeros_like(sc)
-                if coef[0] is not None:
-                    dv = dv + coef[0]
-                if coef[1] is not None:
-                    dv = dv + coef[1] * sc
-                if coef[2] is not None:
-                    dv = dv + coef[2] * sc * sc
-                grad_v = dv.to(v.dtype)
-        return grad_q, grad_s, grad_v, None
+        if not (need_s or need_v):
+            return grad_q, None, None, None, None
+        m = s.numel()
+        # Each (positive i, piece) covering the sorted entries [a, b) adds
+        #   g_i (c0 + c1 (s_j - q_i) + c2 (s_j - q_i)^2) = C0 + C1 s_j + C2 s_j^2
+        # to dH/dv_j, and g_i (c1 + 2 c2 (s_j - q_i)) = C1 + 2 C2 s_j to dH/ds_j (times v_j).
+        # Difference arrays over the index ranges, then one cumulative sum per power.
+        rows = {}
+
+        def add(r: int, coeff: Tensor, a: Tensor, b: Tensor) -> None:
+            if r not in rows:
+                rows[r] = torch.zeros(m + 1, dtype=torch.float64, device=s.device)
+            rows[r].index_add_(0, a, coeff)
+            rows[r].index_add_(0, b, -coeff)
+
+        for k, p in enumerate(ctx.pieces):
+            a, b = starts[k], ends[k]
+            if need_v and (p.c0 != 0.0 or p.c1 != 0.0 or p.c2 != 0.0):
+                add(0, g * (p.c0 - p.c1 * q64 + p.c2 * q64 * q64), a, b)
+            if p.c1 != 0.0 or p.c2 != 0.0:
+                add(1, g * (p.c1 - 2.0 * p.c2 * q64), a, b)
+            if p.c2 != 0.0:
+                add(2, g * p.c2, a, b)
+        coef = {r: x.cumsum_(0)[:m] for r, x in rows.items()}
+        s64 = s.detach().to(torch.float64) if (2 in coef or need_v) else None
+        v64 = v.detach().to(torch.float64) if ctx.has_v else None
+        if need_s:
+            ds = coef.get(1)
+            if ds is None:
+                ds = torch.zeros(m, dtype=torch.float64, device=s.device)
+            if 2 in coef:
+                ds = ds + 2.0 * coef[2] * s64
+            if v64 is not None:
+                ds = ds * v64
+            grad_s = ds.to(s.dtype)
+        if need_v:
+            dv = coef.get(0)
+            if dv is None:
+                dv = torch.zeros(m, dtype=torch.float64, device=s.device)
+            if 1 in coef:
+                dv = dv + coef[1] * s64
+            if 2 in coef:
+                dv = dv + coef[2] * s64 * s64
+            grad_v = dv.to(v.dtype)
+        return grad_q, grad_s, grad_v, None, None
 
 
 # --------------------------------------------------------------------------------------
@@ -297,13 +352,29 @@ def rank_sum(q: Tensor, s_sorted: Tensor, h: RankFunction, weights: Tensor | Non
         (P,) in the dtype of ``q``.
     """
     if h.pieces is not None:
-        return _PiecewiseRankSum.apply(q, s_sorted, weights, h.pieces)
+        return _PiecewiseRankSum.apply(q, s_sorted, weights, h.pieces, None)[0]
     return _DenseRankSum.apply(q, s_sorted, weights, h)
+
+
+def _rank_sums_num_den(q: Tensor, s_sorted: Tensor, h_num: RankFunction, h_den: RankFunction):
+    """``(sum_j H_num(s_j - q_i), sum_j H_den(s_j - q_i))`` with unit weights; the second
+    without gradient. Shares the sort's prefix sums when both are piecewise."""
+    if h_num.pieces is not None and h_den.pieces is not None:
+        num, den = _PiecewiseRankSum.apply(q, s_sorted, None, h_num.pieces, h_den.pieces)
+        return num, den
+    num = rank_sum(q, s_sorted, h_num)
+    with torch.no_grad():
+        den = rank_sum(q.detach(), s_sorted.detach(), h_den)
+    return num, den
 
 
 # --------------------------------------------------------------------------------------
 # The loss
 # --------------------------------------------------------------------------------------
+
+
+def _first_bad(x: Tensor, bad: Tensor) -> float:
+    return x.detach().reshape(-1)[bad.reshape(-1)][0].item()
 
 
 def _check_inputs(logits, targets, qualities, spec, top_k) -> None:
@@ -320,24 +391,22 @@ def _check_inputs(logits, targets, qualities, spec, top_k) -> None:
         raise ValueError(f"logits must be a floating-point tensor, got dtype {logits.dtype}")
     if not torch.is_floating_point(qualities):
         raise ValueError(f"qualities must be a floating-point tensor, got dtype {qualities.dtype}")
+    if targets.dtype == torch.bool or targets.is_complex():
+        raise ValueError(f"targets must be an integer or floating tensor with values -1, 0, 1, got dtype {targets.dtype}")
     if not isinstance(spec, LossSpec):
         raise ValueError(f"spec must be a paploss.LossSpec, got {type(spec).__name__}: {spec!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if logits.numel() == 0:
+        return
     if not bool(torch.isfinite(logits).all()):
-        bad = logits.detach().reshape(-1)[~torch.isfinite(logits.detach().reshape(-1))][0].item()
-        raise ValueError(f"logits must be finite, found {bad}")
+        raise ValueError(f"logits must be finite, found {_first_bad(logits, ~torch.isfinite(logits))}")
     if not bool(torch.isfinite(qualities).all()):
-        bad = qualities.detach().reshape(-1)[~torch.isfinite(qualities.detach().reshape(-1))][0].item()
-        raise ValueError(f"qualities must be finite, found {bad}")
-    ok = (targets == 1) | (targets == 0) | (targets == -1)
-    if not bool(ok.all()):
-        bad = targets.reshape(-1)[~ok.reshape(-1)][0].item()
-        raise ValueError(f"targets must hold only -1 (ignore), 0 and 1, found {bad}")
-    u_pos = qualities.detach()[targets == 1]
-    if u_pos.numel() and not bool(((u_pos >= 0) & (u_pos <= 1)).all()):
-        bad = u_pos[(u_pos < 0) | (u_pos > 1)][0].item()
-        raise ValueError(f"qualities must be in [0, 1] where targets == 1, found {bad}")
+        raise ValueError(f"qualities must be finite, found {_first_bad(qualities, ~torch.isfinite(qualities))}")
+    lo, hi = torch.aminmax(targets.detach())
+    if lo < -1 or hi > 1 or (torch.is_floating_point(targets) and not bool((targets == targets.round()).all())):
+        ok = (targets == 1) | (targets == 0) | (targets == -1)
+        raise ValueError(f"targets must hold only -1 (ignore), 0 and 1, found {_first_bad(targets, ~ok)}")
 
 
 def pap_loss(
@@ -351,57 +420,65 @@ def pap_loss(
 
     Args:
         logits: scores ``s``, any shape (N entries in all), floating point.
-        targets: same shape, values in {-1 (ignored), 0, 1 (positive)}, any dtype.
+        targets: same shape, values in {-1 (ignored), 0, 1 (positive)}, any real dtype.
         qualities: same shape, localisation quality ``u`` in [0, 1]; read only where
             ``targets == 1`` (elsewhere ``u = 0``). Gradients flow into it.
         spec: the :class:`paploss.spec.LossSpec` giving H2, I2, I3, I1, H1.
         top_k: rank only the ``top_k`` valid entries with the highest scores (J);
-            every positive still has its own term. ``None``: rank all valid entries.
+            every positive still has its own term ``loss_i``. ``None``: rank all
+            valid entries.
 
     Returns:
         0-dim tensor, dtype and device of ``logits``; ``0 * (sum of inputs)``
         (still connected to the graph) when there is no positive.
+
+    A positive whose denominator ``sum_j H1(x_ji)`` is 0 (possible only when
+    ``H1(1/2) = 0``) contributes ``1 - I1(u_i)`` (its ranking term is taken as 0).
     """
     _check_inputs(logits, targets, qualities, spec, top_k)
     s = logits.reshape(-1)                                           # (N,)
     t = targets.reshape(-1)                                          # (N,)
-    u = qualities.reshape(-1).to(logits.dtype)                       # (N,)
-    pos = t == 1
-    n_pos = int(pos.sum())
+    u_all = qualities.reshape(-1)                                    # (N,)
+    pos_idx = torch.nonzero(t == 1).squeeze(1)                       # (P,)
+    n_pos = pos_idx.numel()
     if n_pos == 0:
-        return 0.0 * (logits.sum() + u.sum())
+        return 0.0 * (logits.sum() + qualities.sum().to(logits.dtype))
+    s_p = s[pos_idx]                                                 # (P,)
+    u_p = u_all[pos_idx].to(s.dtype)                                 # (P,)
+    if not bool(((u_p >= 0) & (u_p <= 1)).all()):
+        bad = u_p[(u_p < 0) | (u_p > 1)][0].item()
+        raise ValueError(f"qualities must be in [0, 1] where targets == 1, found {bad}")
 
     H2 = spec.rank_function("H2")
     H1 = spec.rank_function("H1")
     I1, I2, I3 = spec.function("I1"), spec.function("I2"), spec.function("I3")
 
-    # the ranked set J, sorted ascending
-    valid = t != -1
-    s_valid = s[valid]                                               # (V,)
-    pos_valid = pos[valid]                                           # (V,)
-    u_valid = u[valid]
-    if top_k is not None and s_valid.numel() > top_k:
-        top = torch.topk(s_valid, top_k, sorted=True)
-        s_sorted = top.values.flip(0)                                # (M,) ascending
-        order = top.indices.flip(0)
+    # The ranked set J, sorted ascending: s_sorted (M,); and its positives, s_pj (P_J,).
+    ignored = t == -1
+    n_ignored = int(ignored.sum())
+    n_valid = s.numel() - n_ignored
+    if top_k is not None and n_valid > top_k:
+        s_rank = torch.where(ignored, torch.full_like(s, -math.inf), s) if n_ignored else s
+        top = torch.topk(s_rank, top_k, sorted=True)                 # descending, all valid
+        s_sorted = top.values.flip(0)                                # (M,) = (top_k,)
+        idx = top.indices.flip(0)
+        pos_in_j = t[idx] == 1
+        s_pj = s_sorted[pos_in_j]                                    # ascending
+        u_pj = u_all[idx[pos_in_j]].to(s.dtype)
     else:
-        s_sorted, order = torch.sort(s_valid)                       # (M,)
-    pos_in_j = pos_valid[order]                                      # (M,) bool
-    s_pj = s_sorted[pos_in_j]                                        # (P_J,) ascending
-    u_pj = u_valid[order[pos_in_j]]                                  # (P_J,)
+        s_rank = torch.where(ignored, torch.full_like(s, math.inf), s) if n_ignored else s
+        s_sorted = torch.sort(s_rank).values[:n_valid]               # (M,) = (V,)
+        s_pj, perm = torch.sort(s_p)                                 # every positive is ranked
+        u_pj = u_p[perm]
 
-    s_p = s[pos]                                                     # (P,)
-    u_p = u[pos]                                                     # (P,)
-
-    zero = s.new_zeros(1)
-    i2_zero = I2(zero)                                               # (1,)  I2(0)
-    w0 = float(1.0 - i2_zero)                                        # weight of a non-positive
-    # num_i = w0 K_H2(s_i; J) + K_H2(s_i; P∩J, I2(0) - I2(u_p))
-    num = rank_sum(s_p, s_sorted, H2) * w0 if w0 != 0.0 else s_p.new_zeros(n_pos)
+    i2_zero = I2(s.new_zeros(1))                                     # (1,) I2(0)
+    w0 = float(1.0 - i2_zero)                                        # weight of each non-positive in H2's sum
+    # num_i = w0 K_H2(s_i; J) + K_H2(s_i; P∩J, I2(0) - I2(u_p));  den_i = K_H1(s_i; J)
+    k_h2, den = _rank_sums_num_den(s_p, s_sorted, H2, H1)
+    num = k_h2 * w0
     if s_pj.numel():
         num = num + rank_sum(s_p, s_pj, H2, weights=i2_zero - I2(u_pj))
-    with torch.no_grad():
-        den = rank_sum(s_p.detach(), s_sorted.detach(), H1)
-    ratio = torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.zeros_like(num))
+    safe = torch.where(den > 0, den, torch.ones_like(den))
+    ratio = torch.where(den > 0, num / safe, torch.zeros_like(num))
     per_pos = (1.0 - I1(u_p)) + I3(u_p) * ratio                     # (P,)
     return per_pos.sum() / (n_pos + 1e-8)
