@@ -34,6 +34,7 @@ from typing import Any, Callable
 
 import click
 
+from paploss import tracking
 from pipelines import kfp_remote
 
 __all__ = [
@@ -52,7 +53,7 @@ __all__ = [
     "retrain",
 ]
 
-SEARCH_NAME_TAG = "paploss.search_name"
+SEARCH_NAME_TAG = tracking.SEARCH_NAME  # "paploss.search_name", set by tracking.register_detector
 AP_TAG = "AP"
 LOSS_SPEC_ARTIFACT = "loss_spec.json"
 #: Root parameters the package must take so that this gate, not the pipeline, decides promotion.
@@ -132,9 +133,7 @@ def unique_search_name(now: _dt.datetime | None = None) -> str:
 
 
 def _mlflow_client(tracking_uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    return tracking.make_client(tracking_uri)
 
 
 def _is_missing(exc: BaseException) -> bool:
@@ -143,6 +142,10 @@ def _is_missing(exc: BaseException) -> bool:
 
 def check_registry(client, tracking_uri: str) -> None:
     """One cheap registry call, so that an unreachable or locked MLflow fails now, not after the run."""
+    try:
+        tracking.check_tracking(tracking_uri)
+    except tracking.TrackingError as exc:
+        raise RetrainError("MLflow unreachable", str(exc)) from None
     try:
         client.search_registered_models(max_results=1)
     except Exception as exc:  # noqa: BLE001 - classified
@@ -261,7 +264,11 @@ def _coerce(name: str, value: Any, spec: dict) -> Any:
 
 
 def build_params(cfg: RetrainConfig, package: Path, search_name: str) -> dict[str, Any]:
-    """The run's arguments: dataset, search_name, model_name, promote=False, plus --param extras."""
+    """The run's arguments: dataset, search_name, model_name, promote=False, plus --param extras.
+
+    When the pipeline takes ``tracking_uri`` and ``--param tracking_uri=...`` is not
+    given, the run logs to the same MLflow the gate reads (``cfg.tracking_uri``);
+    pass the param when the cluster reaches MLflow under another address."""
     accepted = kfp_remote.pipeline_parameters(package)
     missing = [p for p in REQUIRED_PARAMETERS if p not in accepted]
     if missing:
@@ -285,6 +292,8 @@ def build_params(cfg: RetrainConfig, package: Path, search_name: str) -> dict[st
         if name not in accepted:
             raise UsageError("bad --param", f"{package} takes no parameter {name!r}; it takes {sorted(accepted)}")
         params[name] = _coerce(name, value, accepted[name])
+    if "tracking_uri" in accepted and "tracking_uri" not in params:
+        params["tracking_uri"] = cfg.tracking_uri
     return params
 
 

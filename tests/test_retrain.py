@@ -224,8 +224,10 @@ def package(tmp_path_factory) -> Path:
     from kfp import compiler, dsl
 
     @dsl.component(base_image="python:3.11-slim", install_kfp_package=False)
-    def final_train(dataset_uri: str, search_name: str, model_name: str, promote: bool, rounds: int) -> str:
-        return f"{model_name}:{search_name}:{dataset_uri}:{promote}:{rounds}"
+    def final_train(
+        dataset_uri: str, search_name: str, model_name: str, promote: bool, rounds: int, tracking_uri: str
+    ) -> str:
+        return f"{model_name}:{search_name}:{dataset_uri}:{promote}:{rounds}:{tracking_uri}"
 
     @dsl.pipeline(name="paploss-search")
     def search(
@@ -234,9 +236,11 @@ def package(tmp_path_factory) -> Path:
         model_name: str = MODEL,
         promote: bool = True,
         rounds: int = 40,
+        tracking_uri: str = "",
     ):
         final_train(
-            dataset_uri=dataset_uri, search_name=search_name, model_name=model_name, promote=promote, rounds=rounds
+            dataset_uri=dataset_uri, search_name=search_name, model_name=model_name, promote=promote, rounds=rounds,
+            tracking_uri=tracking_uri,
         )
 
     path = tmp_path_factory.mktemp("package") / "search_pipeline.yaml"
@@ -289,6 +293,7 @@ def test_promotion_decision(cluster, package, tmp_path, champion_ap, new_ap, pro
     assert params["promote"] is False  # the gate, not the pipeline, moves the alias
     assert params["model_name"] == MODEL
     assert params["dataset_uri"] == "s3://data/shapes"
+    assert params["tracking_uri"] == cluster.store.uri  # the run logs where the gate looks
     new = store_version_of(cluster.store, params["search_name"])
     decision = json.loads(report.read_text())
     assert decision["new_version"] == new and decision["new_ap"] == pytest.approx(new_ap)
@@ -325,6 +330,13 @@ def test_extra_params_are_typed_as_the_pipeline_declares(cluster, package):
     result = invoke(cluster, package, "--param", "rounds=3")
     assert result.exit_code == EXIT_PROMOTED, result.output
     assert the_run(cluster)["runtime_config"]["parameters"]["rounds"] == 3
+
+
+def test_cluster_side_tracking_uri_can_differ(cluster, package):
+    result = invoke(cluster, package, "--param", "tracking_uri=http://mlflow.mlflow.svc:5000")
+    # the stand-in registers in the test store either way; what matters is what was sent
+    assert result.exit_code == EXIT_PROMOTED, result.output
+    assert the_run(cluster)["runtime_config"]["parameters"]["tracking_uri"] == "http://mlflow.mlflow.svc:5000"
 
 
 def test_a_token_is_sent_when_given(cluster, package):
@@ -375,6 +387,12 @@ def test_wrong_credentials(cluster, package):
 
 def test_missing_tracking_uri(cluster, package):
     _assert_failed(invoke(cluster, package, env={"MLFLOW_TRACKING_URI": None}), EXIT_USAGE, "MLFLOW_TRACKING_URI")
+    assert not cluster.runs
+
+
+def test_unreachable_mlflow_fails_before_submitting(cluster, package):
+    uri = f"http://127.0.0.1:{free_port()}"
+    _assert_failed(invoke(cluster, package, env={"MLFLOW_TRACKING_URI": uri}), EXIT_FAILURE, "MLflow unreachable", uri)
     assert not cluster.runs
 
 
