@@ -39,25 +39,31 @@ def pretrain(data: str, work: str, config: Dict, seed: int) -> str:
 
 def init_search(
     work: str, search_name: str, rounds: int, samples: int, seed: int, controller: Dict,
-    tracking_uri: str, experiment: str, params: Dict,
+    tracking_uri: str, experiment: str, params: Dict, dataset: str, detector: str, proxy: Dict, final: Dict,
+    max_failed_trials: int, attempts: int, model_name: str,
 ) -> NamedTuple("InitOutputs", [("state", str), ("trials", List[str])]):
-    """Controller state v0 and round 0's trials; opens the MLflow parent run."""
+    """Controller state v0 and round 0's trials; opens the MLflow parent run (with
+    the pipeline's parameters as its params)."""
     from collections import namedtuple
 
     from paploss import steps
 
+    params = {**params, "dataset": dataset, "detector": detector, "proxy": proxy, "final": final,
+              "max_failed_trials": max_failed_trials, "attempts": attempts, "model_name": model_name,
+              "work": work, "search_name": search_name}
     out = steps.init_search(work, search_name, rounds, samples, seed=seed, controller=controller,
                             tracking={"uri": tracking_uri, "experiment": experiment}, params=params)
     return namedtuple("InitOutputs", ["state", "trials"])(out["state"], out["trials"])
 
 
 def proxy_trial(
-    data: str, init: str, trial: str, proxy: Dict, work: str, search_name: str, state: str,
-    tracking_uri: str, experiment: str, attempts: int,
+    data: str, init: str, trial: str, proxy: Dict, detector: str, epochs: float, work: str, search_name: str,
+    state: str, tracking_uri: str, experiment: str, attempts: int,
 ) -> str:
     """One sampled θ -> its reward (search-val AP) as result JSON; failures are results."""
     from paploss import steps
 
+    proxy = steps.train_options(proxy, detector=detector, epochs=epochs)
     return steps.proxy_trial(data, init, trial, proxy, work, search_name, state=state,
                              tracking={"uri": tracking_uri, "experiment": experiment}, attempts=attempts)
 
@@ -77,22 +83,26 @@ def controller_update(
 
 
 def final_train(
-    data: str, init: str, loss: str, final: Dict, work: str, search_name: str, state: str, seed: int,
-    tracking_uri: str, experiment: str, model_name: str, promote: bool,
+    data: str, init: str, loss: str, final: Dict, detector: str, epochs: float, work: str, search_name: str,
+    state: str, seed: int, tracking_uri: str, experiment: str, model_name: str, promote: bool,
 ) -> str:
     """Full training with the searched loss or a baseline -> result JSON with val AP."""
     from paploss import steps
 
+    final = steps.train_options(final, detector=detector, epochs=epochs)
     return steps.final_train(data, init, loss, final, work, search_name, state=state, seed=seed,
                              tracking={"uri": tracking_uri, "experiment": experiment},
                              model_name=model_name, promote=promote)
 
 
-def report(finals: List[str], state: str, work: str, search_name: str, tracking_uri: str, experiment: str) -> str:
+def report(
+    final_searched: str, final_l1: str, final_giou: str, state: str, work: str, search_name: str,
+    tracking_uri: str, experiment: str,
+) -> str:
     """The AP table (searched vs baselines) as JSON; closes the MLflow parent run."""
     from paploss import steps
 
-    return steps.report(finals, state, work, search_name,
+    return steps.report([final_searched, final_l1, final_giou], state, work, search_name,
                         tracking={"uri": tracking_uri, "experiment": experiment})
 
 

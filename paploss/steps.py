@@ -41,6 +41,7 @@ import shutil
 import tempfile
 import time
 import traceback
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -61,7 +62,13 @@ __all__ = [
     "final_train",
     "report",
     "validate_search_params",
+    "train_options",
     "check_dataset",
+    "check_work",
+    "check_train_options",
+    "Preset",
+    "PRESETS",
+    "get_preset",
 ]
 
 #: The baselines trained beside the searched loss (SPEC §4, RetinaNet).
@@ -167,6 +174,47 @@ def check_dataset(dataset: str) -> None:
             raise StepError(f"dataset={dataset!r} has no annotations/{split}.json (looked for {uri})")
 
 
+def check_work(work: str) -> None:
+    """Fail fast when the work folder cannot be used: a local folder that can be
+    created, or an ``s3://`` prefix whose endpoint answers and bucket exists."""
+    if not isinstance(work, str) or not work:
+        raise StepError(f"work={work!r}: give a folder or an s3:// prefix")
+    if storage.is_s3(work):
+        import boto3
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            bucket, _ = storage.split_s3(work)
+        except ValueError as exc:
+            raise StepError(f"work={work!r}: {exc}") from None
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "AWS"
+        try:
+            boto3.client("s3").head_bucket(Bucket=bucket)
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            what = "does not exist" if code in ("404", "NoSuchBucket", "NotFound") else f"is not usable ({code})"
+            raise StepError(f"work={work!r}: bucket {bucket!r} {what} at {endpoint}") from None
+        except BotoCoreError as exc:
+            raise StepError(f"work={work!r}: cannot reach the S3 endpoint {endpoint}: {exc}") from None
+        return
+    path = Path(work)
+    existing = next((p for p in (path, *path.parents) if p.exists()), None)
+    if existing is None or not existing.is_dir() or not os.access(existing, os.W_OK):
+        raise StepError(f"work={work!r}: {existing} is not a writable folder")
+
+
+def check_train_options(options: Mapping[str, Any], where: str) -> None:
+    """Unknown training option names raise ``StepError`` listing the known ones."""
+    try:
+        engine = _engine()
+    except ImportError as exc:
+        raise StepError(f"the training engine cannot be imported: {exc}") from None
+    known = {f.name for f in dataclasses.fields(engine.TrainConfig)} | {"reward_metric"}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise StepError(f"{where} has unknown training option(s) {unknown}; known: {sorted(known)}")
+
+
 # ----------------------------------------------------------------------------------
 # Data and warm start
 # ----------------------------------------------------------------------------------
@@ -255,6 +303,20 @@ def _train_config(base: Mapping[str, Any], where: str, **fields: Any):
         raise StepError(f"{where} has unknown training option(s) {unknown}; known: {sorted(known)}")
     merged = {**dict(base), **{k: v for k, v in fields.items() if k in known}}
     return engine.TrainConfig(**merged)
+
+
+def train_options(options: Mapping[str, Any] | None, detector: str = "", epochs: float = 0.0) -> dict:
+    """``options`` with the pipeline's ``detector`` ("" = keep) and ``epochs``
+    (0 = keep the options' schedule) folded in."""
+    out = dict(options or {})
+    if detector:
+        out["detector"] = detector
+    if epochs and float(epochs) > 0:
+        out["epochs"] = float(epochs)
+        out.pop("iterations", None)
+    elif epochs and float(epochs) < 0:
+        raise StepError(f"epochs={epochs!r} must be >= 0 (0 keeps the preset's schedule)")
+    return out
 
 
 def pretrain(data: str, work: str, config: Mapping[str, Any] | None = None, seed: int = 0) -> str:
@@ -693,3 +755,81 @@ def report(
                         client.log_metric(parent.info.run_id, f"final.{row['loss']}.{k}", row["metrics"][k])
             tr.finish_search(client, parent.info.run_id)
     return json.dumps(table)
+
+
+# ----------------------------------------------------------------------------------
+# Presets (``paploss run --preset``, ``paploss search --preset``, ``make run PRESET=``)
+# ----------------------------------------------------------------------------------
+#
+# A preset fixes the sizes of a search; every value can be overridden on the command
+# line. ``rounds`` and ``parallelism`` are compile-time values of the KFP pipeline (a
+# Python loop over rounds, each a sub-pipeline; ``ParallelFor`` takes a constant
+# parallelism); everything else is a run-time pipeline parameter. The training
+# options (``proxy``, ``final``) are fields of ``paploss.engine.TrainConfig``,
+# ``pretrain`` the options of ``paploss.engine.pretrain``; unknown names are
+# rejected before any training starts.
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Sizes of one search (see ``docs/pipeline.md`` for what each preset is for)."""
+
+    rounds: int
+    samples: int
+    parallelism: int
+    dataset: str = "bundled:shapes"
+    bundled: dict = field(default_factory=dict)  # options of the bundled dataset (n_train, n_val, image_size)
+    detector: str = ""  # "" = the engine's default
+    proxy: dict = field(default_factory=dict)  # TrainConfig fields of a proxy trial
+    final: dict = field(default_factory=dict)  # TrainConfig fields of the final trainings
+    pretrain: dict = field(default_factory=dict)  # options of engine.pretrain
+    controller: dict = field(default_factory=dict)  # Controller options (sigma, lr, steps, ...)
+    max_failed_trials: int = 0  # 0 = a quarter of all trials (set in __post_init__)
+    attempts: int = 2  # tries of a trial before it counts as failed
+    seed: int = 0
+    split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_failed_trials == 0:
+            object.__setattr__(self, "max_failed_trials", max(1, self.rounds * self.samples // 4))
+
+    def with_overrides(self, **overrides: Any) -> "Preset":
+        known = {f.name for f in fields(self)}
+        unknown = sorted(k for k in overrides if k not in known)
+        if unknown:
+            raise ValueError(f"unknown preset field(s) {unknown}; known: {sorted(known)}")
+        given = {k: v for k, v in overrides.items() if v is not None}
+        if "rounds" in given or "samples" in given:
+            if "max_failed_trials" not in given:
+                given["max_failed_trials"] = 0  # recomputed from the new sizes
+        return replace(self, **given)
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self)))
+
+
+PRESETS: dict[str, Preset] = {
+    # the plumbing end to end in a few minutes: tiny data, a few iterations per training
+    "smoke": Preset(
+        rounds=2, samples=2, parallelism=2,
+        bundled={"n_train": 48, "n_val": 16, "image_size": 64},
+        proxy={"iterations": 4, "batch_size": 4, "image_size": 64},
+        final={"iterations": 6, "batch_size": 4, "image_size": 64},
+        pretrain={"iterations": 10},
+    ),
+    # the README's main job: a real (small) search in about 10 minutes on 2 CPU cores
+    "quick": Preset(
+        rounds=3, samples=4, parallelism=2,
+        proxy={},
+        final={},
+    ),
+    # the paper's search: 40 rounds x 8 samples (GPUs)
+    "paper": Preset(rounds=40, samples=8, parallelism=8, detector="retinanet_resnet50_fpn"),
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}") from None

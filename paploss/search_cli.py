@@ -1,0 +1,234 @@
+"""``paploss search``: the search pipeline run in-process, without Kubeflow.
+
+The same steps as the KFP pipeline (:mod:`paploss.steps`), called one after the
+other in this process: prepare the data, pre-train the warm start, then for each
+round the proxy trials (one after another) and the controller update, then the
+final trainings of the searched loss and the baselines and the AP table. Useful
+for debugging a step with a debugger, and for the search-quality benchmark.
+
+It shares its options, presets, input checks and result table with ``paploss
+run`` (:mod:`pipelines.run_local`), which runs the same search through
+``kfp.local``; a search started by one can be resumed by the other (same work
+folder and ``--search-name``): every step finds its finished outputs.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import click
+
+from paploss import steps, storage
+
+__all__ = ["RunSettings", "search", "search_options", "settings_from_options", "preflight", "run_inprocess",
+           "format_table", "absolute_tracking_uri"]
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Everything a search needs beyond its preset."""
+
+    preset: steps.Preset
+    preset_name: str
+    work: str
+    search_name: str
+    tracking_uri: str
+    experiment: str = "paploss"
+    model_name: str = "paploss-retinanet"
+    promote: bool = True
+    proxy_epochs: float = 0.0
+    final_epochs: float = 0.0
+
+    @property
+    def tracking(self) -> dict:
+        return steps.tracking_config(self.tracking_uri, self.experiment)
+
+
+def absolute_tracking_uri(uri: str | None) -> str:
+    """``sqlite:///relative.db`` made absolute, so that every task (whatever its
+    working folder) writes to the same store; other URIs unchanged."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlflow.db"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())
+    return uri
+
+
+def _json_option(value: str | None, name: str) -> dict | None:
+    if value is None:
+        return None
+    try:
+        out = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"{value!r} is not JSON: {exc.msg}", param_hint=name) from None
+    if not isinstance(out, dict):
+        raise click.BadParameter(f"{value!r} must be a JSON object", param_hint=name)
+    return out
+
+
+def search_options(fn: Callable) -> Callable:
+    """The options shared by ``paploss search`` and ``paploss run``."""
+    opts = [
+        click.option("--preset", type=click.Choice(sorted(steps.PRESETS)), default="quick", show_default=True,
+                     help="Sizes of the search: smoke (plumbing, ~3 min), quick (~10 min on 2 CPU cores), "
+                          "paper (40 rounds x 8 samples)."),
+        click.option("--dataset", default=None,
+                     help="bundled:shapes | bundled:digits | a COCO folder or s3:// prefix with images/ and "
+                          "annotations/{train,val}.json [preset: bundled:shapes]."),
+        click.option("--work", default="runs/work", show_default=True,
+                     help="Folder or s3:// prefix for prepared data, states, trial results, checkpoints."),
+        click.option("--search-name", default=None,
+                     help="Names this search everywhere (MLflow tags, work folder). Default: <preset>-<time>. "
+                          "Give the name of a stopped search to resume it."),
+        click.option("--rounds", type=int, default=None, help="PPO rounds [preset]."),
+        click.option("--samples", type=int, default=None, help="Losses sampled per round (>= 2) [preset]."),
+        click.option("--parallelism", type=int, default=None, help="Trials run at a time [preset]."),
+        click.option("--max-failed-trials", type=int, default=None,
+                     help="Failed trials tolerated per search before it stops [a quarter of all trials]."),
+        click.option("--attempts", type=int, default=None, help="Tries of a trial before it counts as failed [2]."),
+        click.option("--seed", type=int, default=None, help="Seed of the controller and of every training [0]."),
+        click.option("--detector", default=None, help="Detector name for paploss.engine [engine default]."),
+        click.option("--proxy-epochs", type=float, default=0.0, show_default=True,
+                     help="Epochs of a proxy trial (0: the preset's schedule)."),
+        click.option("--final-epochs", type=float, default=0.0, show_default=True,
+                     help="Epochs of the final trainings (0: the preset's schedule)."),
+        click.option("--proxy", "proxy_json", default=None, metavar="JSON",
+                     help='Extra TrainConfig fields of proxy trials, e.g. \'{"batch_size": 4}\'.'),
+        click.option("--final", "final_json", default=None, metavar="JSON",
+                     help="Extra TrainConfig fields of the final trainings."),
+        click.option("--controller", "controller_json", default=None, metavar="JSON",
+                     help='Controller options, e.g. \'{"sigma": 0.2, "shared": true}\'.'),
+        click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default="sqlite:///mlflow.db",
+                     show_default=True, help="MLflow tracking URI [env MLFLOW_TRACKING_URI]."),
+        click.option("--experiment", default="paploss", show_default=True, help="MLflow experiment."),
+        click.option("--model-name", default="paploss-retinanet", show_default=True,
+                     help="Registered model that gets the searched detector."),
+        click.option("--promote/--no-promote", default=True, show_default=True,
+                     help="Give the new version the 'champion' alias when its AP is at least the champion's."),
+    ]
+    for opt in reversed(opts):
+        fn = opt(fn)
+    return fn
+
+
+def settings_from_options(
+    preset: str, dataset, work, search_name, rounds, samples, parallelism, max_failed_trials, attempts, seed,
+    detector, proxy_epochs, final_epochs, proxy_json, final_json, controller_json, tracking_uri, experiment,
+    model_name, promote, now: _dt.datetime | None = None,
+) -> RunSettings:
+    """Preset + command-line overrides -> :class:`RunSettings` (no checks that touch the network)."""
+    base = steps.get_preset(preset)
+    extra_proxy = _json_option(proxy_json, "--proxy")
+    extra_final = _json_option(final_json, "--final")
+    controller = _json_option(controller_json, "--controller")
+    p = base.with_overrides(
+        dataset=dataset, rounds=rounds, samples=samples, parallelism=parallelism,
+        max_failed_trials=max_failed_trials, attempts=attempts, seed=seed, detector=detector,
+        proxy={**base.proxy, **extra_proxy} if extra_proxy else None,
+        final={**base.final, **extra_final} if extra_final else None,
+        controller={**base.controller, **controller} if controller else None,
+    )
+    if search_name is None:
+        search_name = f"{preset}-{(now or _dt.datetime.now()).strftime('%Y%m%d-%H%M%S')}"
+    if not storage.is_s3(work):
+        work = str(Path(work).resolve())
+    return RunSettings(
+        preset=p, preset_name=preset, work=work, search_name=search_name,
+        tracking_uri=absolute_tracking_uri(tracking_uri), experiment=experiment, model_name=model_name,
+        promote=promote, proxy_epochs=float(proxy_epochs or 0.0), final_epochs=float(final_epochs or 0.0),
+    )
+
+
+def preflight(s: RunSettings) -> None:
+    """Every check that can fail before training: parameter ranges, the dataset
+    (exists; its S3 endpoint answers), the work folder (its S3 endpoint answers),
+    the MLflow store (answers), the training option names. Raises
+    ``click.UsageError`` naming the problem; writes nothing."""
+    from paploss.tracking import TrackingError, check_tracking
+
+    p = s.preset
+    try:
+        steps.validate_search_params(
+            rounds=p.rounds, samples=p.samples, parallelism=p.parallelism, max_failed_trials=p.max_failed_trials,
+            search_name=s.search_name, model_name=s.model_name, attempts=p.attempts,
+        )
+        for name, value in (("--proxy-epochs", s.proxy_epochs), ("--final-epochs", s.final_epochs)):
+            if value < 0:
+                raise steps.StepError(f"{name}={value} must be >= 0 (0: the preset's schedule)")
+        steps.check_dataset(p.dataset)
+        steps.check_work(s.work)
+        steps.check_train_options(steps.train_options(p.proxy, p.detector, s.proxy_epochs), "proxy options")
+        steps.check_train_options(steps.train_options(p.final, p.detector, s.final_epochs), "final options")
+        check_tracking(s.tracking_uri)
+    except (steps.StepError, TrackingError) as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def run_inprocess(s: RunSettings, *, train_fn: Callable | None = None, progress: bool = True) -> dict:
+    """The whole search in this process; returns the report (the AP table)."""
+    from tqdm.auto import tqdm
+
+    p = s.preset
+    tracking = s.tracking
+    data = steps.prepare_data(p.dataset, s.work, split_seed=p.split_seed, bundled=p.bundled)
+    init = steps.pretrain(data, s.work, config=p.pretrain, seed=p.seed)
+    params = {**p.to_dict(), "work": s.work, "search_name": s.search_name, "runner": "in-process",
+              "proxy_epochs": s.proxy_epochs, "final_epochs": s.final_epochs}
+    out = steps.init_search(s.work, s.search_name, p.rounds, p.samples, seed=p.seed, controller=p.controller,
+                            tracking=tracking, params=params)
+    proxy = steps.train_options(p.proxy, p.detector, s.proxy_epochs)
+    for r in range(p.rounds):
+        results = [
+            steps.proxy_trial(data, init, t, proxy, s.work, s.search_name, state=out["state"], tracking=tracking,
+                              attempts=p.attempts, train_fn=train_fn)
+            for t in tqdm(out["trials"], desc=f"round {r + 1}/{p.rounds}", disable=not progress, leave=False)
+        ]
+        out = steps.controller_update(out["state"], results, s.work, s.search_name,
+                                      max_failed_trials=p.max_failed_trials, tracking=tracking)
+    final = steps.train_options(p.final, p.detector, s.final_epochs)
+    finals = [
+        steps.final_train(data, init, loss, final, s.work, s.search_name,
+                          state=out["state"] if loss == steps.SEARCHED else "", seed=p.seed, tracking=tracking,
+                          model_name=s.model_name, promote=s.promote)
+        for loss in (steps.SEARCHED, *steps.BASELINES)
+    ]
+    return json.loads(steps.report(finals, out["state"], s.work, s.search_name, tracking=tracking))
+
+
+def format_table(report: Mapping[str, Any], s: RunSettings | None = None) -> str:
+    """The final AP table (searched vs baselines) and where to look."""
+    keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+    lines = [f"{'loss':<12}" + "".join(f"{k:>8}" for k in keys)]
+    for loss, metrics in report["final"].items():
+        lines.append(f"{loss:<12}" + "".join(
+            f"{metrics[k] * 100:>8.2f}" if isinstance(metrics.get(k), (int, float)) else f"{'-':>8}" for k in keys))
+    lines.append(f"(COCO AP x 100 on the real val split; {report['rounds']} rounds, "
+                 f"{report['failed_trials']} failed trials)")
+    if report.get("model_version"):
+        lines.append(f"registered model version {report['model_version']}"
+                     + (" (now champion)" if report.get("promoted") else ""))
+    if s is not None:
+        lines.append(f"MLflow: experiment {s.experiment!r}, parent run {s.search_name!r} at {s.tracking_uri}")
+        lines.append("look at it with: make ui   (or: mlflow ui --backend-store-uri "
+                     f"{s.tracking_uri})")
+        lines.append(f"outputs: {steps.search_dir(s.work, s.search_name)}")
+    return "\n".join(lines)
+
+
+@click.command("search")
+@search_options
+def search(**options: Any) -> None:
+    """Run the PPO loss search in this process (no Kubeflow): the same steps as
+    `paploss run`, one after another. Trials run one at a time (--parallelism only
+    matters for `paploss run` and the cluster)."""
+    s = settings_from_options(**options)
+    preflight(s)
+    click.echo(f"search {s.search_name} (preset {s.preset_name}): {s.preset.rounds} rounds x "
+               f"{s.preset.samples} samples, in-process")
+    report = run_inprocess(s)
+    click.echo(format_table(report, s))
+

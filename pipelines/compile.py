@@ -1,0 +1,81 @@
+"""``paploss compile``: the search pipeline as Kubeflow Pipelines YAML.
+
+``compile_pipeline(package_path, image=None)`` writes the YAML atomically (a
+temporary file in the same folder, then renamed) and returns its path; the
+containers engineer's ``paploss retrain`` and ``make compile`` use it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import click
+
+from paploss.steps import PRESETS, get_preset
+
+__all__ = ["compile_pipeline", "compile_cmd"]
+
+
+def compile_pipeline(
+    package_path: str,
+    image: str | None = None,
+    preset: str = "quick",
+    rounds: int | None = None,
+    parallelism: int | None = None,
+    cluster=None,
+) -> str:
+    """Compile the search pipeline (``rounds`` and ``parallelism``: compile-time,
+    default the preset's) with its components in ``image``; write it atomically to
+    ``package_path``; return the path."""
+    from kfp import compiler
+
+    from pipelines.search_pipeline import build_pipeline
+
+    pipeline = build_pipeline(rounds=rounds, parallelism=parallelism, image=image, preset=get_preset(preset),
+                              cluster=cluster)
+    path = Path(package_path)
+    if path.suffix not in (".yaml", ".yml", ".json"):
+        raise ValueError(f"package_path={package_path!r} must end in .yaml, .yml or .json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        compiler.Compiler().compile(pipeline, package_path=tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return str(path)
+
+
+@click.command("compile")
+@click.option("--out", "out", default="build/search_pipeline.yaml", show_default=True, help="The YAML to write.")
+@click.option("--image", default=None, help="Container image of the components [env PAPLOSS_IMAGE or paploss:latest].")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="quick", show_default=True,
+              help="Default parameter values, rounds and parallelism.")
+@click.option("--rounds", type=int, default=None, help="PPO rounds (compile-time) [preset].")
+@click.option("--parallelism", type=int, default=None, help="Trials at a time (compile-time) [preset].")
+@click.option("--accelerator", default="NVIDIA_TESLA_T4", show_default=True,
+              help="Accelerator type of trials and final trainings.")
+@click.option("--gpus", type=int, default=1, show_default=True, help="GPUs per training task (0: none).")
+@click.option("--cpu", default="4", show_default=True, help="CPU request per training task.")
+@click.option("--memory", default="16G", show_default=True, help="Memory request per training task.")
+@click.option("--retries", type=int, default=2, show_default=True, help="KFP retries of a training task.")
+@click.option("--s3-endpoint", default="", help="AWS_ENDPOINT_URL of every task (MinIO etc.).")
+@click.option("--pvc", default="", help="A PersistentVolumeClaim mounted at /data as the dataset cache.")
+def compile_cmd(out, image, preset, rounds, parallelism, accelerator, gpus, cpu, memory, retries, s3_endpoint, pvc):
+    """Compile the search pipeline to Kubeflow Pipelines YAML (submit it with
+    `paploss submit`). Rounds and parallelism are fixed here; everything else is a
+    run-time parameter."""
+    from pipelines.search_pipeline import ClusterOptions
+
+    try:
+        cluster = ClusterOptions(accelerator=accelerator, gpus=gpus, cpu=cpu, memory=memory, retries=retries,
+                                 s3_endpoint=s3_endpoint, pvc=pvc)
+        path = compile_pipeline(out, image=image, preset=preset, rounds=rounds, parallelism=parallelism,
+                                cluster=cluster)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(f"wrote {path}")

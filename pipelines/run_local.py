@@ -1,0 +1,167 @@
+"""``paploss run``: the search pipeline on this machine through ``kfp.local``.
+
+The same compiled pipeline as on a cluster, run by ``kfp.local`` with
+``SubprocessRunner(use_venv=False)`` (each task a Python subprocess of this
+interpreter; no containers, no per-task ``pip install``), KFP's local cache on
+(``{root}/kfp/.kfp_cache``), and MLflow on ``MLFLOW_TRACKING_URI`` (default
+``sqlite:///mlflow.db`` in the working folder).
+
+Resume: run again with the same ``--search-name`` (and the same options): the
+finished tasks come from KFP's cache and the search goes on from the first
+round that did not finish.
+
+Workarounds for ``kfp.local`` 2.17 (DESIGN.md):
+(1) inside ``ParallelFor`` a task output from before the loop is replaced by the
+loop item: each round is a sub-pipeline whose inputs carry those values
+(:mod:`pipelines.search_pipeline`); (2) its indented ``print`` replaces
+``builtins.print`` from parallel threads without a lock, so the indentation grows
+without bound: while the pipeline runs, :func:`_plain_print` makes it a no-op.
+KFP's own log (every task's output) goes to ``{root}/logs/<search>.log``; the
+console shows the ``paploss>`` progress lines (per trial and per round) and the
+final table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Iterator, TextIO
+
+import click
+
+from paploss.search_cli import RunSettings, format_table, preflight, search_options, settings_from_options
+
+__all__ = ["run", "run_pipeline", "pipeline_arguments"]
+
+
+def pipeline_arguments(s: RunSettings) -> dict[str, Any]:
+    """The run-time parameters of the pipeline for these settings."""
+    p = s.preset
+    return {
+        "dataset": p.dataset, "work": s.work, "search_name": s.search_name, "samples": p.samples,
+        "seed": p.seed, "split_seed": p.split_seed, "bundled": p.bundled, "detector": p.detector,
+        "proxy_epochs": s.proxy_epochs, "final_epochs": s.final_epochs, "proxy": p.proxy, "final": p.final,
+        "pretrain_options": p.pretrain, "controller": p.controller, "max_failed_trials": p.max_failed_trials,
+        "attempts": p.attempts, "tracking_uri": s.tracking_uri, "experiment": s.experiment,
+        "model_name": s.model_name, "promote": s.promote,
+    }
+
+
+class _Tee(io.TextIOBase):
+    """Everything to the log file; lines starting with ``paploss>`` (wherever kfp
+    indents them) also to the console. Keeps the last lines for error messages."""
+
+    def __init__(self, log: TextIO, console: TextIO | None, keep: int = 400) -> None:
+        self.log, self.console = log, console
+        self.tail: deque[str] = deque(maxlen=keep)
+        self._buf = ""
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self._lock:
+            self.log.write(text)
+            self._buf += text
+            *lines, self._buf = self._buf.split("\n")
+            for line in lines:
+                self.tail.append(line)
+                stripped = line.strip()
+                if self.console is not None and stripped.startswith("paploss>"):
+                    self.console.write(stripped[len("paploss>"):].strip() + "\n")
+                    self.console.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+
+
+@contextlib.contextmanager
+def _plain_print() -> Iterator[None]:
+    """kfp.local fault (2): its ``indented_print`` is not thread-safe; make it a no-op."""
+    from kfp.local import logging_utils
+
+    original = logging_utils.indented_print
+    logging_utils.indented_print = lambda num_spaces=4: contextlib.nullcontext()
+    try:
+        yield
+    finally:
+        logging_utils.indented_print = original
+
+
+def _cause(tail: deque[str]) -> str:
+    """The most telling error line of a failed run's log."""
+    wanted = ("SearchFailed:", "StepError:", "StorageError:", "TrackingError:", "Error:", "Exception:")
+    for marker in wanted:
+        for line in reversed(tail):
+            if marker in line and "Traceback" not in line:
+                return line.strip()
+    return "see the log"
+
+
+def run_pipeline(s: RunSettings, root: str | Path = "runs", cache: bool = True, console: TextIO | None = sys.stdout,
+                 image: str | None = None) -> dict:
+    """Compile-free local run of the search pipeline; returns the report (the AP table).
+
+    ``root``: local folder for kfp.local's outputs, cache and logs. Raises
+    ``click.ClickException`` naming the failed step's error when the pipeline fails.
+    """
+    import json
+
+    from kfp import local
+
+    from pipelines.search_pipeline import build_pipeline
+
+    root = Path(root).resolve()
+    (root / "logs").mkdir(parents=True, exist_ok=True)
+    log_path = root / "logs" / f"{s.search_name}.log"
+    pipeline = build_pipeline(rounds=s.preset.rounds, parallelism=s.preset.parallelism, image=image,
+                              preset=s.preset)
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(root / "kfp"),
+        enable_caching=cache,
+        raise_on_error=True,
+    )
+    with open(log_path, "a", encoding="utf-8") as log:
+        tee = _Tee(log, console)
+        old_out, old_err = sys.stdout, sys.stderr
+        sys.stdout = sys.stderr = tee
+        try:
+            with _plain_print():
+                result = pipeline(**pipeline_arguments(s))
+            return json.loads(result.output)
+        except Exception as exc:  # noqa: BLE001 - reported with the step's own error
+            raise click.ClickException(
+                f"search {s.search_name} failed: {_cause(tee.tail)}\n"
+                f"  full log: {log_path}\n  resume: run again with --search-name {s.search_name}"
+            ) from exc
+        finally:
+            sys.stdout, sys.stderr = old_out, old_err
+
+
+@click.command("run")
+@search_options
+@click.option("--root", default="runs", show_default=True,
+              help="Local folder for kfp.local's task outputs, its cache and the logs.")
+@click.option("--cache/--no-cache", default=True, show_default=True,
+              help="KFP's local cache: a re-run with the same --search-name replays finished tasks.")
+@click.option("--image", default=None, help="Component image recorded in the pipeline (unused locally).")
+def run(root: str, cache: bool, image: str | None, **options: Any) -> None:
+    """Run the loss search locally through kfp.local: data, warm start, PPO rounds
+    with parallel proxy trials, final trainings of the searched loss and the
+    baselines, all tracked in MLflow. Prints progress per round and the AP table."""
+    s = settings_from_options(**options)
+    preflight(s)
+    p = s.preset
+    click.echo(f"search {s.search_name} (preset {s.preset_name}): {p.rounds} rounds x {p.samples} samples, "
+               f"{p.parallelism} at a time, through kfp.local")
+    click.echo(f"  dataset {p.dataset}; work {s.work}; MLflow {s.tracking_uri} (experiment {s.experiment!r})")
+    click.echo(f"  log: {Path(root).resolve() / 'logs' / (s.search_name + '.log')}")
+    start = time.monotonic()
+    report = run_pipeline(s, root=root, cache=cache, image=image)
+    click.echo(f"done in {time.monotonic() - start:.0f} s\n")
+    click.echo(format_table(report, s))
