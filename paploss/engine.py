@@ -1,0 +1,573 @@
+"""One training engine for proxy trials and final trainings (SPEC §3-4).
+
+``train(cfg)`` trains a detector on ``cfg.data`` (a dataset folder or ``s3://``
+prefix in COCO layout), evaluates COCO AP on ``cfg.val_ann`` and returns a
+:class:`TrainResult`.  Properties:
+
+- **Repeatable.**  Weights are initialised from ``cfg.seed``; the image order and
+  the flips of iteration ``i`` are a pure function of ``(seed, i)``.  A CPU run is
+  bit-for-bit repeatable, and a run interrupted and resumed from its checkpoint
+  ends with the same weights as an uninterrupted one.
+- **Schedule.**  SGD (momentum 0.9, weight decay 1e-4) or AdamW; linear warm-up from
+  ``warmup_factor * lr`` over ``warmup_iters``, then steps by ``lr_gamma`` at the
+  fractions ``lr_steps`` of the run (SPEC §4 defaults).
+- **Divergence stop (SPEC §3).**  An iteration whose loss is not finite, or equals
+  1.0 to 1e-6 (the PAP loss of a collapsed ranking), is counted ("bad") and, when
+  not finite, not applied.  After more than ``diverge_patience`` (50) bad
+  iterations the run stops with ``diverged=True`` and all metrics 0 (reward 0).
+- **Checkpoints** (``out_dir/checkpoint.pt``, atomic, local or ``s3://``) every
+  ``checkpoint_every`` iterations and at the end, with ``metrics.json`` beside them;
+  ``resume=True`` continues a run from its checkpoint.
+- **DDP.**  Under ``torchrun`` (``WORLD_SIZE > 1``) each process takes
+  ``batch_size / world_size`` images of every batch (gloo on CPU, nccl on CUDA);
+  rank 0 evaluates and writes.  With the PAP loss each process ranks its own share.
+- **Mixed precision** (bfloat16 autocast) on CUDA.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from paploss import storage
+from paploss.data.coco import load_coco
+from paploss.data.dataset import CocoDetection
+from paploss.evaluate import METRICS, evaluate_model
+from paploss.models import DETECTORS, LOSSES, build_detector, check_loss
+
+__all__ = [
+    "PROXY_PRESETS",
+    "TrainConfig",
+    "TrainResult",
+    "train",
+    "evaluate_checkpoint",
+    "pretrain",
+    "load_checkpoint",
+    "build_model",
+    "lr_at",
+]
+
+CHECKPOINT = "checkpoint.pt"
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (a trial is a pure function of it).
+
+    ``data``: dataset folder or ``s3://`` prefix with ``images/`` and
+    ``annotations/<split>.json``; ``train_ann`` / ``val_ann`` name the splits.
+    ``loss``: ``"focal+l1" | "focal+giou" | "paploss"`` (``spec`` needed for paploss).
+    Exactly one of ``iterations`` and ``epochs`` sets the length.  ``lr_steps`` are
+    fractions of the run.  ``init``: backbone file written by :func:`pretrain`.
+    ``num_threads``: torch CPU threads (1 is fastest on a shared, loaded CPU).
+    """
+
+    data: str
+    train_ann: str = "train"
+    val_ann: str = "val"
+    loss: str = "focal+l1"
+    spec: Any = None  # LossSpec | dict | None
+    detector: str = "retinanet_mobilenet_v3"
+    image_size: int = 128
+    fpn_channels: int = 64
+    width_mult: float = 1.0
+    head_norm: bool = True
+    anchor_size: float = 16.0
+    quality: str = "giou"
+    top_k: int | None = 100_000
+    batch_size: int = 8
+    iterations: int | None = None
+    epochs: float | None = None
+    optimizer: str = "sgd"
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 100
+    warmup_factor: float = 0.001
+    lr_steps: tuple[float, ...] = (0.75, 0.9)
+    lr_gamma: float = 0.1
+    grad_clip: float | None = 10.0
+    hflip: bool = True
+    init: str | None = None
+    backbone_weights: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = True
+    num_threads: int | None = None
+    out_dir: str | None = None
+    checkpoint_every: int = 0
+    resume: bool = True
+    diverge_patience: int = 50
+    eval_batch_size: int = 16
+    max_val_images: int | None = None
+
+    def __post_init__(self) -> None:
+        from paploss.spec import LossSpec
+
+        if isinstance(self.spec, dict):
+            self.spec = LossSpec.from_dict(self.spec)
+        elif isinstance(self.spec, str):
+            self.spec = LossSpec.from_json(storage.read_text(self.spec) if not self.spec.lstrip().startswith("{") else self.spec)
+        if self.spec is not None and not isinstance(self.spec, LossSpec):
+            raise ValueError(f"spec must be a LossSpec, a dict or JSON, got {type(self.spec).__name__}")
+        check_loss(self.loss, self.spec)
+        if self.detector not in DETECTORS:
+            raise ValueError(f"unknown detector {self.detector!r}; known: {sorted(DETECTORS)}")
+        if (self.iterations is None) == (self.epochs is None):
+            raise ValueError(f"give exactly one of iterations and epochs (got iterations={self.iterations}, epochs={self.epochs})")
+        if self.iterations is not None and self.iterations < 1:
+            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
+        if self.epochs is not None and self.epochs <= 0:
+            raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
+        for name in ("batch_size", "image_size", "fpn_channels", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        self.lr_steps = tuple(float(s) for s in self.lr_steps)
+        if any(not 0 < s <= 1 for s in self.lr_steps):
+            raise ValueError(f"lr_steps are fractions of the run in (0, 1], got {self.lr_steps}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["spec"] = self.spec.to_dict() if self.spec is not None else None
+        d["lr_steps"] = list(self.lr_steps)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown TrainConfig field(s) {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "TrainConfig":
+        """A config from :data:`PROXY_PRESETS` with ``overrides`` (``data`` among them)."""
+        if name not in PROXY_PRESETS:
+            raise ValueError(f"unknown preset {name!r}; known: {sorted(PROXY_PRESETS)}")
+        return cls(**{**PROXY_PRESETS[name], **overrides})
+
+
+# Proxy presets: TrainConfig fields.  "quick" is the default proxy trial (about
+# 2 minutes on 2 shared CPU cores; see docs/detection.md for how it was chosen).
+PROXY_PRESETS: dict[str, dict] = {
+    "smoke": dict(train_ann="search_train", val_ann="search_val", detector="retinanet_mobilenet_v3_small",
+                  image_size=64, fpn_channels=32, anchor_size=8.0, batch_size=4, iterations=6, warmup_iters=2,
+                  lr=0.01, num_threads=1, max_val_images=16),
+    "quick": dict(train_ann="search_train", val_ann="search_val", detector="retinanet_mobilenet_v3",
+                  image_size=128, fpn_channels=64, anchor_size=16.0, batch_size=8, iterations=150,
+                  warmup_iters=30, lr=0.01, num_threads=1),
+    "paper": dict(train_ann="search_train", val_ann="search_val", detector="retinanet_resnet50",
+                  image_size=512, fpn_channels=256, head_norm=False, anchor_size=32.0, batch_size=16, epochs=1,
+                  lr=0.016, warmup_iters=500, lr_steps=(1.0,), grad_clip=None),
+}
+
+
+@dataclass
+class TrainResult:
+    """What a run gives back: ``metrics`` (COCO AP on ``val_ann``; zeros when
+    diverged), ``losses`` per iteration, the checkpoint URI, wall seconds."""
+
+    metrics: dict[str, float]
+    diverged: bool
+    losses: list[float] = field(default_factory=list)
+    checkpoint: str | None = None
+    seconds: float = 0.0
+    iterations: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- helpers
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r} (use auto, cpu, cuda, cuda:N)") from None
+
+
+def lr_at(cfg: TrainConfig, it: int, total: int) -> float:
+    """Learning rate of iteration ``it`` (0-based) of ``total``: linear warm-up from
+    ``warmup_factor * lr`` to ``lr`` over ``warmup_iters``, times ``lr_gamma`` for every
+    step fraction passed."""
+    factor = 1.0
+    if it < cfg.warmup_iters:
+        alpha = it / cfg.warmup_iters
+        factor = cfg.warmup_factor * (1 - alpha) + alpha
+    drops = sum(1 for s in cfg.lr_steps if it >= round(s * total))
+    return cfg.lr * factor * cfg.lr_gamma**drops
+
+
+def batch_plan(seed: int, it: int, batch_size: int, n: int) -> tuple[list[int], list[bool]]:
+    """Image indices and flips of iteration ``it``: epoch-wise seeded permutations of
+    ``range(n)``, read as one endless stream; flips from a generator seeded by ``(seed, it)``."""
+    idx = []
+    for p in range(it * batch_size, (it + 1) * batch_size):
+        epoch, k = divmod(p, n)
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        idx.append(int(torch.randperm(n, generator=g)[k]))
+    g = torch.Generator().manual_seed(seed * 1_000_003 + 7_919 * (it + 1))
+    flips = (torch.rand(batch_size, generator=g) < 0.5).tolist()
+    return idx, flips
+
+
+def _dist_info() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    return rank, world
+
+
+def load_split(root: Path, name: str, check_images: bool = True) -> dict:
+    ann = root / "annotations" / f"{name}.json"
+    if not ann.exists():
+        have = sorted(p.stem for p in (root / "annotations").glob("*.json")) if (root / "annotations").is_dir() else []
+        raise FileNotFoundError(f"no split {name!r}: {ann} does not exist (splits here: {have})")
+    return load_coco(ann, images_dir=root / "images" if check_images else None)
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
+    _family, _backbone = DETECTORS[cfg.detector]
+    return build_detector(
+        cfg.detector, num_classes, loss=cfg.loss, spec=cfg.spec, image_size=cfg.image_size,
+        fpn_channels=cfg.fpn_channels, width_mult=cfg.width_mult, head_norm=cfg.head_norm,
+        anchor_size=cfg.anchor_size, quality=cfg.quality, top_k=cfg.top_k, backbone_weights=cfg.backbone_weights,
+    )
+
+
+def load_backbone(model: torch.nn.Module, init: str, cfg: TrainConfig) -> dict:
+    """Load the backbone body saved by :func:`pretrain` into ``model.backbone.body``."""
+    blob = torch.load(io.BytesIO(storage.read_bytes(init)), map_location="cpu", weights_only=False)
+    if not isinstance(blob, dict) or blob.get("format") != "paploss-backbone/1":
+        raise ValueError(f"{init}: not a backbone file written by `paploss pretrain`")
+    want = DETECTORS[cfg.detector][1]
+    if blob["backbone"] != want or float(blob.get("width_mult", 1.0)) != float(cfg.width_mult):
+        raise ValueError(
+            f"{init}: backbone {blob['backbone']} (width {blob.get('width_mult', 1.0)}) does not fit detector "
+            f"{cfg.detector} (backbone {want}, width {cfg.width_mult})"
+        )
+    model.backbone.body.load_state_dict(blob["state_dict"])
+    return blob
+
+
+def _save(uri: str, obj: Any) -> None:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    storage.write_bytes(uri, buf.getvalue())
+
+
+def _load(uri: str) -> Any:
+    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=False)
+
+
+def _is_bad(loss: float) -> bool:
+    return not math.isfinite(loss) or abs(loss - 1.0) <= 1e-6
+
+
+# ----------------------------------------------------------------------------- train
+def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None, progress: bool = True) -> TrainResult:
+    """Train ``cfg`` and evaluate it on ``cfg.val_ann``; see the module docstring."""
+    t0 = time.time()
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    rank, world = _dist_info()
+    own_pg = False
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        own_pg = True
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} must be divisible by the number of processes {world}")
+    try:
+        return _train(cfg, device, rank, world, on_step, progress, t0)
+    finally:
+        if own_pg:
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg, device, rank, world, on_step, progress, t0) -> TrainResult:
+    root = storage.localize(cfg.data)
+    train_coco = load_split(root, cfg.train_ann)
+    val_coco = load_split(root, cfg.val_ann)
+    train_cats = sorted((c["id"], c["name"]) for c in train_coco["categories"])
+    if train_cats != sorted((c["id"], c["name"]) for c in val_coco["categories"]):
+        raise ValueError(f"{cfg.data}: splits {cfg.train_ann!r} and {cfg.val_ann!r} have different categories")
+    train_set = CocoDetection(train_coco, root / "images")
+    if len(train_set) == 0:
+        raise ValueError(f"{cfg.data}: split {cfg.train_ann!r} has no images")
+    total = cfg.iterations or max(1, math.ceil(cfg.epochs * len(train_set) / cfg.batch_size))
+
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, train_set.num_classes)
+    if cfg.init:
+        load_backbone(model, cfg.init, cfg)
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    ckpt_uri = storage.join(cfg.out_dir, CHECKPOINT) if cfg.out_dir else None
+    start, losses, bad, diverged = 0, [], 0, False
+    if ckpt_uri and cfg.resume and storage.exists(ckpt_uri):
+        state = _load(ckpt_uri)
+        if _fingerprint(state["config"]) != _fingerprint(cfg.to_dict()):
+            raise ValueError(f"{ckpt_uri} holds a run of a different config; use another out_dir or resume=False")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start, losses, bad, diverged = state["iteration"], list(state["losses"]), state["bad"], state["diverged"]
+        if state.get("done"):
+            return TrainResult(metrics=state["metrics"], diverged=diverged, losses=losses, checkpoint=ckpt_uri,
+                               seconds=time.time() - t0, iterations=start)
+
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    use_amp = cfg.amp and device.type == "cuda"
+    per_rank = cfg.batch_size // world
+    model.train()
+    bar = tqdm(range(start, total), desc=f"train {cfg.loss}", disable=not progress or rank != 0,
+               initial=start, total=total, leave=False)
+    for it in bar:
+        if diverged:
+            break
+        lr = lr_at(cfg, it, total)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx, flips = batch_plan(cfg.seed, it, cfg.batch_size, len(train_set))
+        mine = slice(rank * per_rank, (rank + 1) * per_rank)
+        items = [train_set.get(i, hflip=cfg.hflip and f) for i, f in zip(idx[mine], flips[mine])]
+        images = [im.to(device) for im, _ in items]
+        targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for _, t in items]
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss_dict = net(images, targets)
+        loss = sum(loss_dict.values())
+        value = float(loss.detach())
+        if world > 1:  # every rank must take the same decisions
+            v = torch.tensor([value], device=device)
+            torch.distributed.all_reduce(v)
+            value = float(v) / world
+        opt.zero_grad(set_to_none=True)
+        if math.isfinite(value):
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+        bad += _is_bad(value)
+        losses.append(value)
+        if bad > cfg.diverge_patience:
+            diverged = True
+        if on_step is not None:
+            on_step(it, value)
+        bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2g}")
+        if ckpt_uri and rank == 0 and cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < total:
+            _save(ckpt_uri, _state(cfg, model, opt, it + 1, losses, bad, diverged, train_coco, done=False))
+    bar.close()
+
+    if diverged:
+        metrics = {k: 0.0 for k in METRICS}
+    elif rank == 0:
+        val_set = CocoDetection(_limit(val_coco, cfg.max_val_images), root / "images")
+        metrics = evaluate_model(model, val_set, batch_size=cfg.eval_batch_size, device=device, progress=progress)
+    else:
+        metrics = {}
+    if world > 1:
+        box = [metrics]
+        torch.distributed.broadcast_object_list(box, src=0)
+        metrics = box[0]
+    iterations = len(losses)
+    if ckpt_uri and rank == 0:
+        _save(ckpt_uri, _state(cfg, model, opt, iterations, losses, bad, diverged, train_coco, done=True, metrics=metrics))
+        storage.write_json(storage.join(cfg.out_dir, METRICS_FILE),
+                           {"metrics": metrics, "diverged": diverged, "iterations": iterations,
+                            "final_loss": losses[-1] if losses else None, "seconds": time.time() - t0,
+                            "config": cfg.to_dict()})
+    if world > 1:
+        torch.distributed.barrier()
+    return TrainResult(metrics=metrics, diverged=diverged, losses=losses, checkpoint=ckpt_uri,
+                       seconds=time.time() - t0, iterations=iterations)
+
+
+def _limit(coco: dict, n: int | None) -> dict:
+    if n is None or n >= len(coco["images"]):
+        return coco
+    keep = {im["id"] for im in sorted(coco["images"], key=lambda im: im["id"])[:n]}
+    return {**coco, "images": [im for im in coco["images"] if im["id"] in keep],
+            "annotations": [a for a in coco["annotations"] if a["image_id"] in keep]}
+
+
+_VOLATILE = ("out_dir", "resume", "checkpoint_every", "device", "num_threads", "data", "eval_batch_size")
+
+
+def _fingerprint(d: dict) -> str:
+    return json.dumps({k: v for k, v in d.items() if k not in _VOLATILE}, sort_keys=True, default=str)
+
+
+def _state(cfg, model, opt, iteration, losses, bad, diverged, coco, done, metrics=None) -> dict:
+    return {
+        "format": "paploss-checkpoint/1", "config": cfg.to_dict(), "iteration": iteration,
+        "model": model.state_dict(), "optimizer": opt.state_dict(), "losses": losses, "bad": bad,
+        "diverged": diverged, "done": done, "metrics": metrics, "categories": coco["categories"],
+    }
+
+
+# ----------------------------------------------------------------------------- evaluate
+def load_checkpoint(checkpoint: str) -> tuple[torch.nn.Module, TrainConfig, dict]:
+    """Rebuild the model of a checkpoint; returns ``(model, config, raw state)``."""
+    state = _load(checkpoint)
+    if not isinstance(state, dict) or state.get("format") != "paploss-checkpoint/1":
+        raise ValueError(f"{checkpoint}: not a checkpoint written by paploss train")
+    cfg = TrainConfig.from_dict(state["config"])
+    model = build_model(replace(cfg, init=None, backbone_weights=None), len(state["categories"]))
+    model.load_state_dict(state["model"])
+    return model, cfg, state
+
+
+def evaluate_checkpoint(checkpoint: str, data: str | None = None, ann: str = "val", *, batch_size: int = 16,
+                        device: str = "auto", progress: bool = True, max_images: int | None = None) -> dict:
+    """COCO AP (dict of :data:`~paploss.evaluate.METRICS`) of a checkpoint on
+    split ``ann`` of ``data`` (default: the dataset it was trained on)."""
+    model, cfg, state = load_checkpoint(checkpoint)
+    root = storage.localize(data or cfg.data)
+    coco = load_split(root, ann)
+    if sorted(c["id"] for c in coco["categories"]) != sorted(c["id"] for c in state["categories"]):
+        raise ValueError(f"split {ann!r} of {data or cfg.data} has other categories than {checkpoint} was trained on")
+    dev = resolve_device(device)
+    model.to(dev)
+    return evaluate_model(model, CocoDetection(_limit(coco, max_images), root / "images"), batch_size=batch_size,
+                          device=dev, progress=progress)
+
+
+# ----------------------------------------------------------------------------- pretrain
+def pretrain(
+    data: str,
+    out_file: str,
+    *,
+    ann: str = "train",
+    detector: str = "retinanet_mobilenet_v3",
+    width_mult: float = 1.0,
+    iterations: int = 600,
+    image_size: int = 128,
+    crop_size: int = 64,
+    batch_size: int = 32,
+    lr: float = 0.05,
+    weight_decay: float = 1e-4,
+    seed: int = 0,
+    device: str = "auto",
+    num_threads: int | None = None,
+    progress: bool = True,
+) -> str:
+    """Pre-train the backbone body of ``detector`` on a classification task and save
+    it to ``out_file``; returns ``out_file``.
+
+    The task (as an ImageNet backbone, no detection loss involved): classify crops
+    around the ground-truth boxes of split ``ann`` into the K classes, plus a
+    (K+1)-th "background" class for random crops that overlap no box by more than
+    IoU 0.1.  Crops get random context (box enlarged 1.0-1.6x), shift and flips and
+    are resized to ``crop_size``; images are first resized to ``image_size`` so
+    object scales match the detector's.  SGD with cosine decay.  The file holds the
+    body's state dict, the backbone name and the final training accuracy."""
+    from torchvision.ops import box_iou, roi_align
+
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    if detector not in DETECTORS:
+        raise ValueError(f"unknown detector {detector!r}; known: {sorted(DETECTORS)}")
+    dev = resolve_device(device)
+    root = storage.localize(data)
+    coco = load_split(root, ann)
+    ds = CocoDetection(coco, root / "images")
+    K = ds.num_classes
+    torch.manual_seed(seed)
+    body = build_detector(detector, K, width_mult=width_mult, fpn_channels=16).backbone.body
+    last = list(body.return_layers.values())[-1]
+    with torch.no_grad():
+        ch = body(torch.zeros(1, 3, crop_size, crop_size))[last].shape[1]
+    classifier = torch.nn.Linear(ch, K + 1)
+    net = torch.nn.ModuleDict({"body": body, "fc": classifier}).to(dev)
+    opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+    mean = torch.tensor([0.485, 0.456, 0.406], device=dev).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=dev).view(1, 3, 1, 1)
+    gen = torch.Generator().manual_seed(seed)
+    objects = [(i, b, int(l)) for i in range(len(ds)) for b, l in zip(*(lambda t: (t["boxes"], t["labels"]))(ds.get(i)[1]))]
+    if not objects:
+        raise ValueError(f"{data}: split {ann!r} has no boxes to pre-train on")
+    correct = seen = 0
+    bar = tqdm(range(iterations), desc="pretrain", disable=not progress, leave=False)
+    net.train()
+    for it in bar:
+        for group in opt.param_groups:
+            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * it / iterations)) * min(1.0, (it + 1) / 20)
+        picks = torch.randint(len(objects), (batch_size,), generator=gen).tolist()
+        rois, labels, imgs = [], [], []
+        for j, p in enumerate(picks):
+            i, box, label = objects[p]
+            img, tgt = ds.get(i)
+            H, W = img.shape[-2:]
+            scale = image_size / max(H, W)
+            if scale != 1.0:
+                img = torch.nn.functional.interpolate(img[None], scale_factor=scale, mode="bilinear", align_corners=False)[0]
+                box, gt = box * scale, tgt["boxes"] * scale
+            else:
+                gt = tgt["boxes"]
+            H, W = img.shape[-2:]
+            if j % 4 == 3:  # background crop
+                size = torch.empty(2).uniform_(0.1, 0.4, generator=gen) * torch.tensor([W, H])
+                for _ in range(10):
+                    xy = torch.rand(2, generator=gen) * (torch.tensor([W, H]) - size)
+                    cand = torch.cat([xy, xy + size])[None]
+                    if len(gt) == 0 or box_iou(cand, gt).max() < 0.1:
+                        break
+                box, label = cand[0], K
+            else:
+                c = (box[:2] + box[2:]) / 2
+                wh = (box[2:] - box[:2]) * torch.empty(2).uniform_(1.0, 1.6, generator=gen)
+                c = c + (torch.rand(2, generator=gen) - 0.5) * 0.2 * wh
+                box = torch.cat([c - wh / 2, c + wh / 2])
+            if torch.rand(1, generator=gen).item() < 0.5:
+                img, box = img.flip(-1), torch.stack([W - box[2], box[1], W - box[0], box[3]])
+            imgs.append(img)
+            rois.append(torch.cat([torch.tensor([float(j)]), box]))
+            labels.append(label)
+        batch = torch.stack([torch.nn.functional.pad(im, (0, image_size - im.shape[-1], 0, image_size - im.shape[-2]))
+                             for im in imgs]).to(dev)
+        crops = roi_align(batch, torch.stack(rois).to(dev), output_size=crop_size, aligned=True)
+        x = (crops - mean) / std
+        feats = body(x)[last].mean(dim=(2, 3))
+        logits = classifier(feats)
+        y = torch.tensor(labels, device=dev)
+        loss = torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.1)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        correct += int((logits.argmax(1) == y).sum())
+        seen += len(y)
+        if (it + 1) % 20 == 0 or it + 1 == iterations:
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{correct / seen:.2f}")
+            last_acc, correct, seen = correct / max(seen, 1), 0, 0
+    backbone = DETECTORS[detector][1]
+    _save(out_file, {"format": "paploss-backbone/1", "backbone": backbone, "width_mult": width_mult,
+                     "state_dict": body.state_dict(), "train_accuracy": last_acc, "iterations": iterations,
+                     "classes": [c["name"] for c in sorted(coco["categories"], key=lambda c: c["id"])],
+                     "data": str(data), "ann": ann, "seed": seed})
+    return out_file

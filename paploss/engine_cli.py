@@ -1,0 +1,118 @@
+"""``paploss pretrain | train | evaluate``: the engine on the command line."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from paploss import storage
+
+
+def _spec(spec: str | None, form: str | None):
+    from paploss.spec import LossSpec
+
+    if spec and form:
+        raise click.BadParameter("give --spec or --form, not both", param_hint="--spec/--form")
+    if form:
+        return LossSpec.handcrafted(form)
+    if spec:
+        try:
+            return LossSpec.from_json(storage.read_text(spec))
+        except (FileNotFoundError, ValueError) as exc:
+            raise click.BadParameter(f"{spec}: {exc}", param_hint="--spec") from None
+    return None
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--data", required=True, help="Dataset folder or s3:// prefix (images/, annotations/<split>.json).")
+@click.option("--out", "out_file", required=True, help="Backbone file to write (local or s3://).")
+@click.option("--ann", default="train", show_default=True, help="Split whose boxes are classified.")
+@click.option("--detector", default="retinanet_mobilenet_v3", show_default=True, help="Detector whose backbone is trained.")
+@click.option("--iterations", type=int, default=600, show_default=True)
+@click.option("--image-size", type=int, default=128, show_default=True)
+@click.option("--crop-size", type=int, default=64, show_default=True)
+@click.option("--batch-size", type=int, default=32, show_default=True)
+@click.option("--lr", type=float, default=0.05, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a loaded CPU).")
+def pretrain(data, out_file, ann, detector, iterations, image_size, crop_size, batch_size, lr, seed, device, threads):
+    """Pre-train the warm-start backbone by classifying object crops (and background
+    crops): no detection loss, so no candidate loss is favoured by the start."""
+    from paploss.engine import pretrain as run
+
+    click.echo(run(data, out_file, ann=ann, detector=detector, iterations=iterations, image_size=image_size,
+                   crop_size=crop_size, batch_size=batch_size, lr=lr, seed=seed, device=device, num_threads=threads))
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--data", required=True, help="Dataset folder or s3:// prefix.")
+@click.option("--out", "out_dir", default=None, help="Folder (or s3://) for checkpoint.pt and metrics.json.")
+@click.option("--preset", default=None, type=click.Choice(["smoke", "quick", "paper"]),
+              help="Start from a proxy preset (its splits, model and schedule); other options override it.")
+@click.option("--loss", default=None, help="focal+l1 | focal+giou | paploss  [default: focal+l1]")
+@click.option("--spec", default=None, help="LossSpec JSON file (for --loss paploss).")
+@click.option("--form", default=None, type=click.Choice(["sigmoid", "sqrt", "linear", "square"]),
+              help="Handcrafted PAP form instead of --spec (implies --loss paploss).")
+@click.option("--train-ann", default=None, help="Training split [default: train].")
+@click.option("--val-ann", default=None, help="Evaluation split [default: val].")
+@click.option("--detector", default=None, help="retinanet_mobilenet_v3 | retinanet_mobilenet_v3_small | retinanet_resnet50")
+@click.option("--image-size", type=int, default=None)
+@click.option("--batch-size", type=int, default=None)
+@click.option("--iterations", type=int, default=None)
+@click.option("--epochs", type=float, default=None)
+@click.option("--lr", type=float, default=None)
+@click.option("--optimizer", type=click.Choice(["sgd", "adamw"]), default=None)
+@click.option("--warmup-iters", type=int, default=None)
+@click.option("--init", default=None, help="Warm-start backbone file from `paploss pretrain`.")
+@click.option("--backbone-weights", default=None, help="torchvision weights name (DEFAULT = ImageNet; needs the internet).")
+@click.option("--seed", type=int, default=None)
+@click.option("--device", default=None, help="auto | cpu | cuda")
+@click.option("--threads", type=int, default=None, help="torch CPU threads.")
+@click.option("--checkpoint-every", type=int, default=None)
+@click.option("--no-resume", is_flag=True, help="Start over even if --out holds a checkpoint.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def train(data, out_dir, preset, loss, spec, form, train_ann, val_ann, detector, image_size, batch_size, iterations,
+          epochs, lr, optimizer, warmup_iters, init, backbone_weights, seed, device, threads, checkpoint_every,
+          no_resume, quiet):
+    """Train a detector with a loss and write checkpoint.pt and metrics.json to --out.
+    Prints the metrics (COCO AP on --val-ann) as JSON."""
+    from paploss.engine import PROXY_PRESETS, TrainConfig, train as run
+
+    base = dict(PROXY_PRESETS[preset]) if preset else {}
+    spec_obj = _spec(spec, form)
+    if form and loss not in (None, "paploss"):
+        raise click.BadParameter(f"--form needs --loss paploss, got {loss!r}", param_hint="--form")
+    over = dict(loss=loss or ("paploss" if spec_obj is not None else None), spec=spec_obj, train_ann=train_ann,
+                val_ann=val_ann, detector=detector, image_size=image_size, batch_size=batch_size, lr=lr,
+                optimizer=optimizer, warmup_iters=warmup_iters, init=init, backbone_weights=backbone_weights,
+                seed=seed, device=device, num_threads=threads, checkpoint_every=checkpoint_every)
+    cfg = {**base, **{k: v for k, v in over.items() if v is not None}}
+    if iterations is not None or epochs is not None:
+        cfg["iterations"], cfg["epochs"] = iterations, epochs
+    elif "iterations" not in cfg and "epochs" not in cfg:
+        cfg["epochs"] = 1.0
+    try:
+        config = TrainConfig(data=data, out_dir=out_dir, resume=not no_resume, **cfg)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    result = run(config, progress=not quiet)
+    click.echo(json.dumps({"metrics": result.metrics, "diverged": result.diverged, "iterations": result.iterations,
+                           "seconds": round(result.seconds, 1), "checkpoint": result.checkpoint}))
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("checkpoint")
+@click.option("--data", default=None, help="Dataset folder or s3:// prefix [default: the one trained on].")
+@click.option("--ann", default="val", show_default=True, help="Split to evaluate.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", "out_file", default=None, help="Also write the metrics JSON here (local or s3://).")
+def evaluate(checkpoint, data, ann, device, out_file):
+    """COCO AP (AP, AP50, AP75, APs, APm, APl) of CHECKPOINT on a split, as JSON."""
+    from paploss.engine import evaluate_checkpoint
+
+    metrics = evaluate_checkpoint(checkpoint, data, ann, device=device)
+    if out_file:
+        storage.write_json(out_file, metrics)
+    click.echo(json.dumps(metrics))
