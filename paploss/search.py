@@ -587,8 +587,8 @@ class Controller:
             )
         theta_t = self._check_thetas(thetas)
         S = theta_t.shape[0]
-        if isinstance(rewards, torch.Tensor):
-            rewards = rewards.detach().reshape(-1).tolist() if rewards.ndim <= 1 else rewards.tolist()
+        if not isinstance(rewards, (list, tuple)) and hasattr(rewards, "tolist"):  # a torch or numpy array
+            rewards = rewards.tolist()
         if isinstance(rewards, (str, bytes)) or not isinstance(rewards, Sequence):
             raise ValueError(f"rewards must be a sequence of {S} numbers, got {type(rewards).__name__}")
         if len(rewards) != S:
@@ -858,7 +858,9 @@ def _as_list(value: Any, name: str) -> list:
 
 def _float_list(value: Any, name: str) -> list[float]:
     if isinstance(value, torch.Tensor):
-        value = value.detach().reshape(-1).tolist()
+        value = value.detach().tolist()
+    elif not isinstance(value, (list, tuple)) and hasattr(value, "tolist"):  # numpy
+        value = value.tolist()
     return [_as_float(v, f"{name}[{i}]") for i, v in enumerate(_as_list(value, name))]
 
 
@@ -877,5 +879,5 @@ def _sigma_vector(sigma: Any, D: int) -> torch.Tensor:
     bad = [(i, v) for i, v in enumerate(s.tolist()) if not v > 0]
     if bad:
         i, v = bad[0]
-        raise ValueError(f"sigma[{i}] = {v} must be > 0" if D > 1 else f"sigma must be > 0, got {v}")
+        raise ValueError(f"sigma must be > 0, got {sigma!r}" if isinstance(sigma, (int, float)) else f"sigma[{i}] = {v} must be > 0")
     return s

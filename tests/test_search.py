@@ -594,3 +594,17 @@ def test_load_state_dict_takes_the_whole_state():
     fresh.load_state_dict(state)
     assert fresh.state_dict() == state
     assert torch.equal(fresh.sample(4), c.sample(4))
+
+
+def test_numpy_and_list_inputs_give_the_same_round_as_tensors():
+    a, b = Controller(rounds=2, steps=10), Controller(rounds=2, steps=10)
+    t = a.sample(4)
+    r = _reward(t)
+    a.update(t, torch.tensor(r, dtype=F64))
+    b.update(t.numpy(), np.array(r))
+    assert a.state_dict() == b.state_dict()
+    c = Controller(rounds=2, steps=10)
+    c.update(t.tolist(), r)
+    assert c.state_dict() == a.state_dict()
+    with pytest.raises(ValueError, match=r"rewards\[0\]"):
+        Controller().update(t, np.array(r)[:, None])
