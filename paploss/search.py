@@ -339,7 +339,7 @@ class ControllerConfig:
     min_reward: float = 0.0
 
     def __post_init__(self) -> None:
-        from paploss.spec import FUNCTIONS
+        from paploss.spec import FUNCTIONS, validate_points
 
         object.__setattr__(self, "rounds", _as_int(self.rounds, "rounds", low=1))
         object.__setattr__(self, "steps", _as_int(self.steps, "steps", low=1))
@@ -383,7 +383,7 @@ class ControllerConfig:
             values = _float_list(points, f"fixed[{name!r}]")
             if len(values) != 12:
                 raise ValueError(f"fixed[{name!r}] must have 12 numbers (6 control points x, y), got {len(values)}")
-            fixed[name] = tuple(values)
+            fixed[name] = validate_points(values, f"fixed[{name!r}]")
         # canonical order, so that equal configs compare and serialise equal
         object.__setattr__(self, "fixed", {f: fixed[f] for f in FUNCTIONS if f in fixed})
 
@@ -723,6 +723,9 @@ class Controller:
         unknown = sorted(set(opts) - known)
         if unknown:
             raise ValueError(f"controller state: unknown option(s) {unknown}")
+        absent = sorted(known - set(opts))
+        if absent:
+            raise ValueError(f"controller state: option(s) {absent} missing")
         state_functions = _as_list(state["functions"], "functions")
         if list(opts.get("functions", state_functions)) != list(state_functions):
             raise ValueError(
