@@ -109,7 +109,7 @@ def locks() -> dict[Path, str]:
     everything = closure(roots, skip_gpu=False)
     cuda = {k: v for k, v in everything.items() if k not in common}
     return {
-        LOCK: render(common, "Runtime dependencies of paploss, shared by docker/Dockerfile.cpu and docker/Dockerfile.cuda."),
+        LOCK: render(common, "Runtime dependencies of paploss, shared by docker/Dockerfile.cpu and .cuda."),
         CUDA_LOCK: render(cuda, "What torch's CUDA build adds on Linux; installed by docker/Dockerfile.cuda only."),
     }
 

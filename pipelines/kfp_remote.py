@@ -112,7 +112,11 @@ def probe_api(host: str, *, token: str | None = None, timeout_s: float = 10.0) -
     request = urllib.request.Request(probe, headers={"Accept": "application/json"})
     if token:
         request.add_header("Authorization", f"Bearer {token}")
-    hint = "the token given was refused" if token else "no token was given: pass --token or set KF_PIPELINES_TOKEN"
+    hint = (
+        "the token given was refused"
+        if token
+        else "no token was given: pass --token or set KF_PIPELINES_TOKEN (or KFP_TOKEN)"
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as resp:  # noqa: S310 - http(s) checked above
             final_url, body = resp.geturl(), resp.read(65536)
@@ -132,7 +136,9 @@ def probe_api(host: str, *, token: str | None = None, timeout_s: float = 10.0) -
     try:
         answer = json.loads(body)
     except ValueError:
-        raise KfpError(f"{url} answered {probe} with something that is not JSON: is it the Kubeflow Pipelines API?") from None
+        raise KfpError(
+            f"{url} answered {probe} with something that is not JSON: is it the Kubeflow Pipelines API?"
+        ) from None
     if not isinstance(answer, dict):
         raise KfpError(f"{url} answered {probe} with {answer!r}, not the Kubeflow Pipelines healthz object")
     return answer
@@ -150,7 +156,7 @@ def _raise_for_api(exc: BaseException, host: str, doing: str, token_given: bool)
         hint = (
             "the token given was refused"
             if token_given
-            else "no token was given: pass --token or set KF_PIPELINES_TOKEN"
+            else "no token was given: pass --token or set KF_PIPELINES_TOKEN (or KFP_TOKEN)"
         )
         raise KfpAuthError(
             f"Kubeflow Pipelines at {host} refused the credentials while {doing} "

@@ -421,9 +421,10 @@ def _parse_params(values: tuple[str, ...]) -> dict[str, str]:
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default=None,
               help="MLflow tracking/registry URI [env MLFLOW_TRACKING_URI].")
 @click.option("--experiment", default="paploss-retrain", show_default=True, help="Kubeflow experiment.")
-@click.option("--namespace", envvar="KFP_NAMESPACE", default=None, help="Kubeflow profile namespace [env KFP_NAMESPACE].")
-@click.option("--token", envvar="KF_PIPELINES_TOKEN", default=None,
-              help="Bearer token for Kubeflow [env KF_PIPELINES_TOKEN].")
+@click.option("--namespace", envvar="KFP_NAMESPACE", default=None,
+              help="Kubeflow profile namespace [env KFP_NAMESPACE].")
+@click.option("--token", envvar=["KF_PIPELINES_TOKEN", "KFP_TOKEN"], default=None,
+              help="Bearer token for Kubeflow [env KF_PIPELINES_TOKEN or KFP_TOKEN].")
 @click.option("--search-name", default=None, help="Tag of this search (default: retrain-<UTC time>-<random>).")
 @click.option("--timeout", "timeout_s", type=click.FloatRange(min=1), default=24 * 3600.0, show_default=True,
               help="Seconds to wait for the run.")

@@ -164,7 +164,8 @@ def _handler(cluster: Cluster):
                 wanted = None
                 flt = parse_qs(url.query).get("filter")
                 if flt:
-                    wanted = json.loads(flt[0])["predicates"][0]["string_value" if "string_value" in flt[0] else "stringValue"]
+                    predicate = json.loads(flt[0])["predicates"][0]
+                    wanted = predicate.get("string_value", predicate.get("stringValue"))
                 exps = [e for e in cluster.experiments if wanted is None or e["display_name"] == wanted]
                 return self._send(200, {"experiments": exps, "total_size": len(exps)})
             if url.path.startswith("/apis/v2beta1/runs/"):
@@ -264,7 +265,8 @@ def invoke(cluster, package, *extra, env=None, host=None):
         "--timeout", "60",
         *extra,
     ]
-    environment = {"MLFLOW_TRACKING_URI": cluster.store.uri, "KFP_HOST": None, "KF_PIPELINES_TOKEN": None}
+    environment = {"MLFLOW_TRACKING_URI": cluster.store.uri, "KFP_HOST": None}
+    environment.update({"KF_PIPELINES_TOKEN": None, "KFP_TOKEN": None, "KFP_NAMESPACE": None})
     environment.update(env or {})
     return CliRunner().invoke(retrain, args, env=environment, catch_exceptions=False)
 
