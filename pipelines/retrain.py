@@ -336,6 +336,12 @@ def run_retrain(
     check_registry(registry, cfg.tracking_uri)
 
     search_name = cfg.search_name or unique_search_name()
+    if find_version(registry, cfg.model_name, search_name) is not None:
+        raise UsageError(
+            "search name already used",
+            f"{cfg.model_name} already has a version tagged {SEARCH_NAME_TAG}={search_name}: "
+            "choose another --search-name (or leave it out)",
+        )
     with tempfile.TemporaryDirectory(prefix="paploss-retrain-") as tmp:
         package = _package(cfg, Path(tmp))
         params = build_params(cfg, package, search_name)
@@ -359,7 +365,19 @@ def run_retrain(
     if state != "SUCCEEDED":
         raise RetrainError("run failed", f"run {run_id} ended in state {state}; see {url}")
     echo(f"run {run_id} succeeded")
+    try:
+        return _decide(cfg, registry, search_name, run_id, url, state, echo)
+    except click.ClickException:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an MLflow failure after the run is not a verdict
+        raise RetrainError(
+            "MLflow registry error", f"{type(exc).__name__}: {str(exc)[:300]} (nothing promoted; run {url})"
+        ) from None
 
+
+def _decide(cfg: RetrainConfig, registry, search_name: str, run_id: str, url: str, state: str,
+            echo: Callable[[str], None]) -> RetrainResult:
+    """Find the run's model version, compare it with the gate alias, move the alias if it is at least as good."""
     new = find_version(registry, cfg.model_name, search_name)
     if new is None:
         raise RetrainError(
@@ -459,7 +477,12 @@ def retrain(host, dataset, gate, model_name, package, image, tracking_uri, exper
         poll_s=poll_s,
         extra_params=_parse_params(params),
     )
-    result = run_retrain(cfg)
+    try:
+        result = run_retrain(cfg)
+    except click.ClickException:
+        raise
+    except Exception as exc:  # noqa: BLE001 - never let a crash read as exit 1 ("worse")
+        raise RetrainError("unexpected error", f"{type(exc).__name__}: {exc}") from exc
     if report:
         from paploss import storage
 

@@ -453,6 +453,19 @@ def test_new_version_without_ap_is_not_promoted(cluster, package):
     assert champion_version(cluster.store) == old
 
 
+def test_reused_search_name_fails_before_submitting(cluster, package):
+    old = make_champion(cluster.store, 0.1)  # registered with search name "earlier-search"
+    _assert_failed(invoke(cluster, package, "--search-name", "earlier-search"), EXIT_USAGE, "already used")
+    assert not cluster.runs and champion_version(cluster.store) == old
+
+
+def test_champion_without_ap_is_an_error_not_a_verdict(cluster, package):
+    version = register_version(cluster.store, search_name="hand-made", ap=None)
+    cluster.store.client.set_registered_model_alias(MODEL, "champion", version)
+    _assert_failed(invoke(cluster, package), EXIT_FAILURE, f"version {version} has no tag 'AP'")
+    assert champion_version(cluster.store) == version
+
+
 def test_unknown_param_fails_before_submitting(cluster, package):
     _assert_failed(invoke(cluster, package, "--param", "roundz=3"), EXIT_USAGE, "roundz", "rounds")
     assert not cluster.runs
