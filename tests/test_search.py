@@ -610,3 +610,21 @@ def test_numpy_and_list_inputs_give_the_same_round_as_tensors():
     assert c.state_dict() == a.state_dict()
     with pytest.raises(ValueError, match=r"rewards\[0\]"):
         Controller().update(t, np.array(r)[:, None])
+
+
+def test_functions_in_another_order_map_theta_by_name():
+    order = ("I1", "H2", "H1", "I3", "I2")
+    c = Controller(functions=order)
+    full = Controller()
+    theta = c.sample(2)[0]
+    blocks = {f: theta[8 * i: 8 * i + 8] for i, f in enumerate(order)}
+    canonical = torch.cat([blocks[f] for f in ("H2", "I2", "I3", "I1", "H1")] + [theta[-1:]])
+    assert c.spec_of(theta).to_dict() == full.spec_of(canonical).to_dict()
+    assert c.parameter_names[:2] == ["I1.theta1", "I1.theta2"]
+
+
+def test_starting_spec_is_the_identity_with_unit_gradient_scale():
+    spec = Controller().spec().to_dict()
+    assert spec["form"] == "searched" and spec["grad_scale"] == pytest.approx(1.0, abs=1e-12)
+    for points in spec["points"]:
+        np.testing.assert_allclose(points, [0, 0, .2, .2, .4, .4, .6, .6, .8, .8, 1, 1], atol=1e-12)
