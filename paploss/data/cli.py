@@ -28,16 +28,20 @@ def make(name: str, out: str, n_train, n_val, image_size, seed: int, split: bool
     digits: scikit-learn's handwritten digits on a canvas)."""
     from paploss.data import make_dataset, search_split
 
+    def _split(local) -> None:
+        if split:
+            try:
+                search_split(local, seed=seed)
+            except ValueError as exc:  # too few images for every class on both sides
+                click.echo(f"warning: search split not written: {exc}", err=True)
+
     if storage.is_s3(out):
         with tempfile.TemporaryDirectory() as tmp:
             local = make_dataset(name, f"{tmp}/ds", n_train=n_train, n_val=n_val, image_size=image_size, seed=seed)
-            if split:
-                search_split(local, seed=seed)
+            _split(local)
             storage.upload_dir(local, out)
     else:
-        local = make_dataset(name, out, n_train=n_train, n_val=n_val, image_size=image_size, seed=seed)
-        if split:
-            search_split(local, seed=seed)
+        _split(make_dataset(name, out, n_train=n_train, n_val=n_val, image_size=image_size, seed=seed))
     click.echo(out)
 
 

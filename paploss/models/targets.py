@@ -76,8 +76,9 @@ def dense_targets(
         rows.append(torch.full_like(pos, n))
         cols.append(pos)
         labels.append(lab)
-        qual.append(box_quality(pred.float(), gt_boxes.float(), quality, deltas, target_deltas))
-    u = torch.zeros((N, A, K), dtype=torch.float32, device=cls_logits.device)
-    if qual:
-        u = u.index_put((torch.cat(rows), torch.cat(cols), torch.cat(labels)), torch.cat(qual))
-    return t, u
+        qual.append(box_quality(pred, gt_boxes.to(pred.dtype), quality, deltas, target_deltas))
+    if not qual:
+        return t, torch.zeros((N, A, K), dtype=torch.float32, device=cls_logits.device)
+    values = torch.cat(qual)
+    u = torch.zeros((N, A, K), dtype=values.dtype, device=cls_logits.device)
+    return t, u.index_put((torch.cat(rows), torch.cat(cols), torch.cat(labels)), values)
