@@ -15,7 +15,6 @@ steps, ε = 0.1) and the σ schedule over those rounds, and reports:
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 
