@@ -1,0 +1,358 @@
+"""``paploss bench`` / ``make bench-search``: does the searched loss win?
+
+The paper's Tables 2 and 3 measured on the bundled datasets (issue 8). For each
+dataset (``shapes``, ``digits``):
+
+1. prepare the data (train / val, and search-train / search-val cut out of train)
+   and pre-train the warm start (the analogue of the paper's ImageNet backbone);
+2. search a loss twice with PPO: ``searched`` (five separate functions and the
+   gradient scale) and ``searched-shared`` (one function for all five places);
+3. train the final detector from the same warm start with every loss — the two
+   searched ones, ``focal+l1``, ``focal+giou``, the handcrafted ``sigmoid``,
+   ``sqrt``, ``linear``, ``square`` and ``transfer`` (the loss searched on the
+   *other* dataset) — for each seed, and evaluate on the held-out ``val`` split,
+   never on search-val.
+
+All losses share the detector, the schedule, the data, the warm start and the
+seeds; only the loss differs. Results go to ``<out>/bench_search.json``
+(``{dataset: {loss: {"AP": [per seed], "AP50": [...], "AP75": [...]}}}``),
+``<out>/bench_search.md`` (the table, mean ± std over seeds), the figures of the
+searched functions and of the reward per round, and an MLflow run per dataset.
+
+Every piece is cached under ``--work`` (search states per round, one JSON per
+final training), so a stopped benchmark resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import click
+
+from paploss import steps, storage
+
+__all__ = ["BenchConfig", "LOSSES", "BENCH_PRESETS", "run_bench", "summarize", "bench"]
+
+LOSSES = ("searched", "searched-shared", "focal+l1", "focal+giou", "sigmoid", "sqrt", "linear", "square", "transfer")
+METRICS = ("AP", "AP50", "AP75")
+
+# Sizes of the benchmark. "default" is sized for about 90 minutes on 2 CPU cores
+# (see BENCHMARKS.md for what it measured); "smoke" checks the plumbing in minutes.
+BENCH_PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": {"pipeline_preset": "smoke", "rounds": 2, "samples": 2, "seeds": (0, 1)},
+    "default": {"pipeline_preset": "quick", "rounds": 3, "samples": 4, "seeds": (0, 1, 2)},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """What one benchmark run measures; the defaults are the ``default`` preset."""
+
+    datasets: tuple[str, ...] = ("shapes", "digits")
+    losses: tuple[str, ...] = LOSSES
+    seeds: tuple[int, ...] = (0, 1, 2)
+    pipeline_preset: str = "quick"  # paploss.steps preset: data sizes, warm start, proxy and final schedules
+    rounds: int = 3
+    samples: int = 4
+    final_iterations: int | None = None  # None: the pipeline preset's final schedule
+    jobs: int = 2  # trainings run at a time (one CPU thread each)
+    work: str = "runs/bench"
+    out: str = "docs"
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.losses) - set(LOSSES))
+        if unknown:
+            raise ValueError(f"losses {unknown} are unknown; known: {list(LOSSES)}")
+        bad = sorted(set(self.datasets) - {"shapes", "digits"})
+        if bad:
+            raise ValueError(f"datasets {bad} are unknown; known: shapes, digits")
+        if "transfer" in self.losses and len(self.datasets) < 2:
+            raise ValueError("loss 'transfer' needs two datasets (the loss searched on the other one)")
+        if self.rounds < 1 or self.samples < 2 or not self.seeds or self.jobs < 1:
+            raise ValueError(
+                f"rounds={self.rounds} (>= 1), samples={self.samples} (>= 2), seeds={self.seeds} (non-empty), "
+                f"jobs={self.jobs} (>= 1) are out of range"
+            )
+
+    def preset(self, dataset: str) -> steps.Preset:
+        p = steps.get_preset(self.pipeline_preset).with_overrides(
+            dataset=f"bundled:{dataset}", rounds=self.rounds, samples=self.samples
+        )
+        if self.final_iterations:
+            p = p.with_overrides(final={**p.final, "iterations": int(self.final_iterations), "epochs": None})
+        return p
+
+
+def _log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _pool(jobs: int) -> ProcessPoolExecutor:
+    # spawn: each worker imports torch afresh (no forked OpenMP state)
+    return ProcessPoolExecutor(max_workers=jobs, mp_context=get_context("spawn"))
+
+
+# ----------------------------------------------------------------------------------
+# The search: the pipeline's own steps, trials of a round run `jobs` at a time
+# ----------------------------------------------------------------------------------
+
+
+def _search(pool: ProcessPoolExecutor, p: steps.Preset, data: str, init: str, work: str, name: str,
+            controller: Mapping[str, Any]) -> str:
+    """One PPO search with :mod:`paploss.steps`; returns the final state's URI."""
+    out = steps.init_search(work, name, p.rounds, p.samples, seed=p.seed, controller=controller)
+    proxy = steps.train_options(p.proxy, p.detector)
+    for r in range(p.rounds):
+        start = time.monotonic()
+        futures = [
+            pool.submit(steps.proxy_trial, data, init, t, proxy, work, name, out["state"], None, p.attempts)
+            for t in out["trials"]
+        ]
+        results = [f.result() for f in futures]
+        out = steps.controller_update(out["state"], results, work, name, max_failed_trials=p.max_failed_trials)
+        _log(f"{name} round {r + 1}/{p.rounds}: mean reward {out['mean_reward']:.4f}, "
+             f"max {out['max_reward']:.4f} ({time.monotonic() - start:.0f}s)")
+    return out["state"]
+
+
+def _controller(state: str):
+    from paploss.search import Controller
+
+    return Controller.from_state_dict(storage.read_json(state)["controller"])
+
+
+# ----------------------------------------------------------------------------------
+# The final trainings: every loss, every seed, same everything else
+# ----------------------------------------------------------------------------------
+
+
+def final_config(p: steps.Preset, data: str, init: str, loss: str, spec_json: str | None, seed: int):
+    """The ``TrainConfig`` of one final training. Only ``loss``/``spec`` depend on
+    the loss compared: detector, schedule, data, warm start and seed are shared, and
+    the model is evaluated on ``val``, never on search-val (tests check both)."""
+    from paploss.engine import TrainConfig
+    from paploss.spec import LossSpec
+
+    options = steps.train_options(p.final, p.detector)
+    spec = LossSpec.from_json(spec_json) if spec_json else None
+    return TrainConfig(**{**options, "data": str(storage.localize(data)), "train_ann": "train", "val_ann": "val",
+                          "loss": "paploss" if spec is not None else loss, "spec": spec,
+                          "init": str(storage.localize(init)), "seed": int(seed), "out_dir": None})
+
+
+def _final_job(p: steps.Preset, data: str, init: str, loss: str, spec_json: str | None, seed: int,
+               out: str) -> dict:
+    """Train on ``train``, evaluate on ``val`` (never search-val); cached in ``out``."""
+    from paploss.engine import train
+
+    key = steps._key("bench-final", data, init, loss, spec_json, seed, p.final, p.detector)
+    if storage.exists(out):
+        done = storage.read_json(out)
+        if done.get("key") == key:
+            return done
+    res = train(final_config(p, data, init, loss, spec_json, seed), progress=False)
+    doc = {"key": key, "loss": loss, "seed": seed, "metrics": dict(res.metrics), "diverged": res.diverged,
+           "seconds": res.seconds, "spec": spec_json}
+    storage.write_json(out, doc)
+    return doc
+
+
+def _loss_specs(cfg: BenchConfig, dataset: str, searched: Mapping[tuple[str, str], str]) -> dict[str, str | None]:
+    """loss name -> LossSpec JSON (None for the focal baselines)."""
+    from paploss.spec import LossSpec
+
+    specs: dict[str, str | None] = {}
+    for loss in cfg.losses:
+        if loss in ("focal+l1", "focal+giou"):
+            specs[loss] = None
+        elif loss in ("sigmoid", "sqrt", "linear", "square"):
+            specs[loss] = LossSpec.handcrafted(loss).to_json()
+        elif loss == "transfer":
+            other = next(d for d in cfg.datasets if d != dataset)
+            specs[loss] = _controller(searched[(other, "searched")]).spec().to_json()
+        else:
+            specs[loss] = _controller(searched[(dataset, loss)]).spec().to_json()
+    return specs
+
+
+# ----------------------------------------------------------------------------------
+# Results
+# ----------------------------------------------------------------------------------
+
+
+def summarize(results: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]]) -> str:
+    """The Markdown table: AP, AP50, AP75 as mean ± std over seeds, per dataset.
+
+    ``results``: ``{dataset: {loss: {"AP": [...], ...}}}`` with AP in [0, 1];
+    the table shows AP points (×100) as the paper does."""
+    lines = []
+    for dataset, per_loss in results.items():
+        lines += [f"### {dataset}", "", "| loss | seeds | AP | AP50 | AP75 |", "|---|---|---|---|---|"]
+        for loss, metrics in per_loss.items():
+            cells = []
+            for m in METRICS:
+                vals = [100.0 * v for v in metrics.get(m, [])]
+                if not vals:
+                    cells.append("–")
+                elif len(vals) == 1:
+                    cells.append(f"{vals[0]:.1f}")
+                else:
+                    cells.append(f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}")
+            lines.append(f"| {loss} | {len(metrics.get('AP', []))} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _reward_history(state: str) -> list[list[float]]:
+    return [list(rec.rewards) for rec in _controller(state).history]
+
+
+def _figures(out: str, dataset: str, searched: Mapping[tuple[str, str], str]) -> list[str]:
+    from paploss.functions import plot_functions
+    from paploss.tracking import _reward_figure as reward_figure  # the pipeline's figure, same look
+
+    written = []
+    for mode in ("searched", "searched-shared"):
+        state = searched.get((dataset, mode))
+        if state is None:
+            continue
+        c = _controller(state)
+        written.append(plot_functions(c.spec(), storage.join(out, f"bench_{dataset}_{mode}_functions.png"),
+                                      title=f"{mode} loss on {dataset}"))
+        path = storage.join(out, f"bench_{dataset}_{mode}_rewards.png")
+        reward_figure(_reward_history(state), Path(path))
+        written.append(path)
+    return written
+
+
+def _log_mlflow(tracking_uri: str, dataset: str, cfg: BenchConfig, per_loss: Mapping[str, Mapping[str, list]],
+                figures: Sequence[str], searched: Mapping[tuple[str, str], str]) -> None:
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment("paploss-bench")
+    with mlflow.start_run(run_name=f"bench-{dataset}", tags={"paploss.kind": "bench", "paploss.dataset": dataset}):
+        mlflow.log_params({"datasets": ",".join(cfg.datasets), "seeds": ",".join(map(str, cfg.seeds)),
+                           "pipeline_preset": cfg.pipeline_preset, "rounds": cfg.rounds, "samples": cfg.samples,
+                           "final_iterations": cfg.final_iterations})
+        for loss, metrics in per_loss.items():
+            for m, vals in metrics.items():
+                if vals:
+                    mlflow.log_metric(f"{loss.replace('+', '_')}.{m}.mean", statistics.mean(vals))
+        for mode in ("searched", "searched-shared"):
+            state = searched.get((dataset, mode))
+            if state is not None:
+                for r, rewards in enumerate(_reward_history(state)):
+                    mlflow.log_metric(f"{mode}.mean_reward", statistics.mean(rewards), step=r)
+                mlflow.log_text(_controller(state).spec().to_json(), f"{mode}_loss_spec.json")
+        mlflow.log_dict({loss: dict(m) for loss, m in per_loss.items()}, "bench_search.json")
+        for f in figures:
+            if not storage.is_s3(f):
+                mlflow.log_artifact(f)
+
+
+def run_bench(cfg: BenchConfig, tracking_uri: str | None = None) -> dict:
+    """The whole benchmark; returns ``{dataset: {loss: {metric: [per seed]}}}``."""
+    searched: dict[tuple[str, str], str] = {}
+    prepared: dict[str, tuple[steps.Preset, str, str]] = {}
+    modes = [m for m in ("searched", "searched-shared") if m in cfg.losses or (m == "searched" and "transfer" in cfg.losses)]
+    with _pool(cfg.jobs) as pool:  # one pool for the whole run: a worker imports torch once
+        return _run(cfg, pool, modes, tracking_uri)
+
+
+def _run(cfg: BenchConfig, pool: ProcessPoolExecutor, modes: Sequence[str], tracking_uri: str | None) -> dict:
+    searched: dict[tuple[str, str], str] = {}
+    prepared: dict[str, tuple[steps.Preset, str, str]] = {}
+    for dataset in cfg.datasets:
+        p = cfg.preset(dataset)
+        work = storage.join(cfg.work, dataset)
+        data = steps.prepare_data(p.dataset, work, split_seed=p.split_seed, bundled=p.bundled)
+        init = steps.pretrain(data, work, config=p.pretrain, seed=p.seed, detector=p.detector)
+        prepared[dataset] = (p, data, init)
+        for mode in modes:
+            controller = {**p.controller, **({"shared": True} if mode == "searched-shared" else {})}
+            searched[(dataset, mode)] = _search(pool, p, data, init, work, f"bench-{dataset}-{mode}", controller)
+
+    results: dict[str, dict[str, dict[str, list[float]]]] = {}
+    for dataset in cfg.datasets:
+        p, data, init = prepared[dataset]
+        specs = _loss_specs(cfg, dataset, searched)
+        jobs = [(loss, seed) for seed in cfg.seeds for loss in cfg.losses]
+        futures = {
+            (loss, seed): pool.submit(
+                _final_job, p, data, init, loss, specs[loss], seed,
+                storage.join(cfg.work, dataset, "final", f"{loss}-seed{seed}.json"),
+            )
+            for loss, seed in jobs
+        }
+        per_loss: dict[str, dict[str, list[float]]] = {loss: {m: [] for m in METRICS} for loss in cfg.losses}
+        for (loss, seed), fut in futures.items():
+            doc = fut.result()
+            for m in METRICS:
+                per_loss[loss][m].append(float(doc["metrics"].get(m, math.nan)))
+            _log(f"{dataset} {loss} seed {seed}: AP {doc['metrics'].get('AP', math.nan):.4f} "
+                 f"({doc['seconds']:.0f}s)")
+        results[dataset] = per_loss
+        figures = _figures(cfg.out, dataset, searched)
+        if tracking_uri:
+            _log_mlflow(tracking_uri, dataset, cfg, per_loss, figures, searched)
+
+    storage.write_json(storage.join(cfg.out, "bench_search.json"), results)
+    table = summarize(results)
+    specs_md = "\n".join(
+        f"- `{mode}` on {d}: `{_controller(s).spec().to_json()}`" for (d, mode), s in sorted(searched.items())
+    )
+    storage.write_text(storage.join(cfg.out, "bench_search.md"),
+                       "# Search-quality benchmark\n\n" + f"Config: `{json.dumps(dataclasses.asdict(cfg))}`\n\n"
+                       + table + "\n## Searched losses\n\n" + specs_md + "\n")
+    return results
+
+
+@click.command("bench")
+@click.option("--preset", type=click.Choice(sorted(BENCH_PRESETS)), default="default", show_default=True,
+              help="Sizes: default (about 90 minutes on 2 CPU cores) or smoke (the plumbing, minutes).")
+@click.option("--datasets", default="shapes,digits", show_default=True, help="Comma-separated bundled datasets.")
+@click.option("--losses", default=",".join(LOSSES), show_default=True, help="Comma-separated losses to compare.")
+@click.option("--seeds", default=None, help="Comma-separated seeds of the final trainings [preset].")
+@click.option("--rounds", type=int, default=None, help="PPO rounds per search [preset].")
+@click.option("--samples", type=int, default=None, help="Losses sampled per round [preset].")
+@click.option("--final-iterations", type=int, default=None, help="Iterations of each final training [pipeline preset].")
+@click.option("--jobs", type=int, default=2, show_default=True, help="Trainings at a time (one CPU thread each).")
+@click.option("--work", default="runs/bench", show_default=True, help="Cache folder (or s3:// prefix); resumes.")
+@click.option("--out", default="docs", show_default=True, help="Where bench_search.json/.md and figures go.")
+@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default="sqlite:///mlflow.db", show_default=True,
+              help="MLflow store for the results [env MLFLOW_TRACKING_URI]; '' to skip.")
+def bench(preset, datasets, losses, seeds, rounds, samples, final_iterations, jobs, work, out, tracking_uri) -> None:
+    """The search-quality benchmark: search on the bundled datasets, then train with
+    every loss and seed and compare AP on the held-out val split (issue 8)."""
+    base = BENCH_PRESETS[preset]
+    try:
+        cfg = BenchConfig(
+            datasets=tuple(d for d in datasets.split(",") if d),
+            losses=tuple(x for x in losses.split(",") if x),
+            seeds=tuple(int(s) for s in seeds.split(",")) if seeds else tuple(base["seeds"]),
+            pipeline_preset=base["pipeline_preset"],
+            rounds=rounds or base["rounds"], samples=samples or base["samples"],
+            final_iterations=final_iterations, jobs=jobs, work=work, out=out,
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    start = time.monotonic()
+    results = run_bench(cfg, tracking_uri or None)
+    click.echo(summarize(results))
+    click.echo(f"wall time {time.monotonic() - start:.0f}s; results in {out}/bench_search.json and .md")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    bench()

@@ -1,0 +1,92 @@
+"""The search-quality benchmark's own correctness (issue 8): the table, the input
+checks, and that every loss is trained and evaluated the same way, on val, never on
+search-val."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+from bench.search import LOSSES, BenchConfig, _loss_specs, final_config, summarize
+from paploss import steps, storage
+from paploss.search import Controller
+from paploss.spec import LossSpec
+
+
+def test_summarize_mean_and_std_in_ap_points():
+    table = summarize({"shapes": {"focal+l1": {"AP": [0.4, 0.5, 0.6], "AP50": [0.7], "AP75": []}}})
+    row = next(line for line in table.splitlines() if line.startswith("| focal+l1"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells == ["focal+l1", "3", "50.0 ± 10.0", "70.0", "–"]
+    assert "### shapes" in table
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"losses": ("searched", "cross-entropy")}, "cross-entropy"),
+        ({"datasets": ("shapes", "coco")}, "coco"),
+        ({"datasets": ("shapes",)}, "transfer"),
+        ({"samples": 1}, "samples=1"),
+        ({"rounds": 0}, "rounds=0"),
+        ({"seeds": ()}, "seeds=()"),
+    ],
+)
+def test_config_rejects_bad_values_naming_them(kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        BenchConfig(**kwargs)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    work = tmp_path_factory.mktemp("bench")
+    cfg = BenchConfig(work=str(work), rounds=1, samples=2)
+    p = cfg.preset("shapes").with_overrides(bundled={"n_train": 24, "n_val": 8, "image_size": 64})
+    data = steps.prepare_data(p.dataset, str(work), bundled=p.bundled)
+    init = storage.write_bytes(str(work / "init.pt"), b"placeholder: final_config only passes the path on")
+    states = {}
+    for i, (dataset, mode) in enumerate(
+        [("shapes", "searched"), ("shapes", "searched-shared"), ("digits", "searched"), ("digits", "searched-shared")]
+    ):
+        c = Controller(seed=i, shared=(mode == "searched-shared"))
+        c.update(c.sample(4), [0.1, 0.4, 0.2, 0.3])  # a real PPO round moves μ off the identity
+        states[(dataset, mode)] = storage.write_json(str(work / f"{dataset}-{mode}.json"), {"controller": c.state_dict()})
+    return cfg, p, data, init, states
+
+
+def test_every_loss_shares_detector_schedule_data_and_seed(prepared):
+    cfg, p, data, init, states = prepared
+    specs = _loss_specs(cfg, "shapes", states)
+    assert set(specs) == set(LOSSES)
+    configs = {loss: dataclasses.asdict(final_config(p, data, init, loss, specs[loss], seed=1)) for loss in LOSSES}
+    shared = {loss: {k: v for k, v in c.items() if k not in ("loss", "spec")} for loss, c in configs.items()}
+    first = shared["focal+l1"]
+    for loss, rest in shared.items():
+        assert rest == first, f"{loss} differs from focal+l1 in more than the loss"
+    assert first["train_ann"] == "train" and first["val_ann"] == "val" and first["seed"] == 1
+    assert configs["focal+giou"]["loss"] == "focal+giou" and configs["focal+giou"]["spec"] is None
+    for form in ("sigmoid", "sqrt", "linear", "square"):
+        assert configs[form]["loss"] == "paploss"
+        assert LossSpec.from_json(specs[form]) == LossSpec.handcrafted(form)
+
+
+def test_transfer_is_the_loss_searched_on_the_other_dataset(prepared):
+    cfg, _, _, _, states = prepared
+    shapes, digits = _loss_specs(cfg, "shapes", states), _loss_specs(cfg, "digits", states)
+    assert shapes["transfer"] == digits["searched"] and digits["transfer"] == shapes["searched"]
+    assert shapes["searched"] != digits["searched"]
+    assert LossSpec.from_json(shapes["searched-shared"]).form == "shared"
+    assert LossSpec.from_json(shapes["searched"]).form == "searched"
+
+
+def test_evaluation_split_holds_no_search_val_image(prepared):
+    _, _, data, _, _ = prepared
+    ann = lambda split: json.loads(storage.read_text(storage.join(data, "annotations", f"{split}.json")))  # noqa: E731
+    val_files = {im["file_name"] for im in ann("val")["images"]}
+    search_val_files = {im["file_name"] for im in ann("search_val")["images"]}
+    train_files = {im["file_name"] for im in ann("train")["images"]}
+    assert search_val_files and val_files
+    assert not val_files & search_val_files
+    assert search_val_files <= train_files
