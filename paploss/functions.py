@@ -88,7 +88,7 @@ def piecewise_linear(x: Tensor, points12: Sequence[float]) -> Tensor:
     xs = torch.tensor(xs_l, dtype=x.dtype, device=x.device)          # (6,)
     ys = torch.tensor(ys_l, dtype=x.dtype, device=x.device)          # (6,)
     slopes = torch.tensor(_slopes(xs_l, ys_l), dtype=x.dtype, device=x.device)  # (5,)
-    xc = x.clamp(0.0, 1.0)
+    xc = torch.where(x < 0.0, torch.zeros_like(x), x)  # (not clamp: its gradient is 0 at x = 0)
     # segment k with x_k <= xc < x_{k+1}: number of inner break points x_1..x_4 that are <= xc
     k = torch.searchsorted(xs[1:5].contiguous(), xc.detach().contiguous(), right=True)
     value = ys[k] + slopes[k] * (xc - xs[k])
@@ -101,6 +101,12 @@ def step_function(x: Tensor) -> Tensor:
     Used for H1 when a searched spec gives only four functions (SPEC §1). No gradient.
     """
     return ((torch.sign(x.detach() - 0.5) + 1.0) / 2.0).to(x.dtype)
+
+
+def _unit(x: Tensor) -> Tensor:
+    """``clamp(x, 0, 1)`` with the right derivative: 1 on [0, 1), 0 elsewhere."""
+    inside = torch.where(x < 0.0, torch.zeros_like(x), x)
+    return torch.where(x >= 1.0, torch.ones_like(x), inside)
 
 
 def _safe_sqrt(x: Tensor) -> Tensor:
@@ -117,17 +123,15 @@ def handcrafted_function(form: str, place: str) -> Callable[[Tensor], Tensor]:
     (not clamped: ``sigmoid`` is ``sigmoid(d)`` for every ``d``), quality places (I*)
     take ``u`` in [0, 1].
     """
-    ranking = place.startswith("H")
     if form == "sigmoid":
         return (lambda x: torch.sigmoid(2.0 * x - 1.0))  # sigmoid(d) / sigmoid(2u - 1)
     if form == "sqrt":
-        return lambda x: _safe_sqrt(x.clamp(max=1.0))
+        return lambda x: _safe_sqrt(_unit(x))
     if form == "linear":
-        return lambda x: x.clamp(0.0, 1.0)
+        return _unit
     if form == "square":
-        return lambda x: x.clamp(0.0, 1.0) ** 2
-    raise ValueError(f"form must be one of {HANDCRAFTED} for a handcrafted function, got {form!r}"
-                     + (" (ranking place)" if ranking else ""))
+        return lambda x: _unit(x) ** 2
+    raise ValueError(f"form must be one of {HANDCRAFTED} for a handcrafted function, got {form!r}")
 
 
 # --------------------------------------------------------------------------------------
@@ -246,17 +250,17 @@ def rank_function_handcrafted(form: str) -> RankFunction:
     """
     if form == "linear":
         pieces = (Piece(-_INF, -1.0, 0.0), Piece(-1.0, 1.0, 0.5, 0.5), Piece(1.0, _INF, 1.0))
-        return RankFunction("linear", lambda d: (d / 2.0 + 0.5).clamp(0.0, 1.0),
+        return RankFunction("linear", lambda d: _unit(d / 2.0 + 0.5),
                             lambda d: _pieces_value(pieces, d, derivative=True), pieces)
     if form == "square":
         # ((d + 1) / 2)² = 1/4 + d/2 + d²/4 on [-1, 1)
         pieces = (Piece(-_INF, -1.0, 0.0), Piece(-1.0, 1.0, 0.25, 0.5, 0.25), Piece(1.0, _INF, 1.0))
-        return RankFunction("square", lambda d: (d / 2.0 + 0.5).clamp(0.0, 1.0) ** 2,
+        return RankFunction("square", lambda d: _unit(d / 2.0 + 0.5) ** 2,
                             lambda d: _pieces_value(pieces, d, derivative=True), pieces)
     if form == "sigmoid":
         return RankFunction("sigmoid", torch.sigmoid, _sigmoid_derivative, None)
     if form == "sqrt":
-        return RankFunction("sqrt", lambda d: _safe_sqrt((d / 2.0 + 0.5).clamp(max=1.0)),
+        return RankFunction("sqrt", lambda d: _safe_sqrt(_unit(d / 2.0 + 0.5)),
                             _sqrt_rank_derivative, None)
     raise ValueError(f"form must be one of {HANDCRAFTED}, got {form!r}")
 

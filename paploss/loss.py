@@ -216,12 +216,12 @@ class _PiecewiseRankSum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor, _grad_den):
         s, v, q64, dout, starts, ends = ctx.saved_tensors
-        g = grad_out.to(torch.float64)                       # (P,)
+        g_all = grad_out.to(torch.float64)                   # (P,)
         need_q, need_s, need_v = ctx.needs_input_grad[:3]
         need_v = need_v and ctx.has_v
         grad_q = grad_s = grad_v = None
         if need_q:
-            grad_q = (-g * dout).to(grad_out.dtype)
+            grad_q = (-g_all * dout).to(grad_out.dtype)
         if not (need_s or need_v):
             return grad_q, None, None, None, None
         m = s.numel()
@@ -239,6 +239,9 @@ class _PiecewiseRankSum(torch.autograd.Function):
 
         for k, p in enumerate(ctx.pieces):
             a, b = starts[k], ends[k]
+            # an empty range adds nothing; skipping it keeps a steep piece's huge
+            # coefficient from leaving rounding residue in the cumulative sums
+            g = g_all * (b > a)
             if need_v and (p.c0 != 0.0 or p.c1 != 0.0 or p.c2 != 0.0):
                 add(0, g * (p.c0 - p.c1 * q64 + p.c2 * q64 * q64), a, b)
             if p.c1 != 0.0 or p.c2 != 0.0:

@@ -1,0 +1,181 @@
+"""The substitute functions: f(·; θ) (SPEC §2), the handcrafted forms (SPEC §1 table),
+their piecewise description in d = s_j - s_i, and the Figure-1 plot."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from paploss.functions import (
+    _pieces_value,
+    piecewise_linear,
+    plot_functions,
+    rank_function_handcrafted,
+    rank_function_piecewise_linear,
+    rank_function_step,
+)
+from paploss.spec import FUNCTIONS, IDENTITY_THETA8, LossSpec, theta_to_points
+
+matplotlib.use("Agg")
+
+unit = st.floats(0.0, 1.0, allow_nan=False)
+grid = st.integers(0, 16).map(lambda k: k / 16)
+theta8 = st.lists(st.one_of(unit, grid), min_size=8, max_size=8)
+points12 = theta8.map(theta_to_points)
+
+
+def f_reference(x: float, p) -> float:
+    """Scalar, obviously-correct f: right-continuous, clamped, end values 0 and 1."""
+    xs, ys = p[0::2], p[1::2]
+    if x >= 1:
+        return 1.0
+    x = max(x, 0.0)
+    value = None
+    for k in range(5):  # the last segment with x_k <= x < x_{k+1} (zero-width ones are empty)
+        if xs[k] <= x < xs[k + 1]:
+            value = ys[k] + (x - xs[k]) * (ys[k + 1] - ys[k]) / (xs[k + 1] - xs[k])
+    assert value is not None
+    return value
+
+
+@settings(max_examples=80, deadline=None)
+@given(points12, st.lists(st.one_of(st.floats(-0.5, 1.5), grid), min_size=1, max_size=30))
+def test_piecewise_linear_matches_a_scalar_reference(p, xs):
+    x = torch.tensor(xs, dtype=torch.float64)
+    got = piecewise_linear(x, p)
+    want = torch.tensor([f_reference(v, p) for v in xs], dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(points12)
+def test_piecewise_linear_is_monotone_and_finite_with_zero_width_segments(p):
+    x = torch.linspace(-0.2, 1.2, 701, dtype=torch.float64, requires_grad=True)
+    y = piecewise_linear(x, p)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.isfinite(y).all() and torch.isfinite(g).all()
+    assert (y[1:] >= y[:-1]).all()
+    assert (g >= 0).all()
+    assert y[0] == piecewise_linear(torch.zeros(1, dtype=torch.float64), p)[0]  # clamped below
+    assert y[-1] == 1.0
+
+
+def test_zero_width_segment_jumps_to_the_last_point():
+    p = (0, 0, 0.5, 0.1, 0.5, 0.6, 0.5, 0.7, 0.9, 0.8, 1, 1)
+    x = torch.tensor([0.25, 0.5 - 1e-12, 0.5, 0.7, 1.0, 2.0, -1.0], dtype=torch.float64, requires_grad=True)
+    y = piecewise_linear(x, p)
+    torch.testing.assert_close(
+        y.detach(), torch.tensor([0.05, 0.1, 0.7, 0.75, 1.0, 1.0, 0.0], dtype=torch.float64), rtol=0, atol=1e-11
+    )
+    (g,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(g, torch.tensor([0.2, 0.2, 0.25, 0.25, 0, 0, 0], dtype=torch.float64))
+
+
+def test_steep_segment_is_exact():
+    p = (0, 0, 0.5, 0.0, 0.5 + 1e-9, 1.0, 1, 1, 1, 1, 1, 1)
+    x = torch.tensor([0.5, 0.5 + 0.5e-9, 0.6], dtype=torch.float64)
+    torch.testing.assert_close(piecewise_linear(x, p), torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64))
+
+
+def test_identity_theta_is_the_identity():
+    p = theta_to_points(IDENTITY_THETA8)
+    x = torch.rand(1000, dtype=torch.float64)
+    torch.testing.assert_close(piecewise_linear(x, p), x, rtol=0, atol=1e-15)
+
+
+def test_piecewise_linear_rejects_bad_input():
+    with pytest.raises(ValueError, match="points12 must have 12 numbers"):
+        piecewise_linear(torch.zeros(3), (0, 0, 1, 1))
+    with pytest.raises(ValueError, match="x must be a floating-point tensor"):
+        piecewise_linear(torch.zeros(3, dtype=torch.long), theta_to_points(IDENTITY_THETA8))
+
+
+@pytest.mark.parametrize("form, h, i", [
+    ("sigmoid", lambda d: 1 / (1 + math.exp(-d)), lambda u: 1 / (1 + math.exp(-(2 * u - 1)))),
+    ("sqrt", lambda d: math.sqrt(min(max(d / 2 + 0.5, 0), 1)), math.sqrt),
+    ("linear", lambda d: min(max(d / 2 + 0.5, 0), 1), lambda u: u),
+    ("square", lambda d: min(max(d / 2 + 0.5, 0), 1) ** 2, lambda u: u * u),
+])
+def test_handcrafted_forms_follow_the_spec_table(form, h, i):
+    spec = LossSpec.handcrafted(form)
+    ds = [-3.0, -1.0, -0.3, 0.0, 0.4, 1.0, 2.5]
+    us = [0.0, 0.1, 0.5, 0.9, 1.0]
+    d = torch.tensor(ds, dtype=torch.float64)
+    u = torch.tensor(us, dtype=torch.float64)
+    for name in ("H1", "H2"):
+        want = torch.tensor([h(v) for v in ds], dtype=torch.float64)
+        torch.testing.assert_close(spec.rank_function(name)(d), want)
+        torch.testing.assert_close(spec.function(name)(d / 2 + 0.5), want)
+    for name in ("I1", "I2", "I3"):
+        torch.testing.assert_close(spec.function(name)(u), torch.tensor([i(v) for v in us], dtype=torch.float64))
+
+
+def test_four_function_spec_uses_the_step_for_h1():
+    spec = LossSpec.searched([theta_to_points(IDENTITY_THETA8)] * 4)
+    d = torch.tensor([-2.0, -1e-9, 0.0, 1e-9, 3.0], dtype=torch.float64)
+    torch.testing.assert_close(spec.rank_function("H1")(d), torch.tensor([0, 0, 0.5, 1, 1], dtype=torch.float64))
+    torch.testing.assert_close(spec.function("H1")(d / 2 + 0.5), torch.tensor([0, 0, 0.5, 1, 1], dtype=torch.float64))
+
+
+def _all_rank_functions(p):
+    return [rank_function_piecewise_linear(p), rank_function_step(),
+            rank_function_handcrafted("linear"), rank_function_handcrafted("square")]
+
+
+@settings(max_examples=60, deadline=None)
+@given(points12, st.lists(st.one_of(st.integers(-3 * 2**20, 3 * 2**20).map(lambda k: k / 2**20),
+                                    st.integers(-24, 24).map(lambda k: k / 8)), min_size=1, max_size=40))
+def test_pieces_describe_the_function_exactly(p, ds):
+    """The fast loss trusts the pieces: they must equal the function and its derivative.
+
+    ``d`` is drawn as dyadic fractions: for |d| below one rounding of 1/2 (say 1e-300)
+    ``x = d/2 + 1/2`` rounds to exactly 1/2, and the two descriptions may then fall on
+    different sides of a break point at x = 1/2 (documented in docs/loss.md)."""
+    d = torch.tensor(ds, dtype=torch.float64, requires_grad=True)
+    for h in _all_rank_functions(p):
+        value = h(d)
+        torch.testing.assert_close(_pieces_value(h.pieces, d.detach()), value.detach(), rtol=1e-12, atol=1e-12)
+        if value.requires_grad:
+            (grad,) = torch.autograd.grad(value.sum(), d, allow_unused=True)
+        else:  # the step passes no gradient at all
+            grad = None
+        grad = torch.zeros_like(d) if grad is None else grad
+        torch.testing.assert_close(h.derivative(d.detach()), grad, rtol=1e-12, atol=1e-12)
+        # pieces cover the real line without overlap
+        covered = torch.zeros_like(d, dtype=torch.long)
+        for pc in h.pieces:
+            lo = (d >= pc.lo) if pc.lo_closed else (d > pc.lo)
+            hi = (d <= pc.hi) if pc.hi_closed else (d < pc.hi)
+            covered += (lo & hi).long()
+        assert (covered == 1).all()
+
+
+@pytest.mark.parametrize("form", ["sigmoid", "sqrt"])
+def test_dense_forms_have_consistent_derivatives(form):
+    h = rank_function_handcrafted(form)
+    assert h.pieces is None
+    d = torch.linspace(-3, 3, 241, dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(h(d).sum(), d)
+    assert torch.isfinite(grad).all()
+    inside = (d.detach() > -1) & (d.detach() < 1) if form == "sqrt" else torch.ones_like(d, dtype=torch.bool)
+    torch.testing.assert_close(h.derivative(d.detach())[inside], grad[inside])
+
+
+def test_plot_functions_writes_an_image(tmp_path):
+    spec = LossSpec.from_theta([0.3, 0.6, 0.2, 0.5, 0.4, 0.4, 0.5, 0.5] * 5 + [0.7])
+    out = plot_functions(spec, tmp_path / "f.png")
+    data = (tmp_path / "f.png").read_bytes()
+    assert out == str(tmp_path / "f.png") and data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    assert plot_functions(LossSpec.handcrafted("sigmoid"), ax) is ax
+    assert [line.get_label() for line in ax.get_lines()] == list(FUNCTIONS)
+    plt.close(fig)
+    with pytest.raises(ValueError, match="must end in .png"):
+        plot_functions(spec, tmp_path / "f.txt")
