@@ -57,10 +57,10 @@ def run_seed(seed: int, rounds: int, samples: int) -> dict:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--rounds", default=20, show_default=True, help="Rounds per search (σ decays over them).")
-@click.option("--samples", default=8, show_default=True, help="Samples per round.")
-@click.option("--seeds", default=5, show_default=True, help="Independent searches (seeds 0..N-1).")
-@click.option("--threads", default=1, show_default=True, help="torch threads.")
+@click.option("--rounds", type=click.IntRange(min=1), default=20, show_default=True, help="Rounds per search (σ decays over them).")
+@click.option("--samples", type=click.IntRange(min=2), default=8, show_default=True, help="Samples per round.")
+@click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True, help="Independent searches (seeds 0..N-1).")
+@click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch threads.")
 @click.option("--json", "json_out", default=None, help="Also write the results as JSON to this path.")
 def main(rounds: int, samples: int, seeds: int, threads: int, json_out: str | None) -> None:
     """Run the toy search and print a Markdown table for BENCHMARKS.md."""
