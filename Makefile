@@ -12,7 +12,7 @@ HOST ?=
 MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 export MLFLOW_TRACKING_URI
 
-.PHONY: install run test test-fast ui compile submit bench bench-search image clean help
+.PHONY: install run test test-fast ui compile submit bench bench-controller bench-search image lock clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -47,10 +47,16 @@ bench: install  ## micro-benchmarks (loss, training step); results go to BENCHMA
 	$(BIN)/python -m bench.loss
 	$(BIN)/python -m bench.train_step
 
+bench-controller: install  ## the PPO controller on a toy reward (how close it gets to the optimum)
+	$(BIN)/python -m bench.toy_search
+
 bench-search: install  ## the search-quality benchmark of BENCHMARKS.md (long: about 90 minutes on 2 CPU cores)
 	$(BIN)/paploss bench --out docs
 
-image:  ## build the CPU and CUDA images (needs Docker)
+lock: install  ## refresh the images' pinned requirements from pyproject.toml (run after changing dependencies)
+	$(BIN)/python docker/make_lock.py
+
+image:  ## build the CPU and CUDA images (needs Docker with BuildKit, the default since 23)
 	docker build -f docker/Dockerfile.cpu -t $(IMAGE) .
 	docker build -f docker/Dockerfile.cuda -t $(IMAGE:latest=cuda) .
 
