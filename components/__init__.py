@@ -30,11 +30,11 @@ def prepare_data(dataset: str, work: str, split_seed: int, search_val_fraction: 
                               search_val_fraction=search_val_fraction, bundled=bundled)
 
 
-def pretrain(data: str, work: str, config: Dict, seed: int) -> str:
+def pretrain(data: str, work: str, config: Dict, seed: int, detector: str) -> str:
     """Prepared data -> URI of the warm-start backbone (pre-trained on classification)."""
     from paploss import steps
 
-    return steps.pretrain(data, work, config=config, seed=seed)
+    return steps.pretrain(data, work, config=config, seed=seed, detector=detector)
 
 
 def init_search(

@@ -163,6 +163,7 @@ def preflight(s: RunSettings) -> None:
         steps.check_work(s.work)
         steps.check_train_options(steps.train_options(p.proxy, p.detector, s.proxy_epochs), "proxy options")
         steps.check_train_options(steps.train_options(p.final, p.detector, s.final_epochs), "final options")
+        steps.check_detectors(p.proxy, p.final, p.pretrain, p.detector)
         check_tracking(s.tracking_uri)
     except (steps.StepError, TrackingError) as exc:
         raise click.UsageError(str(exc)) from None
@@ -175,7 +176,7 @@ def run_inprocess(s: RunSettings, *, train_fn: Callable | None = None, progress:
     p = s.preset
     tracking = s.tracking
     data = steps.prepare_data(p.dataset, s.work, split_seed=p.split_seed, bundled=p.bundled)
-    init = steps.pretrain(data, s.work, config=p.pretrain, seed=p.seed)
+    init = steps.pretrain(data, s.work, config=p.pretrain, seed=p.seed, detector=p.detector)
     params = {**p.to_dict(), "work": s.work, "search_name": s.search_name, "runner": "in-process",
               "proxy_epochs": s.proxy_epochs, "final_epochs": s.final_epochs}
     out = steps.init_search(s.work, s.search_name, p.rounds, p.samples, seed=p.seed, controller=p.controller,
@@ -205,7 +206,8 @@ def format_table(report: Mapping[str, Any], s: RunSettings | None = None) -> str
     lines = [f"{'loss':<12}" + "".join(f"{k:>8}" for k in keys)]
     for loss, metrics in report["final"].items():
         lines.append(f"{loss:<12}" + "".join(
-            f"{metrics[k] * 100:>8.2f}" if isinstance(metrics.get(k), (int, float)) else f"{'-':>8}" for k in keys))
+            f"{metrics[k] * 100:>8.2f}" if isinstance(metrics.get(k), (int, float)) and metrics[k] >= 0 else f"{'-':>8}"
+            for k in keys))  # COCO gives -1 where a size class has no objects
     lines.append(f"(COCO AP x 100 on the real val split; {report['rounds']} rounds, "
                  f"{report['failed_trials']} failed trials)")
     if report.get("model_version"):

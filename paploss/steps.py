@@ -66,6 +66,7 @@ __all__ = [
     "check_dataset",
     "check_work",
     "check_train_options",
+    "check_detectors",
     "Preset",
     "PRESETS",
     "get_preset",
@@ -96,6 +97,22 @@ def _key(*parts: Any) -> str:
     """A short stable hash of JSON-able parts: names outputs by their inputs."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def plain(value: Any) -> Any:
+    """JSON-like options with integral floats made ints, recursively.
+
+    KFP carries dict parameters as protobuf ``Struct``s, whose numbers are all
+    doubles: ``{"n_train": 48}`` arrives as ``{"n_train": 48.0}``. Normalising
+    makes a step's outputs (and the names derived from its inputs) the same
+    whichever way it is called."""
+    if isinstance(value, Mapping):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    return value
 
 
 def search_dir(work: str, search_name: str) -> str:
@@ -203,6 +220,23 @@ def check_work(work: str) -> None:
         raise StepError(f"work={work!r}: {existing} is not a writable folder")
 
 
+def check_detectors(proxy: Mapping[str, Any], final: Mapping[str, Any], pretrain: Mapping[str, Any],
+                    detector: str = "") -> None:
+    """The warm start must fit the detector of the trials and of the final
+    trainings: one detector (and width) for all three, else ``StepError``."""
+    import inspect
+
+    engine = _engine()
+    defaults = {k: v.default for k, v in inspect.signature(engine.pretrain).parameters.items()}
+    tc = {f.name: f.default for f in dataclasses.fields(engine.TrainConfig)}
+    seen = {}
+    for where, opts, base in (("proxy", train_options(proxy, detector), tc), ("final", train_options(final, detector), tc),
+                              ("pretrain", {**dict(pretrain), **({"detector": detector} if detector else {})}, defaults)):
+        seen[where] = (opts.get("detector", base.get("detector")), float(opts.get("width_mult", base.get("width_mult", 1.0))))
+    if len(set(seen.values())) > 1:
+        raise StepError(f"the proxy, final and pretrain detectors must agree (the warm start must fit), got {seen}")
+
+
 def check_train_options(options: Mapping[str, Any], where: str) -> None:
     """Unknown training option names raise ``StepError`` listing the known ones."""
     try:
@@ -210,9 +244,15 @@ def check_train_options(options: Mapping[str, Any], where: str) -> None:
     except ImportError as exc:
         raise StepError(f"the training engine cannot be imported: {exc}") from None
     known = {f.name for f in dataclasses.fields(engine.TrainConfig)} | {"reward_metric"}
+    options = train_options(options)
     unknown = sorted(set(options) - known)
     if unknown:
         raise StepError(f"{where} has unknown training option(s) {unknown}; known: {sorted(known)}")
+    probe = {k: v for k, v in options.items() if k != "reward_metric"}
+    try:  # the engine's own range checks, with a stand-in data path (nothing is read)
+        engine.TrainConfig(**{"data": ".", **probe, "loss": "focal+l1", "spec": None})
+    except (ValueError, TypeError) as exc:
+        raise StepError(f"{where}: {exc}") from None
 
 
 # ----------------------------------------------------------------------------------
@@ -239,7 +279,7 @@ def prepare_data(
     check_dataset(dataset)
     if not 0.0 < float(search_val_fraction) < 1.0:
         raise StepError(f"search_val_fraction={search_val_fraction!r} must be in (0, 1)")
-    bundled = dict(bundled or {})
+    bundled = plain(dict(bundled or {}))
     name = _bundled_name(dataset)
     if name is None and all(
         storage.exists(storage.join(dataset, "annotations", f"{s}.json")) for s in ("search_train", "search_val")
@@ -297,6 +337,7 @@ def _engine():
 def _train_config(base: Mapping[str, Any], where: str, **fields: Any):
     """``TrainConfig(**base, **fields)`` with unknown keys named, not a TypeError."""
     engine = _engine()
+    base = train_options(base)
     known = {f.name for f in dataclasses.fields(engine.TrainConfig)}
     unknown = sorted(set(base) - known)
     if unknown:
@@ -306,33 +347,61 @@ def _train_config(base: Mapping[str, Any], where: str, **fields: Any):
 
 
 def train_options(options: Mapping[str, Any] | None, detector: str = "", epochs: float = 0.0) -> dict:
-    """``options`` with the pipeline's ``detector`` ("" = keep) and ``epochs``
-    (0 = keep the options' schedule) folded in."""
-    out = dict(options or {})
+    """Training options with the engine's named preset expanded and the pipeline's
+    ``detector`` ("" = keep) and ``epochs`` (0 = keep the schedule) folded in.
+
+    ``options`` may hold ``"preset": NAME`` (a key of ``paploss.engine.PROXY_PRESETS``);
+    its fields come first, the other options override them. Giving ``epochs``
+    drops the preset's ``iterations`` and the other way round (the engine takes
+    exactly one)."""
+    own = plain(dict(options or {}))
+    preset = own.pop("preset", None)
+    out = dict(own)
+    if preset is not None:
+        from paploss.engine import PROXY_PRESETS
+
+        if preset not in PROXY_PRESETS:
+            raise StepError(f"training preset {preset!r} is unknown; known: {sorted(PROXY_PRESETS)}")
+        out = {**PROXY_PRESETS[preset], **own}
+        if "epochs" in own and "iterations" not in own:
+            out["iterations"] = None
+        if "iterations" in own and "epochs" not in own:
+            out["epochs"] = None
     if detector:
         out["detector"] = detector
     if epochs and float(epochs) > 0:
         out["epochs"] = float(epochs)
-        out.pop("iterations", None)
+        out["iterations"] = None
     elif epochs and float(epochs) < 0:
         raise StepError(f"epochs={epochs!r} must be >= 0 (0 keeps the preset's schedule)")
     return out
 
 
-def pretrain(data: str, work: str, config: Mapping[str, Any] | None = None, seed: int = 0) -> str:
+def pretrain(data: str, work: str, config: Mapping[str, Any] | None = None, seed: int = 0,
+             detector: str = "") -> str:
     """The warm start every trial and final training begins from (a backbone
-    pre-trained on a classification task, as the paper's ImageNet one); returns
-    its URI, shared by every search on the same data and config."""
-    config = dict(config or {})
+    pre-trained on a classification task, as the paper's ImageNet one; see
+    ``paploss.engine.pretrain``, whose options ``config`` holds); returns its URI,
+    shared by every search on the same data and config. ``detector`` ("" = keep)
+    must be the trials' detector."""
+    config = plain(dict(config or {}))
+    if detector:
+        config["detector"] = detector
     out = storage.join(work, "pretrain", _key("pretrain", data, config, int(seed)), "backbone.pt")
     if storage.exists(out):
         return out
     engine = _engine()
+    import inspect
+
+    known = set(inspect.signature(engine.pretrain).parameters) - {"data", "out_file", "seed", "progress"}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise StepError(f"pretrain options {unknown} are unknown; known: {sorted(known)}")
     with tempfile.TemporaryDirectory(prefix="paploss-pretrain-") as tmp:
-        _log(f"pre-training the warm start on {data}")
-        result = engine.pretrain(str(_local(data)), str(Path(tmp, "backbone.pt")), seed=int(seed), **config)
-        path = Path(getattr(result, "checkpoint", None) or result or Path(tmp, "backbone.pt"))
-        storage.write_bytes(out, path.read_bytes())
+        _log(f"pre-training the warm start ({config.get('detector', 'default detector')})")
+        path = engine.pretrain(str(_local(data)), str(Path(tmp, "backbone.pt")), seed=int(seed), progress=False,
+                               **config)
+        storage.write_bytes(out, Path(path).read_bytes())
     return out
 
 
@@ -377,7 +446,7 @@ def init_search(
     from paploss.search import Controller
 
     _check_name(search_name)
-    options = dict(controller or {})
+    options = plain(dict(controller or {}))
     for bad in ("rounds", "seed", "samples"):
         if bad in options:
             raise StepError(f"controller option {bad!r} is a search parameter: pass it as {bad}=")
@@ -387,7 +456,7 @@ def init_search(
         raise StepError(f"controller options {sorted(options)}: {exc}") from None
     uri = _state_uri(work, search_name, 0)
     if storage.exists(uri):
-        existing = Controller.from_state_dict(storage.read_json(uri))
+        existing = Controller.from_state_dict(storage.read_json(uri)["controller"])
         if existing.state_dict()["options"] != c.state_dict()["options"]:
             raise StepError(
                 f"search {search_name!r} already exists in {work} with other controller options; "
@@ -419,7 +488,7 @@ def _trial_uri(work: str, search_name: str, r: int, s: int) -> str:
 
 
 def _run_training(cfg, on_step=None):
-    return _engine().train(cfg, on_step=on_step)
+    return _engine().train(cfg, on_step=on_step, progress=False)
 
 
 def proxy_trial(
@@ -456,7 +525,7 @@ def proxy_trial(
         if done.get("theta") == theta:
             _ensure_trial_logged(done, search_name, state, tracking)
             return json.dumps(done)
-    proxy = dict(proxy or {})
+    proxy = plain(dict(proxy or {}))
     metric = proxy.pop("reward_metric", "AP")
     functions: Sequence[str] = ()
     losses: list[float] = []
@@ -663,7 +732,8 @@ def final_train(
 
         spec = Controller.from_state_dict(storage.read_json(state)["controller"]).spec()
     out = storage.join(search_dir(work, search_name), "final", f"{loss}.json")
-    key = _key(data, init, loss, dict(final), state, int(seed))
+    final = plain(dict(final or {}))
+    key = _key(data, init, loss, final, state, int(seed))
     if storage.exists(out):
         done = storage.read_json(out)
         if done.get("key") == key:
@@ -752,7 +822,7 @@ def report(
             for row in rows:
                 for k in ("AP", "AP50"):
                     if k in row["metrics"]:
-                        client.log_metric(parent.info.run_id, f"final.{row['loss']}.{k}", row["metrics"][k])
+                        client.log_metric(parent.info.run_id, f"final.{row['loss'].replace('+', '_')}.{k}", row["metrics"][k])
             tr.finish_search(client, parent.info.run_id)
     return json.dumps(table)
 
@@ -813,18 +883,25 @@ PRESETS: dict[str, Preset] = {
     "smoke": Preset(
         rounds=2, samples=2, parallelism=2,
         bundled={"n_train": 48, "n_val": 16, "image_size": 64},
-        proxy={"iterations": 4, "batch_size": 4, "image_size": 64},
-        final={"iterations": 6, "batch_size": 4, "image_size": 64},
-        pretrain={"iterations": 10},
+        proxy={"preset": "smoke"},
+        final={"preset": "smoke", "iterations": 8},
+        pretrain={"detector": "retinanet_mobilenet_v3_small", "iterations": 10, "image_size": 64,
+                  "batch_size": 8, "num_threads": 1},
     ),
-    # the README's main job: a real (small) search in about 10 minutes on 2 CPU cores
+    # the README's main job: a real (small) search on the bundled shapes in minutes on 2 CPU cores
     "quick": Preset(
         rounds=3, samples=4, parallelism=2,
-        proxy={},
-        final={},
+        proxy={"preset": "quick"},
+        final={"preset": "quick", "iterations": 300},
+        pretrain={"detector": "retinanet_mobilenet_v3", "image_size": 128, "num_threads": 1},
     ),
-    # the paper's search: 40 rounds x 8 samples (GPUs)
-    "paper": Preset(rounds=40, samples=8, parallelism=8, detector="retinanet_resnet50_fpn"),
+    # the paper's search: 40 rounds x 8 samples, 1-epoch proxies, 12-epoch final trainings (GPUs)
+    "paper": Preset(
+        rounds=40, samples=8, parallelism=8,
+        proxy={"preset": "paper"},
+        final={"preset": "paper", "epochs": 12, "lr_steps": [8 / 12, 11 / 12]},
+        pretrain={"detector": "retinanet_resnet50", "image_size": 512, "crop_size": 128, "iterations": 20000},
+    ),
 }
 
 

@@ -113,13 +113,15 @@ def run_pipeline(s: RunSettings, root: str | Path = "runs", cache: bool = True, 
 
     from kfp import local
 
-    from pipelines.search_pipeline import build_pipeline
+    from pipelines.search_pipeline import ClusterOptions, build_pipeline
 
     root = Path(root).resolve()
     (root / "logs").mkdir(parents=True, exist_ok=True)
     log_path = root / "logs" / f"{s.search_name}.log"
+    # no KFP-level retries here: a trial retries itself (--attempts) and kfp.local
+    # would wait out the cluster's back-off between tries
     pipeline = build_pipeline(rounds=s.preset.rounds, parallelism=s.preset.parallelism, image=image,
-                              preset=s.preset)
+                              preset=s.preset, cluster=ClusterOptions(retries=0))
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=str(root / "kfp"),

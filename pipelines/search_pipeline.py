@@ -177,7 +177,7 @@ def build_pipeline(
                               search_val_fraction=search_val_fraction, bundled=bundled)
         prep.set_display_name("prepare-data")
         _everywhere(prep, p, cluster)
-        warm = c.pretrain(data=prep.output, work=work, config=pretrain_options, seed=seed)
+        warm = c.pretrain(data=prep.output, work=work, config=pretrain_options, seed=seed, detector=detector)
         warm.set_display_name("pretrain")
         _everywhere(_training(warm, cluster), p, cluster)
         init = c.init_search(
