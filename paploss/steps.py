@@ -456,8 +456,9 @@ def init_search(
         raise StepError(f"controller options {sorted(options)}: {exc}") from None
     uri = _state_uri(work, search_name, 0)
     if storage.exists(uri):
-        existing = Controller.from_state_dict(storage.read_json(uri)["controller"])
-        if existing.state_dict()["options"] != c.state_dict()["options"]:
+        existing = storage.read_json(uri)["controller"]
+        fresh = c.state_dict()
+        if any(existing.get(k) != fresh[k] for k in ("options", "logits", "sigma")):
             raise StepError(
                 f"search {search_name!r} already exists in {work} with other controller options; "
                 "choose another search_name"

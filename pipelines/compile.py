@@ -57,7 +57,7 @@ def compile_pipeline(
               help="Default parameter values, rounds and parallelism.")
 @click.option("--rounds", type=int, default=None, help="PPO rounds (compile-time) [preset].")
 @click.option("--parallelism", type=int, default=None, help="Trials at a time (compile-time) [preset].")
-@click.option("--accelerator", default="NVIDIA_TESLA_T4", show_default=True,
+@click.option("--accelerator", default="nvidia.com/gpu", show_default=True,
               help="Accelerator type of trials and final trainings.")
 @click.option("--gpus", type=int, default=1, show_default=True, help="GPUs per training task (0: none).")
 @click.option("--cpu", default="4", show_default=True, help="CPU request per training task.")

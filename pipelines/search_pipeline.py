@@ -50,7 +50,7 @@ _RoundOutputs = NamedTuple("RoundOutputs", [("state", str), ("trials", List[str]
 class ClusterOptions:
     """Compile-time resources of the training tasks on a cluster."""
 
-    accelerator: str = "NVIDIA_TESLA_T4"  # KFP accelerator type; on KFP 2 it becomes nvidia.com/gpu
+    accelerator: str = "nvidia.com/gpu"  # the Kubernetes resource KFP requests
     gpus: int = 1
     cpu: str = "4"
     memory: str = "16G"

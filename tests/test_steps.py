@@ -1,0 +1,217 @@
+"""paploss.steps: input checks, option handling, idempotence, failed trials."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from paploss import steps, storage
+from paploss.search import Controller
+from tests._servers import free_port
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+@pytest.mark.parametrize(
+    "name, value, message",
+    [("rounds", 0, "rounds=0"), ("samples", 1, "samples=1"), ("parallelism", 0, "parallelism=0"),
+     ("max_failed_trials", -1, "max_failed_trials=-1"), ("attempts", 0, "attempts=0"),
+     ("rounds", 1.5, "rounds=1.5"), ("samples", True, "samples=True")],
+)
+def test_out_of_range_parameters_are_named(name, value, message):
+    good = dict(rounds=2, samples=2, parallelism=1, max_failed_trials=0, search_name="s", attempts=1)
+    steps.validate_search_params(**good)
+    with pytest.raises(steps.StepError, match=message):
+        steps.validate_search_params(**{**good, name: value})
+
+
+@pytest.mark.parametrize("bad", ["", "a b", "../x", "x/y", "-x", "x" * 200])
+def test_bad_search_names(bad):
+    with pytest.raises(steps.StepError, match="search_name"):
+        steps.validate_search_params(rounds=1, samples=2, parallelism=1, max_failed_trials=0, search_name=bad)
+
+
+def test_check_dataset(tmp_path, monkeypatch):
+    steps.check_dataset("bundled:shapes")
+    with pytest.raises(steps.StepError, match="unknown bundled dataset 'nope'"):
+        steps.check_dataset("bundled:nope")
+    missing = tmp_path / "no-such-dataset"
+    with pytest.raises(steps.StepError, match=f"dataset='{missing}' has no annotations/train.json"):
+        steps.check_dataset(str(missing))
+    (tmp_path / "d" / "annotations").mkdir(parents=True)
+    (tmp_path / "d" / "annotations" / "train.json").write_text("{}")
+    with pytest.raises(steps.StepError, match="annotations/val.json"):
+        steps.check_dataset(str(tmp_path / "d"))
+    # an S3 endpoint that does not answer is named, quickly
+    port = free_port()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with pytest.raises(steps.StepError, match=f"127.0.0.1:{port}"):
+        steps.check_dataset("s3://bucket/data")
+    with pytest.raises(steps.StepError, match=f"cannot reach the S3 endpoint http://127.0.0.1:{port}"):
+        steps.check_work("s3://bucket/work")
+
+
+def test_check_work_local(tmp_path):
+    steps.check_work(str(tmp_path / "new" / "folder"))  # creatable
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(steps.StepError, match="not a writable folder"):
+        steps.check_work(str(tmp_path / "file" / "below"))
+
+
+# ----------------------------------------------------------------------------- options
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.recursive(st.one_of(st.integers(-10**6, 10**6), st.floats(allow_nan=False, allow_infinity=False),
+                              st.text(max_size=3), st.booleans()),
+                    lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                            st.dictionaries(st.text(max_size=3), inner, max_size=3)),
+                    max_leaves=10))
+def test_plain_undoes_protobuf_doubles(value):
+    """KFP turns every number of a dict parameter into a double; plain() maps the
+    round trip back to the original ints, and leaves everything else as it was."""
+    def as_double(v):
+        if isinstance(v, dict):
+            return {k: as_double(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [as_double(x) for x in v]
+        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    def ints_of_integral(v):  # the slow, obvious twin
+        if isinstance(v, dict):
+            return {k: ints_of_integral(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [ints_of_integral(x) for x in v]
+        if isinstance(v, float) and v == int(v) and abs(v) < 2**53:
+            return int(v)
+        return v
+
+    out = steps.plain(as_double(value))
+    assert out == ints_of_integral(value)
+    assert json.dumps(out, sort_keys=True) == json.dumps(ints_of_integral(value), sort_keys=True)
+
+
+def test_train_options_expand_engine_presets():
+    from paploss.engine import PROXY_PRESETS
+
+    out = steps.train_options({"preset": "smoke", "batch_size": 2.0})
+    assert out == {**PROXY_PRESETS["smoke"], "batch_size": 2}
+    out = steps.train_options({"preset": "smoke"}, detector="retinanet_mobilenet_v3", epochs=0.5)
+    assert out["epochs"] == 0.5 and out["iterations"] is None and out["detector"] == "retinanet_mobilenet_v3"
+    assert steps.train_options({"preset": "smoke", "epochs": 1})["iterations"] is None
+    with pytest.raises(steps.StepError, match="training preset 'nope' is unknown"):
+        steps.train_options({"preset": "nope"})
+    with pytest.raises(steps.StepError, match="unknown training option"):
+        steps.check_train_options({"preset": "smoke", "learning_rate": 1}, "proxy options")
+    with pytest.raises(steps.StepError, match="batch_size must be >= 1"):
+        steps.check_train_options({"preset": "smoke", "batch_size": 0}, "proxy options")
+    for name, p in steps.PRESETS.items():
+        steps.check_train_options(p.proxy, f"{name} proxy")
+        steps.check_train_options(p.final, f"{name} final")
+        steps.check_detectors(p.proxy, p.final, p.pretrain, p.detector)
+    with pytest.raises(steps.StepError, match="detectors must agree"):
+        steps.check_detectors({"preset": "smoke"}, {"preset": "quick"}, {})
+
+
+def test_preset_overrides():
+    p = steps.get_preset("smoke").with_overrides(rounds=5, samples=4)
+    assert (p.rounds, p.samples, p.max_failed_trials) == (5, 4, 5)
+    with pytest.raises(ValueError, match="unknown preset field"):
+        p.with_overrides(round=3)
+    with pytest.raises(ValueError, match="unknown preset 'fast'"):
+        steps.get_preset("fast")
+
+
+# ----------------------------------------------------------------------------- the search steps
+
+
+def _bad_init(tmp_path):
+    """A warm-start file the real engine refuses: every trial using it raises."""
+    import torch
+
+    path = tmp_path / "not-a-backbone.pt"
+    torch.save({"state_dict": {}}, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    work = str(tmp_path_factory.mktemp("work"))
+    return work, steps.prepare_data("bundled:shapes", work, bundled={"n_train": 24, "n_val": 8, "image_size": 64})
+
+
+def test_prepare_data_is_idempotent_and_splits(tiny_data):
+    work, data = tiny_data
+    for split in ("train", "val", "search_train", "search_val"):
+        assert storage.exists(storage.join(data, "annotations", f"{split}.json"))
+    st_ = os.stat(os.path.join(data, "annotations", "search_val.json")).st_mtime_ns
+    # same inputs -> the same folder, untouched; floats from KFP name the same folder
+    assert steps.prepare_data("bundled:shapes", work,
+                              bundled={"n_train": 24.0, "n_val": 8.0, "image_size": 64.0}) == data
+    assert os.stat(os.path.join(data, "annotations", "search_val.json")).st_mtime_ns == st_
+    tr = storage.read_json(storage.join(data, "annotations", "search_train.json"))
+    va = storage.read_json(storage.join(data, "annotations", "search_val.json"))
+    assert not {i["file_name"] for i in tr["images"]} & {i["file_name"] for i in va["images"]}
+    # a dataset that already has its search split is used as it is
+    assert steps.prepare_data(data, work) == data
+
+
+def test_failed_trials_count_and_stop_the_search(tiny_data, tmp_path):
+    """Trials whose training raises (the real engine, refusing a corrupt warm start)
+    are failed results; the round goes on with min_reward; beyond
+    max_failed_trials the search stops and writes no new state."""
+    work, data = tiny_data
+    out = steps.init_search(work, "fails", rounds=2, samples=2, seed=3)
+    results = [steps.proxy_trial(data, _bad_init(tmp_path), t, {"preset": "smoke"}, work, "fails",
+                                 state=out["state"], attempts=2) for t in out["trials"]]
+    parsed = [json.loads(r) for r in results]
+    assert all(p["failed"] and p["reward"] is None for p in parsed)
+    assert all("attempt 2/2" in p["error"] and "not a backbone file" in p["error"] for p in parsed)
+    # the trial is idempotent: its stored result comes back
+    assert json.loads(steps.proxy_trial(data, _bad_init(tmp_path), out["trials"][0], {"preset": "smoke"}, work,
+                                        "fails", state=out["state"])) == parsed[0]
+
+    nxt = steps.controller_update(out["state"], results, work, "fails", max_failed_trials=2)
+    assert nxt["round"] == 1 and nxt["failed_trials"] == 2 and len(nxt["trials"]) == 2
+    c = Controller.from_state_dict(storage.read_json(nxt["state"])["controller"])
+    assert c.history[0].failed == [0, 1] and c.history[0].rewards == [0.0, 0.0]  # min_reward
+
+    results2 = [steps.proxy_trial(data, _bad_init(tmp_path), t, {"preset": "smoke"}, work, "fails",
+                                  state=nxt["state"]) for t in nxt["trials"]]
+    with pytest.raises(steps.SearchFailed, match=r"4 failed trials exceed max_failed_trials=2"):
+        steps.controller_update(nxt["state"], results2, work, "fails", max_failed_trials=2)
+    assert not storage.exists(storage.join(steps.search_dir(work, "fails"), "state", "round-002.json"))
+    # with room for them, the search finishes
+    last = steps.controller_update(nxt["state"], results2, work, "fails", max_failed_trials=4)
+    assert last["round"] == 2 and last["trials"] == [] and last["failed_trials"] == 4
+
+
+def test_controller_update_is_idempotent_and_checks_its_inputs(tiny_data):
+    work, _ = tiny_data
+    out = steps.init_search(work, "idem", rounds=3, samples=3, seed=1)
+    results = [json.dumps({**json.loads(t), "reward": 0.1 * i, "failed": False, "error": ""})
+               for i, t in enumerate(out["trials"])]
+    first = steps.controller_update(out["state"], results, work, "idem")
+    mtime = os.stat(first["state"]).st_mtime_ns
+    assert steps.controller_update(out["state"], list(reversed(results)), work, "idem") == first
+    assert os.stat(first["state"]).st_mtime_ns == mtime
+    # the next round's θ are the controller's own draw, reproducible from the state
+    c = Controller.from_state_dict(storage.read_json(first["state"])["controller"])
+    assert [json.loads(t)["theta"] for t in first["trials"]] == c.sample(3).tolist()
+    forged = [json.dumps({**json.loads(r), "theta": [0.5] * 41}) for r in results]
+    with pytest.raises(steps.StepError, match="another θ than the controller drew"):
+        steps.controller_update(out["state"], forged, work, "idem")
+    with pytest.raises(steps.StepError, match="at round 1"):
+        steps.controller_update(first["state"], results, work, "idem")
+    # init of an existing search with other options is refused, not overwritten
+    with pytest.raises(steps.StepError, match="other controller options"):
+        steps.init_search(work, "idem", rounds=3, samples=3, seed=1, controller={"sigma": 0.1})
+    assert steps.init_search(work, "idem", rounds=3, samples=3, seed=1)["trials"] == out["trials"]
