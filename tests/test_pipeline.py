@@ -1,0 +1,251 @@
+"""The search pipeline end to end: compiled YAML, bad input, in-process and
+kfp.local runs at a tiny size against real MLflow stores and a real S3 server."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from google.protobuf import json_format
+
+from paploss import steps, storage
+from paploss.cli import main
+from tests._servers import free_port, mlflow_server, s3_server  # noqa: F401 - fixtures
+
+ROUNDS, SAMPLES = 2, 2
+
+
+# ----------------------------------------------------------------------------- compiled YAML
+
+
+def _walk(node, key):
+    """Every value under ``key`` anywhere in a nested dict/list."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key:
+                yield v
+            yield from _walk(v, key)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _walk(v, key)
+
+
+def test_compiled_yaml_is_a_pipeline_spec_with_cluster_settings(tmp_path):
+    from kfp.pipeline_spec import pipeline_spec_pb2
+
+    out = tmp_path / "build" / "search_pipeline.yaml"
+    result = CliRunner().invoke(main, ["compile", "--out", str(out), "--image", "registry.example/paploss:1.2",
+                                       "--preset", "smoke", "--parallelism", "3", "--retries", "4",
+                                       "--pvc", "datasets"])
+    assert result.exit_code == 0, result.output
+    docs = list(yaml.safe_load_all(out.read_text()))
+    spec = json_format.ParseDict(docs[0], pipeline_spec_pb2.PipelineSpec())
+    platform = json_format.ParseDict(docs[1], pipeline_spec_pb2.PlatformSpec())
+    assert spec.pipeline_info.name == "paploss-search"
+    params = spec.root.input_definitions.parameters
+    for name in ("dataset", "search_name", "model_name", "promote", "samples", "max_failed_trials",
+                 "node_selector", "tolerations", "s3_secret", "tracking_uri", "experiment"):
+        assert name in params, name
+    assert params["model_name"].default_value.string_value == "paploss-retinanet"
+    assert params["promote"].default_value.bool_value is True
+
+    executors = spec.deployment_spec.fields["executors"].struct_value.fields
+    trials = [k for k in executors if k.startswith("exec-proxy-trial")]
+    assert len(trials) == ROUNDS  # one per round sub-pipeline
+    for name, ex in executors.items():
+        container = json_format.MessageToDict(ex.struct_value)["container"]
+        assert container["image"] == "registry.example/paploss:1.2"
+        assert "pip install" not in " ".join(container.get("command", []))  # install_kfp_package=False
+        if name.startswith(("exec-proxy-trial", "exec-final-train", "exec-pretrain")):
+            res = container["resources"]
+            assert res["accelerator"]["resourceType"] == "nvidia.com/gpu"
+            assert res["accelerator"]["resourceCount"] == "1"
+            assert res["resourceCpuRequest"] and res["resourceMemoryRequest"]
+    doc = docs[0]
+    assert sorted(set(_walk(doc, "parallelismLimit"))) == [3]
+    retries = [p["maxRetryCount"] for p in _walk(doc, "retryPolicy")]
+    assert retries and set(retries) == {4}
+
+    k8s = json_format.MessageToDict(platform)["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert set(k8s) == set(executors)  # every task gets the cluster settings
+    for name, cfg in k8s.items():
+        # the pipeline parameters (inside a round sub-pipeline: its channel of them)
+        assert re.fullmatch(r"(pipelinechannel--)?node_selector",
+                            cfg["nodeSelector"]["nodeSelectorJson"]["componentInputParameter"])
+        assert re.fullmatch(r"(pipelinechannel--)?tolerations",
+                            cfg["tolerations"][0]["tolerationJson"]["componentInputParameter"])
+        secret = cfg["secretAsEnv"][0]
+        assert re.fullmatch(r"(pipelinechannel--)?s3_secret", secret["secretNameParameter"]["componentInputParameter"])
+        assert {k["envVar"] for k in secret["keyToEnv"]} == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+        assert cfg["pvcMount"][0]["mountPath"] == "/data"
+
+
+def test_compile_pipeline_api_is_atomic(tmp_path):
+    from pipelines.compile import compile_pipeline
+
+    out = tmp_path / "p.yaml"
+    out.write_text("old")
+    assert compile_pipeline(str(out), image="x/y:z") == str(out)
+    assert "x/y:z" in out.read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["p.yaml"]  # no temporary left behind
+    with pytest.raises(ValueError, match="must end in .yaml"):
+        compile_pipeline(str(tmp_path / "p.txt"))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture()
+def cli_env(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--rounds", "0"], "rounds=0 is out of range"),
+        (["--samples", "1"], "samples=1 is out of range"),
+        (["--parallelism", "0"], "parallelism=0 is out of range"),
+        (["--dataset", "/no/such/dataset"], "dataset='/no/such/dataset' has no annotations/train.json"),
+        (["--proxy", '{"iters": 3}'], "unknown training option(s) ['iters']"),
+        (["--proxy-epochs", "-1"], "--proxy-epochs=-1.0 must be >= 0"),
+        (["--search-name", "a/b"], "search_name='a/b'"),
+    ],
+)
+@pytest.mark.parametrize("command", ["run", "search"])
+def test_bad_input_stops_before_training(cli_env, command, args, message):
+    result = CliRunner().invoke(main, [command, "--preset", "smoke", "--work", "w", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert not (cli_env / "w").exists() and not (cli_env / "runs").exists()  # nothing half-written
+    assert not (cli_env / "mlflow.db").exists()
+
+
+def test_unreachable_services_are_named(cli_env, monkeypatch):
+    port = free_port()
+    result = CliRunner().invoke(main, ["run", "--preset", "smoke", "--tracking-uri", f"http://127.0.0.1:{port}"])
+    assert result.exit_code == 2 and f"cannot reach the MLflow server MLFLOW_TRACKING_URI=http://127.0.0.1:{port}" \
+        in result.output
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "x")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    result = CliRunner().invoke(main, ["run", "--preset", "smoke", "--dataset", "s3://data/shapes"])
+    assert result.exit_code == 2 and f"127.0.0.1:{port}" in result.output and "s3://data/shapes" in result.output
+    result = CliRunner().invoke(main, ["search", "--preset", "smoke", "--work", "s3://work/x"])
+    assert result.exit_code == 2 and "cannot reach the S3 endpoint" in result.output
+    assert not (cli_env / "runs").exists()
+
+
+def test_help_answers():
+    for command in ("run", "search", "compile", "submit"):
+        result = CliRunner().invoke(main, [command, "--help"])
+        assert result.exit_code == 0 and "Usage:" in result.output, command
+    assert "--search-name" in CliRunner().invoke(main, ["run", "--help"]).output
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def _check_mlflow(client, experiment: str, search_name: str, rounds: int = ROUNDS, samples: int = SAMPLES):
+    """The layout the issue asks for: parent, trials, per-round metrics/figures, finals, registry."""
+    from paploss import tracking as tr
+
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], f"tags.`{tr.SEARCH_NAME}` = '{search_name}'", max_results=1000)
+    by_kind: dict[str, list] = {}
+    for r in runs:
+        by_kind.setdefault(r.data.tags.get(tr.KIND), []).append(r)
+    (parent,) = by_kind["search"]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params["samples"] == str(samples)
+    trials = by_kind["trial"]
+    assert len(trials) == rounds * samples
+    assert {(t.data.tags["paploss.round"], t.data.tags["paploss.sample"]) for t in trials} == {
+        (str(r), str(s)) for r in range(rounds) for s in range(samples)}
+    for t in trials:
+        assert t.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert "reward" in t.data.metrics and "H2.theta1" in t.data.params and "grad_scale" in t.data.params
+        assert len(client.get_metric_history(t.info.run_id, "loss")) >= 1
+        assert {"loss_spec.json", "theta.json"} <= {a.path for a in client.list_artifacts(t.info.run_id)}
+    for key in ("mean_reward", "max_reward", "mu.H2.theta1", "mu.grad_scale"):
+        assert [m.step for m in client.get_metric_history(parent.info.run_id, key)] == list(range(rounds)), key
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"functions.png", "rewards.png", "report.json", "loss_spec.json"} <= arts
+    assert len(client.list_artifacts(parent.info.run_id, "functions")) == rounds
+    finals = {r.data.tags["paploss.loss"]: r for r in by_kind["final"]}
+    assert set(finals) == {"searched", "focal+l1", "focal+giou"}
+    for r in finals.values():
+        assert {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(r.data.metrics)
+    versions = client.search_model_versions("name = 'paploss-retinanet'")
+    mine = [v for v in versions if v.tags.get(tr.SEARCH_NAME) == search_name]
+    assert len(mine) == 1 and float(mine[0].tags["AP"]) == finals["searched"].data.metrics["AP"]
+    assert mine[0].run_id == finals["searched"].info.run_id
+    assert {a.path for a in client.list_artifacts(mine[0].run_id, "model")} >= {
+        "model/checkpoint.pt", "model/loss_spec.json"}
+    return parent, trials
+
+
+@pytest.mark.slow
+def test_inprocess_search_fills_the_sqlite_store(cli_env):
+    from mlflow import MlflowClient
+
+    result = CliRunner().invoke(main, ["search", "--preset", "smoke", "--search-name", "inproc", "--work", "w"])
+    assert result.exit_code == 0, result.output
+    assert re.search(r"searched\s+\d+\.\d\d", result.output) and "focal+giou" in result.output
+    uri = f"sqlite:///{cli_env / 'mlflow.db'}"
+    _check_mlflow(MlflowClient(uri, uri), "paploss", "inproc")
+    report = storage.read_json(cli_env / "w" / "searches" / "inproc" / "report.json")
+    assert report["rounds"] == ROUNDS and set(report["final"]) == {"searched", "focal+l1", "focal+giou"}
+
+
+@pytest.mark.slow
+def test_kfp_local_run_with_mlflow_server_and_s3_then_resume_from_cache(tmp_path, mlflow_server, monkeypatch):
+    """`paploss run` through kfp.local: dataset read from S3, work folder on S3,
+    MLflow server with artifacts in S3. Then the same run again: every task comes
+    from KFP's cache (no trial trains twice) and the result is the same."""
+    from paploss.data import make_dataset
+    from paploss.tracking import make_client
+
+    for key, value in mlflow_server.s3.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    s3 = mlflow_server.s3
+    s3.make_bucket("datasets")
+    s3.make_bucket("work")
+    local = make_dataset("shapes", tmp_path / "shapes", n_train=48, n_val=16, image_size=64, progress=False)
+    storage.upload_dir(local, "s3://datasets/shapes")
+    args = ["run", "--preset", "smoke", "--dataset", "s3://datasets/shapes", "--work", "s3://work/paploss",
+            "--search-name", "kfp-s3", "--tracking-uri", mlflow_server.uri, "--root", str(tmp_path / "runs")]
+    first = CliRunner().invoke(main, args)
+    assert first.exit_code == 0, first.output
+    assert f"round {ROUNDS}/{ROUNDS}: mean reward" in first.output  # progress per round
+    assert "searched" in first.output and "make ui" in first.output
+
+    client = make_client(mlflow_server.uri)
+    parent, trials = _check_mlflow(client, "paploss", "kfp-s3")
+    assert parent.data.params["dataset"] == "s3://datasets/shapes"
+    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket="work", Prefix="paploss/")["Contents"]]
+    assert "paploss/searches/kfp-s3/report.json" in keys
+    assert sum(k.startswith("paploss/searches/kfp-s3/trials/") for k in keys) == ROUNDS * SAMPLES
+    arts = [o["Key"] for o in s3.client().list_objects_v2(Bucket=mlflow_server.artifact_bucket)["Contents"]]
+    assert any(k.endswith("/functions.png") for k in arts)  # MLflow's artifacts went to S3
+    report = json.loads(storage.read_text("s3://work/paploss/searches/kfp-s3/report.json"))
+
+    log = Path(tmp_path / "runs" / "logs" / "kfp-s3.log")
+    log.unlink()
+    second = CliRunner().invoke(main, args)
+    assert second.exit_code == 0, second.output
+    text = log.read_text()
+    hits = re.findall(r"Task '([\w-]+)' cache hit", text)
+    assert sum(h.startswith("proxy-trial") for h in hits) == ROUNDS * SAMPLES
+    assert "Executing task" not in text  # nothing ran again
+    assert len(client.search_runs([parent.info.experiment_id], "tags.`paploss.kind` = 'trial' and "
+                                  "tags.`paploss.search_name` = 'kfp-s3'", max_results=100)) == len(trials)
+    assert json.loads(storage.read_text("s3://work/paploss/searches/kfp-s3/report.json")) == report
