@@ -439,6 +439,8 @@ def pap_loss(
     ``H1(1/2) = 0``) contributes ``1 - I1(u_i)`` (its ranking term is taken as 0).
     """
     _check_inputs(logits, targets, qualities, spec, top_k)
+    if logits.dtype in (torch.float16, torch.bfloat16):  # e.g. under autocast: rank in float32
+        return pap_loss(logits.float(), targets, qualities, spec, top_k).to(logits.dtype)
     s = logits.reshape(-1)                                           # (N,)
     t = targets.reshape(-1)                                          # (N,)
     u_all = qualities.reshape(-1)                                    # (N,)

@@ -331,6 +331,11 @@ def test_any_shape_and_dtypes():
     assert logits.grad.shape == logits.shape and torch.isfinite(logits.grad).all()
     flat = pap_loss(logits.detach().reshape(-1), targets.reshape(-1), quals.reshape(-1), spec)
     torch.testing.assert_close(loss.detach(), flat)
+    half = logits.detach().bfloat16().requires_grad_()
+    loss16 = pap_loss(half, targets, quals, spec)
+    loss16.backward()
+    assert loss16.dtype == torch.bfloat16 and half.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss16, pap_loss(half.detach().float(), targets, quals, spec).bfloat16())
 
 
 @pytest.mark.parametrize("make, match", [
@@ -382,7 +387,7 @@ def test_scale_grad():
         scale_grad([1.0], 2.0)
 
 
-def test_sorting_is_shared_and_memory_is_linear():
+def test_large_batch_never_builds_pair_matrices():
     """The fast path never builds an N×P matrix: a batch whose matrix would need 8 GB runs."""
     torch.manual_seed(0)
     n, p = 1_000_000, 1000

@@ -1,0 +1,220 @@
+"""Benchmark of :func:`paploss.pap_loss` (issue 2): `python -m bench.loss`.
+
+Measured side by side in one run (forward + backward unless said otherwise):
+
+1. N = 100,000 ranked entries, P = 200 and 1,000 positives, searched 5-function
+   spec: the fast kernel vs a dense twin that materialises the N×P matrices (what
+   the paper's code does); time and peak memory.
+2. ``top_k=None`` over 8,000,000 entries (100k anchors × 80 classes) with 1,000
+   positives vs one ``torch.sort`` of those logits.
+3. The same entries through torchvision's ``sigmoid_focal_loss`` (and the loss with
+   its default ``top_k = 100,000``).
+
+Every case runs in its own fresh subprocess (same seed, same inputs), so that peak
+memory is that case's alone. Peak memory is the growth of the process's resident
+set over the measured call: the kernel's peak-RSS mark (``VmHWM``) is reset through
+``/proc/self/clear_refs`` just before the call and read just after, minus the RSS
+before it. ``MALLOC_MMAP_THRESHOLD_=65536`` makes glibc return every freed tensor
+buffer to the kernel at once, so RSS follows live memory. Time is the median of
+``--repeats`` calls after one warm-up call (the dense twin: one call, no warm-up).
+``torch.set_num_threads(--threads)`` (default 1: on a shared 2-core machine one
+thread gives the steadiest ratios).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import click
+
+SEED = 0
+SPEC_THETA_SEED = 1
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def dense_pap_loss(logits, targets, qualities, spec, top_k=100_000):
+    """SPEC §1 with explicit N×P matrices (as the paper's code): the slow twin."""
+    import torch
+
+    s, t = logits.reshape(-1), targets.reshape(-1)
+    u = torch.where(t == 1, qualities.reshape(-1), torch.zeros_like(qualities.reshape(-1)))
+    P = torch.nonzero(t == 1).squeeze(1)
+    J = torch.nonzero(t != -1).squeeze(1)
+    if top_k is not None and len(J) > top_k:
+        J = J[torch.topk(s[J], top_k).indices]
+    x = (s[J][:, None] - s[P][None, :]) / 2 + 0.5            # (|J|, |P|)
+    H2, H1 = spec.function("H2"), spec.function("H1")
+    I1, I2, I3 = spec.function("I1"), spec.function("I2"), spec.function("I3")
+    num = (H2(x) * (1 - I2(u[J]))[:, None]).sum(0)
+    den = H1(x).detach().sum(0)
+    ratio = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
+    return ((1 - I1(u[P])) + I3(u[P]) * ratio).sum() / (len(P) + 1e-8)
+
+
+def _inputs(n: int, p: int):
+    import torch
+
+    g = torch.Generator().manual_seed(SEED)
+    logits = torch.randn(n, generator=g) * 2.0 - 3.0
+    targets = torch.zeros(n, dtype=torch.long)
+    targets[torch.randperm(n, generator=g)[:p]] = 1
+    qualities = torch.rand(n, generator=g)
+    return logits, targets, qualities
+
+
+def _spec():
+    import torch
+
+    from paploss import LossSpec
+
+    theta = torch.rand(41, generator=torch.Generator().manual_seed(SPEC_THETA_SEED)).tolist()
+    return LossSpec.from_theta(theta)
+
+
+def _child(case: str, n: int, p: int, repeats: int, threads: int) -> dict:
+    import torch
+    import torchvision
+
+    from paploss import pap_loss
+
+    torch.set_num_threads(threads)
+    spec = _spec()
+    logits, targets, qualities = _inputs(n, p)
+
+    def loss_call(fn, top_k):
+        def call():
+            s = logits.clone().requires_grad_()
+            q = qualities.clone().requires_grad_()
+            loss = fn(s, targets, q, spec, top_k=top_k)
+            loss.backward()
+            return float(loss)
+        return call
+
+    if case == "fast":
+        call = loss_call(pap_loss, 100_000)
+    elif case == "dense":
+        call = loss_call(dense_pap_loss, 100_000)
+    elif case == "fast_all":
+        call = loss_call(pap_loss, None)
+    elif case == "sort":
+        def call():
+            torch.sort(logits)
+            return None
+    elif case == "focal":
+        t_float = targets.float()
+
+        def call():
+            s = logits.clone().requires_grad_()
+            loss = torchvision.ops.sigmoid_focal_loss(s, t_float, reduction="sum")
+            loss.backward()
+            return float(loss)
+    else:
+        raise click.BadParameter(f"unknown case {case!r}")
+
+    warm = case != "dense"
+    if warm:
+        call()
+    times, peaks, value = [], [], None
+    for _ in range(repeats if warm else 1):
+        import gc
+
+        gc.collect()
+        have_peak = _reset_peak()
+        before = _rss_kb("VmRSS")
+        t0 = time.perf_counter()
+        value = call()
+        times.append(time.perf_counter() - t0)
+        peaks.append((_rss_kb("VmHWM") - before) / 1024 if have_peak else float("nan"))
+    return {"case": case, "n": n, "p": p, "time_s": statistics.median(times), "times_s": times,
+            "peak_mb": max(peaks), "loss": value, "threads": threads}
+
+
+def _run_case(case: str, n: int, p: int, repeats: int, threads: int) -> dict:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONHASHSEED="0")
+    cmd = [sys.executable, "-m", "bench.loss", "--child", case, "--n", str(n), "--p", str(p),
+           "--repeats", str(repeats), "--threads", str(threads)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise click.ClickException(f"case {case} (N={n}, P={p}) failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@click.command()
+@click.option("--child", default=None, hidden=True)
+@click.option("--n", "n_child", default=0, type=int, hidden=True)
+@click.option("--p", "p_child", default=0, type=int, hidden=True)
+@click.option("--repeats", default=3, show_default=True, help="timed calls per case (median reported)")
+@click.option("--threads", default=1, show_default=True, help="torch threads in each case")
+@click.option("--quick", is_flag=True, help="small sizes (N = 20,000 and 400,000) to check the script")
+@click.option("--skip-dense-1000", is_flag=True, help="skip the dense twin at P = 1000 (needs about 5 GB and minutes)")
+@click.option("--json", "json_path", default=None, help="also write all measurements here (local path or s3://)")
+def main(child, n_child, p_child, repeats, threads, quick, skip_dense_1000, json_path):
+    """Time and memory of pap_loss vs a dense twin, torch.sort and sigmoid_focal_loss."""
+    if child:
+        print(json.dumps(_child(child, n_child, p_child, repeats, threads)))
+        return
+    n_small, n_big = (20_000, 400_000) if quick else (100_000, 8_000_000)
+    rows = []
+    from tqdm import tqdm
+
+    plan = [("fast", n_small, 200), ("dense", n_small, 200), ("fast", n_small, 1000)]
+    if not skip_dense_1000:
+        plan.append(("dense", n_small, 1000))
+    plan += [("fast_all", n_big, 1000), ("sort", n_big, 1000), ("focal", n_big, 1000), ("fast", n_big, 1000)]
+    results = {}
+    for case, n, p in tqdm(plan, desc="bench.loss", unit="case"):
+        r = _run_case(case, n, p, repeats, threads)
+        results[(case, n, p)] = r
+        rows.append(r)
+
+    def line(label, r):
+        return f"| {label} | {r['time_s']:.3f} | {r['peak_mb']:.1f} |"
+
+    print(f"\nthreads={threads}, repeats={repeats} (median), peak = RSS growth during the call\n")
+    print("| case | time (s) | peak extra memory (MB) |")
+    print("|---|---|---|")
+    for r in rows:
+        label = {"fast": "pap_loss (top_k=100k)", "dense": "dense twin (N×P matrices)",
+                 "fast_all": "pap_loss (top_k=None)", "sort": "torch.sort (forward only)",
+                 "focal": "sigmoid_focal_loss"}[r["case"]]
+        print(line(f"{label}, N={r['n']:,}, P={r['p']:,}", r))
+    print()
+    for p in (200, 1000):
+        f, d = results.get(("fast", n_small, p)), results.get(("dense", n_small, p))
+        if f and d:
+            print(f"N={n_small:,} P={p}: dense/fast time {d['time_s'] / f['time_s']:.0f}x, "
+                  f"memory {d['peak_mb'] / max(f['peak_mb'], 1e-3):.0f}x "
+                  f"(loss fast {f['loss']:.6f} vs dense {d['loss']:.6f})")
+    fa, so, fo, ft = (results[(c, n_big, 1000)] for c in ("fast_all", "sort", "focal", "fast"))
+    print(f"N={n_big:,} P=1000: pap_loss(top_k=None) / torch.sort = {fa['time_s'] / so['time_s']:.2f}x")
+    print(f"N={n_big:,} P=1000: pap_loss(top_k=None) / sigmoid_focal_loss = {fa['time_s'] / fo['time_s']:.2f}x; "
+          f"pap_loss(top_k=100k) / sigmoid_focal_loss = {ft['time_s'] / fo['time_s']:.2f}x")
+    if json_path:
+        from paploss import storage
+
+        storage.write_json(json_path, rows)
+
+
+if __name__ == "__main__":
+    main()
