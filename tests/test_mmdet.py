@@ -408,3 +408,75 @@ def test_r50_config_builds_the_papers_searched_loss():
     assert head.spec.form == "searched" and len(head.spec.points) == 5 and head.spec.grad_scale == pytest.approx(4.1231)
     assert type(model.backbone).__name__ == "ResNet" and model.backbone.depth == 50
     assert type(model.neck).__name__ == "FPN"
+
+
+# ------------------------------------------- an MMDetection config as the pipeline's detector
+def tiny_train_config(data: Path, tmp_path: Path, **overrides):
+    from paploss.engine import TrainConfig
+
+    fields = dict(data=str(data), train_ann="train", val_ann="val", loss="paploss", spec=LossSpec.searched([IDENTITY] * 5),
+                  iterations=3, batch_size=2, warmup_iters=1, lr=0.01, eval_batch_size=4, out_dir=str(tmp_path / "run"))
+    fields.update(overrides)
+    return TrainConfig(**fields)
+
+
+def test_divergence_hook_stops_after_patience():
+    from paploss.integrations.mmdet_train import Diverged, DivergenceHook
+
+    seen = []
+    hook = DivergenceHook(patience=2, on_step=lambda i, v: seen.append(i))
+    for i, v in enumerate([0.9, 1.0, float("nan"), 0.8]):  # two bad ones: still within patience
+        hook.observe(i, v)
+    with pytest.raises(Diverged, match="3 iterations"):
+        hook.observe(4, 1.0 + 1e-7)  # 1.0 to 1e-6 counts as bad
+    assert seen == [0, 1, 2, 3, 4] and hook.bad == 3
+
+
+@pytest.mark.parametrize("steps, warmup", [(20, 5), (7, 0), (3, 1)])
+def test_mmdet_schedule_equals_engine_lr_at(shapes_root, tmp_path, steps, warmup):
+    """The learning rates MMDetection's schedulers give per iteration are the engine's lr_at."""
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import PARAM_SCHEDULERS
+
+    from paploss.engine import lr_at
+    from paploss.integrations.mmdet_train import build_config
+
+    cfg = tiny_train_config(shapes_root, tmp_path, iterations=steps, warmup_iters=warmup, lr=0.02)
+    mm, total = build_config(SHAPES_CFG, cfg, str(tmp_path))
+    assert total == steps
+    wrapper = build_optim_wrapper(torch.nn.Linear(1, 1), mm.optim_wrapper)
+    schedulers = [PARAM_SCHEDULERS.build(dict(s, optimizer=wrapper)) for s in mm.param_scheduler]
+    for it in range(total):
+        assert wrapper.get_lr()["lr"][0] == pytest.approx(lr_at(cfg, it, total), rel=1e-9), it
+        wrapper.optimizer.step()  # (no gradients: only keeps the scheduler's order check quiet)
+        for s in schedulers:
+            s.step()
+
+
+def test_mmdet_run_config_errors(shapes_root, tmp_path):
+    from paploss.integrations.mmdet_train import build_config
+
+    with pytest.raises(FileNotFoundError, match="no MMDetection config at '/no/such.py'"):
+        build_config("/no/such.py", tiny_train_config(shapes_root, tmp_path), str(tmp_path))
+    with pytest.raises(ValueError, match="init='/x/backbone.pt'"):
+        build_config(SHAPES_CFG, tiny_train_config(shapes_root, tmp_path, init="/x/backbone.pt"), str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no annotation file .*search_val.json"):
+        build_config(SHAPES_CFG, tiny_train_config(shapes_root, tmp_path, val_ann="search_val"), str(tmp_path))
+    mm, _ = build_config(SHAPES_CFG, tiny_train_config(shapes_root, tmp_path, loss="focal+giou", spec=None), str(tmp_path))
+    assert mm.model.bbox_head.type == "RetinaHead" and mm.model.bbox_head.loss_bbox.type == "GIoULoss"
+    assert "spec" not in mm.model.bbox_head and mm.model.bbox_head.reg_decoded_bbox
+
+
+@pytest.mark.slow
+def test_mmdet_config_as_the_trial_detector(shapes_root, tmp_path):
+    """``train(config, TrainConfig)`` returns what paploss.engine.train returns: a proxy trial's result."""
+    from paploss.engine import TrainResult
+    from paploss.evaluate import METRICS
+    from paploss.integrations.mmdet_train import train
+
+    steps = []
+    res = train(SHAPES_CFG, tiny_train_config(shapes_root, tmp_path), on_step=lambda i, v: steps.append(i))
+    assert isinstance(res, TrainResult) and not res.diverged
+    assert steps == [0, 1, 2] and len(res.losses) == 3 and all(math.isfinite(v) for v in res.losses)
+    assert set(res.metrics) == set(METRICS) and all(0.0 <= v <= 1.0 for v in res.metrics.values())
+    assert res.checkpoint is not None and Path(res.checkpoint).exists()
