@@ -92,15 +92,30 @@ def _spec():
     return LossSpec.from_theta(theta)
 
 
-def _child(case: str, n: int, p: int, repeats: int, threads: int) -> dict:
+def _measure(call) -> tuple[float, float, object]:
+    """(seconds, peak extra MB, result) of one call."""
+    import gc
+
+    gc.collect()
+    have_peak = _reset_peak()
+    before = _rss_kb("VmRSS")
+    t0 = time.perf_counter()
+    value = call()
+    seconds = time.perf_counter() - t0
+    peak = (_rss_kb("VmHWM") - before) / 1024 if have_peak else float("nan")
+    return seconds, peak, value
+
+
+def _calls(n: int, p: int):
+    """The measured operations on the same inputs, by name."""
     import torch
     import torchvision
 
     from paploss import pap_loss
 
-    torch.set_num_threads(threads)
     spec = _spec()
     logits, targets, qualities = _inputs(n, p)
+    t_float = targets.float()
 
     def loss_call(fn, top_k):
         def call():
@@ -111,52 +126,69 @@ def _child(case: str, n: int, p: int, repeats: int, threads: int) -> dict:
             return float(loss)
         return call
 
-    if case == "fast":
-        call = loss_call(pap_loss, 100_000)
-    elif case == "dense":
-        call = loss_call(dense_pap_loss, 100_000)
-    elif case == "fast_all":
-        call = loss_call(pap_loss, None)
-    elif case == "sort":
-        def call():
-            torch.sort(logits)
-            return None
-    elif case == "focal":
-        t_float = targets.float()
+    def sort():
+        torch.sort(logits)
 
-        def call():
-            s = logits.clone().requires_grad_()
-            loss = torchvision.ops.sigmoid_focal_loss(s, t_float, reduction="sum")
-            loss.backward()
-            return float(loss)
-    else:
-        raise click.BadParameter(f"unknown case {case!r}")
+    def focal():
+        s = logits.clone().requires_grad_()
+        loss = torchvision.ops.sigmoid_focal_loss(s, t_float, reduction="sum")
+        loss.backward()
+        return float(loss)
 
-    warm = case != "dense"
+    return {
+        "fast": loss_call(pap_loss, 100_000),
+        "dense": loss_call(dense_pap_loss, 100_000),
+        "fast_all": loss_call(pap_loss, None),
+        "sort": sort,
+        "focal": focal,
+        "sigmoid": lambda: _sigmoid_call(logits, targets, qualities),
+    }
+
+
+def _sigmoid_call(logits, targets, qualities):
+    from paploss import LossSpec, pap_loss
+
+    s = logits.clone().requires_grad_()
+    q = qualities.clone().requires_grad_()
+    loss = pap_loss(s, targets, q, LossSpec.handcrafted("sigmoid"), top_k=100_000)
+    loss.backward()
+    return float(loss)
+
+
+def _child(cases: list[str], n: int, p: int, repeats: int, threads: int) -> list[dict]:
+    """Run ``cases`` interleaved (one call of each per round) so that their time ratios
+    see the same machine load; one warm-up round first (none for the dense twin)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    calls = _calls(n, p)
+    for c in cases:
+        if c not in calls:
+            raise click.BadParameter(f"unknown case {c!r}")
+    warm = "dense" not in cases
     if warm:
-        call()
-    times, peaks, value = [], [], None
+        for c in cases:
+            calls[c]()
+    rows = {c: {"case": c, "n": n, "p": p, "times_s": [], "peaks_mb": [], "threads": threads} for c in cases}
     for _ in range(repeats if warm else 1):
-        import gc
-
-        gc.collect()
-        have_peak = _reset_peak()
-        before = _rss_kb("VmRSS")
-        t0 = time.perf_counter()
-        value = call()
-        times.append(time.perf_counter() - t0)
-        peaks.append((_rss_kb("VmHWM") - before) / 1024 if have_peak else float("nan"))
-    return {"case": case, "n": n, "p": p, "time_s": statistics.median(times), "times_s": times,
-            "peak_mb": max(peaks), "loss": value, "threads": threads}
+        for c in cases:
+            seconds, peak, value = _measure(calls[c])
+            rows[c]["times_s"].append(seconds)
+            rows[c]["peaks_mb"].append(peak)
+            rows[c]["loss"] = value
+    for r in rows.values():
+        r["time_s"] = statistics.median(r["times_s"])
+        r["peak_mb"] = max(r["peaks_mb"])
+    return list(rows.values())
 
 
-def _run_case(case: str, n: int, p: int, repeats: int, threads: int) -> dict:
+def _run(cases: list[str], n: int, p: int, repeats: int, threads: int) -> list[dict]:
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONHASHSEED="0")
-    cmd = [sys.executable, "-m", "bench.loss", "--child", case, "--n", str(n), "--p", str(p),
+    cmd = [sys.executable, "-m", "bench.loss", "--child", ",".join(cases), "--n", str(n), "--p", str(p),
            "--repeats", str(repeats), "--threads", str(threads)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if out.returncode != 0:
-        raise click.ClickException(f"case {case} (N={n}, P={p}) failed:\n{out.stderr[-3000:]}")
+        raise click.ClickException(f"cases {cases} (N={n}, P={p}) failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -172,44 +204,46 @@ def _run_case(case: str, n: int, p: int, repeats: int, threads: int) -> dict:
 def main(child, n_child, p_child, repeats, threads, quick, skip_dense_1000, json_path):
     """Time and memory of pap_loss vs a dense twin, torch.sort and sigmoid_focal_loss."""
     if child:
-        print(json.dumps(_child(child, n_child, p_child, repeats, threads)))
+        print(json.dumps(_child(child.split(","), n_child, p_child, repeats, threads)))
         return
     n_small, n_big = (20_000, 400_000) if quick else (100_000, 8_000_000)
-    rows = []
     from tqdm import tqdm
 
-    plan = [("fast", n_small, 200), ("dense", n_small, 200), ("fast", n_small, 1000)]
+    plan = [(["fast"], n_small, 200), (["dense"], n_small, 200), (["fast"], n_small, 1000)]
     if not skip_dense_1000:
-        plan.append(("dense", n_small, 1000))
-    plan += [("fast_all", n_big, 1000), ("sort", n_big, 1000), ("focal", n_big, 1000), ("fast", n_big, 1000)]
-    results = {}
-    for case, n, p in tqdm(plan, desc="bench.loss", unit="case"):
-        r = _run_case(case, n, p, repeats, threads)
-        results[(case, n, p)] = r
-        rows.append(r)
+        plan.append((["dense"], n_small, 1000))
+    plan += [(["sigmoid"], n_small, 1000), (["sort", "fast_all", "focal", "fast"], n_big, 1000)]
+    rows, res = [], {}
+    for cases, n, p in tqdm(plan, desc="bench.loss", unit="run"):
+        for r in _run(cases, n, p, repeats, threads):
+            rows.append(r)
+            res[(r["case"], n, p)] = r
 
-    def line(label, r):
-        return f"| {label} | {r['time_s']:.3f} | {r['peak_mb']:.1f} |"
-
-    print(f"\nthreads={threads}, repeats={repeats} (median), peak = RSS growth during the call\n")
-    print("| case | time (s) | peak extra memory (MB) |")
-    print("|---|---|---|")
+    labels = {"fast": "pap_loss searched (top_k=100k)", "dense": "dense twin (N×P matrices)",
+              "fast_all": "pap_loss searched (top_k=None)", "sort": "one torch.sort (forward only)",
+              "focal": "sigmoid_focal_loss", "sigmoid": "pap_loss sigmoid form, tiled dense path (top_k=100k)"}
+    print(f"\nthreads={threads}, repeats={repeats} (median), forward + backward unless said otherwise, "
+          "peak = RSS growth during the call\n")
+    print("| case | N | P | time (s) | peak extra memory (MB) |")
+    print("|---|---|---|---|---|")
     for r in rows:
-        label = {"fast": "pap_loss (top_k=100k)", "dense": "dense twin (N×P matrices)",
-                 "fast_all": "pap_loss (top_k=None)", "sort": "torch.sort (forward only)",
-                 "focal": "sigmoid_focal_loss"}[r["case"]]
-        print(line(f"{label}, N={r['n']:,}, P={r['p']:,}", r))
+        print(f"| {labels[r['case']]} | {r['n']:,} | {r['p']:,} | {r['time_s']:.3f} | {r['peak_mb']:.1f} |")
     print()
     for p in (200, 1000):
-        f, d = results.get(("fast", n_small, p)), results.get(("dense", n_small, p))
+        f, d = res.get(("fast", n_small, p)), res.get(("dense", n_small, p))
         if f and d:
-            print(f"N={n_small:,} P={p}: dense/fast time {d['time_s'] / f['time_s']:.0f}x, "
-                  f"memory {d['peak_mb'] / max(f['peak_mb'], 1e-3):.0f}x "
-                  f"(loss fast {f['loss']:.6f} vs dense {d['loss']:.6f})")
-    fa, so, fo, ft = (results[(c, n_big, 1000)] for c in ("fast_all", "sort", "focal", "fast"))
-    print(f"N={n_big:,} P=1000: pap_loss(top_k=None) / torch.sort = {fa['time_s'] / so['time_s']:.2f}x")
-    print(f"N={n_big:,} P=1000: pap_loss(top_k=None) / sigmoid_focal_loss = {fa['time_s'] / fo['time_s']:.2f}x; "
-          f"pap_loss(top_k=100k) / sigmoid_focal_loss = {ft['time_s'] / fo['time_s']:.2f}x")
+            print(f"- N={n_small:,} P={p}: dense twin / pap_loss: time {d['time_s'] / f['time_s']:.0f}x, "
+                  f"peak memory {d['peak_mb'] / max(f['peak_mb'], 1e-3):.0f}x "
+                  f"(loss {f['loss']:.6f} vs {d['loss']:.6f})")
+    big = {c: res[(c, n_big, 1000)] for c in ("sort", "fast_all", "focal", "fast")}
+
+    def ratio(a, b):  # median over rounds of the per-round ratio (same load in a round)
+        return statistics.median(x / y for x, y in zip(big[a]["times_s"], big[b]["times_s"]))
+
+    print(f"- N={n_big:,} P=1000: pap_loss(top_k=None) / torch.sort = {ratio('fast_all', 'sort'):.2f}x "
+          "(median of per-round ratios)")
+    print(f"- N={n_big:,} P=1000: pap_loss(top_k=None) / sigmoid_focal_loss = {ratio('fast_all', 'focal'):.2f}x; "
+          f"pap_loss(top_k=100k) / sigmoid_focal_loss = {ratio('fast', 'focal'):.2f}x")
     if json_path:
         from paploss import storage
 
