@@ -480,3 +480,17 @@ def test_mmdet_config_as_the_trial_detector(shapes_root, tmp_path):
     assert steps == [0, 1, 2] and len(res.losses) == 3 and all(math.isfinite(v) for v in res.losses)
     assert set(res.metrics) == set(METRICS) and all(0.0 <= v <= 1.0 for v in res.metrics.values())
     assert res.checkpoint is not None and Path(res.checkpoint).exists()
+
+
+@pytest.mark.slow
+def test_mmdet_trial_that_diverges_reports_zero_metrics(shapes_root, tmp_path):
+    """A run stopped by the divergence check (here raised from on_step at iteration 1) gives reward 0."""
+    from paploss.integrations.mmdet_train import Diverged, train
+
+    def stop(it, loss):
+        if it == 1:
+            raise Diverged("stopped by the test")
+
+    res = train(SHAPES_CFG, tiny_train_config(shapes_root, tmp_path, iterations=4), on_step=stop)
+    assert res.diverged and res.iterations == 2 and res.checkpoint is None
+    assert set(res.metrics.values()) == {0.0}

@@ -39,7 +39,11 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from paploss import storage
+from paploss.integrations import mmdet as _mmdet  # noqa: F401  (registers the head, supplies mmcv.ops: first)
+
+from mmengine.hooks import Hook  # noqa: E402
+
+from paploss import storage  # noqa: E402
 
 __all__ = ["DivergenceHook", "Diverged", "build_config", "train", "METRIC_KEYS"]
 
@@ -58,16 +62,11 @@ class Diverged(RuntimeError):
     """Raised by :class:`DivergenceHook` to stop a run that diverged (SPEC §3)."""
 
 
-def _hook_base():
-    from mmengine.hooks import Hook
-
-    return Hook
-
-
-class DivergenceHook:  # becomes an mmengine Hook subclass on first use (see _make_hook)
+class DivergenceHook(Hook):
     """Counts bad iterations (loss not finite, or 1.0 to 1e-6) and stops after ``patience`` of them.
 
-    Also reports every iteration's loss to ``on_step(iteration, loss)``.
+    Also reports every iteration's loss to ``on_step(iteration, loss)`` and keeps the
+    metrics of the last validation.
     """
 
     priority = "VERY_LOW"
@@ -102,12 +101,6 @@ class DivergenceHook:  # becomes an mmengine Hook subclass on first use (see _ma
 
     def after_val_epoch(self, runner, metrics=None) -> None:
         self.metrics = dict(metrics or {})
-
-
-def _make_hook(patience: int, on_step):
-    """A :class:`DivergenceHook` that is also an ``mmengine.hooks.Hook`` (mmengine checks the type)."""
-    cls = type("MMEngineDivergenceHook", (DivergenceHook, _hook_base()), {})
-    return cls(patience, on_step)
 
 
 def _classes(ann_file: Path) -> tuple[str, ...]:
@@ -247,7 +240,6 @@ def train(config_file: str | os.PathLike, cfg, on_step: Callable[[int, float], N
     Returns a :class:`paploss.engine.TrainResult` (metrics under ``paploss.evaluate.METRICS``
     names, zeros when diverged or when nothing was detected).
     """
-    import paploss.integrations.mmdet  # noqa: F401  (registers the head, supplies mmcv.ops)
     import torch
     from mmengine.runner import Runner
 
@@ -263,7 +255,7 @@ def train(config_file: str | os.PathLike, cfg, on_step: Callable[[int, float], N
             raise ValueError(f"out_dir={work_dir!r}: MMDetection writes its work folder locally; give a local out_dir")
         mm, total = build_config(config_file, cfg, work_dir)
         runner = Runner.from_cfg(copy.deepcopy(mm))
-        hook = _make_hook(cfg.diverge_patience, on_step)
+        hook = DivergenceHook(cfg.diverge_patience, on_step)
         runner.register_hook(hook, priority="VERY_LOW")
         zeros = {k: 0.0 for k in METRICS}
         try:
