@@ -283,8 +283,6 @@ def plot_functions(spec: "LossSpec", path_or_ax, title: str | None = None):
     Returns:
         the ``Axes`` drawn on, or the URI written.
     """
-    import matplotlib
-
     from paploss.spec import FUNCTIONS
 
     xs = torch.linspace(0.0, 1.0, 401, dtype=torch.float64)
@@ -301,9 +299,7 @@ def plot_functions(spec: "LossSpec", path_or_ax, title: str | None = None):
 
     import io
 
-    if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "cairo"):
-        matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # no pyplot: no global state, any backend
 
     from paploss import storage
 
@@ -311,22 +307,20 @@ def plot_functions(spec: "LossSpec", path_or_ax, title: str | None = None):
     fmt = path.rsplit(".", 1)[-1].lower() if "." in path else ""
     if fmt not in ("png", "pdf", "svg"):
         raise ValueError(f"path_or_ax must end in .png, .pdf or .svg, got {path!r}")
-    fig, axes = plt.subplots(1, 5, figsize=(17, 3.6), sharey=True)
-    try:
-        for ax, name in zip(axes, FUNCTIONS):
-            ax.plot(xs.numpy(), spec.function(name)(xs).numpy(), color="tab:blue")
-            pts = spec.points_of(name)
-            if pts is not None:
-                ax.plot(pts[0::2], pts[1::2], "o", color="tab:red", markersize=4)
-            ax.set_title(name)
-            ax.set_xlabel("x = d/2 + 1/2" if name.startswith("H") else "u")
-            ax.set_xlim(0, 1)
-            ax.set_ylim(-0.02, 1.02)
-            ax.grid(alpha=0.3)
-        fig.suptitle(label)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format=fmt, dpi=110)
-    finally:
-        plt.close(fig)
+    fig = Figure(figsize=(17, 3.6))
+    axes = fig.subplots(1, 5, sharey=True)
+    for ax, name in zip(axes, FUNCTIONS):
+        ax.plot(xs.numpy(), spec.function(name)(xs).numpy(), color="tab:blue")
+        pts = spec.points_of(name)
+        if pts is not None:
+            ax.plot(pts[0::2], pts[1::2], "o", color="tab:red", markersize=4)
+        ax.set_title(name)
+        ax.set_xlabel("x = d/2 + 1/2" if name.startswith("H") else "u")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    fig.suptitle(label)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, dpi=110)
     return storage.write_bytes(path, buf.getvalue())
