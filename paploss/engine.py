@@ -77,7 +77,7 @@ class TrainConfig:
     val_ann: str = "val"
     loss: str = "focal+l1"
     spec: Any = None  # LossSpec | dict | None
-    detector: str = "retinanet_mobilenet_v3"
+    detector: str = "retinanet_mobilenet_v3_small"
     image_size: int = 128
     fpn_channels: int = 64
     width_mult: float = 1.0
@@ -168,7 +168,7 @@ PROXY_PRESETS: dict[str, dict] = {
     "smoke": dict(train_ann="search_train", val_ann="search_val", detector="retinanet_mobilenet_v3_small",
                   image_size=64, fpn_channels=32, anchor_size=8.0, batch_size=4, iterations=6, warmup_iters=2,
                   lr=0.01, num_threads=1, max_val_images=16),
-    "quick": dict(train_ann="search_train", val_ann="search_val", detector="retinanet_mobilenet_v3",
+    "quick": dict(train_ann="search_train", val_ann="search_val", detector="retinanet_mobilenet_v3_small",
                   image_size=128, fpn_channels=64, anchor_size=16.0, batch_size=8, iterations=150,
                   warmup_iters=30, lr=0.01, num_threads=1),
     "paper": dict(train_ann="search_train", val_ann="search_val", detector="retinanet_resnet50",
@@ -464,7 +464,7 @@ def pretrain(
     out_file: str,
     *,
     ann: str = "train",
-    detector: str = "retinanet_mobilenet_v3",
+    detector: str = "retinanet_mobilenet_v3_small",
     width_mult: float = 1.0,
     iterations: int = 600,
     image_size: int = 128,

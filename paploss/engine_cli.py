@@ -28,7 +28,8 @@ def _spec(spec: str | None, form: str | None):
 @click.option("--data", required=True, help="Dataset folder or s3:// prefix (images/, annotations/<split>.json).")
 @click.option("--out", "out_file", required=True, help="Backbone file to write (local or s3://).")
 @click.option("--ann", default="train", show_default=True, help="Split whose boxes are classified.")
-@click.option("--detector", default="retinanet_mobilenet_v3", show_default=True, help="Detector whose backbone is trained.")
+@click.option("--detector", default="retinanet_mobilenet_v3_small", show_default=True,
+              help="Detector whose backbone is trained (must match the trainings' --detector).")
 @click.option("--iterations", type=int, default=600, show_default=True)
 @click.option("--image-size", type=int, default=128, show_default=True)
 @click.option("--crop-size", type=int, default=64, show_default=True)
