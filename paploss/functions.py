@@ -15,7 +15,9 @@ Conventions (written down because the SPEC leaves them open):
 * ``f(·; θ)`` is *right-continuous*: on ``[x_k, x_{k+1})`` it is the segment from
   ``p_k`` to ``p_{k+1}``. Where two control points share an x (a zero-width segment)
   ``f`` jumps there and takes the value of the last point with that x; such a
-  segment never divides by zero. ``f(x) = f(0)`` for ``x < 0`` and ``1`` for ``x >= 1``.
+  segment never divides by zero. Segments narrower than ``MIN_WIDTH = 1e-12`` are
+  treated as zero-width (see ``_split_points``), so slopes stay finite.
+  ``f(x) = f(0)`` for ``x < 0`` and ``1`` for ``x >= 1``.
 * Derivatives are those of the piece that contains the point (right derivatives),
   which is what autograd gives for the code below; at ``x >= 1`` it is 0.
 * ``sqrt`` has derivative 0 at 0 (instead of +inf), so that the many pairs with
@@ -37,6 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "HANDCRAFTED",
+    "MIN_WIDTH",
     "Piece",
     "RankFunction",
     "piecewise_linear",
@@ -53,10 +56,26 @@ HANDCRAFTED = ("sigmoid", "sqrt", "linear", "square")
 _INF = math.inf
 
 
+MIN_WIDTH = 1e-12  # narrower segments are treated as jumps (zero width)
+
+
 def _split_points(points12: Sequence[float]) -> tuple[list[float], list[float]]:
+    """x's and y's of the 6 control points, with near-zero widths snapped to zero.
+
+    An inner ``x_k`` within :data:`MIN_WIDTH` of 1 becomes 1, else one within
+    ``MIN_WIDTH`` of the previous (snapped) x becomes that x. The function then differs
+    from the exact one only on x-intervals narrower than 1e-12, and no slope exceeds
+    ``1 / MIN_WIDTH`` (a width of 5e-324 would otherwise give an infinite slope, NaN).
+    """
     if len(points12) != 12:
         raise ValueError(f"points12 must have 12 numbers (x0, y0, ..., x5, y5), got {len(points12)}: {tuple(points12)!r}")
-    return [float(v) for v in points12[0::2]], [float(v) for v in points12[1::2]]
+    xs = [float(v) for v in points12[0::2]]
+    for k in range(1, 5):
+        if xs[5] - xs[k] < MIN_WIDTH:
+            xs[k] = xs[5]
+        elif xs[k] - xs[k - 1] < MIN_WIDTH:
+            xs[k] = xs[k - 1]
+    return xs, [float(v) for v in points12[1::2]]
 
 
 def _slopes(xs: Sequence[float], ys: Sequence[float]) -> list[float]:
