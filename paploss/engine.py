@@ -501,6 +501,7 @@ def pretrain(
     torch.manual_seed(seed)
     body = build_detector(detector, K, width_mult=width_mult, fpn_channels=16).backbone.body
     last = list(body.return_layers.values())[-1]
+    body.eval()
     with torch.no_grad():
         ch = body(torch.zeros(1, 3, crop_size, crop_size))[last].shape[1]
     classifier = torch.nn.Linear(ch, K + 1)
