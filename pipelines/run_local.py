@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import sys
 import threading
 import time
@@ -131,6 +132,13 @@ def run_pipeline(s: RunSettings, root: str | Path = "runs", cache: bool = True, 
     with open(log_path, "a", encoding="utf-8") as log:
         tee = _Tee(log, console)
         old_out, old_err = sys.stdout, sys.stderr
+        # kfp.local logs some events (cache hits) through the root logger outside its
+        # own logging context: send them to the log too, and leave no handler behind
+        # that would write to this (soon closed) log after the run
+        root_logger = logging.getLogger()
+        saved = root_logger.level, root_logger.handlers[:]
+        root_logger.handlers = [logging.StreamHandler(tee)]
+        root_logger.setLevel(logging.INFO)
         sys.stdout = sys.stderr = tee
         try:
             with _plain_print():
@@ -143,6 +151,8 @@ def run_pipeline(s: RunSettings, root: str | Path = "runs", cache: bool = True, 
             ) from exc
         finally:
             sys.stdout, sys.stderr = old_out, old_err
+            root_logger.setLevel(saved[0])
+            root_logger.handlers = saved[1]
 
 
 @click.command("run")

@@ -224,7 +224,7 @@ def test_kfp_local_run_with_mlflow_server_and_s3_then_resume_from_cache(tmp_path
     args = ["run", "--preset", "smoke", "--dataset", "s3://datasets/shapes", "--work", "s3://work/paploss",
             "--search-name", "kfp-s3", "--tracking-uri", mlflow_server.uri, "--root", str(tmp_path / "runs")]
     first = CliRunner().invoke(main, args)
-    assert first.exit_code == 0, first.output
+    assert first.exit_code == 0, first.output + (tmp_path / "runs" / "logs" / "kfp-s3.log").read_text()[-5000:]
     assert f"round {ROUNDS}/{ROUNDS}: mean reward" in first.output  # progress per round
     assert "searched" in first.output and "make ui" in first.output
 
@@ -243,7 +243,7 @@ def test_kfp_local_run_with_mlflow_server_and_s3_then_resume_from_cache(tmp_path
     second = CliRunner().invoke(main, args)
     assert second.exit_code == 0, second.output
     text = log.read_text()
-    hits = re.findall(r"Task '([\w-]+)' cache hit", text)
+    hits = re.findall(r"Task '?([\w-]+)'? cache hit", text)
     assert sum(h.startswith("proxy-trial") for h in hits) == ROUNDS * SAMPLES
     assert "Executing task" not in text  # nothing ran again
     assert len(client.search_runs([parent.info.experiment_id], "tags.`paploss.kind` = 'trial' and "
