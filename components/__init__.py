@@ -30,11 +30,12 @@ def prepare_data(dataset: str, work: str, split_seed: int, search_val_fraction: 
                               search_val_fraction=search_val_fraction, bundled=bundled)
 
 
-def pretrain(data: str, work: str, config: Dict, seed: int, detector: str) -> str:
-    """Prepared data -> URI of the warm-start backbone (pre-trained on classification)."""
+def pretrain(data: str, work: str, config: Dict, seed: int, detector: str, proxy: Dict) -> str:
+    """Prepared data -> URI of the warm-start backbone (pre-trained on classification,
+    for the proxy trials' detector)."""
     from paploss import steps
 
-    return steps.pretrain(data, work, config=config, seed=seed, detector=detector)
+    return steps.pretrain(data, work, config=config, seed=seed, detector=detector, proxy=proxy)
 
 
 def init_search(

@@ -176,7 +176,7 @@ def run_inprocess(s: RunSettings, *, train_fn: Callable | None = None, progress:
     p = s.preset
     tracking = s.tracking
     data = steps.prepare_data(p.dataset, s.work, split_seed=p.split_seed, bundled=p.bundled)
-    init = steps.pretrain(data, s.work, config=p.pretrain, seed=p.seed, detector=p.detector)
+    init = steps.pretrain(data, s.work, config=p.pretrain, seed=p.seed, detector=p.detector, proxy=p.proxy)
     params = {**p.to_dict(), "work": s.work, "search_name": s.search_name, "runner": "in-process",
               "proxy_epochs": s.proxy_epochs, "final_epochs": s.final_epochs}
     out = steps.init_search(s.work, s.search_name, p.rounds, p.samples, seed=p.seed, controller=p.controller,

@@ -63,6 +63,7 @@ __all__ = [
     "report",
     "validate_search_params",
     "train_options",
+    "pretrain_options",
     "check_dataset",
     "check_work",
     "check_train_options",
@@ -230,9 +231,11 @@ def check_detectors(proxy: Mapping[str, Any], final: Mapping[str, Any], pretrain
     defaults = {k: v.default for k, v in inspect.signature(engine.pretrain).parameters.items()}
     tc = {f.name: f.default for f in dataclasses.fields(engine.TrainConfig)}
     seen = {}
-    for where, opts, base in (("proxy", train_options(proxy, detector), tc), ("final", train_options(final, detector), tc),
-                              ("pretrain", {**dict(pretrain), **({"detector": detector} if detector else {})}, defaults)):
-        seen[where] = (opts.get("detector", base.get("detector")), float(opts.get("width_mult", base.get("width_mult", 1.0))))
+    for where, opts, base in (("proxy", train_options(proxy, detector), tc),
+                              ("final", train_options(final, detector), tc),
+                              ("pretrain", pretrain_options(pretrain, proxy, detector), defaults)):
+        seen[where] = (opts.get("detector", base.get("detector")),
+                       float(opts.get("width_mult", base.get("width_mult", 1.0))))
     if len(set(seen.values())) > 1:
         raise StepError(f"the proxy, final and pretrain detectors must agree (the warm start must fit), got {seen}")
 
@@ -377,16 +380,31 @@ def train_options(options: Mapping[str, Any] | None, detector: str = "", epochs:
     return out
 
 
+def pretrain_options(config: Mapping[str, Any] | None, proxy: Mapping[str, Any] | None = None,
+                     detector: str = "") -> dict:
+    """``engine.pretrain`` options: ``config`` completed from the proxy training
+    options (detector, width, image size) so that the warm start fits the trials."""
+    config = plain(dict(config or {}))
+    base = train_options(proxy, detector) if proxy else {}
+    for key in ("detector", "width_mult", "image_size"):
+        if key not in config and base.get(key) is not None:
+            config[key] = base[key]
+    if detector:
+        config["detector"] = detector
+    return config
+
+
 def pretrain(data: str, work: str, config: Mapping[str, Any] | None = None, seed: int = 0,
-             detector: str = "") -> str:
+             detector: str = "", proxy: Mapping[str, Any] | None = None) -> str:
     """The warm start every trial and final training begins from (a backbone
     pre-trained on a classification task, as the paper's ImageNet one; see
     ``paploss.engine.pretrain``, whose options ``config`` holds); returns its URI,
-    shared by every search on the same data and config. ``detector`` ("" = keep)
-    must be the trials' detector."""
-    config = plain(dict(config or {}))
-    if detector:
-        config["detector"] = detector
+    shared by every search on the same data and config.
+
+    The backbone must fit the trials' detector: ``detector``, ``width_mult`` and
+    ``image_size`` not in ``config`` come from the ``proxy`` training options;
+    ``detector`` (the pipeline parameter, "" = keep) overrides both."""
+    config = pretrain_options(config, proxy, detector)
     out = storage.join(work, "pretrain", _key("pretrain", data, config, int(seed)), "backbone.pt")
     if storage.exists(out):
         return out
@@ -886,22 +904,23 @@ PRESETS: dict[str, Preset] = {
         bundled={"n_train": 48, "n_val": 16, "image_size": 64},
         proxy={"preset": "smoke"},
         final={"preset": "smoke", "iterations": 8},
-        pretrain={"detector": "retinanet_mobilenet_v3_small", "iterations": 10, "image_size": 64,
-                  "batch_size": 8, "num_threads": 1},
+        pretrain={"iterations": 10, "batch_size": 8, "num_threads": 1},
     ),
-    # the README's main job: a real (small) search on the bundled shapes in minutes on 2 CPU cores
+    # the README's main job: a real (small) search on the bundled shapes, about 10
+    # minutes on 2 idle CPU cores (proxy trials shortened from the engine's quick preset)
     "quick": Preset(
-        rounds=3, samples=4, parallelism=2,
-        proxy={"preset": "quick"},
-        final={"preset": "quick", "iterations": 300},
-        pretrain={"detector": "retinanet_mobilenet_v3", "image_size": 128, "num_threads": 1},
+        rounds=2, samples=4, parallelism=2,
+        bundled={"n_train": 500, "n_val": 100},
+        proxy={"preset": "quick", "iterations": 60, "warmup_iters": 10},
+        final={"preset": "quick", "iterations": 120, "warmup_iters": 20},
+        pretrain={"iterations": 200, "num_threads": 2},
     ),
     # the paper's search: 40 rounds x 8 samples, 1-epoch proxies, 12-epoch final trainings (GPUs)
     "paper": Preset(
         rounds=40, samples=8, parallelism=8,
         proxy={"preset": "paper"},
         final={"preset": "paper", "epochs": 12, "lr_steps": [8 / 12, 11 / 12]},
-        pretrain={"detector": "retinanet_resnet50", "image_size": 512, "crop_size": 128, "iterations": 20000},
+        pretrain={"crop_size": 128, "iterations": 20000},
     ),
 }
 

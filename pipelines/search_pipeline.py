@@ -177,7 +177,8 @@ def build_pipeline(
                               search_val_fraction=search_val_fraction, bundled=bundled)
         prep.set_display_name("prepare-data")
         _everywhere(prep, p, cluster)
-        warm = c.pretrain(data=prep.output, work=work, config=pretrain_options, seed=seed, detector=detector)
+        warm = c.pretrain(data=prep.output, work=work, config=pretrain_options, seed=seed, detector=detector,
+                          proxy=proxy)
         warm.set_display_name("pretrain")
         _everywhere(_training(warm, cluster), p, cluster)
         init = c.init_search(

@@ -118,7 +118,15 @@ def test_train_options_expand_engine_presets():
         steps.check_train_options(p.final, f"{name} final")
         steps.check_detectors(p.proxy, p.final, p.pretrain, p.detector)
     with pytest.raises(steps.StepError, match="detectors must agree"):
-        steps.check_detectors({"preset": "smoke"}, {"preset": "quick"}, {})
+        steps.check_detectors({"preset": "smoke"}, {"preset": "smoke", "detector": "retinanet_mobilenet_v3"}, {})
+    with pytest.raises(steps.StepError, match="detectors must agree"):
+        steps.check_detectors({"preset": "smoke"}, {"preset": "smoke"}, {"detector": "retinanet_mobilenet_v3"})
+    # the warm start follows the trials' detector unless told otherwise
+    warm = steps.pretrain_options({"iterations": 3.0}, {"preset": "quick"})
+    assert warm == {"iterations": 3, "detector": PROXY_PRESETS["quick"]["detector"],
+                    "image_size": PROXY_PRESETS["quick"]["image_size"]}
+    assert steps.pretrain_options({}, {"preset": "quick"}, detector="retinanet_resnet50")["detector"] == \
+        "retinanet_resnet50"
 
 
 def test_preset_overrides():
