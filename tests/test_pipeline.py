@@ -249,3 +249,17 @@ def test_kfp_local_run_with_mlflow_server_and_s3_then_resume_from_cache(tmp_path
     assert len(client.search_runs([parent.info.experiment_id], "tags.`paploss.kind` = 'trial' and "
                                   "tags.`paploss.search_name` = 'kfp-s3'", max_results=100)) == len(trials)
     assert json.loads(storage.read_text("s3://work/paploss/searches/kfp-s3/report.json")) == report
+
+
+def test_submit_names_what_is_wrong(tmp_path):
+    from pipelines.compile import compile_pipeline
+
+    missing = CliRunner().invoke(main, ["submit", "--host", "http://127.0.0.1:1", "--package", str(tmp_path / "x.yaml")])
+    assert missing.exit_code == 2 and "does not exist: run `make compile` first" in missing.output
+    package = compile_pipeline(str(tmp_path / "p.yaml"), preset="smoke")
+    port = free_port()
+    result = CliRunner().invoke(main, ["submit", "--host", f"http://127.0.0.1:{port}", "--package", package])
+    assert result.exit_code == 1 and f"127.0.0.1:{port}" in result.output
+    bad = CliRunner().invoke(main, ["submit", "--host", f"http://127.0.0.1:{port}", "--package", package,
+                                    "--param", "novalue"])
+    assert bad.exit_code == 2 and "'novalue' is not NAME=VALUE" in bad.output
