@@ -3,6 +3,7 @@ their piecewise description in d = s_j - s_i, and the Figure-1 plot."""
 
 from __future__ import annotations
 
+import os
 import math
 
 import matplotlib
@@ -10,6 +11,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+
+def _examples(n: int) -> int:
+    """Hypothesis examples; PAPLOSS_HYPOTHESIS_SCALE=20 runs a 20× deeper search."""
+    return max(1, int(n * float(os.environ.get("PAPLOSS_HYPOTHESIS_SCALE", "1"))))
 
 from paploss.functions import (
     _pieces_value,
@@ -52,7 +58,7 @@ def f_reference(x: float, p) -> float:
     return value
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=_examples(80), deadline=None)
 @given(points12, st.lists(st.one_of(st.floats(-0.5, 1.5), grid), min_size=1, max_size=30))
 def test_piecewise_linear_matches_a_scalar_reference(p, xs):
     x = torch.tensor(xs, dtype=torch.float64)
@@ -61,7 +67,7 @@ def test_piecewise_linear_matches_a_scalar_reference(p, xs):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=_examples(60), deadline=None)
 @given(points12)
 def test_piecewise_linear_is_monotone_and_finite_with_zero_width_segments(p):
     x = torch.linspace(-0.2, 1.2, 701, dtype=torch.float64, requires_grad=True)
@@ -148,7 +154,7 @@ def _all_rank_functions(p):
             rank_function_handcrafted("linear"), rank_function_handcrafted("square")]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=_examples(60), deadline=None)
 @given(points12, st.lists(st.one_of(st.integers(-3 * 2**20, 3 * 2**20).map(lambda k: k / 2**20),
                                     st.integers(-24, 24).map(lambda k: k / 8)), min_size=1, max_size=40))
 def test_pieces_describe_the_function_exactly(p, ds):

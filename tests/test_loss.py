@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import dataclasses
 
 import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+
+
+def _examples(n: int) -> int:
+    """Hypothesis examples; PAPLOSS_HYPOTHESIS_SCALE=20 runs a 20× deeper search."""
+    return max(1, int(n * float(os.environ.get("PAPLOSS_HYPOTHESIS_SCALE", "1"))))
 
 import paploss.loss as L
 from paploss import LossSpec, pap_loss, scale_grad
@@ -119,7 +125,7 @@ def _steepness(spec) -> float:
 # --------------------------------------------------------------------------------------
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=_examples(150), deadline=None)
 @given(specs(), batches())
 def test_fast_loss_matches_dense_twin(spec, batch):
     scores, targets, quals, top_k = batch
@@ -130,7 +136,7 @@ def test_fast_loss_matches_dense_twin(spec, batch):
     _assert_same(fast, twin, atol=1e-9 * _steepness(spec))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=_examples(25), deadline=None)
 @given(specs(), batches(max_n=25))
 def test_tiled_dense_path_matches_dense_twin(spec, batch):
     """Force every form through the tiled path (as sigmoid/sqrt use it), with small tiles."""
@@ -150,7 +156,7 @@ def test_tiled_dense_path_matches_dense_twin(spec, batch):
     _assert_same(tiled, twin, atol=1e-9 * _steepness(spec))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=_examples(60), deadline=None)
 @given(
     st.lists(theta_num, min_size=8, max_size=8).map(theta_to_points),
     st.lists(st.one_of(real, st.integers(-16, 16).map(lambda k: k / 8)), min_size=1, max_size=30),
@@ -270,7 +276,7 @@ def test_h1_passes_no_gradient():
     assert (fast[1] - attached[1]).abs().max() > 1e-3
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=_examples(40), deadline=None)
 @given(batches())
 def test_identity_theta_gives_the_linear_form(batch):
     scores, targets, quals, top_k = batch

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 import json
 import math
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+
+def _examples(n: int) -> int:
+    """Hypothesis examples; PAPLOSS_HYPOTHESIS_SCALE=20 runs a 20× deeper search."""
+    return max(1, int(n * float(os.environ.get("PAPLOSS_HYPOTHESIS_SCALE", "1"))))
 
 from paploss.spec import (
     FUNCTIONS,
@@ -126,7 +132,7 @@ def test_from_theta_rejects(bad, match):
         LossSpec.from_theta(bad)
 
 
-@settings(max_examples=60)
+@settings(max_examples=_examples(60))
 @given(
     st.sampled_from(["searched4", "searched5", "shared", "sigmoid", "sqrt", "linear", "square"]),
     st.lists(st.one_of(unit, grid), min_size=41, max_size=41),
