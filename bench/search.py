@@ -50,7 +50,8 @@ METRICS = ("AP", "AP50", "AP75")
 # (see BENCHMARKS.md for what it measured); "smoke" checks the plumbing in minutes.
 BENCH_PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {"pipeline_preset": "smoke", "rounds": 2, "samples": 2, "seeds": (0, 1)},
-    "default": {"pipeline_preset": "quick", "rounds": 3, "samples": 4, "seeds": (0, 1, 2)},
+    "default": {"pipeline_preset": "quick", "rounds": 3, "samples": 4, "seeds": (0, 1, 2),
+                "proxy_iterations": 150, "final_iterations": 400},
 }
 
 
@@ -64,6 +65,7 @@ class BenchConfig:
     pipeline_preset: str = "quick"  # paploss.steps preset: data sizes, warm start, proxy and final schedules
     rounds: int = 3
     samples: int = 4
+    proxy_iterations: int | None = None  # None: the pipeline preset's proxy schedule
     final_iterations: int | None = None  # None: the pipeline preset's final schedule
     jobs: int = 2  # trainings run at a time (one CPU thread each)
     work: str = "runs/bench"
@@ -88,6 +90,8 @@ class BenchConfig:
         p = steps.get_preset(self.pipeline_preset).with_overrides(
             dataset=f"bundled:{dataset}", rounds=self.rounds, samples=self.samples
         )
+        if self.proxy_iterations:
+            p = p.with_overrides(proxy={**p.proxy, "iterations": int(self.proxy_iterations), "epochs": None})
         if self.final_iterations:
             p = p.with_overrides(final={**p.final, "iterations": int(self.final_iterations), "epochs": None})
         return p
@@ -167,12 +171,14 @@ def _final_job(p: steps.Preset, data: str, init: str, loss: str, spec_json: str 
     return doc
 
 
-def _loss_specs(cfg: BenchConfig, dataset: str, searched: Mapping[tuple[str, str], str]) -> dict[str, str | None]:
-    """loss name -> LossSpec JSON (None for the focal baselines)."""
+def _loss_specs(cfg: BenchConfig, dataset: str, searched: Mapping[tuple[str, str], str],
+                losses: Sequence[str] | None = None) -> dict[str, str | None]:
+    """loss name -> LossSpec JSON (None for the focal baselines), for ``losses``
+    (default: all of ``cfg.losses``)."""
     from paploss.spec import LossSpec
 
     specs: dict[str, str | None] = {}
-    for loss in cfg.losses:
+    for loss in cfg.losses if losses is None else losses:
         if loss in ("focal+l1", "focal+giou"):
             specs[loss] = None
         elif loss in ("sigmoid", "sqrt", "linear", "square"):
@@ -262,17 +268,49 @@ def _log_mlflow(tracking_uri: str, dataset: str, cfg: BenchConfig, per_loss: Map
 
 
 def run_bench(cfg: BenchConfig, tracking_uri: str | None = None) -> dict:
-    """The whole benchmark; returns ``{dataset: {loss: {metric: [per seed]}}}``."""
-    searched: dict[tuple[str, str], str] = {}
-    prepared: dict[str, tuple[steps.Preset, str, str]] = {}
-    modes = [m for m in ("searched", "searched-shared") if m in cfg.losses or (m == "searched" and "transfer" in cfg.losses)]
+    """The whole benchmark; returns ``{dataset: {loss: {metric: [per seed]}}}``.
+
+    Order: per dataset the searches and then its final trainings, then the
+    ``transfer`` trainings (they need both searches). The results files are
+    rewritten after each phase, so a stopped run leaves a usable partial table."""
     with _pool(cfg.jobs) as pool:  # one pool for the whole run: a worker imports torch once
-        return _run(cfg, pool, modes, tracking_uri)
+        return _run(cfg, pool, tracking_uri)
 
 
-def _run(cfg: BenchConfig, pool: ProcessPoolExecutor, modes: Sequence[str], tracking_uri: str | None) -> dict:
+def _finals(cfg: BenchConfig, pool: ProcessPoolExecutor, dataset: str, prepared, specs: Mapping[str, str | None],
+            losses: Sequence[str], per_loss: dict[str, dict[str, list[float]]]) -> None:
+    p, data, init = prepared
+    futures = {
+        (loss, seed): pool.submit(
+            _final_job, p, data, init, loss, specs[loss], seed,
+            storage.join(cfg.work, dataset, "final", f"{loss}-seed{seed}.json"),
+        )
+        for seed in cfg.seeds for loss in losses
+    }
+    for (loss, seed), fut in futures.items():
+        doc = fut.result()
+        for m in METRICS:
+            per_loss.setdefault(loss, {k: [] for k in METRICS})[m].append(float(doc["metrics"].get(m, math.nan)))
+        _log(f"{dataset} {loss} seed {seed}: AP {doc['metrics'].get('AP', math.nan):.4f} ({doc['seconds']:.0f}s)")
+
+
+def _write_results(cfg: BenchConfig, results: Mapping, searched: Mapping[tuple[str, str], str], done: bool) -> None:
+    storage.write_json(storage.join(cfg.out, "bench_search.json"), results)
+    specs_md = "\n".join(
+        f"- `{mode}` on {d}: `{_controller(s).spec().to_json()}`" for (d, mode), s in sorted(searched.items())
+    )
+    status = "" if done else "**Partial: the run was still going when this was written.**\n\n"
+    storage.write_text(storage.join(cfg.out, "bench_search.md"),
+                       "# Search-quality benchmark\n\n" + status
+                       + f"Config: `{json.dumps(dataclasses.asdict(cfg))}`\n\n"
+                       + summarize(results) + "\n## Searched losses\n\n" + specs_md + "\n")
+
+
+def _run(cfg: BenchConfig, pool: ProcessPoolExecutor, tracking_uri: str | None) -> dict:
+    modes = [m for m in ("searched", "searched-shared") if m in cfg.losses or (m == "searched" and "transfer" in cfg.losses)]
     searched: dict[tuple[str, str], str] = {}
     prepared: dict[str, tuple[steps.Preset, str, str]] = {}
+    results: dict[str, dict[str, dict[str, list[float]]]] = {}
     for dataset in cfg.datasets:
         p = cfg.preset(dataset)
         work = storage.join(cfg.work, dataset)
@@ -282,39 +320,20 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor, modes: Sequence[str], trac
         for mode in modes:
             controller = {**p.controller, **({"shared": True} if mode == "searched-shared" else {})}
             searched[(dataset, mode)] = _search(pool, p, data, init, work, f"bench-{dataset}-{mode}", controller)
-
-    results: dict[str, dict[str, dict[str, list[float]]]] = {}
+        own = [loss for loss in cfg.losses if loss != "transfer"]
+        specs = _loss_specs(cfg, dataset, searched, own)
+        results[dataset] = {}
+        _finals(cfg, pool, dataset, prepared[dataset], specs, own, results[dataset])
+        _write_results(cfg, results, searched, done=False)
+    if "transfer" in cfg.losses:
+        for dataset in cfg.datasets:
+            specs = _loss_specs(cfg, dataset, searched, ["transfer"])
+            _finals(cfg, pool, dataset, prepared[dataset], specs, ["transfer"], results[dataset])
     for dataset in cfg.datasets:
-        p, data, init = prepared[dataset]
-        specs = _loss_specs(cfg, dataset, searched)
-        jobs = [(loss, seed) for seed in cfg.seeds for loss in cfg.losses]
-        futures = {
-            (loss, seed): pool.submit(
-                _final_job, p, data, init, loss, specs[loss], seed,
-                storage.join(cfg.work, dataset, "final", f"{loss}-seed{seed}.json"),
-            )
-            for loss, seed in jobs
-        }
-        per_loss: dict[str, dict[str, list[float]]] = {loss: {m: [] for m in METRICS} for loss in cfg.losses}
-        for (loss, seed), fut in futures.items():
-            doc = fut.result()
-            for m in METRICS:
-                per_loss[loss][m].append(float(doc["metrics"].get(m, math.nan)))
-            _log(f"{dataset} {loss} seed {seed}: AP {doc['metrics'].get('AP', math.nan):.4f} "
-                 f"({doc['seconds']:.0f}s)")
-        results[dataset] = per_loss
         figures = _figures(cfg.out, dataset, searched)
         if tracking_uri:
-            _log_mlflow(tracking_uri, dataset, cfg, per_loss, figures, searched)
-
-    storage.write_json(storage.join(cfg.out, "bench_search.json"), results)
-    table = summarize(results)
-    specs_md = "\n".join(
-        f"- `{mode}` on {d}: `{_controller(s).spec().to_json()}`" for (d, mode), s in sorted(searched.items())
-    )
-    storage.write_text(storage.join(cfg.out, "bench_search.md"),
-                       "# Search-quality benchmark\n\n" + f"Config: `{json.dumps(dataclasses.asdict(cfg))}`\n\n"
-                       + table + "\n## Searched losses\n\n" + specs_md + "\n")
+            _log_mlflow(tracking_uri, dataset, cfg, results[dataset], figures, searched)
+    _write_results(cfg, results, searched, done=True)
     return results
 
 
@@ -326,13 +345,15 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor, modes: Sequence[str], trac
 @click.option("--seeds", default=None, help="Comma-separated seeds of the final trainings [preset].")
 @click.option("--rounds", type=int, default=None, help="PPO rounds per search [preset].")
 @click.option("--samples", type=int, default=None, help="Losses sampled per round [preset].")
-@click.option("--final-iterations", type=int, default=None, help="Iterations of each final training [pipeline preset].")
+@click.option("--proxy-iterations", type=int, default=None, help="Iterations of each proxy trial [preset].")
+@click.option("--final-iterations", type=int, default=None, help="Iterations of each final training [preset].")
 @click.option("--jobs", type=int, default=2, show_default=True, help="Trainings at a time (one CPU thread each).")
 @click.option("--work", default="runs/bench", show_default=True, help="Cache folder (or s3:// prefix); resumes.")
 @click.option("--out", default="docs", show_default=True, help="Where bench_search.json/.md and figures go.")
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default="sqlite:///mlflow.db", show_default=True,
               help="MLflow store for the results [env MLFLOW_TRACKING_URI]; '' to skip.")
-def bench(preset, datasets, losses, seeds, rounds, samples, final_iterations, jobs, work, out, tracking_uri) -> None:
+def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, final_iterations, jobs, work, out,
+          tracking_uri) -> None:
     """The search-quality benchmark: search on the bundled datasets, then train with
     every loss and seed and compare AP on the held-out val split (issue 8)."""
     base = BENCH_PRESETS[preset]
@@ -343,7 +364,8 @@ def bench(preset, datasets, losses, seeds, rounds, samples, final_iterations, jo
             seeds=tuple(int(s) for s in seeds.split(",")) if seeds else tuple(base["seeds"]),
             pipeline_preset=base["pipeline_preset"],
             rounds=rounds or base["rounds"], samples=samples or base["samples"],
-            final_iterations=final_iterations, jobs=jobs, work=work, out=out,
+            proxy_iterations=proxy_iterations or base.get("proxy_iterations"),
+            final_iterations=final_iterations or base.get("final_iterations"), jobs=jobs, work=work, out=out,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
