@@ -38,7 +38,6 @@ memory stays under about 64 MB whatever N and P.
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 from torch import Tensor

@@ -17,7 +17,7 @@ def _examples(n: int) -> int:
 
 import paploss.loss as L
 from paploss import LossSpec, pap_loss, scale_grad
-from paploss.functions import RankFunction, rank_function_piecewise_linear
+from paploss.functions import rank_function_piecewise_linear
 from paploss.loss import rank_sum
 from paploss.spec import IDENTITY_THETA8, theta_to_points
 
