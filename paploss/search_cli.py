@@ -169,7 +169,7 @@ def preflight(s: RunSettings) -> None:
         raise click.UsageError(str(exc)) from None
 
 
-def run_inprocess(s: RunSettings, *, train_fn: Callable | None = None, progress: bool = True) -> dict:
+def run_inprocess(s: RunSettings, *, progress: bool = True) -> dict:
     """The whole search in this process; returns the report (the AP table)."""
     from tqdm.auto import tqdm
 
@@ -185,7 +185,7 @@ def run_inprocess(s: RunSettings, *, train_fn: Callable | None = None, progress:
     for r in range(p.rounds):
         results = [
             steps.proxy_trial(data, init, t, proxy, s.work, s.search_name, state=out["state"], tracking=tracking,
-                              attempts=p.attempts, train_fn=train_fn)
+                              attempts=p.attempts)
             for t in tqdm(out["trials"], desc=f"round {r + 1}/{p.rounds}", disable=not progress, leave=False)
         ]
         out = steps.controller_update(out["state"], results, s.work, s.search_name,

@@ -43,7 +43,7 @@ import time
 import traceback
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from paploss import storage
 
@@ -520,7 +520,6 @@ def proxy_trial(
     state: str = "",
     tracking: Mapping[str, str] | None = None,
     attempts: int = 1,
-    train_fn: Callable | None = None,
 ) -> str:
     """Train one proxy model with the loss of one sampled θ; its reward is the AP on
     search-val (SPEC §3, §4). Returns the result as JSON text::
@@ -533,7 +532,9 @@ def proxy_trial(
     default ``AP``, picks the reward; ``AP50`` for VOC-style data). ``state``: the
     controller state the θ was drawn from (for θ → LossSpec). Exceptions are caught
     and retried ``attempts`` times, then reported as ``failed``; a diverged run
-    (SPEC §3) is ``failed`` too. ``train_fn`` replaces ``engine.train`` (tests).
+    (SPEC §3) is ``failed`` too. The stored result (``trials/rNNN-sMM.json``) also
+    holds the training loss per iteration; the returned JSON leaves it out (KFP
+    parameters stay small).
     """
     t = _parse_trial(trial)
     r, s = int(t["round"]), int(t["sample"])
@@ -543,7 +544,7 @@ def proxy_trial(
         done = storage.read_json(out)
         if done.get("theta") == theta:
             _ensure_trial_logged(done, search_name, state, tracking)
-            return json.dumps(done)
+            return _trial_output(done)
     proxy = plain(dict(proxy or {}))
     metric = proxy.pop("reward_metric", "AP")
     functions: Sequence[str] = ()
@@ -563,8 +564,8 @@ def proxy_trial(
                     data=str(_local(data)), train_ann="search_train", val_ann="search_val",
                     loss="paploss", spec=spec, init=str(_local(init)) if init else None,
                     seed=int(t["seed"]), out_dir=tmp,
-                ) if train_fn is None else {"proxy": proxy, "spec": spec, "seed": int(t["seed"]), "theta": theta}
-                res = (train_fn or _run_training)(cfg, on_step=lambda it, loss: losses.append(float(loss)))
+                )
+                res = _run_training(cfg, on_step=lambda it, loss: losses.append(float(loss)))
             metrics = {k: float(v) for k, v in dict(res.metrics).items()}
             if metric not in metrics:
                 raise StepError(f"reward_metric={metric!r} is not among the metrics {sorted(metrics)}")
@@ -583,7 +584,11 @@ def proxy_trial(
     what = "FAILED" if result["failed"] else f"reward {result['reward']:.4f}"
     _log(f"round {r} sample {s}: {what} ({result['seconds']:.0f}s)")
     _ensure_trial_logged(result, search_name, state, tracking)
-    return json.dumps(result)
+    return _trial_output(result)
+
+
+def _trial_output(result: Mapping[str, Any]) -> str:
+    return json.dumps({k: v for k, v in result.items() if k != "losses"})
 
 
 def _spec_of(state: str, theta: list[float]):
