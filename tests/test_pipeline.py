@@ -263,3 +263,19 @@ def test_submit_names_what_is_wrong(tmp_path):
     bad = CliRunner().invoke(main, ["submit", "--host", f"http://127.0.0.1:{port}", "--package", package,
                                     "--param", "novalue"])
     assert bad.exit_code == 2 and "'novalue' is not NAME=VALUE" in bad.output
+
+
+def test_local_run_console_shows_progress_lines_only():
+    import io
+    from collections import deque
+
+    from pipelines.run_local import _cause, _Tee
+
+    log, console = io.StringIO(), io.StringIO()
+    tee = _Tee(log, console)
+    tee.write("05:00 - INFO - Executing task 'x'\n        paploss> round 1/2: mean reward 0.1")
+    tee.write("\n    [KFP Executor] noise\n")
+    assert console.getvalue() == "round 1/2: mean reward 0.1\n"
+    assert "Executing task" in log.getvalue() and "noise" in log.getvalue()
+    tail = deque(["x", "paploss.steps.SearchFailed: search 's': 3 failed trials exceed max_failed_trials=2", "y"])
+    assert _cause(tail).startswith("paploss.steps.SearchFailed: search 's': 3 failed")
