@@ -193,7 +193,7 @@ def _label_sets(draw_sets: list[list[int]], n_classes: int) -> dict:
     return {"images": images, "annotations": anns, "categories": [{"id": c, "name": str(c)} for c in range(1, n_classes + 1)]}
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     n_classes=st.integers(1, 6),
     sets=st.lists(st.lists(st.integers(1, 6), min_size=0, max_size=4), min_size=2, max_size=40),

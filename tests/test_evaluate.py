@@ -93,7 +93,7 @@ def _random_case(rng: np.random.Generator, n_images: int, n_cats: int, n_gt: int
     return gt, dets
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 10_000), n_images=st.integers(1, 4), n_cats=st.integers(1, 3),
        n_gt=st.integers(1, 12), n_det=st.integers(1, 30))
 def test_coco_ap_matches_slow_twin(seed, n_images, n_cats, n_gt, n_det):

@@ -60,7 +60,7 @@ def slow_targets(cls_logits, reg, anchors, matched, targets, kind):
     return torch.tensor(t, dtype=cls_logits.dtype), torch.stack([torch.stack(r) for row in u for r in row]).reshape(N, A, K)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(seed=st.integers(0, 10_000), N=st.integers(1, 3), A=st.integers(1, 7), K=st.integers(1, 4),
        kind=st.sampled_from(["giou", "l1"]))
 def test_dense_targets_match_slow_twin_in_value_and_gradient(seed, N, A, K, kind):
@@ -124,7 +124,7 @@ def test_gradient_scale_multiplies_only_the_box_branch_gradient():
         loss.backward()
         grads[g] = (model.head.regression_head.bbox_reg.weight.grad.clone(),
                     model.head.classification_head.cls_logits.weight.grad.clone(),
-                    float(loss))
+                    float(loss.detach()))
     assert grads[1.0][2] == grads[3.0][2]  # the forward pass is unchanged
     assert grads[1.0][0].abs().sum() > 0
     torch.testing.assert_close(grads[3.0][0], 3.0 * grads[1.0][0], rtol=1e-4, atol=1e-7)
