@@ -162,8 +162,10 @@ class TrainConfig:
         return cls(**{**PROXY_PRESETS[name], **overrides})
 
 
-# Proxy presets: TrainConfig fields.  "quick" is the default proxy trial (about
-# 2 minutes on 2 shared CPU cores; see docs/detection.md for how it was chosen).
+# Proxy presets: TrainConfig fields.  "quick" is the default proxy trial: 150
+# iterations of batch 8 at 128 px from the pre-trained MobileNetV3-Small backbone
+# (3-5 minutes measured on the 2 shared, loaded CPU cores of the development
+# machine; see docs/detection.md and BENCHMARKS.md for how it was chosen).
 PROXY_PRESETS: dict[str, dict] = {
     "smoke": dict(train_ann="search_train", val_ann="search_val", detector="retinanet_mobilenet_v3_small",
                   image_size=64, fpn_channels=32, anchor_size=8.0, batch_size=4, iterations=6, warmup_iters=2,
