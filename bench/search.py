@@ -119,7 +119,7 @@ def _search(pool: ProcessPoolExecutor, p: steps.Preset, data: str, init: str, wo
     for r in range(p.rounds):
         start = time.monotonic()
         futures = [
-            pool.submit(steps.proxy_trial, data, init, t, proxy, work, name, out["state"], None, p.attempts)
+            pool.submit(steps.proxy_trial, data, init, t, proxy, work, name, state=out["state"], attempts=p.attempts)
             for t in out["trials"]
         ]
         results = [f.result() for f in futures]
