@@ -15,7 +15,6 @@ the data and warm start prepared once; the round's time is read from kfp.local's
 log, from the first trial starting to the controller update finishing.
 """
 
-from __future__ import annotations
 
 import contextlib
 import io
