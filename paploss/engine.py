@@ -57,6 +57,7 @@ __all__ = [
 ]
 
 CHECKPOINT = "checkpoint.pt"
+MMDET_PREFIX = "mmdet:"  # detector = "mmdet:<config file>": an MMDetection model (optional extra)
 METRICS_FILE = "metrics.json"
 
 
@@ -121,8 +122,13 @@ class TrainConfig:
         if self.spec is not None and not isinstance(self.spec, LossSpec):
             raise ValueError(f"spec must be a LossSpec, a dict or JSON, got {type(self.spec).__name__}")
         check_loss(self.loss, self.spec)
-        if self.detector not in DETECTORS:
-            raise ValueError(f"unknown detector {self.detector!r}; known: {sorted(DETECTORS)}")
+        if self.detector.startswith(MMDET_PREFIX):
+            if not self.detector[len(MMDET_PREFIX):]:
+                raise ValueError(f"detector {self.detector!r} names no MMDetection config file after {MMDET_PREFIX!r}")
+        elif self.detector not in DETECTORS:
+            raise ValueError(
+                f"unknown detector {self.detector!r}; known: {sorted(DETECTORS)} or {MMDET_PREFIX}<config file>"
+            )
         if (self.iterations is None) == (self.epochs is None):
             raise ValueError(f"give exactly one of iterations and epochs (got iterations={self.iterations}, epochs={self.epochs})")
         if self.iterations is not None and self.iterations < 1:
@@ -284,7 +290,15 @@ def _is_bad(loss: float) -> bool:
 
 # ----------------------------------------------------------------------------- train
 def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None, progress: bool = True) -> TrainResult:
-    """Train ``cfg`` and evaluate it on ``cfg.val_ann``; see the module docstring."""
+    """Train ``cfg`` and evaluate it on ``cfg.val_ann``; see the module docstring.
+
+    ``cfg.detector = "mmdet:<config file>"`` trains that MMDetection config instead
+    (``paploss.integrations.mmdet_train``, needs the ``mmdet`` extra), with the same
+    schedule, loss switch, divergence stop and metrics."""
+    if cfg.detector.startswith(MMDET_PREFIX):
+        from paploss.integrations.mmdet_train import train as mmdet_train
+
+        return mmdet_train(cfg.detector[len(MMDET_PREFIX):], cfg, on_step)
     t0 = time.time()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)

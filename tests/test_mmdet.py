@@ -469,17 +469,27 @@ def test_mmdet_run_config_errors(shapes_root, tmp_path):
 
 @pytest.mark.slow
 def test_mmdet_config_as_the_trial_detector(shapes_root, tmp_path):
-    """``train(config, TrainConfig)`` returns what paploss.engine.train returns: a proxy trial's result."""
-    from paploss.engine import TrainResult
+    """``engine.train`` with ``detector="mmdet:<config>"`` (what a pipeline trial calls)
+    trains the MMDetection config and returns a proxy trial's result."""
+    import dataclasses
+
+    from paploss.engine import TrainResult, train
     from paploss.evaluate import METRICS
-    from paploss.integrations.mmdet_train import train
 
     steps = []
-    res = train(SHAPES_CFG, tiny_train_config(shapes_root, tmp_path), on_step=lambda i, v: steps.append(i))
+    cfg = dataclasses.replace(tiny_train_config(shapes_root, tmp_path), detector=f"mmdet:{SHAPES_CFG}")
+    res = train(cfg, on_step=lambda i, v: steps.append(i))
     assert isinstance(res, TrainResult) and not res.diverged
     assert steps == [0, 1, 2] and len(res.losses) == 3 and all(math.isfinite(v) for v in res.losses)
     assert set(res.metrics) == set(METRICS) and all(0.0 <= v <= 1.0 for v in res.metrics.values())
     assert res.checkpoint is not None and Path(res.checkpoint).exists()
+
+
+def test_mmdet_detector_name_needs_a_config(shapes_root, tmp_path):
+    import dataclasses
+
+    with pytest.raises(ValueError, match="names no MMDetection config"):
+        dataclasses.replace(tiny_train_config(shapes_root, tmp_path), detector="mmdet:")
 
 
 @pytest.mark.slow
