@@ -103,11 +103,12 @@ def _cause(tail: deque[str]) -> str:
     return "see the log"
 
 
-def run_pipeline(s: RunSettings, root: str | Path = "runs", cache: bool = True, console: TextIO | None = sys.stdout,
+def run_pipeline(s: RunSettings, root: str | Path = "runs", cache: bool = True, console: TextIO | None | str = "stdout",
                  image: str | None = None) -> dict:
     """Compile-free local run of the search pipeline; returns the report (the AP table).
 
-    ``root``: local folder for kfp.local's outputs, cache and logs. Raises
+    ``root``: local folder for kfp.local's outputs, cache and logs. ``console``: where
+    the progress lines go (``"stdout"``: the ``sys.stdout`` of the call; None: nowhere). Raises
     ``click.ClickException`` naming the failed step's error when the pipeline fails.
     """
     import json
@@ -116,6 +117,8 @@ def run_pipeline(s: RunSettings, root: str | Path = "runs", cache: bool = True, 
 
     from pipelines.search_pipeline import ClusterOptions, build_pipeline
 
+    if console == "stdout":  # looked up now, not at import: click and pytest swap sys.stdout
+        console = sys.stdout
     root = Path(root).resolve()
     (root / "logs").mkdir(parents=True, exist_ok=True)
     log_path = root / "logs" / f"{s.search_name}.log"
