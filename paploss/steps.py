@@ -403,8 +403,14 @@ def pretrain(data: str, work: str, config: Mapping[str, Any] | None = None, seed
 
     The backbone must fit the trials' detector: ``detector``, ``width_mult`` and
     ``image_size`` not in ``config`` come from the ``proxy`` training options;
-    ``detector`` (the pipeline parameter, "" = keep) overrides both."""
+    ``detector`` (the pipeline parameter, "" = keep) overrides both.
+
+    An MMDetection detector (``"mmdet:<config>"``) gets no warm start here: it
+    starts as its config says (``init_cfg`` / ``load_from``), and this returns ""."""
     config = pretrain_options(config, proxy, detector)
+    if str(config.get("detector", "")).startswith(_engine().MMDET_PREFIX):
+        _log(f"no warm start for {config['detector']}: the MMDetection config's own init_cfg/load_from applies")
+        return ""
     out = storage.join(work, "pretrain", _key("pretrain", data, config, int(seed)), "backbone.pt")
     if storage.exists(out):
         return out

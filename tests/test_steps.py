@@ -223,3 +223,13 @@ def test_controller_update_is_idempotent_and_checks_its_inputs(tiny_data):
     with pytest.raises(steps.StepError, match="other controller options"):
         steps.init_search(work, "idem", rounds=3, samples=3, seed=1, controller={"sigma": 0.1})
     assert steps.init_search(work, "idem", rounds=3, samples=3, seed=1)["trials"] == out["trials"]
+
+
+def test_mmdet_detector_gets_no_warm_start(tmp_path):
+    """An MMDetection config as the search's detector (``mmdet:<config>``) starts as
+    its config says: the pretrain step returns no file and trains nothing."""
+    out = steps.pretrain("unused-data-uri", str(tmp_path), detector="mmdet:configs/mmdet/paploss_retinanet_tiny_shapes.py")
+    assert out == ""
+    assert not any(tmp_path.iterdir())
+    # the trials and final trainings of such a search agree with it (one detector for all three)
+    steps.check_detectors({"preset": "quick"}, {"preset": "quick"}, {}, detector="mmdet:configs/x.py")
