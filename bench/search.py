@@ -225,7 +225,7 @@ def _reward_history(state: str) -> list[list[float]]:
 
 def _figures(out: str, dataset: str, searched: Mapping[tuple[str, str], str]) -> list[str]:
     from paploss.functions import plot_functions
-    from paploss.tracking import _reward_figure as reward_figure  # the pipeline's figure, same look
+    from paploss.tracking import reward_figure  # the pipeline's figure, same look
 
     written = []
     for mode in ("searched", "searched-shared"):

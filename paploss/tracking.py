@@ -250,7 +250,8 @@ def log_trial(
     return run_id
 
 
-def _reward_figure(history: Sequence[Sequence[float | None]], path: Path) -> None:
+def reward_figure(history: Sequence[Sequence[float | None]], path: Path) -> None:
+    """Rewards of every trial per round (dots) and their mean (line), saved to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -264,6 +265,7 @@ def _reward_figure(history: Sequence[Sequence[float | None]], path: Path) -> Non
         means.append(sum(ok) / len(ok) if ok else float("nan"))
     ax.plot(range(len(means)), means, color="tab:red", label="mean reward")
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_ylabel("reward (search-val AP)")
     ax.legend(loc="lower right")
     fig.tight_layout()
@@ -301,7 +303,7 @@ def log_round(
     _log_metrics(client, parent_run_id, items)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        _reward_figure(history, tmp / "rewards.png")
+        reward_figure(history, tmp / "rewards.png")
         client.log_artifact(parent_run_id, str(tmp / "rewards.png"))
         if spec is not None:
             _functions_figure(spec, tmp / "functions.png")
