@@ -41,7 +41,7 @@ import click
 
 from paploss import steps, storage
 
-__all__ = ["BenchConfig", "LOSSES", "BENCH_PRESETS", "run_bench", "summarize", "bench"]
+__all__ = ["BenchConfig", "LOSSES", "BENCH_PRESETS", "run_bench", "summarize", "goal_check", "goal_lines", "bench"]
 
 LOSSES = ("searched", "searched-shared", "focal+l1", "focal+giou", "sigmoid", "sqrt", "linear", "square", "transfer")
 METRICS = ("AP", "AP50", "AP75")
@@ -50,8 +50,8 @@ METRICS = ("AP", "AP50", "AP75")
 # (see BENCHMARKS.md for what it measured); "smoke" checks the plumbing in minutes.
 BENCH_PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {"pipeline_preset": "smoke", "rounds": 2, "samples": 2, "seeds": (0, 1)},
-    "default": {"pipeline_preset": "quick", "rounds": 3, "samples": 4, "seeds": (0, 1, 2),
-                "proxy_iterations": 150, "final_iterations": 400},
+    "default": {"pipeline_preset": "quick", "rounds": 8, "samples": 4, "seeds": (0, 1, 2),
+                "proxy_iterations": 150, "final_iterations": 400, "n_train": 1000, "n_val": 250},
 }
 
 
@@ -67,6 +67,8 @@ class BenchConfig:
     samples: int = 4
     proxy_iterations: int | None = None  # None: the pipeline preset's proxy schedule
     final_iterations: int | None = None  # None: the pipeline preset's final schedule
+    n_train: int | None = None  # images of the bundled train split (None: the pipeline preset's)
+    n_val: int | None = None  # images of the bundled val split (None: the pipeline preset's)
     jobs: int = 2  # trainings run at a time (one CPU thread each)
     work: str = "runs/bench"
     out: str = "docs"
@@ -80,6 +82,10 @@ class BenchConfig:
             raise ValueError(f"datasets {bad} are unknown; known: shapes, digits")
         if "transfer" in self.losses and len(self.datasets) < 2:
             raise ValueError("loss 'transfer' needs two datasets (the loss searched on the other one)")
+        for name in ("n_train", "n_val", "proxy_iterations", "final_iterations"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value} must be >= 1 (or None for the pipeline preset's)")
         if self.rounds < 1 or self.samples < 2 or not self.seeds or self.jobs < 1:
             raise ValueError(
                 f"rounds={self.rounds} (>= 1), samples={self.samples} (>= 2), seeds={self.seeds} (non-empty), "
@@ -94,6 +100,9 @@ class BenchConfig:
             p = p.with_overrides(proxy={**p.proxy, "iterations": int(self.proxy_iterations), "epochs": None})
         if self.final_iterations:
             p = p.with_overrides(final={**p.final, "iterations": int(self.final_iterations), "epochs": None})
+        sizes = {k: int(v) for k, v in (("n_train", self.n_train), ("n_val", self.n_val)) if v}
+        if sizes:
+            p = p.with_overrides(bundled={**p.bundled, **sizes})
         return p
 
 
@@ -159,7 +168,11 @@ def _final_job(p: steps.Preset, data: str, init: str, loss: str, spec_json: str 
     """Train on ``train``, evaluate on ``val`` (never search-val); cached in ``out``."""
     from paploss.engine import train
 
-    key = steps._key("bench-final", data, init, loss, spec_json, seed, p.final, p.detector)
+    from paploss import functions
+
+    # the handcrafted functions' version: results of an older implementation are not reused
+    version = getattr(functions, "HANDCRAFTED_VERSION", 1)
+    key = steps.content_key("bench-final", data, init, loss, spec_json, seed, p.final, p.detector, version)
     if storage.exists(out):
         done = storage.read_json(out)
         if done.get("key") == key:
@@ -216,6 +229,47 @@ def summarize(results: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]]
                     cells.append(f"{statistics.mean(vals):.1f} ± {statistics.stdev(vals):.1f}")
             lines.append(f"| {loss} | {len(metrics.get('AP', []))} | " + " | ".join(cells) + " |")
         lines.append("")
+    return "\n".join(lines)
+
+
+HANDCRAFTED = ("sigmoid", "sqrt", "linear", "square")
+
+
+def goal_check(results: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]], margin: float = 0.02) -> dict:
+    """The issue's goal, per dataset, from ``{dataset: {loss: {"AP": [per seed]}}}``.
+
+    ``vs_focal``: mean AP of ``searched`` minus that of ``focal+l1``; ``beats_focal``:
+    that gap is at least ``margin`` (2 AP points) *and* outside the seeds' spread
+    (the worst searched seed above the best focal+l1 seed). ``vs_handcrafted``: the
+    mean gap to each handcrafted form; ``beats_handcrafted``: every gap > 0. Missing
+    losses give ``None``."""
+    out: dict[str, dict] = {}
+    for dataset, per_loss in results.items():
+        ap = {loss: list(m.get("AP", [])) for loss, m in per_loss.items() if m.get("AP")}
+        searched = ap.get("searched")
+        row: dict[str, Any] = {"vs_focal": None, "beats_focal": None, "vs_handcrafted": {}, "beats_handcrafted": None}
+        if searched and ap.get("focal+l1"):
+            focal = ap["focal+l1"]
+            row["vs_focal"] = statistics.mean(searched) - statistics.mean(focal)
+            row["beats_focal"] = row["vs_focal"] >= margin and min(searched) > max(focal)
+        if searched:
+            gaps = {f: statistics.mean(searched) - statistics.mean(ap[f]) for f in HANDCRAFTED if f in ap}
+            row["vs_handcrafted"] = gaps
+            row["beats_handcrafted"] = all(g > 0 for g in gaps.values()) if len(gaps) == len(HANDCRAFTED) else None
+        out[dataset] = row
+    return out
+
+
+def goal_lines(check: Mapping[str, Mapping[str, Any]]) -> str:
+    """``goal_check`` as Markdown lines (AP points)."""
+    word = {True: "yes", False: "**no**", None: "not measured"}
+    lines = []
+    for dataset, row in check.items():
+        focal = "–" if row["vs_focal"] is None else f"{100 * row['vs_focal']:+.1f}"
+        hand = ", ".join(f"{f} {100 * g:+.1f}" for f, g in row["vs_handcrafted"].items()) or "–"
+        lines.append(f"- {dataset}: searched − focal+l1 = {focal} AP (≥ +2.0 and outside the seeds' spread: "
+                     f"{word[row['beats_focal']]}); searched − handcrafted: {hand} "
+                     f"(beats every one: {word[row['beats_handcrafted']]})")
     return "\n".join(lines)
 
 
@@ -303,7 +357,8 @@ def _write_results(cfg: BenchConfig, results: Mapping, searched: Mapping[tuple[s
     storage.write_text(storage.join(cfg.out, "bench_search.md"),
                        "# Search-quality benchmark\n\n" + status
                        + f"Config: `{json.dumps(dataclasses.asdict(cfg))}`\n\n"
-                       + summarize(results) + "\n## Searched losses\n\n" + specs_md + "\n")
+                       + summarize(results) + "\n## The goal (issue 8)\n\n" + goal_lines(goal_check(results))
+                       + "\n\n## Searched losses\n\n" + specs_md + "\n")
 
 
 def _run(cfg: BenchConfig, pool: ProcessPoolExecutor, tracking_uri: str | None) -> dict:
@@ -347,13 +402,15 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor, tracking_uri: str | None) 
 @click.option("--samples", type=int, default=None, help="Losses sampled per round [preset].")
 @click.option("--proxy-iterations", type=int, default=None, help="Iterations of each proxy trial [preset].")
 @click.option("--final-iterations", type=int, default=None, help="Iterations of each final training [preset].")
+@click.option("--n-train", type=int, default=None, help="Images of each bundled dataset's train split [preset].")
+@click.option("--n-val", type=int, default=None, help="Images of each bundled dataset's val split [preset].")
 @click.option("--jobs", type=int, default=2, show_default=True, help="Trainings at a time (one CPU thread each).")
 @click.option("--work", default="runs/bench", show_default=True, help="Cache folder (or s3:// prefix); resumes.")
 @click.option("--out", default="docs", show_default=True, help="Where bench_search.json/.md and figures go.")
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default="sqlite:///mlflow.db", show_default=True,
               help="MLflow store for the results [env MLFLOW_TRACKING_URI]; '' to skip.")
-def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, final_iterations, jobs, work, out,
-          tracking_uri) -> None:
+def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, final_iterations, n_train, n_val, jobs,
+          work, out, tracking_uri) -> None:
     """The search-quality benchmark: search on the bundled datasets, then train with
     every loss and seed and compare AP on the held-out val split (issue 8)."""
     base = BENCH_PRESETS[preset]
@@ -365,13 +422,15 @@ def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, fi
             pipeline_preset=base["pipeline_preset"],
             rounds=rounds or base["rounds"], samples=samples or base["samples"],
             proxy_iterations=proxy_iterations or base.get("proxy_iterations"),
-            final_iterations=final_iterations or base.get("final_iterations"), jobs=jobs, work=work, out=out,
+            final_iterations=final_iterations or base.get("final_iterations"),
+            n_train=n_train or base.get("n_train"), n_val=n_val or base.get("n_val"), jobs=jobs, work=work, out=out,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     start = time.monotonic()
     results = run_bench(cfg, tracking_uri or None)
     click.echo(summarize(results))
+    click.echo(goal_lines(goal_check(results)))
     click.echo(f"wall time {time.monotonic() - start:.0f}s; results in {out}/bench_search.json and .md")
 
 

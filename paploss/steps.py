@@ -71,6 +71,7 @@ __all__ = [
     "Preset",
     "PRESETS",
     "get_preset",
+    "content_key",
 ]
 
 #: The baselines trained beside the searched loss (SPEC §4, RetinaNet).
@@ -94,7 +95,7 @@ def _log(msg: str) -> None:
     print(f"paploss> {msg}", flush=True)
 
 
-def _key(*parts: Any) -> str:
+def content_key(*parts: Any) -> str:
     """A short stable hash of JSON-able parts: names outputs by their inputs."""
     blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -288,7 +289,7 @@ def prepare_data(
         storage.exists(storage.join(dataset, "annotations", f"{s}.json")) for s in ("search_train", "search_val")
     ):
         return dataset
-    key = _key("data", dataset, bundled if name else None, int(split_seed), float(search_val_fraction))
+    key = content_key("data", dataset, bundled if name else None, int(split_seed), float(search_val_fraction))
     out = storage.join(work, "data", f"{name or 'dataset'}-{key}")
     marker = storage.join(out, "annotations", "search_val.json")
     if storage.exists(marker):
@@ -411,7 +412,7 @@ def pretrain(data: str, work: str, config: Mapping[str, Any] | None = None, seed
     if str(config.get("detector", "")).startswith(_engine().MMDET_PREFIX):
         _log(f"no warm start for {config['detector']}: the MMDetection config's own init_cfg/load_from applies")
         return ""
-    out = storage.join(work, "pretrain", _key("pretrain", data, config, int(seed)), "backbone.pt")
+    out = storage.join(work, "pretrain", content_key("pretrain", data, config, int(seed)), "backbone.pt")
     if storage.exists(out):
         return out
     engine = _engine()
@@ -763,7 +764,7 @@ def final_train(
         spec = Controller.from_state_dict(storage.read_json(state)["controller"]).spec()
     out = storage.join(search_dir(work, search_name), "final", f"{loss}.json")
     final = plain(dict(final or {}))
-    key = _key(data, init, loss, final, state, int(seed))
+    key = content_key(data, init, loss, final, state, int(seed))
     if storage.exists(out):
         done = storage.read_json(out)
         if done.get("key") == key:

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from bench.search import LOSSES, BenchConfig, _loss_specs, final_config, summarize
+from bench.search import LOSSES, BenchConfig, _loss_specs, final_config, goal_check, goal_lines, summarize
 from paploss import steps, storage
 from paploss.search import Controller
 from paploss.spec import LossSpec
@@ -32,11 +32,43 @@ def test_summarize_mean_and_std_in_ap_points():
         ({"samples": 1}, "samples=1"),
         ({"rounds": 0}, "rounds=0"),
         ({"seeds": ()}, "seeds=()"),
+        ({"n_train": 0}, "n_train=0"),
+        ({"final_iterations": -5}, "final_iterations=-5"),
     ],
 )
 def test_config_rejects_bad_values_naming_them(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         BenchConfig(**kwargs)
+
+
+def test_goal_check_needs_the_margin_and_separated_seeds():
+    hand = {f: {"AP": [0.10, 0.11, 0.12]} for f in ("sigmoid", "sqrt", "linear")}
+    results = {
+        # +3 AP and every searched seed above every focal seed; above every handcrafted form
+        "a": {"searched": {"AP": [0.15, 0.16, 0.17]}, "focal+l1": {"AP": [0.12, 0.13, 0.14]},
+              "square": {"AP": [0.14, 0.15, 0.16]}, **hand},
+        # +3 AP on the mean but the seeds overlap; ties square
+        "b": {"searched": {"AP": [0.11, 0.18, 0.19]}, "focal+l1": {"AP": [0.12, 0.13, 0.14]},
+              "square": {"AP": [0.11, 0.18, 0.19]}, **hand},
+        # separated seeds but only +1 AP; square missing
+        "c": {"searched": {"AP": [0.145, 0.14, 0.145]}, "focal+l1": {"AP": [0.13, 0.13, 0.13]}},
+    }
+    check = goal_check(results)
+    assert check["a"]["beats_focal"] is True and check["a"]["beats_handcrafted"] is True
+    assert check["a"]["vs_focal"] == pytest.approx(0.03)
+    assert check["b"]["beats_focal"] is False and check["b"]["beats_handcrafted"] is False
+    assert check["b"]["vs_handcrafted"]["square"] == pytest.approx(0.0)
+    assert check["c"]["beats_focal"] is False and check["c"]["beats_handcrafted"] is None
+    text = goal_lines(check)
+    assert "- a: searched − focal+l1 = +3.0 AP" in text and "square +1.0" in text
+    assert "c:" in text and "not measured" in text
+
+
+def test_data_sizes_reach_the_bundled_dataset():
+    p = BenchConfig(n_train=300, n_val=60).preset("digits")
+    assert p.dataset == "bundled:digits"
+    assert p.bundled["n_train"] == 300 and p.bundled["n_val"] == 60
+    assert BenchConfig().preset("digits").bundled == steps.get_preset("quick").bundled
 
 
 @pytest.fixture(scope="module")
