@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -408,6 +409,28 @@ def test_r50_config_builds_the_papers_searched_loss():
     assert head.spec.form == "searched" and len(head.spec.points) == 5 and head.spec.grad_scale == pytest.approx(4.1231)
     assert type(model.backbone).__name__ == "ResNet" and model.backbone.depth == 50
     assert type(model.neck).__name__ == "FPN"
+
+
+@pytest.mark.parametrize("cfg_file", [SHAPES_CFG, R50_CFG], ids=["tiny_shapes", "r50_coco"])
+def test_configs_resolve_through_the_shared_local_base(cfg_file, tmp_path, monkeypatch):
+    """Both example configs inherit configs/mmdet/_base_/paploss_retinanet.py by a
+    relative path, which mmengine resolves without pkg_resources (the reason
+    MMDetection's own `mmdet::` bases are not used)."""
+    assert "_base_ = ['./_base_/paploss_retinanet.py']" in cfg_file.read_text()
+    # a copy of the configs whose base sets one extra key: both configs see it
+    copy = tmp_path / "mmdet"
+    shutil.copytree(cfg_file.parent, copy)
+    base = copy / "_base_" / "paploss_retinanet.py"
+    base.write_text(base.read_text() + "\nonly_in_the_base = 'shared'\n")
+    monkeypatch.setitem(sys.modules, "pkg_resources", None)  # importing it would fail
+    cfg = Config.fromfile(str(copy / cfg_file.name))
+    assert cfg.only_in_the_base == "shared"
+    # keys set only in the base, merged with the config's own
+    assert cfg.custom_imports.imports == ["paploss.integrations.mmdet"] and cfg.default_scope == "mmdet"
+    assert cfg.model.type == "RetinaNet" and cfg.model.train_cfg.assigner.type == "MaxIoUAssigner"
+    head = cfg.model.bbox_head
+    assert head.type == "PAPLossRetinaHead" and head.anchor_generator.scales_per_octave == 2 and "strides" in head.anchor_generator
+    assert cfg.val_cfg == dict(type="ValLoop") and set(cfg.default_hooks) >= {"timer", "logger", "checkpoint"}
 
 
 # ------------------------------------------- an MMDetection config as the pipeline's detector
