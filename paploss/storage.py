@@ -2,7 +2,8 @@
 
 Every write goes to a temporary name first and is then renamed (local) or is a
 single ``PutObject`` (S3, which is atomic per object), so a reader never sees a
-half-written file and a crash never destroys what was there before.
+half-written file and a crash never destroys what was there before. Whole local
+folders are published the same way with :func:`atomic_dir`.
 
 S3 goes through boto3; the endpoint comes from the environment as boto3 reads it
 (``AWS_ENDPOINT_URL`` or ``AWS_ENDPOINT_URL_S3``), so the same code talks to AWS,
@@ -11,6 +12,7 @@ MinIO or a local ``moto_server``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -33,6 +35,7 @@ __all__ = [
     "write_text",
     "write_json",
     "list_files",
+    "atomic_dir",
     "upload_dir",
     "download_dir",
     "localize",
@@ -203,6 +206,43 @@ def list_files(uri: str | os.PathLike) -> Iterator[str]:
     yield from sorted(k for k in keys if k and not k.endswith("/"))
 
 
+@contextlib.contextmanager
+def atomic_dir(dest: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
+    """Build a local folder under a temporary name, then rename it to ``dest``.
+
+    Yields a new empty folder, a hidden sibling of ``dest`` (``.<name>.<random>`` in
+    the same parent, created if missing, so the rename stays on one filesystem and is
+    atomic). When the ``with`` block ends normally, the folder is renamed to ``dest``;
+    a ``dest`` that exists by then is removed first: whatever it holds if ``replace``,
+    else only if it is an empty folder (a non-empty one raises ``FileExistsError`` and
+    is left as it was). When the block raises (``KeyboardInterrupt`` included), the
+    temporary folder is removed, ``dest`` is untouched and the exception propagates::
+
+        with atomic_dir("data/shapes") as tmp:
+            (tmp / "annotations").mkdir()
+            ...
+    """
+    if is_s3(dest):
+        raise ValueError(f"atomic_dir needs a local folder, got {str(dest)!r}")
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        yield tmp
+        if dest.exists():
+            if replace:
+                shutil.rmtree(dest)
+            else:
+                try:
+                    dest.rmdir()
+                except OSError as exc:
+                    raise FileExistsError(f"{dest} appeared meanwhile and is not empty; left as it is") from exc
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def upload_dir(local_dir: str | os.PathLike, uri: str) -> str:
     """Copy a local folder to ``uri`` (local or S3), file by file, each atomically."""
     local_dir = Path(local_dir)
@@ -220,14 +260,13 @@ def upload_dir(local_dir: str | os.PathLike, uri: str) -> str:
 
 
 def download_dir(uri: str, local_dir: str | os.PathLike) -> Path:
-    """Copy a folder or prefix to ``local_dir``: into a temporary sibling, then renamed."""
+    """Copy a folder or prefix to ``local_dir`` with :func:`atomic_dir`: into a temporary
+    sibling, then renamed into place, replacing what ``local_dir`` held."""
     local_dir = Path(local_dir)
     files = list(list_files(uri))
     if not files:
         raise FileNotFoundError(f"no files under {uri}")
-    local_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=local_dir.parent, prefix=f".{local_dir.name}."))
-    try:
+    with atomic_dir(local_dir, replace=True) as tmp:
         for rel in files:
             dst = tmp / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -239,12 +278,6 @@ def download_dir(uri: str, local_dir: str | os.PathLike) -> Path:
                     raise _s3_error(join(uri, rel), exc) from exc
             else:
                 shutil.copyfile(join(uri, rel), dst)
-        if local_dir.exists():
-            shutil.rmtree(local_dir)
-        os.replace(tmp, local_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return local_dir
 
 

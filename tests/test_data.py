@@ -85,6 +85,56 @@ def test_make_dataset_refuses_other_content(tmp_path, shapes):
         make_dataset("shapes", tmp_path / "y", n_train=0)
 
 
+
+def _failing_render(monkeypatch, after: int, action):
+    """Make the shapes generator run ``action`` at its ``after``-th image."""
+    from paploss.data import bundled
+
+    categories, render = bundled._generator("shapes")
+    calls = []
+
+    def patched(rng, size, split):
+        calls.append(1)
+        if len(calls) == after:
+            action()
+        return render(rng, size, split)
+
+    monkeypatch.setattr(bundled, "_generator", lambda name: (categories, patched))
+
+
+def test_make_dataset_crash_leaves_nothing(tmp_path, monkeypatch):
+    """A crash mid-way leaves neither ``out`` nor the hidden folder it was built in;
+    the next call starts afresh and succeeds."""
+    def crash():
+        raise RuntimeError("killed mid-way")
+
+    _failing_render(monkeypatch, 5, crash)
+    with pytest.raises(RuntimeError, match="killed mid-way"):
+        make_dataset("shapes", tmp_path / "out", n_train=6, n_val=2, image_size=64, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    out = make_dataset("shapes", tmp_path / "out", n_train=6, n_val=2, image_size=64, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "annotations" / "val.json").exists()
+
+
+def test_make_dataset_into_an_empty_folder_and_one_filled_meanwhile(tmp_path, monkeypatch):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert make_dataset("shapes", empty, n_train=2, n_val=1, image_size=64, progress=False) == empty
+    assert (empty / "annotations" / "val.json").exists()
+
+    out = tmp_path / "out"
+
+    def someone_else_writes():
+        out.mkdir()
+        (out / "theirs.txt").write_text("not ours")
+
+    _failing_render(monkeypatch, 2, someone_else_writes)
+    with pytest.raises(FileExistsError, match="appeared meanwhile and is not empty"):
+        make_dataset("shapes", out, n_train=2, n_val=1, image_size=64, progress=False)
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "out"]  # no hidden folder left
+
 # ----------------------------------------------------------------------------- bad input
 def _write(tmp_path: Path, coco, name="ann.json") -> Path:
     p = tmp_path / name

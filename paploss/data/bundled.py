@@ -6,16 +6,15 @@ Layout::
     out/annotations/train.json       (COCO)
     out/annotations/val.json         (COCO)
 
-The dataset is generated into a hidden sibling folder and renamed into place, so a
-crash never leaves a half-written dataset under ``out``; calling again with the same
-arguments finds it complete and returns at once.
+The dataset is generated into a hidden sibling folder and renamed into place
+(:func:`paploss.storage.atomic_dir`), so a crash never leaves a half-written dataset
+under ``out``; calling again with the same arguments finds it complete and returns at
+once.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -95,9 +94,8 @@ def make_dataset(
 
     categories, render = _generator(name)
     cats = [{"id": k + 1, "name": c, "supercategory": name} for k, c in enumerate(categories)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    # an empty ``out`` (checked above) is replaced; one filled meanwhile raises FileExistsError
+    with storage.atomic_dir(out) as tmp:
         (tmp / "images").mkdir()
         ann_id = 1
         for split, n in (("train", n_train), ("val", n_val)):
@@ -115,12 +113,6 @@ def make_dataset(
             storage.write_json(tmp / "annotations" / f"{split}.json",
                                {"info": {**info, "split": split}, "images": images, "annotations": anns,
                                 "categories": cats}, indent=None)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
