@@ -9,6 +9,10 @@ Measured side by side in one run (forward + backward unless said otherwise):
    positives vs one ``torch.sort`` of those logits.
 3. The same entries through torchvision's ``sigmoid_focal_loss`` (and the loss with
    its default ``top_k = 100,000``).
+4. The handcrafted ``sigmoid`` and ``sqrt`` forms at N = 100,000, P = 200 (``--p-hc``):
+   their piecewise-quadratic approximations on the fast path (the default) vs the
+   exact functions on the tiled dense path (``pap_loss(..., exact=True)``), run
+   interleaved; ``--handcrafted-only`` runs just this group.
 
 Every case runs in its own fresh subprocess (same seed, same inputs), so that peak
 memory is that case's alone. Peak memory is the growth of the process's resident
@@ -141,16 +145,19 @@ def _calls(n: int, p: int):
         "fast_all": loss_call(pap_loss, None),
         "sort": sort,
         "focal": focal,
-        "sigmoid": lambda: _sigmoid_call(logits, targets, qualities),
+        "sigmoid": lambda: _handcrafted_call(logits, targets, qualities, "sigmoid", exact=True),
+        "sigmoid_fast": lambda: _handcrafted_call(logits, targets, qualities, "sigmoid", exact=False),
+        "sqrt": lambda: _handcrafted_call(logits, targets, qualities, "sqrt", exact=True),
+        "sqrt_fast": lambda: _handcrafted_call(logits, targets, qualities, "sqrt", exact=False),
     }
 
 
-def _sigmoid_call(logits, targets, qualities):
+def _handcrafted_call(logits, targets, qualities, form, exact):
     from paploss import LossSpec, pap_loss
 
     s = logits.clone().requires_grad_()
     q = qualities.clone().requires_grad_()
-    loss = pap_loss(s, targets, q, LossSpec.handcrafted("sigmoid"), top_k=100_000)
+    loss = pap_loss(s, targets, q, LossSpec.handcrafted(form), top_k=100_000, exact=exact)
     loss.backward()
     return float(loss)
 
@@ -201,7 +208,10 @@ def _run(cases: list[str], n: int, p: int, repeats: int, threads: int) -> list[d
 @click.option("--quick", is_flag=True, help="small sizes (N = 20,000 and 400,000) to check the script")
 @click.option("--skip-dense-1000", is_flag=True, help="skip the dense twin at P = 1000 (needs about 5 GB and minutes)")
 @click.option("--json", "json_path", default=None, help="also write all measurements here (local path or s3://)")
-def main(child, n_child, p_child, repeats, threads, quick, skip_dense_1000, json_path):
+@click.option("--handcrafted-only", is_flag=True,
+              help="only the sigmoid/sqrt group: piecewise-quadratic fast path vs exact dense path")
+@click.option("--p-hc", default=200, show_default=True, help="positives in the sigmoid/sqrt group")
+def main(child, n_child, p_child, repeats, threads, quick, skip_dense_1000, json_path, handcrafted_only, p_hc):
     """Time and memory of pap_loss vs a dense twin, torch.sort and sigmoid_focal_loss."""
     if child:
         print(json.dumps(_child(child.split(","), n_child, p_child, repeats, threads)))
@@ -209,10 +219,13 @@ def main(child, n_child, p_child, repeats, threads, quick, skip_dense_1000, json
     n_small, n_big = (20_000, 400_000) if quick else (100_000, 8_000_000)
     from tqdm import tqdm
 
+    hc_group = (["sigmoid_fast", "sigmoid", "sqrt_fast", "sqrt"], n_small, p_hc)
     plan = [(["fast"], n_small, 200), (["dense"], n_small, 200), (["fast"], n_small, 1000)]
     if not skip_dense_1000:
         plan.append((["dense"], n_small, 1000))
-    plan += [(["sigmoid"], n_small, 1000), (["sort", "fast_all", "focal", "fast"], n_big, 1000)]
+    plan += [(["sigmoid"], n_small, 1000), (["sort", "fast_all", "focal", "fast"], n_big, 1000), hc_group]
+    if handcrafted_only:
+        plan = [hc_group]
     rows, res = [], {}
     for cases, n, p in tqdm(plan, desc="bench.loss", unit="run"):
         for r in _run(cases, n, p, repeats, threads):
@@ -221,7 +234,11 @@ def main(child, n_child, p_child, repeats, threads, quick, skip_dense_1000, json
 
     labels = {"fast": "pap_loss searched (top_k=100k)", "dense": "dense twin (N×P matrices)",
               "fast_all": "pap_loss searched (top_k=None)", "sort": "one torch.sort (forward only)",
-              "focal": "sigmoid_focal_loss", "sigmoid": "pap_loss sigmoid form, tiled dense path (top_k=100k)"}
+              "focal": "sigmoid_focal_loss",
+              "sigmoid": "pap_loss sigmoid form, exact, tiled dense path (top_k=100k)",
+              "sigmoid_fast": "pap_loss sigmoid form, piecewise-quadratic, fast path (top_k=100k)",
+              "sqrt": "pap_loss sqrt form, exact, tiled dense path (top_k=100k)",
+              "sqrt_fast": "pap_loss sqrt form, piecewise-quadratic, fast path (top_k=100k)"}
     print(f"\nthreads={threads}, repeats={repeats} (median), forward + backward unless said otherwise, "
           "peak = RSS growth during the call\n")
     print("| case | N | P | time (s) | peak extra memory (MB) |")
@@ -235,15 +252,23 @@ def main(child, n_child, p_child, repeats, threads, quick, skip_dense_1000, json
             print(f"- N={n_small:,} P={p}: dense twin / pap_loss: time {d['time_s'] / f['time_s']:.0f}x, "
                   f"peak memory {d['peak_mb'] / max(f['peak_mb'], 1e-3):.0f}x "
                   f"(loss {f['loss']:.6f} vs {d['loss']:.6f})")
-    big = {c: res[(c, n_big, 1000)] for c in ("sort", "fast_all", "focal", "fast")}
+    def ratio(group, a, b):  # median over rounds of the per-round ratio (same load in a round)
+        return statistics.median(x / y for x, y in zip(group[a]["times_s"], group[b]["times_s"]))
 
-    def ratio(a, b):  # median over rounds of the per-round ratio (same load in a round)
-        return statistics.median(x / y for x, y in zip(big[a]["times_s"], big[b]["times_s"]))
-
-    print(f"- N={n_big:,} P=1000: pap_loss(top_k=None) / torch.sort = {ratio('fast_all', 'sort'):.2f}x "
-          "(median of per-round ratios)")
-    print(f"- N={n_big:,} P=1000: pap_loss(top_k=None) / sigmoid_focal_loss = {ratio('fast_all', 'focal'):.2f}x; "
-          f"pap_loss(top_k=100k) / sigmoid_focal_loss = {ratio('fast', 'focal'):.2f}x")
+    if not handcrafted_only:
+        big = {c: res[(c, n_big, 1000)] for c in ("sort", "fast_all", "focal", "fast")}
+        print(f"- N={n_big:,} P=1000: pap_loss(top_k=None) / torch.sort = {ratio(big, 'fast_all', 'sort'):.2f}x "
+              "(median of per-round ratios)")
+        print(f"- N={n_big:,} P=1000: pap_loss(top_k=None) / sigmoid_focal_loss = "
+              f"{ratio(big, 'fast_all', 'focal'):.2f}x; "
+              f"pap_loss(top_k=100k) / sigmoid_focal_loss = {ratio(big, 'fast', 'focal'):.2f}x")
+    hc = {c: res[(c, n_small, p_hc)] for c in hc_group[0]}
+    for form in ("sigmoid", "sqrt"):
+        print(f"- N={n_small:,} P={p_hc}: {form}: exact dense / piecewise-quadratic fast = "
+              f"{ratio(hc, form, form + '_fast'):.0f}x time (median of per-round ratios), "
+              f"peak memory {hc[form]['peak_mb']:.1f} vs {hc[form + '_fast']['peak_mb']:.1f} MB, "
+              f"loss {hc[form]['loss']:.6f} (exact) vs {hc[form + '_fast']['loss']:.6f} "
+              f"(difference {hc[form + '_fast']['loss'] - hc[form]['loss']:.1e}, float32)")
     if json_path:
         from paploss import storage
 

@@ -10,6 +10,18 @@ Two views of the same functions live here:
   exact description is what lets :mod:`paploss.loss` sum ``H(s_j - s_i)`` over all
   pairs with one sort and prefix sums instead of an N×P matrix.
 
+The handcrafted ranking functions ``sigmoid`` (``sigmoid(d)``) and ``sqrt``
+(``sqrt(clamp(d/2 + 1/2, 0, 1))``) are not polynomial; as ranking functions (H1, H2)
+they are replaced by piecewise-quadratic approximations, within
+:data:`HANDCRAFTED_APPROX_ERROR` (2e-5 and 2e-4) of the exact functions everywhere, so
+every form takes the fast path. Their ``value``, ``derivative`` and ``pieces`` all
+describe the approximation (and so does :func:`handcrafted_function` at H places), so
+the fast path and the dense tiled path compute the same function. The exact functions
+remain: ``rank_function_handcrafted(form, exact=True)`` (``pieces=None``: the dense
+tiled path, also the tests' twin) and ``pap_loss(..., exact=True)``. The quality
+functions I1, I2, I3 are always exact. :data:`HANDCRAFTED_VERSION` (2) marks the
+change for cache keys.
+
 Conventions (written down because the SPEC leaves them open):
 
 * ``f(·; θ)`` is *right-continuous*: on ``[x_k, x_{k+1})`` it is the segment from
@@ -21,7 +33,9 @@ Conventions (written down because the SPEC leaves them open):
 * Derivatives are those of the piece that contains the point (right derivatives),
   which is what autograd gives for the code below; at ``x >= 1`` it is 0.
 * ``sqrt`` has derivative 0 at 0 (instead of +inf), so that the many pairs with
-  ``d <= -1`` (``x`` clamped to 0) cannot produce Inf or NaN gradients.
+  ``d <= -1`` (``x`` clamped to 0) cannot produce Inf or NaN gradients. Its
+  approximation has a finite derivative everywhere (0 below ``d = -1``, the slope of
+  its first chord, about 900, at and just above it).
 """
 
 from __future__ import annotations
@@ -39,6 +53,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "HANDCRAFTED",
+    "HANDCRAFTED_APPROX_ERROR",
+    "HANDCRAFTED_VERSION",
     "MIN_WIDTH",
     "Piece",
     "RankFunction",
@@ -135,13 +151,18 @@ def _safe_sqrt(x: Tensor) -> Tensor:
     return torch.where(positive, root, torch.zeros_like(x))
 
 
-def handcrafted_function(form: str, place: str) -> Callable[[Tensor], Tensor]:
+def handcrafted_function(form: str, place: str, exact: bool = False) -> Callable[[Tensor], Tensor]:
     """The function of a handcrafted form at a place (SPEC §1 table), on its natural argument.
 
     ``place`` is one of H2, I2, I3, I1, H1. Ranking places (H*) take ``x = d/2 + 1/2``
     (not clamped: ``sigmoid`` is ``sigmoid(d)`` for every ``d``), quality places (I*)
-    take ``u`` in [0, 1].
+    take ``u`` in [0, 1]. At H places ``sigmoid`` and ``sqrt`` are the piecewise-quadratic
+    approximations of :func:`rank_function_handcrafted` evaluated at ``d = 2x - 1``
+    (the same function the loss uses), unless ``exact``; I places are always exact.
     """
+    if form in ("sigmoid", "sqrt") and place.startswith("H") and not exact:
+        h = rank_function_handcrafted(form)
+        return lambda x: h.value(2.0 * x - 1.0)
     if form == "sigmoid":
         return (lambda x: torch.sigmoid(2.0 * x - 1.0))  # sigmoid(d) / sigmoid(2u - 1)
     if form == "sqrt":
@@ -185,9 +206,9 @@ class RankFunction:
         name: a short description (for errors and plots).
         value: ``H(d)`` on a tensor of any shape (autograd-friendly).
         derivative: ``H'(d)`` (the right derivative at break points).
-        pieces: the exact piecewise-polynomial description, or ``None`` when ``H``
-            is not piecewise polynomial (``sigmoid``, ``sqrt``): then the loss uses
-            the chunked dense path.
+        pieces: the exact piecewise-polynomial description of ``value``, or ``None``
+            when ``H`` is not piecewise polynomial (the exact ``sigmoid``, ``sqrt``):
+            then the loss uses the tiled dense path.
     """
 
     name: str
@@ -261,11 +282,147 @@ def _sqrt_rank_derivative(d: Tensor) -> Tensor:
     return torch.where(inside, 0.25 / torch.sqrt(safe), torch.zeros_like(x))
 
 
-def rank_function_handcrafted(form: str) -> RankFunction:
+# --------------------------------------------------------------------------------------
+# Piecewise-quadratic approximations of sigmoid(d) and sqrt(d/2 + 1/2)
+# --------------------------------------------------------------------------------------
+
+HANDCRAFTED_VERSION = 2
+"""Version of the handcrafted ranking functions: 2 since ``sigmoid`` and ``sqrt`` are
+the piecewise-quadratic approximations below (1: the exact functions). For cache keys."""
+
+HANDCRAFTED_APPROX_ERROR = {"sigmoid": 2e-5, "sqrt": 2e-4}
+"""Guaranteed (and tested) bound on ``|H_approx(d) - H_exact(d)|`` over all real d."""
+
+SIGMOID_T = 11.0           # sigmoid: quadratic pieces on [-T, T), constants 0 / 1 outside
+SIGMOID_WIDTH = 0.25       # width of each sigmoid piece (88 pieces)
+SQRT_RATIO = 0.7           # sqrt: break points x_k = 0.7^k in x = d/2 + 1/2 ...
+SQRT_X_MIN = 4e-7          # ... down to the first one below 4e-7 (x_42); [0, x_42] is one chord
+SQRT_X_QUADRATIC = 2e-3    # pieces with lower end x >= this are quadratic, below: chords
+
+
+def _quadratic_through(a: float, b: float, fa: float, fm: float, fb: float) -> tuple[float, float, float]:
+    """``(c0, c1, c2)`` of the quadratic in d through ``(a, fa)``, ``((a+b)/2, fm)``, ``(b, fb)``."""
+    m = (a + b) / 2.0
+    s1 = (fm - fa) / (m - a)
+    s2 = ((fb - fm) / (b - m) - s1) / (b - a)
+    # fa + s1 (d - a) + s2 (d - a)(d - m), expanded
+    return fa - s1 * a + s2 * a * m, s1 - s2 * (a + m), s2
+
+
+def _chord_through(a: float, b: float, fa: float, fb: float) -> tuple[float, float, float]:
+    s1 = (fb - fa) / (b - a)
+    return fa - s1 * a, s1, 0.0
+
+
+def _sigmoid_pieces() -> tuple[Piece, ...]:
+    """``sigmoid(d)`` by quadratic interpolation (ends and midpoint of each piece) on
+    ``[-11, 11)`` in steps of 1/4, exactly 0 below -11 and 1 from 11 on. The two
+    outermost pieces are instead the parabolas from 0 (resp. to 1) with slope 0 at ∓11
+    through the inner end's value, so H is continuous and non-decreasing (interpolating
+    ``sigmoid(-11) ≈ 1.7e-5`` there would leave a jump, snapping it to 0 a small dip).
+    Max error 1.69e-5 (near ∓11; 1.55e-5 inside)."""
+    t, w = SIGMOID_T, SIGMOID_WIDTH
+    n = int(round(2 * t / w))
+
+    def f(d: float) -> float:
+        return 0.0 if d <= -t else 1.0 if d >= t else 1.0 / (1.0 + math.exp(-d))
+
+    pieces = [Piece(-_INF, -t, 0.0)]
+    for k in range(n):
+        a, b = -t + k * w, -t + (k + 1) * w   # exact: multiples of 1/4
+        if k == 0:      # f(b) (d + T)² / w²: flat at -T, so H stays non-decreasing
+            e = f(b) / (w * w)
+            pieces.append(Piece(a, b, e * t * t, 2.0 * e * t, e))
+        elif k == n - 1:  # 1 - (1 - f(a)) (T - d)² / w², flat at T
+            e = (1.0 - f(a)) / (w * w)
+            pieces.append(Piece(a, b, 1.0 - e * t * t, 2.0 * e * t, -e))
+        else:
+            pieces.append(Piece(a, b, *_quadratic_through(a, b, f(a), f((a + b) / 2.0), f(b))))
+    pieces.append(Piece(t, _INF, 1.0))
+    return tuple(pieces)
+
+
+def _sqrt_pieces() -> tuple[Piece, ...]:
+    """``sqrt(d/2 + 1/2)`` on a graded grid towards its singularity at ``d = -1``.
+
+    Break points ``x_k = 0.7^k`` (``d_k = 2 x_k - 1``), k = 0..42 (the first below 4e-7: ``x_42 ≈ 3.1e-7``).
+    Pieces with lower end ``x >= 2e-3`` use quadratic interpolation (ends and
+    midpoint); the steeper ones below use the chord (linear interpolation), and
+    ``[0, x_42]`` is one chord from 0: a quadratic there would need coefficients up to
+    ~1e9, and the fast path's rounding grows with them (docs/loss.md, Precision).
+    Largest ``|c1| + |c2|``: about 900. 0 below ``d = -1``, 1 from ``d = 1`` on;
+    continuous; every derivative finite. Max error 1.75e-4 (near ``x = 2e-3``)."""
+
+    def f(d: float) -> float:
+        return math.sqrt(min(max(d / 2.0 + 0.5, 0.0), 1.0))
+
+    xs = [1.0]
+    while xs[-1] > SQRT_X_MIN:
+        xs.append(xs[-1] * SQRT_RATIO)
+    ds = [1.0] + [2.0 * x - 1.0 for x in xs[1:]]          # descending, d_0 = 1
+    pieces = [Piece(-_INF, -1.0, 0.0), Piece(-1.0, ds[-1], *_chord_through(-1.0, ds[-1], 0.0, f(ds[-1])))]
+    for k in range(len(ds) - 1, 0, -1):
+        a, b = ds[k], ds[k - 1]
+        if xs[k] >= SQRT_X_QUADRATIC:
+            pieces.append(Piece(a, b, *_quadratic_through(a, b, f(a), f((a + b) / 2.0), f(b))))
+        else:
+            pieces.append(Piece(a, b, *_chord_through(a, b, f(a), f(b))))
+    pieces.append(Piece(1.0, _INF, 1.0))
+    return tuple(pieces)
+
+
+def _contiguous_pieces(pieces: Sequence[Piece]) -> Callable[[Tensor, bool], Tensor]:
+    """Fast evaluator of pieces ``[lo_k, hi_k)`` that tile the real line in order:
+    one ``searchsorted`` and a gather instead of a loop over the pieces. Computes in
+    float64 (the expanded coefficients of a steep piece lose digits in float32) and
+    returns ``d``'s dtype; autograd gives the containing piece's derivative."""
+    inner = [p.lo for p in pieces[1:]]
+    assert pieces[0].lo == -_INF and pieces[-1].hi == _INF
+    assert all(p.lo_closed and not p.hi_closed for p in pieces)
+    assert all(pieces[k].hi == pieces[k + 1].lo for k in range(len(pieces) - 1))
+    cache: dict = {}
+
+    def table(device):
+        if device not in cache:
+            cache[device] = (
+                torch.tensor(inner, dtype=torch.float64, device=device),
+                torch.tensor([[p.c0, p.c1, p.c2] for p in pieces], dtype=torch.float64, device=device),
+            )
+        return cache[device]
+
+    def evaluate(d: Tensor, derivative: bool = False) -> Tensor:
+        breaks, coef = table(d.device)
+        d64 = d.to(torch.float64)
+        k = torch.searchsorted(breaks, d64.detach().contiguous(), right=True)
+        c = coef[k]                                      # (..., 3)
+        if derivative:
+            out = c[..., 1] + 2.0 * c[..., 2] * d64
+        else:
+            out = c[..., 0] + (c[..., 1] + c[..., 2] * d64) * d64
+        return out.to(d.dtype)
+
+    return evaluate
+
+
+_APPROX: dict[str, tuple[tuple[Piece, ...], Callable]] = {}
+
+
+def _approx(form: str) -> tuple[tuple[Piece, ...], Callable]:
+    if form not in _APPROX:
+        pieces = _sigmoid_pieces() if form == "sigmoid" else _sqrt_pieces()
+        _APPROX[form] = (pieces, _contiguous_pieces(pieces))
+    return _APPROX[form]
+
+
+def rank_function_handcrafted(form: str, exact: bool = False) -> RankFunction:
     """H of a handcrafted form as a function of ``d`` (SPEC §1 table).
 
     ``linear``: ``x``; ``square``: ``x²`` (``x = clamp(d/2 + 1/2, 0, 1)``), both exact
-    pieces. ``sigmoid``: ``sigmoid(d)``; ``sqrt``: ``sqrt(x)``; no pieces (dense path).
+    pieces. ``sigmoid``: ``sigmoid(d)``; ``sqrt``: ``sqrt(x)``: by default their
+    piecewise-quadratic approximations (``value``, ``derivative`` and ``pieces`` all
+    describe the same approximation, within :data:`HANDCRAFTED_APPROX_ERROR` of the
+    exact function), so the loss takes the fast path. ``exact=True``: the exact
+    functions with ``pieces=None`` (the tiled dense path); no effect on linear/square.
     """
     if form == "linear":
         pieces = (Piece(-_INF, -1.0, 0.0), Piece(-1.0, 1.0, 0.5, 0.5), Piece(1.0, _INF, 1.0))
@@ -276,6 +433,10 @@ def rank_function_handcrafted(form: str) -> RankFunction:
         pieces = (Piece(-_INF, -1.0, 0.0), Piece(-1.0, 1.0, 0.25, 0.5, 0.25), Piece(1.0, _INF, 1.0))
         return RankFunction("square", lambda d: _unit(d / 2.0 + 0.5) ** 2,
                             lambda d: _pieces_value(pieces, d, derivative=True), pieces)
+    if form in ("sigmoid", "sqrt") and not exact:
+        pieces, evaluate = _approx(form)
+        return RankFunction(f"{form} (piecewise quadratic)", lambda d: evaluate(d),
+                            lambda d: evaluate(d, derivative=True), pieces)
     if form == "sigmoid":
         return RankFunction("sigmoid", torch.sigmoid, _sigmoid_derivative, None)
     if form == "sqrt":

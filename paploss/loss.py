@@ -16,10 +16,12 @@ The loss, per positive ``i`` (SPEC §1)::
 
 How it is computed. Write ``w_j = 1 - I2(u_j)`` and ``w0 = 1 - I2(0)`` (the weight of
 every non-positive). Then ``num_i = w0 K(s_i; J) + K(s_i; P∩J, I2(0) - I2(u_p))`` with
-the *rank sum* ``K(s_i; A, v) = sum_{j in A} v_j H(s_j - s_i)``. For the searched
-functions, ``linear``, ``square`` and the step, H is a polynomial of degree ≤ 2 on
-each of a few intervals of ``d`` (:class:`paploss.functions.Piece`), so for every
-``i`` and piece ``[lo, hi)``::
+the *rank sum* ``K(s_i; A, v) = sum_{j in A} v_j H(s_j - s_i)``. For every form H is
+a polynomial of degree ≤ 2 on each of a few intervals of ``d``
+(:class:`paploss.functions.Piece`): exactly so for the searched functions, ``linear``,
+``square`` and the step; for ``sigmoid`` and ``sqrt`` H *is* a piecewise-quadratic
+approximation of the SPEC's function (90 and 45 pieces, max error 2e-5 and 2e-4:
+``paploss.functions.HANDCRAFTED_APPROX_ERROR``). So for every ``i`` and piece ``[lo, hi)``::
 
     sum_{j: s_j - s_i in [lo, hi)} v_j (c0 + c1 (s_j - s_i) + c2 (s_j - s_i)²)
         = c0 V0 + c1 (V1 - s_i V0) + c2 (V2 - 2 s_i V1 + s_i² V0)
@@ -27,13 +29,19 @@ each of a few intervals of ``d`` (:class:`paploss.functions.Piece`), so for ever
 where ``V_m`` are differences of prefix sums of ``v s^m`` over the sorted scores,
 between the two positions that ``searchsorted`` finds for ``s_i + lo`` and
 ``s_i + hi``. That is one sort, O(N) prefix sums (float64) and O(P · pieces)
-look-ups. The backward pass (``_PiecewiseRankSum.backward``) is the same structure
-turned around: each (positive, piece) adds a polynomial in ``s_j`` over an index
-range of the sorted entries; difference arrays and one cumulative sum per power of
-``s_j`` give all N gradients at once. ``sigmoid`` and ``sqrt`` are not piecewise
-polynomial: they use ``_DenseRankSum``, which tiles the N×P pairs so that extra
-memory stays around 100 MB (a few float64 tiles of 2^21 pairs, plus O(N) gradient
-buffers) whatever N and P; measured 83 MB at N = 100k, P = 1000 (BENCHMARKS.md).
+look-ups, done for all pieces at once as (pieces × P) tensors (in chunks of at most
+2^21 elements), not in a Python loop over the pieces. The backward pass
+(``_PiecewiseRankSum.backward``) is the same structure turned around: each
+(positive, piece) adds a polynomial in ``s_j`` over an index range of the sorted
+entries; difference arrays and one cumulative sum per power of ``s_j`` give all N
+gradients at once.
+
+The exact ``sigmoid`` and ``sqrt`` (``pap_loss(..., exact=True)``, or any
+:class:`paploss.functions.RankFunction` with ``pieces=None``) are not piecewise
+polynomial: they use ``_DenseRankSum``, which tiles the N×P pairs so that extra memory
+stays around 100 MB (a few float64 tiles of 2^21 pairs, plus O(N) gradient buffers)
+whatever N and P; measured 83 MB at N = 100k, P = 1000 (BENCHMARKS.md). The tests also
+use it as the twin of the fast path over the same approximated pieces.
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ import math
 import torch
 from torch import Tensor
 
-from paploss.functions import Piece, RankFunction
+from paploss.functions import RankFunction, rank_function_handcrafted
 from paploss.spec import LossSpec
 
 __all__ = ["pap_loss", "scale_grad", "rank_sum", "DEFAULT_TOP_K"]
@@ -102,26 +110,54 @@ def _round_to(b: Tensor, dtype: torch.dtype, up: bool) -> Tensor:
     return torch.where(back > b, torch.nextafter(r, r.new_full((), -math.inf)), r)
 
 
-def _bound_index(s: Tensor, q64: Tensor, bound: float, side: str, cache: dict) -> Tensor:
-    """Index in sorted ``s`` (M,) of ``q + bound`` (P,): ``#{s_j < q + bound}`` for
-    side ``left``, ``#{s_j <= q + bound}`` for ``right``. int64 (P,)."""
-    key = (bound, side)
-    if key not in cache:
+def _bound_indices(s: Tensor, q64: Tensor, keys, cache: dict) -> None:
+    """Fill ``cache[(bound, side)]`` with the index in sorted ``s`` (M,) of ``q + bound``
+    (P,) for every key not yet there: ``#{s_j < q + bound}`` for side ``left``,
+    ``#{s_j <= q + bound}`` for ``right``; int64 (P,). One ``searchsorted`` per side
+    for all the finite bounds at once."""
+    todo: dict[str, list[float]] = {"left": [], "right": []}
+    for key in dict.fromkeys(keys):
+        if key in cache:
+            continue
+        bound, side = key
         if bound == -math.inf:
             cache[key] = torch.zeros(q64.shape, dtype=torch.long, device=q64.device)
         elif bound == math.inf:
             cache[key] = torch.full(q64.shape, s.numel(), dtype=torch.long, device=q64.device)
         else:
-            b = _round_to(q64 + bound, s.dtype, up=(side == "left"))
-            cache[key] = torch.searchsorted(s, b, side=side)
-    return cache[key]
+            todo[side].append(bound)
+    for side, bounds in todo.items():
+        if not bounds:
+            continue
+        bt = torch.tensor(bounds, dtype=torch.float64, device=q64.device)
+        b = _round_to(q64[None, :] + bt[:, None], s.dtype, up=(side == "left"))   # (B, P)
+        idx = torch.searchsorted(s, b.reshape(-1), side=side).view(len(bounds), -1)
+        for k, bound in enumerate(bounds):
+            cache[(bound, side)] = idx[k]
 
 
-def _piece_range(s: Tensor, q64: Tensor, p: Piece, cache: dict) -> tuple[Tensor, Tensor]:
-    """Index range ``[a, b)`` of the sorted entries with ``s_j - q_i`` inside piece ``p``."""
-    a = _bound_index(s, q64, p.lo, "left" if p.lo_closed else "right", cache)
-    b = _bound_index(s, q64, p.hi, "right" if p.hi_closed else "left", cache)
+def _piece_ranges(s: Tensor, q64: Tensor, pieces, cache: dict) -> tuple[Tensor, Tensor]:
+    """Index ranges ``[a, b)`` (K, P) of the sorted entries with ``s_j - q_i`` inside
+    each of the K pieces."""
+    lo_keys = [(p.lo, "left" if p.lo_closed else "right") for p in pieces]
+    hi_keys = [(p.hi, "right" if p.hi_closed else "left") for p in pieces]
+    _bound_indices(s, q64, lo_keys + hi_keys, cache)
+    a = torch.stack([cache[k] for k in lo_keys])
+    b = torch.stack([cache[k] for k in hi_keys])
     return a, torch.maximum(a, b)
+
+
+def _coefficients(pieces, device) -> Tensor:
+    """``(c0, c1, c2)`` of each piece, float64 (K, 3)."""
+    return torch.tensor([[p.c0, p.c1, p.c2] for p in pieces], dtype=torch.float64, device=device)
+
+
+def _piece_chunks(k: int, p: int):
+    """Slices of the K pieces such that a chunk's (pieces × P) temporaries stay within
+    ``_TILE_ELEMENTS`` (one chunk unless P is large and H has many pieces)."""
+    step = max(1, _TILE_ELEMENTS // max(1, p))
+    for k0 in range(0, k, step):
+        yield slice(k0, min(k, k0 + step))
 
 
 def _prefix(v: Tensor) -> Tensor:
@@ -156,29 +192,33 @@ class _Prefix:
 
 def _piecewise_sums(s: Tensor, q64: Tensor, pieces, prefix: _Prefix, cache: dict):
     """Forward sums for one H: ``out_i = sum_j v_j H(s_j - q_i)`` and
-    ``dout_i = sum_j v_j H'(s_j - q_i)``, plus each piece's index range. float64 (P,)."""
+    ``dout_i = sum_j v_j H'(s_j - q_i)``, plus each piece's index range (K, P).
+    float64 (P,). All pieces at once (in chunks of bounded size), no loop over them."""
+    starts, ends = _piece_ranges(s, q64, pieces, cache)
+    coef = _coefficients(pieces, q64.device)
     out = torch.zeros_like(q64)
     dout = torch.zeros_like(q64)
-    starts, ends = [], []
-    for p in pieces:
-        a, b = _piece_range(s, q64, p, cache)
-        starts.append(a)
-        ends.append(b)
+    q = q64[None, :]
+    for ks in _piece_chunks(len(pieces), q64.numel()):
+        a, b = starts[ks], ends[ks]
+        c0, c1, c2 = (coef[ks, r, None] for r in range(3))   # (k, 1)
         pre0 = prefix(0)
         n0 = (b - a).to(torch.float64) if pre0 is None else pre0[b] - pre0[a]
-        val = p.c0 * n0
-        if p.c1 != 0.0 or p.c2 != 0.0:
+        val = c0 * n0
+        chunk = pieces[ks]
+        if any(p.c1 != 0.0 or p.c2 != 0.0 for p in chunk):
             pre1 = prefix(1)
             n1 = pre1[b] - pre1[a]
-            lin = n1 - q64 * n0                          # sum v (s_j - q_i)
-            val = val + p.c1 * lin
-            dout = dout + p.c1 * n0
-            if p.c2 != 0.0:
+            lin = n1 - q * n0                                  # sum v (s_j - q_i)
+            val = val + c1 * lin
+            dpart = c1 * n0
+            if any(p.c2 != 0.0 for p in chunk):
                 pre2 = prefix(2)
                 n2 = pre2[b] - pre2[a]
-                val = val + p.c2 * (n2 - 2.0 * q64 * n1 + q64 * q64 * n0)
-                dout = dout + 2.0 * p.c2 * lin
-        out = out + val
+                val = val + c2 * (n2 - 2.0 * q * n1 + q * q * n0)
+                dpart = dpart + 2.0 * c2 * lin
+            dout = dout + dpart.sum(0)
+        out = out + val.sum(0)
     return out, dout, starts, ends
 
 
@@ -209,8 +249,7 @@ class _PiecewiseRankSum(torch.autograd.Function):
         ctx.mark_non_differentiable(den)
         ctx.pieces = pieces
         ctx.has_v = v is not None
-        ctx.save_for_backward(s, v if v is not None else s.new_empty(0), q64, dout,
-                              torch.stack(starts), torch.stack(ends))
+        ctx.save_for_backward(s, v if v is not None else s.new_empty(0), q64, dout, starts, ends)
         return out.to(q.dtype), den
 
     @staticmethod
@@ -237,17 +276,22 @@ class _PiecewiseRankSum(torch.autograd.Function):
             rows[r].index_add_(0, a, coeff)
             rows[r].index_add_(0, b, -coeff)
 
-        for k, p in enumerate(ctx.pieces):
-            a, b = starts[k], ends[k]
+        pieces = ctx.pieces
+        table = _coefficients(pieces, s.device)
+        q = q64[None, :]
+        for ks in _piece_chunks(len(pieces), q64.numel()):
+            a, b = starts[ks].reshape(-1), ends[ks].reshape(-1)
+            chunk = pieces[ks]
+            c0, c1, c2 = (table[ks, r, None] for r in range(3))      # (k, 1)
             # an empty range adds nothing; skipping it keeps a steep piece's huge
             # coefficient from leaving rounding residue in the cumulative sums
-            g = g_all * (b > a)
-            if need_v and (p.c0 != 0.0 or p.c1 != 0.0 or p.c2 != 0.0):
-                add(0, g * (p.c0 - p.c1 * q64 + p.c2 * q64 * q64), a, b)
-            if p.c1 != 0.0 or p.c2 != 0.0:
-                add(1, g * (p.c1 - 2.0 * p.c2 * q64), a, b)
-            if p.c2 != 0.0:
-                add(2, g * p.c2, a, b)
+            g = g_all[None, :] * (ends[ks] > starts[ks])                # (k, P)
+            if need_v and any(p.c0 != 0.0 or p.c1 != 0.0 or p.c2 != 0.0 for p in chunk):
+                add(0, (g * (c0 - c1 * q + c2 * q * q)).reshape(-1), a, b)
+            if any(p.c1 != 0.0 or p.c2 != 0.0 for p in chunk):
+                add(1, (g * (c1 - 2.0 * c2 * q)).reshape(-1), a, b)
+            if any(p.c2 != 0.0 for p in chunk):
+                add(2, (g * c2).reshape(-1), a, b)
         coef = {r: x.cumsum_(0)[:m] for r, x in rows.items()}
         s64 = s.detach().to(torch.float64) if (2 in coef or need_v) else None
         v64 = v.detach().to(torch.float64) if ctx.has_v else None
@@ -273,7 +317,7 @@ class _PiecewiseRankSum(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------
-# Dense tiled rank sums for any H (sigmoid, sqrt)
+# Dense tiled rank sums for any H (exact sigmoid, sqrt)
 # --------------------------------------------------------------------------------------
 
 
@@ -418,6 +462,8 @@ def pap_loss(
     qualities: Tensor,
     spec: LossSpec,
     top_k: int | None = DEFAULT_TOP_K,
+    *,
+    exact: bool = False,
 ) -> Tensor:
     """The Parameterized AP Loss of SPEC §1 over a whole batch.
 
@@ -430,6 +476,11 @@ def pap_loss(
         top_k: rank only the ``top_k`` valid entries with the highest scores (J);
             every positive still has its own term ``loss_i``. ``None``: rank all
             valid entries.
+        exact: for the ``sigmoid`` and ``sqrt`` forms, rank with the exact functions
+            through the tiled dense path (O(N·P) time) instead
+            of their piecewise-quadratic approximations (within
+            ``paploss.functions.HANDCRAFTED_APPROX_ERROR``) on the fast path. No
+            effect on other forms, whose pieces are exact.
 
     Returns:
         0-dim tensor, dtype and device of ``logits``; ``0 * (sum of inputs)``
@@ -439,8 +490,10 @@ def pap_loss(
     ``H1(1/2) = 0``) contributes ``1 - I1(u_i)`` (its ranking term is taken as 0).
     """
     _check_inputs(logits, targets, qualities, spec, top_k)
+    if not isinstance(exact, bool):
+        raise ValueError(f"exact must be a bool, got {exact!r}")
     if logits.dtype in (torch.float16, torch.bfloat16):  # e.g. under autocast: rank in float32
-        return pap_loss(logits.float(), targets, qualities, spec, top_k).to(logits.dtype)
+        return pap_loss(logits.float(), targets, qualities, spec, top_k, exact=exact).to(logits.dtype)
     s = logits.reshape(-1)                                           # (N,)
     t = targets.reshape(-1)                                          # (N,)
     u_all = qualities.reshape(-1)                                    # (N,)
@@ -454,8 +507,11 @@ def pap_loss(
         bad = u_p[(u_p < 0) | (u_p > 1)][0].item()
         raise ValueError(f"qualities must be in [0, 1] where targets == 1, found {bad}")
 
-    H2 = spec.rank_function("H2")
-    H1 = spec.rank_function("H1")
+    if exact and spec.form in ("sigmoid", "sqrt"):
+        H2 = H1 = rank_function_handcrafted(spec.form, exact=True)
+    else:
+        H2 = spec.rank_function("H2")
+        H1 = spec.rank_function("H1")
     I1, I2, I3 = spec.function("I1"), spec.function("I2"), spec.function("I3")
 
     # The ranked set J, sorted ascending: s_sorted (M,); and its positives, s_pj (P_J,).

@@ -18,7 +18,10 @@ def _examples(n: int) -> int:
     return max(1, int(n * float(os.environ.get("PAPLOSS_HYPOTHESIS_SCALE", "1"))))
 
 from paploss.functions import (
+    HANDCRAFTED_APPROX_ERROR,
+    HANDCRAFTED_VERSION,
     _pieces_value,
+    handcrafted_function,
     piecewise_linear,
     plot_functions,
     rank_function_handcrafted,
@@ -129,15 +132,23 @@ def test_piecewise_linear_rejects_bad_input():
     ("square", lambda d: min(max(d / 2 + 0.5, 0), 1) ** 2, lambda u: u * u),
 ])
 def test_handcrafted_forms_follow_the_spec_table(form, h, i):
+    """Exact for linear / square and for the I places; sigmoid / sqrt H within their
+    approximation bound by default, exact with ``exact=True``."""
     spec = LossSpec.handcrafted(form)
     ds = [-3.0, -1.0, -0.3, 0.0, 0.4, 1.0, 2.5]
     us = [0.0, 0.1, 0.5, 0.9, 1.0]
     d = torch.tensor(ds, dtype=torch.float64)
     u = torch.tensor(us, dtype=torch.float64)
+    atol = HANDCRAFTED_APPROX_ERROR.get(form, 1e-12)
     for name in ("H1", "H2"):
         want = torch.tensor([h(v) for v in ds], dtype=torch.float64)
-        torch.testing.assert_close(spec.rank_function(name)(d), want)
-        torch.testing.assert_close(spec.function(name)(d / 2 + 0.5), want)
+        torch.testing.assert_close(spec.rank_function(name)(d), want, rtol=0, atol=atol)
+        torch.testing.assert_close(spec.function(name)(d / 2 + 0.5), want, rtol=0, atol=atol)
+        # the natural-argument view is the very function the loss uses (same pieces; 1e-15:
+        # d -> x -> 2x - 1 rounds once for d = -0.3)
+        torch.testing.assert_close(spec.function(name)(d / 2 + 0.5), spec.rank_function(name)(d), rtol=0, atol=1e-15)
+        torch.testing.assert_close(rank_function_handcrafted(form, exact=True)(d), want)
+        torch.testing.assert_close(handcrafted_function(form, name, exact=True)(d / 2 + 0.5), want)
     for name in ("I1", "I2", "I3"):
         torch.testing.assert_close(spec.function(name)(u), torch.tensor([i(v) for v in us], dtype=torch.float64))
 
@@ -151,7 +162,8 @@ def test_four_function_spec_uses_the_step_for_h1():
 
 def _all_rank_functions(p):
     return [rank_function_piecewise_linear(p), rank_function_step(),
-            rank_function_handcrafted("linear"), rank_function_handcrafted("square")]
+            rank_function_handcrafted("linear"), rank_function_handcrafted("square"),
+            rank_function_handcrafted("sigmoid"), rank_function_handcrafted("sqrt")]
 
 
 @settings(max_examples=_examples(60), deadline=None)
@@ -185,14 +197,78 @@ def test_pieces_describe_the_function_exactly(p, ds):
 
 
 @pytest.mark.parametrize("form", ["sigmoid", "sqrt"])
-def test_dense_forms_have_consistent_derivatives(form):
-    h = rank_function_handcrafted(form)
+def test_exact_forms_have_no_pieces_and_consistent_derivatives(form):
+    h = rank_function_handcrafted(form, exact=True)
     assert h.pieces is None
+    assert rank_function_handcrafted(form).pieces is not None   # the default: fast path
     d = torch.linspace(-3, 3, 241, dtype=torch.float64, requires_grad=True)
     (grad,) = torch.autograd.grad(h(d).sum(), d)
     assert torch.isfinite(grad).all()
     inside = (d.detach() > -1) & (d.detach() < 1) if form == "sqrt" else torch.ones_like(d, dtype=torch.bool)
     torch.testing.assert_close(h.derivative(d.detach())[inside], grad[inside])
+
+
+def _dense_d_grid(h, lo, hi):
+    """A dense grid of d: 2M uniform points, 2001 inside every finite piece (both ends
+    included), the break points ± 1e-12, and for sqrt a log grid towards d = -1."""
+    parts = [torch.linspace(lo, hi, 2_000_001, dtype=torch.float64)]
+    for p in h.pieces:
+        for e in (p.lo, p.hi):
+            if math.isfinite(e):
+                parts.append(torch.tensor([e - 1e-12, e, e + 1e-12], dtype=torch.float64))
+        if math.isfinite(p.lo) and math.isfinite(p.hi):
+            parts.append(torch.linspace(p.lo, p.hi, 2001, dtype=torch.float64))
+    parts.append(-1.0 + torch.logspace(-16, 0.3, 100_001, dtype=torch.float64))
+    parts.append(torch.tensor([-1e300, -1e6, -50.0, 50.0, 1e6, 1e300], dtype=torch.float64))
+    return torch.cat(parts)
+
+
+@pytest.mark.parametrize("form, lo, hi", [("sigmoid", -40.0, 40.0), ("sqrt", -3.0, 3.0)])
+def test_approximations_are_within_their_bound(form, lo, hi):
+    h, exact = rank_function_handcrafted(form), rank_function_handcrafted(form, exact=True)
+    bound = HANDCRAFTED_APPROX_ERROR[form]
+    assert bound <= {"sigmoid": 2e-4, "sqrt": 5e-4}[form]          # the issue's targets
+    d = _dense_d_grid(h, lo, hi).requires_grad_()
+    value = h(d)
+    err = (value.detach() - exact(d.detach())).abs()
+    assert err.max().item() <= bound, (err.max().item(), d[err.argmax()].item())
+    assert err.max().item() > bound / 4          # the stated bound is not a loose one
+    # the limits are kept exactly: 0 far below, 1 far above (and H(-1) = 0 for sqrt)
+    assert h(torch.tensor([-1e300, -60.0], dtype=torch.float64)).tolist() == [0.0, 0.0]
+    assert h(torch.tensor([60.0, 1e300], dtype=torch.float64)).tolist() == [1.0, 1.0]
+    if form == "sqrt":
+        assert h(torch.tensor([-1.0], dtype=torch.float64)).item() == 0.0
+        assert h(torch.tensor([1.0], dtype=torch.float64)).item() == 1.0
+    # finite, non-decreasing; the derivative is finite everywhere and the autograd one
+    (grad,) = torch.autograd.grad(value.sum(), d)
+    assert torch.isfinite(value).all() and torch.isfinite(grad).all() and (grad >= 0).all()
+    torch.testing.assert_close(h.derivative(d.detach()), grad, rtol=1e-12, atol=1e-15)
+    srt = torch.sort(d.detach()).values
+    vs = h(srt)
+    assert (vs[1:] >= vs[:-1] - 1e-15).all()
+    # continuous: neighbouring pieces meet at each break point
+    for p, nxt in zip(h.pieces[:-1], h.pieces[1:]):
+        assert p.hi == nxt.lo
+        left = p.c0 + p.c1 * p.hi + p.c2 * p.hi ** 2 if math.isfinite(p.hi) else None
+        right = nxt.c0 + nxt.c1 * nxt.lo + nxt.c2 * nxt.lo ** 2
+        assert left is None or abs(left - right) < 1e-12
+    # float32 input is evaluated the same way (float64 inside), returned as float32
+    d32 = torch.linspace(lo, hi, 1001, dtype=torch.float32)
+    got = h(d32)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, h(d32.double()).float(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("form", ["sigmoid", "sqrt"])
+def test_approximation_pieces_tile_the_line(form):
+    pieces = rank_function_handcrafted(form).pieces
+    assert pieces[0].lo == -math.inf and pieces[-1].hi == math.inf
+    assert all(p.lo_closed and not p.hi_closed and p.lo < p.hi for p in pieces)
+    assert all(a.hi == b.lo for a, b in zip(pieces[:-1], pieces[1:]))
+    assert sum(p.c2 != 0 for p in pieces) >= 15                       # quadratic pieces
+    # coefficients stay moderate: the fast path's rounding grows with them
+    assert max(abs(p.c0) + abs(p.c1) + abs(p.c2) for p in pieces) < 2e3
+    assert isinstance(HANDCRAFTED_VERSION, int) and HANDCRAFTED_VERSION >= 2
 
 
 def test_plot_functions_writes_an_image(tmp_path):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
+import contextlib
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -26,7 +27,8 @@ from paploss.spec import IDENTITY_THETA8, theta_to_points
 # --------------------------------------------------------------------------------------
 
 
-def dense_pap_loss(logits, targets, qualities, spec, top_k=100_000, detach_h1=True):
+def dense_pap_loss(logits, targets, qualities, spec, top_k=100_000, detach_h1=True, exact=False):
+    """``exact``: the exact sigmoid / sqrt H (not the piecewise-quadratic approximations)."""
     s = logits.reshape(-1)
     t = targets.reshape(-1)
     u = torch.where(t == 1, qualities.reshape(-1), torch.zeros_like(qualities.reshape(-1)))
@@ -39,6 +41,10 @@ def dense_pap_loss(logits, targets, qualities, spec, top_k=100_000, detach_h1=Tr
     d = s[J][:, None] - s[P][None, :]                 # d_ji, (|J|, |P|)
     x = d / 2 + 0.5                                   # the functions clamp x themselves
     H2, H1 = spec.function("H2"), spec.function("H1")
+    if exact:
+        from paploss.functions import handcrafted_function
+
+        H2, H1 = handcrafted_function(spec.form, "H2", exact=True), handcrafted_function(spec.form, "H1", exact=True)
     I1, I2, I3 = spec.function("I1"), spec.function("I2"), spec.function("I3")
     num = (H2(x) * (1 - I2(u[J]))[:, None]).sum(0)   # (|P|,)
     den = H1(x).sum(0)
@@ -156,12 +162,144 @@ def test_tiled_dense_path_matches_dense_twin(spec, batch):
     _assert_same(tiled, twin, atol=1e-9 * _steepness(spec))
 
 
+# --------------------------------------------------------------------------------------
+# sigmoid / sqrt: piecewise-quadratic approximations on the fast path
+# --------------------------------------------------------------------------------------
+
+wide = st.integers(-2**24, 2**24).map(lambda k: k / 2**20)     # [-16, 16]: sigmoid's tails too
+
+
+@st.composite
+def wide_batches(draw, max_n=40):
+    n = draw(st.integers(1, max_n))
+    score = st.one_of(wide, st.integers(-96, 96).map(lambda k: k / 8))   # grid: d on break points
+    scores = draw(st.lists(score, min_size=n, max_size=n))
+    targets = draw(st.lists(st.sampled_from([-1, 0, 0, 1]), min_size=n, max_size=n))
+    quals = draw(st.lists(st.one_of(unit, grid8), min_size=n, max_size=n))
+    top_k = draw(st.one_of(st.none(), st.integers(1, n + 3)))
+    return scores, targets, quals, top_k
+
+
+@contextlib.contextmanager
+def _through_dense_path(exact=False):
+    """Patch LossSpec.rank_function so pap_loss takes the tiled dense path: over the same
+    approximated H (``pieces`` dropped), or over the exact functions (``exact``)."""
+    from paploss.functions import rank_function_handcrafted
+
+    real = LossSpec.rank_function
+
+    def rank_function(self, name):
+        if exact:
+            return rank_function_handcrafted(self.form, exact=True)
+        return dataclasses.replace(real(self, name), pieces=None)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(LossSpec, "rank_function", rank_function)
+        yield
+
+
+@contextlib.contextmanager
+def _no_dense_path():
+    def refuse(*args, **kwargs):
+        raise AssertionError("the dense path was used")
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(L._DenseRankSum, "apply", refuse)
+        yield
+
+
+@settings(max_examples=_examples(120), deadline=None)
+@given(st.sampled_from(["sigmoid", "sqrt"]), wide_batches())
+def test_approximated_forms_fast_path_equals_dense_path(form, batch):
+    """sigmoid / sqrt go through the fast path (the dense one is refused), and it equals
+    the tiled dense path over the same approximated H and the dense twin, value and
+    gradients, with d on break points, in sigmoid's flat tails and past ±1 for sqrt."""
+    scores, targets, quals, top_k = batch
+    assume(_cut_is_unambiguous(scores, targets, top_k))
+    spec = LossSpec.handcrafted(form)
+    s, t, q = _tensors(scores, targets, quals)
+    with _no_dense_path():
+        fast = _value_and_grads(lambda s, q: pap_loss(s, t, q, spec, top_k=top_k), s, q)
+        with pytest.MonkeyPatch.context() as m:     # the pieces in several chunks
+            m.setattr(L, "_TILE_ELEMENTS", 64)
+            chunked = _value_and_grads(lambda s, q: pap_loss(s, t, q, spec, top_k=top_k), s, q)
+    with _through_dense_path():
+        dense = _value_and_grads(lambda s, q: pap_loss(s, t, q, spec, top_k=top_k), s, q)
+    twin = _value_and_grads(lambda s, q: dense_pap_loss(s, t, q, spec, top_k=top_k), s, q)
+    atol = 1e-9 * _steepness(spec)
+    _assert_same(fast, chunked, rtol=1e-12, atol=1e-12)
+    _assert_same(fast, dense, atol=atol)
+    _assert_same(fast, twin, atol=atol)
+
+
+def _approximation_bound(s, t, q, form):
+    """Bound on |loss(approximated H) - loss(exact H)| derived from the pointwise bound
+    eps = HANDCRAFTED_APPROX_ERROR[form] (top_k=None, so every positive is in J).
+
+    Per positive i with exact num_i, den_i, W_i = sum_j (1 - I2(u_j)) and M = |J|:
+    |Δnum_i| <= eps W_i, |Δden_i| <= eps M, so
+    |num'/den' - num/den| <= eps (W_i + (num_i/den_i) M) / (den_i - eps M)."""
+    from paploss.functions import HANDCRAFTED_APPROX_ERROR, rank_function_handcrafted
+
+    eps = HANDCRAFTED_APPROX_ERROR[form]
+    spec = LossSpec.handcrafted(form)
+    h = rank_function_handcrafted(form, exact=True)
+    I2, I3 = spec.function("I2"), spec.function("I3")
+    s, q = s.detach(), q.detach()
+    J, P = t != -1, t == 1
+    u = torch.where(P, q, torch.zeros_like(q))
+    hv = h(s[J][:, None] - s[P][None, :])                      # (M, |P|)
+    w = 1 - I2(u[J])
+    num, den = (hv * w[:, None]).sum(0), hv.sum(0)
+    m = int(J.sum())
+    assert bool((den > eps * m).all())
+    per = I3(u[P]) * eps * (w.sum() + num / den * m) / (den - eps * m)
+    return per.sum().item() / (int(P.sum()) + 1e-8)
+
+
+@pytest.mark.parametrize("form", ["sigmoid", "sqrt"])
+@pytest.mark.parametrize("seed", range(4))
+def test_approximated_loss_is_close_to_the_exact_loss(form, seed):
+    """The loss with the approximations (fast path) is within the bound derived from the
+    functions' error bound of the loss with the exact functions (dense path); gradients
+    agree loosely (relative L2: sigmoid 1e-3; sqrt 0.1, its derivative is unbounded near
+    d = -1 where the approximation's is not; the qualities' gradient, through H values
+    only, 1e-3)."""
+    g = torch.Generator().manual_seed(seed)
+    n = 300
+    s = torch.randn(n, generator=g, dtype=torch.float64) * 3
+    t = torch.where(torch.rand(n, generator=g) < 0.1, 1, torch.where(torch.rand(n, generator=g) < 0.1, -1, 0))
+    t[0] = 1
+    q = torch.rand(n, generator=g, dtype=torch.float64)
+    s.requires_grad_()
+    q.requires_grad_()
+    spec = LossSpec.handcrafted(form)
+    with _no_dense_path():
+        approx = _value_and_grads(lambda s, q: pap_loss(s, t, q, spec, top_k=None), s, q)
+    exact = _value_and_grads(lambda s, q: pap_loss(s, t, q, spec, top_k=None, exact=True), s, q)
+    with _through_dense_path(exact=True):        # the same as the public option
+        _assert_same(exact, _value_and_grads(lambda s, q: pap_loss(s, t, q, spec, top_k=None), s, q),
+                     rtol=0, atol=0)
+    bound = _approximation_bound(s, t, q, form)
+    assert abs(approx[0] - exact[0]).item() <= bound + 1e-12
+    assert approx[0] != exact[0]                               # they are different functions
+    # the exact dense loss is the SPEC's formula with the exact functions
+    twin_exact = dense_pap_loss(s.detach(), t, q.detach(), spec, top_k=None, exact=True)
+    torch.testing.assert_close(exact[0], twin_exact, rtol=1e-12, atol=1e-12)
+
+    def rel(a, b):
+        return ((a - b).norm() / b.norm()).item()
+
+    assert rel(approx[1], exact[1]) <= {"sigmoid": 1e-3, "sqrt": 0.1}[form]
+    assert rel(approx[2], exact[2]) <= 1e-3
+
+
 @settings(max_examples=_examples(60), deadline=None)
 @given(
     st.lists(theta_num, min_size=8, max_size=8).map(theta_to_points),
     st.lists(st.one_of(real, st.integers(-16, 16).map(lambda k: k / 8)), min_size=1, max_size=30),
     st.lists(st.one_of(real, st.integers(-16, 16).map(lambda k: k / 8)), min_size=1, max_size=8),
-    st.sampled_from(["pl", "step", "linear", "square"]),
+    st.sampled_from(["pl", "step", "linear", "square", "sigmoid", "sqrt"]),
     st.booleans(),
 )
 def test_rank_sum_matches_brute_force(points, s_list, q_list, kind, weighted):
@@ -169,7 +307,9 @@ def test_rank_sum_matches_brute_force(points, s_list, q_list, kind, weighted):
 
     h = {"pl": lambda: rank_function_piecewise_linear(points), "step": rank_function_step,
          "linear": lambda: rank_function_handcrafted("linear"),
-         "square": lambda: rank_function_handcrafted("square")}[kind]()
+         "square": lambda: rank_function_handcrafted("square"),
+         "sigmoid": lambda: rank_function_handcrafted("sigmoid"),
+         "sqrt": lambda: rank_function_handcrafted("sqrt")}[kind]()
     s = torch.tensor(sorted(s_list), dtype=torch.float64, requires_grad=True)
     q = torch.tensor(q_list, dtype=torch.float64, requires_grad=True)
     w = torch.linspace(0.3, 1.7, len(s_list), dtype=torch.float64, requires_grad=True) if weighted else None
@@ -417,11 +557,11 @@ def test_large_batch_never_builds_pair_matrices():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_matches_cpu():
     torch.manual_seed(0)
-    spec = LossSpec.from_theta(torch.rand(41).tolist())
+    specs = [LossSpec.from_theta(torch.rand(41).tolist()), LossSpec.handcrafted("sigmoid"), LossSpec.handcrafted("sqrt")]
     s = torch.randn(5000, dtype=torch.float64)
     t = torch.where(torch.rand(5000) < 0.05, 1, torch.where(torch.rand(5000) < 0.1, -1, 0))
     q = torch.rand(5000, dtype=torch.float64)
-    for top_k in (None, 1000):
+    for spec, top_k in [(spec, top_k) for spec in specs for top_k in (None, 1000)]:
         cpu = _value_and_grads(lambda s, q: pap_loss(s, t, q, spec, top_k=top_k), s.clone().requires_grad_(),
                                q.clone().requires_grad_())
         gpu = _value_and_grads(lambda s, q: pap_loss(s, t.cuda(), q, spec, top_k=top_k),
