@@ -37,7 +37,6 @@ import json
 import math
 import os
 import re
-import shutil
 import tempfile
 import time
 import traceback
@@ -296,8 +295,7 @@ def prepare_data(
         return out
     from paploss.data import search_split
 
-    with tempfile.TemporaryDirectory(prefix="paploss-data-") as tmp:
-        local = Path(tmp, "data")
+    def build(local: Path) -> None:
         if name is not None:
             from paploss.data import make_dataset
 
@@ -314,17 +312,20 @@ def prepare_data(
         for split in ("train", "val"):
             load_coco(local / "annotations" / f"{split}.json", images_dir=local / "images")
         search_split(local, val_fraction=float(search_val_fraction), seed=int(split_seed))
-        if storage.is_s3(out):
+
+    if storage.is_s3(out):
+        with tempfile.TemporaryDirectory(prefix="paploss-data-") as tmp:
+            local = Path(tmp, "data")
+            build(local)
             # the marker (search_val.json) goes last: a reader never sees half a dataset
             storage.upload_dir(local / "images", storage.join(out, "images"))
             for split in _ANN_SPLITS:
                 storage.copy(local / "annotations" / f"{split}.json", storage.join(out, "annotations", f"{split}.json"))
-        else:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            if Path(out).exists():
-                shutil.rmtree(out)  # an earlier crash left it without its marker
-            shutil.copytree(local, Path(tmp, "staged"))
-            os.replace(Path(tmp, "staged"), out)
+    else:
+        # built beside its final name and renamed into place (replacing what an
+        # earlier crash left without its marker): one filesystem, atomic
+        with storage.atomic_dir(out, replace=True) as local:
+            build(local)
     return out
 
 

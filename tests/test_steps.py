@@ -172,6 +172,26 @@ def test_prepare_data_is_idempotent_and_splits(tiny_data):
     assert steps.prepare_data(data, work) == data
 
 
+def test_prepare_data_crash_leaves_nothing_and_a_rerun_builds_it(tmp_path, monkeypatch):
+    """The dataset folder is built beside its final name and renamed into place: a
+    crash partway (here: the search split) leaves no folder, half or whole, and no
+    temporary folder; the next call builds it."""
+    import paploss.data
+
+    def broken_split(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(paploss.data, "search_split", broken_split)
+    bundled = {"n_train": 12, "n_val": 4, "image_size": 64}
+    with pytest.raises(RuntimeError, match="disk full"):
+        steps.prepare_data("bundled:shapes", str(tmp_path), bundled=bundled)
+    assert not (tmp_path / "data").exists() or not any((tmp_path / "data").iterdir())
+    monkeypatch.undo()
+    data = steps.prepare_data("bundled:shapes", str(tmp_path), bundled=bundled)
+    assert storage.exists(storage.join(data, "annotations", "search_val.json"))
+    assert [p.name for p in (tmp_path / "data").iterdir()] == [os.path.basename(data)]
+
+
 def test_failed_trials_count_and_stop_the_search(tiny_data, tmp_path):
     """Trials whose training raises (the real engine, refusing a corrupt warm start)
     are failed results; the round goes on with min_reward; beyond
