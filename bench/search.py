@@ -41,7 +41,7 @@ import click
 
 from paploss import steps, storage
 
-__all__ = ["BenchConfig", "LOSSES", "BENCH_PRESETS", "run_bench", "summarize", "goal_check", "goal_lines", "bench"]
+__all__ = ["BenchConfig", "LOSSES", "BENCH_PRESETS", "run_bench", "summarize", "goal_check", "goal_lines", "reward_table", "bench"]
 
 LOSSES = ("searched", "searched-shared", "focal+l1", "focal+giou", "sigmoid", "sqrt", "linear", "square", "transfer")
 METRICS = ("AP", "AP50", "AP75")
@@ -51,7 +51,7 @@ METRICS = ("AP", "AP50", "AP75")
 BENCH_PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {"pipeline_preset": "smoke", "rounds": 2, "samples": 2, "seeds": (0, 1)},
     "default": {"pipeline_preset": "quick", "rounds": 8, "samples": 4, "seeds": (0, 1, 2),
-                "proxy_iterations": 150, "final_iterations": 400, "n_train": 1000, "n_val": 250},
+                "proxy_iterations": 150, "final_iterations": 400, "n_train": 1000, "n_val": 250, "sigma": 0.1},
 }
 
 
@@ -69,6 +69,7 @@ class BenchConfig:
     final_iterations: int | None = None  # None: the pipeline preset's final schedule
     n_train: int | None = None  # images of the bundled train split (None: the pipeline preset's)
     n_val: int | None = None  # images of the bundled val split (None: the pipeline preset's)
+    sigma: float | None = None  # the policy's starting spread (None: the controller's default, 0.2)
     jobs: int = 2  # trainings run at a time (one CPU thread each)
     work: str = "runs/bench"
     out: str = "docs"
@@ -86,6 +87,8 @@ class BenchConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value} must be >= 1 (or None for the pipeline preset's)")
+        if self.sigma is not None and not 0.0 < self.sigma <= 1.0:
+            raise ValueError(f"sigma={self.sigma} must be in (0, 1]")
         if self.rounds < 1 or self.samples < 2 or not self.seeds or self.jobs < 1:
             raise ValueError(
                 f"rounds={self.rounds} (>= 1), samples={self.samples} (>= 2), seeds={self.seeds} (non-empty), "
@@ -100,6 +103,8 @@ class BenchConfig:
             p = p.with_overrides(proxy={**p.proxy, "iterations": int(self.proxy_iterations), "epochs": None})
         if self.final_iterations:
             p = p.with_overrides(final={**p.final, "iterations": int(self.final_iterations), "epochs": None})
+        if self.sigma is not None:
+            p = p.with_overrides(controller={**p.controller, "sigma": float(self.sigma)})
         sizes = {k: int(v) for k, v in (("n_train", self.n_train), ("n_val", self.n_val)) if v}
         if sizes:
             p = p.with_overrides(bundled={**p.bundled, **sizes})
@@ -273,6 +278,22 @@ def goal_lines(check: Mapping[str, Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+COLLAPSED = 1e-3  # a proxy reward (AP) below this: the trial's detector found (almost) nothing
+
+
+def reward_table(histories: Mapping[str, Sequence[Sequence[float]]]) -> str:
+    """Markdown: per search and round the mean and max reward and how many trials
+    collapsed (reward < ``COLLAPSED``), from ``{search name: [[reward per sample] per round]}``."""
+    lines = ["| search | round | mean reward | max reward | collapsed |", "|---|---|---|---|---|"]
+    for name, rounds in histories.items():
+        for r, rewards in enumerate(rounds):
+            if rewards:
+                bad = sum(1 for x in rewards if x < COLLAPSED)
+                lines.append(f"| {name} | {r + 1} | {statistics.mean(rewards):.4f} | {max(rewards):.4f} | "
+                             f"{bad}/{len(rewards)} |")
+    return "\n".join(lines)
+
+
 def _reward_history(state: str) -> list[list[float]]:
     return [list(rec.rewards) for rec in _controller(state).history]
 
@@ -358,6 +379,8 @@ def _write_results(cfg: BenchConfig, results: Mapping, searched: Mapping[tuple[s
                        "# Search-quality benchmark\n\n" + status
                        + f"Config: `{json.dumps(dataclasses.asdict(cfg))}`\n\n"
                        + summarize(results) + "\n## The goal (issue 8)\n\n" + goal_lines(goal_check(results))
+                       + "\n\n## Searches (reward: COCO AP of the proxy on search-val)\n\n"
+                       + reward_table({f"{m} on {d}": _reward_history(s) for (d, m), s in sorted(searched.items())})
                        + "\n\n## Searched losses\n\n" + specs_md + "\n")
 
 
@@ -404,13 +427,14 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor, tracking_uri: str | None) 
 @click.option("--final-iterations", type=int, default=None, help="Iterations of each final training [preset].")
 @click.option("--n-train", type=int, default=None, help="Images of each bundled dataset's train split [preset].")
 @click.option("--n-val", type=int, default=None, help="Images of each bundled dataset's val split [preset].")
+@click.option("--sigma", type=float, default=None, help="Starting spread of the search policy [preset].")
 @click.option("--jobs", type=int, default=2, show_default=True, help="Trainings at a time (one CPU thread each).")
 @click.option("--work", default="runs/bench", show_default=True, help="Cache folder (or s3:// prefix); resumes.")
 @click.option("--out", default="docs", show_default=True, help="Where bench_search.json/.md and figures go.")
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default="sqlite:///mlflow.db", show_default=True,
               help="MLflow store for the results [env MLFLOW_TRACKING_URI]; '' to skip.")
-def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, final_iterations, n_train, n_val, jobs,
-          work, out, tracking_uri) -> None:
+def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, final_iterations, n_train, n_val, sigma,
+          jobs, work, out, tracking_uri) -> None:
     """The search-quality benchmark: search on the bundled datasets, then train with
     every loss and seed and compare AP on the held-out val split (issue 8)."""
     base = BENCH_PRESETS[preset]
@@ -423,7 +447,8 @@ def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, fi
             rounds=rounds or base["rounds"], samples=samples or base["samples"],
             proxy_iterations=proxy_iterations or base.get("proxy_iterations"),
             final_iterations=final_iterations or base.get("final_iterations"),
-            n_train=n_train or base.get("n_train"), n_val=n_val or base.get("n_val"), jobs=jobs, work=work, out=out,
+            n_train=n_train or base.get("n_train"), n_val=n_val or base.get("n_val"),
+            sigma=sigma or base.get("sigma"), jobs=jobs, work=work, out=out,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None

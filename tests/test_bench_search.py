@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from bench.search import LOSSES, BenchConfig, _loss_specs, final_config, goal_check, goal_lines, summarize
+from bench.search import LOSSES, BenchConfig, _loss_specs, final_config, goal_check, goal_lines, reward_table, summarize
 from paploss import steps, storage
 from paploss.search import Controller
 from paploss.spec import LossSpec
@@ -34,6 +34,7 @@ def test_summarize_mean_and_std_in_ap_points():
         ({"seeds": ()}, "seeds=()"),
         ({"n_train": 0}, "n_train=0"),
         ({"final_iterations": -5}, "final_iterations=-5"),
+        ({"sigma": 0.0}, "sigma=0.0"),
     ],
 )
 def test_config_rejects_bad_values_naming_them(kwargs, message):
@@ -64,11 +65,20 @@ def test_goal_check_needs_the_margin_and_separated_seeds():
     assert "c:" in text and "not measured" in text
 
 
+def test_reward_table_counts_collapsed_trials_per_round():
+    table = reward_table({"searched on shapes": [[0.0, 0.0004, 0.03, 0.01], [0.02, 0.04]]})
+    rows = [line for line in table.splitlines() if line.startswith("| searched on shapes")]
+    assert rows == ["| searched on shapes | 1 | 0.0101 | 0.0300 | 2/4 |",
+                    "| searched on shapes | 2 | 0.0300 | 0.0400 | 0/2 |"]
+
+
 def test_data_sizes_reach_the_bundled_dataset():
     p = BenchConfig(n_train=300, n_val=60).preset("digits")
     assert p.dataset == "bundled:digits"
     assert p.bundled["n_train"] == 300 and p.bundled["n_val"] == 60
     assert BenchConfig().preset("digits").bundled == steps.get_preset("quick").bundled
+    assert BenchConfig(sigma=0.1).preset("shapes").controller["sigma"] == 0.1
+    assert "sigma" not in BenchConfig().preset("shapes").controller
 
 
 @pytest.fixture(scope="module")
