@@ -325,7 +325,8 @@ def _log_mlflow(tracking_uri: str, dataset: str, cfg: BenchConfig, per_loss: Map
     with mlflow.start_run(run_name=f"bench-{dataset}", tags={"paploss.kind": "bench", "paploss.dataset": dataset}):
         mlflow.log_params({"datasets": ",".join(cfg.datasets), "seeds": ",".join(map(str, cfg.seeds)),
                            "pipeline_preset": cfg.pipeline_preset, "rounds": cfg.rounds, "samples": cfg.samples,
-                           "final_iterations": cfg.final_iterations})
+                           "final_iterations": cfg.final_iterations, "proxy_iterations": cfg.proxy_iterations,
+                           "n_train": cfg.n_train, "n_val": cfg.n_val, "sigma": cfg.sigma})
         for loss, metrics in per_loss.items():
             for m, vals in metrics.items():
                 if vals:
@@ -336,6 +337,13 @@ def _log_mlflow(tracking_uri: str, dataset: str, cfg: BenchConfig, per_loss: Map
                 for r, rewards in enumerate(_reward_history(state)):
                     mlflow.log_metric(f"{mode}.mean_reward", statistics.mean(rewards), step=r)
                 mlflow.log_text(_controller(state).spec().to_json(), f"{mode}_loss_spec.json")
+        goal = goal_check({dataset: per_loss})[dataset]
+        if goal["vs_focal"] is not None:
+            mlflow.log_metric("goal.searched_minus_focal_l1.AP", goal["vs_focal"])
+        for form, gap in goal["vs_handcrafted"].items():
+            mlflow.log_metric(f"goal.searched_minus_{form}.AP", gap)
+        mlflow.set_tags({"goal.beats_focal_l1": str(goal["beats_focal"]),
+                         "goal.beats_handcrafted": str(goal["beats_handcrafted"])})
         mlflow.log_dict({loss: dict(m) for loss, m in per_loss.items()}, "bench_search.json")
         for f in figures:
             if not storage.is_s3(f):

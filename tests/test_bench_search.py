@@ -132,3 +132,25 @@ def test_evaluation_split_holds_no_search_val_image(prepared):
     assert search_val_files and val_files
     assert not val_files & search_val_files
     assert search_val_files <= train_files
+
+
+def test_mlflow_run_holds_table_rewards_and_goal(prepared, tmp_path):
+    """The benchmark's MLflow run (a real sqlite store): per-loss means, the reward
+    per round of both searches, the searched specs, and the goal check."""
+    import mlflow
+
+    from bench.search import _log_mlflow
+
+    cfg, _, _, _, states = prepared
+    per_loss = {"searched": {"AP": [0.15, 0.16, 0.17]}, "focal+l1": {"AP": [0.12, 0.13, 0.14]},
+                **{f: {"AP": [0.10, 0.11, 0.12]} for f in ("sigmoid", "sqrt", "linear", "square")}}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _log_mlflow(uri, "shapes", cfg, per_loss, [], states)
+    run = mlflow.MlflowClient(uri).search_runs(
+        [mlflow.MlflowClient(uri).get_experiment_by_name("paploss-bench").experiment_id])[0]
+    assert run.data.metrics["searched.AP.mean"] == pytest.approx(0.16)
+    assert run.data.metrics["goal.searched_minus_focal_l1.AP"] == pytest.approx(0.03)
+    assert run.data.metrics["goal.searched_minus_square.AP"] == pytest.approx(0.05)
+    assert run.data.tags["goal.beats_focal_l1"] == "True" and run.data.tags["goal.beats_handcrafted"] == "True"
+    assert run.data.metrics["searched.mean_reward"] == pytest.approx(0.25)  # the one PPO round of the fixture
+    assert run.data.params["sigma"] == str(cfg.sigma)
