@@ -168,23 +168,35 @@ def final_config(p: steps.Preset, data: str, init: str, loss: str, spec_json: st
                           "init": str(storage.localize(init)), "seed": int(seed), "out_dir": None})
 
 
+def _final_key(p: steps.Preset, data: str, init: str, loss: str, spec_json: str | None, seed: int) -> str:
+    from paploss import functions
+
+    # the handcrafted functions' version: results of an older implementation are not reused
+    version = getattr(functions, "HANDCRAFTED_VERSION", 1)
+    return steps.content_key("bench-final", data, init, loss, spec_json, seed, p.final, p.detector, version)
+
+
+def _cached_final(p: steps.Preset, data: str, init: str, loss: str, spec_json: str | None, seed: int,
+                  out: str) -> dict | None:
+    """The cached result of one final training, if ``out`` holds it for exactly these inputs."""
+    if storage.exists(out):
+        done = storage.read_json(out)
+        if done.get("key") == _final_key(p, data, init, loss, spec_json, seed):
+            return done
+    return None
+
+
 def _final_job(p: steps.Preset, data: str, init: str, loss: str, spec_json: str | None, seed: int,
                out: str) -> dict:
     """Train on ``train``, evaluate on ``val`` (never search-val); cached in ``out``."""
     from paploss.engine import train
 
-    from paploss import functions
-
-    # the handcrafted functions' version: results of an older implementation are not reused
-    version = getattr(functions, "HANDCRAFTED_VERSION", 1)
-    key = steps.content_key("bench-final", data, init, loss, spec_json, seed, p.final, p.detector, version)
-    if storage.exists(out):
-        done = storage.read_json(out)
-        if done.get("key") == key:
-            return done
+    done = _cached_final(p, data, init, loss, spec_json, seed, out)
+    if done is not None:
+        return done
     res = train(final_config(p, data, init, loss, spec_json, seed), progress=False)
-    doc = {"key": key, "loss": loss, "seed": seed, "metrics": dict(res.metrics), "diverged": res.diverged,
-           "seconds": res.seconds, "spec": spec_json}
+    doc = {"key": _final_key(p, data, init, loss, spec_json, seed), "loss": loss, "seed": seed,
+           "metrics": dict(res.metrics), "diverged": res.diverged, "seconds": res.seconds, "spec": spec_json}
     storage.write_json(out, doc)
     return doc
 
@@ -203,8 +215,9 @@ def _loss_specs(cfg: BenchConfig, dataset: str, searched: Mapping[tuple[str, str
             specs[loss] = LossSpec.handcrafted(loss).to_json()
         elif loss == "transfer":
             other = next(d for d in cfg.datasets if d != dataset)
-            specs[loss] = _controller(searched[(other, "searched")]).spec().to_json()
-        else:
+            if (other, "searched") in searched:  # else: not searched yet (report_only)
+                specs[loss] = _controller(searched[(other, "searched")]).spec().to_json()
+        elif (dataset, loss) in searched:
             specs[loss] = _controller(searched[(dataset, loss)]).spec().to_json()
     return specs
 
@@ -350,31 +363,47 @@ def _log_mlflow(tracking_uri: str, dataset: str, cfg: BenchConfig, per_loss: Map
                 mlflow.log_artifact(f)
 
 
-def run_bench(cfg: BenchConfig, tracking_uri: str | None = None) -> dict:
+def run_bench(cfg: BenchConfig, tracking_uri: str | None = None, report_only: bool = False) -> dict:
     """The whole benchmark; returns ``{dataset: {loss: {metric: [per seed]}}}``.
 
     Order: per dataset the searches and then its final trainings, then the
     ``transfer`` trainings (they need both searches). The results files are
-    rewritten after each phase, so a stopped run leaves a usable partial table."""
+    rewritten after each phase, so a stopped run leaves a usable partial table.
+
+    ``report_only``: train nothing; write the results of what ``cfg.work`` already
+    holds (the latest state of each search, the finished final trainings; the
+    rest is left out of the tables), for instance while another process runs."""
+    if report_only:
+        return _run(cfg, None, tracking_uri, report_only=True)
     with _pool(cfg.jobs) as pool:  # one pool for the whole run: a worker imports torch once
         return _run(cfg, pool, tracking_uri)
 
 
-def _finals(cfg: BenchConfig, pool: ProcessPoolExecutor, dataset: str, prepared, specs: Mapping[str, str | None],
-            losses: Sequence[str], per_loss: dict[str, dict[str, list[float]]]) -> None:
+def _finals(cfg: BenchConfig, pool: ProcessPoolExecutor | None, dataset: str, prepared,
+            specs: Mapping[str, str | None], losses: Sequence[str], per_loss: dict[str, dict[str, list[float]]]) -> None:
     p, data, init = prepared
-    futures = {
-        (loss, seed): pool.submit(
-            _final_job, p, data, init, loss, specs[loss], seed,
-            storage.join(cfg.work, dataset, "final", f"{loss}-seed{seed}.json"),
-        )
-        for seed in cfg.seeds for loss in losses
-    }
-    for (loss, seed), fut in futures.items():
-        doc = fut.result()
+    jobs = {(loss, seed): (p, data, init, loss, specs[loss], seed,
+                           storage.join(cfg.work, dataset, "final", f"{loss}-seed{seed}.json"))
+            for seed in cfg.seeds for loss in losses if loss in specs}
+    if pool is None:  # report_only: the cached results only
+        docs = {k: _cached_final(*args) for k, args in jobs.items()}
+    else:
+        futures = {k: pool.submit(_final_job, *args) for k, args in jobs.items()}
+        docs = {k: fut.result() for k, fut in futures.items()}
+    for (loss, seed), doc in docs.items():
+        if doc is None:
+            continue
         for m in METRICS:
             per_loss.setdefault(loss, {k: [] for k in METRICS})[m].append(float(doc["metrics"].get(m, math.nan)))
         _log(f"{dataset} {loss} seed {seed}: AP {doc['metrics'].get('AP', math.nan):.4f} ({doc['seconds']:.0f}s)")
+
+
+def _latest_state(work: str, name: str, rounds: int) -> str | None:
+    for r in range(rounds, -1, -1):
+        uri = steps.state_uri(work, name, r)
+        if storage.exists(uri):
+            return uri
+    return None
 
 
 def _write_results(cfg: BenchConfig, results: Mapping, searched: Mapping[tuple[str, str], str], done: bool) -> None:
@@ -382,7 +411,7 @@ def _write_results(cfg: BenchConfig, results: Mapping, searched: Mapping[tuple[s
     specs_md = "\n".join(
         f"- `{mode}` on {d}: `{_controller(s).spec().to_json()}`" for (d, mode), s in sorted(searched.items())
     )
-    status = "" if done else "**Partial: the run was still going when this was written.**\n\n"
+    status = "" if done else "**Partial: not every training had finished when this was written.**\n\n"
     storage.write_text(storage.join(cfg.out, "bench_search.md"),
                        "# Search-quality benchmark\n\n" + status
                        + f"Config: `{json.dumps(dataclasses.asdict(cfg))}`\n\n"
@@ -392,7 +421,8 @@ def _write_results(cfg: BenchConfig, results: Mapping, searched: Mapping[tuple[s
                        + "\n\n## Searched losses\n\n" + specs_md + "\n")
 
 
-def _run(cfg: BenchConfig, pool: ProcessPoolExecutor, tracking_uri: str | None) -> dict:
+def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str | None,
+         report_only: bool = False) -> dict:
     modes = [m for m in ("searched", "searched-shared") if m in cfg.losses or (m == "searched" and "transfer" in cfg.losses)]
     searched: dict[tuple[str, str], str] = {}
     prepared: dict[str, tuple[steps.Preset, str, str]] = {}
@@ -400,26 +430,38 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor, tracking_uri: str | None) 
     for dataset in cfg.datasets:
         p = cfg.preset(dataset)
         work = storage.join(cfg.work, dataset)
-        data = steps.prepare_data(p.dataset, work, split_seed=p.split_seed, bundled=p.bundled)
-        init = steps.pretrain(data, work, config=p.pretrain, seed=p.seed, detector=p.detector)
+        data = steps.prepare_data(p.dataset, work, split_seed=p.split_seed, bundled=p.bundled, only_cached=report_only)
+        init = data and steps.pretrain(data, work, config=p.pretrain, seed=p.seed, detector=p.detector,
+                                       only_cached=report_only)
+        if not init:  # report_only and nothing cached for this dataset yet
+            _log(f"{dataset}: no data or warm start in {cfg.work} yet; left out")
+            continue
         prepared[dataset] = (p, data, init)
         for mode in modes:
+            name = f"bench-{dataset}-{mode}"
+            if report_only:
+                state = _latest_state(work, name, p.rounds)
+                if state is not None:
+                    searched[(dataset, mode)] = state
+                continue
             controller = {**p.controller, **({"shared": True} if mode == "searched-shared" else {})}
-            searched[(dataset, mode)] = _search(pool, p, data, init, work, f"bench-{dataset}-{mode}", controller)
+            searched[(dataset, mode)] = _search(pool, p, data, init, work, name, controller)
         own = [loss for loss in cfg.losses if loss != "transfer"]
         specs = _loss_specs(cfg, dataset, searched, own)
         results[dataset] = {}
         _finals(cfg, pool, dataset, prepared[dataset], specs, own, results[dataset])
         _write_results(cfg, results, searched, done=False)
     if "transfer" in cfg.losses:
-        for dataset in cfg.datasets:
+        for dataset in prepared:
             specs = _loss_specs(cfg, dataset, searched, ["transfer"])
             _finals(cfg, pool, dataset, prepared[dataset], specs, ["transfer"], results[dataset])
-    for dataset in cfg.datasets:
+    for dataset in prepared:
         figures = _figures(cfg.out, dataset, searched)
         if tracking_uri:
             _log_mlflow(tracking_uri, dataset, cfg, results[dataset], figures, searched)
-    _write_results(cfg, results, searched, done=True)
+    complete = len(prepared) == len(cfg.datasets) and all(
+        len(results[d].get(loss, {}).get("AP", [])) == len(cfg.seeds) for d in cfg.datasets for loss in cfg.losses)
+    _write_results(cfg, results, searched, done=complete)
     return results
 
 
@@ -439,10 +481,12 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor, tracking_uri: str | None) 
 @click.option("--jobs", type=int, default=2, show_default=True, help="Trainings at a time (one CPU thread each).")
 @click.option("--work", default="runs/bench", show_default=True, help="Cache folder (or s3:// prefix); resumes.")
 @click.option("--out", default="docs", show_default=True, help="Where bench_search.json/.md and figures go.")
+@click.option("--report-only", is_flag=True,
+              help="Train nothing: write the tables and figures from what --work already holds.")
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default="sqlite:///mlflow.db", show_default=True,
               help="MLflow store for the results [env MLFLOW_TRACKING_URI]; '' to skip.")
 def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, final_iterations, n_train, n_val, sigma,
-          jobs, work, out, tracking_uri) -> None:
+          jobs, work, out, report_only, tracking_uri) -> None:
     """The search-quality benchmark: search on the bundled datasets, then train with
     every loss and seed and compare AP on the held-out val split (issue 8)."""
     base = BENCH_PRESETS[preset]
@@ -461,7 +505,7 @@ def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, fi
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     start = time.monotonic()
-    results = run_bench(cfg, tracking_uri or None)
+    results = run_bench(cfg, tracking_uri or None, report_only=report_only)
     click.echo(summarize(results))
     click.echo(goal_lines(goal_check(results)))
     click.echo(f"wall time {time.monotonic() - start:.0f}s; results in {out}/bench_search.json and .md")

@@ -53,6 +53,7 @@ __all__ = [
     "SEARCHED",
     "tracking_config",
     "search_dir",
+    "state_uri",
     "prepare_data",
     "pretrain",
     "init_search",
@@ -269,8 +270,11 @@ def prepare_data(
     split_seed: int = 0,
     search_val_fraction: float = 0.2,
     bundled: Mapping[str, Any] | None = None,
+    *,
+    only_cached: bool = False,
 ) -> str:
     """Make the dataset a search needs; returns its URI (``{work}/data/<key>``).
+    With ``only_cached``, build nothing: return the URI if it is already made, else "".
 
     ``dataset`` is ``bundled:<name>`` (generated, deterministic; ``bundled`` may set
     ``n_train``, ``n_val``, ``image_size``, ``seed``) or a COCO folder/``s3://``
@@ -293,6 +297,8 @@ def prepare_data(
     marker = storage.join(out, "annotations", "search_val.json")
     if storage.exists(marker):
         return out
+    if only_cached:
+        return ""
     from paploss.data import search_split
 
     def build(local: Path) -> None:
@@ -397,7 +403,7 @@ def pretrain_options(config: Mapping[str, Any] | None, proxy: Mapping[str, Any] 
 
 
 def pretrain(data: str, work: str, config: Mapping[str, Any] | None = None, seed: int = 0,
-             detector: str = "", proxy: Mapping[str, Any] | None = None) -> str:
+             detector: str = "", proxy: Mapping[str, Any] | None = None, *, only_cached: bool = False) -> str:
     """The warm start every trial and final training begins from (a backbone
     pre-trained on a classification task, as the paper's ImageNet one; see
     ``paploss.engine.pretrain``, whose options ``config`` holds); returns its URI,
@@ -408,7 +414,8 @@ def pretrain(data: str, work: str, config: Mapping[str, Any] | None = None, seed
     ``detector`` (the pipeline parameter, "" = keep) overrides both.
 
     An MMDetection detector (``"mmdet:<config>"``) gets no warm start here: it
-    starts as its config says (``init_cfg`` / ``load_from``), and this returns ""."""
+    starts as its config says (``init_cfg`` / ``load_from``), and this returns "".
+    With ``only_cached``, train nothing: return the URI if it exists, else ""."""
     config = pretrain_options(config, proxy, detector)
     if str(config.get("detector", "")).startswith(_engine().MMDET_PREFIX):
         _log(f"no warm start for {config['detector']}: the MMDetection config's own init_cfg/load_from applies")
@@ -416,6 +423,8 @@ def pretrain(data: str, work: str, config: Mapping[str, Any] | None = None, seed
     out = storage.join(work, "pretrain", content_key("pretrain", data, config, int(seed)), "backbone.pt")
     if storage.exists(out):
         return out
+    if only_cached:
+        return ""
     engine = _engine()
     import inspect
 
@@ -436,7 +445,8 @@ def pretrain(data: str, work: str, config: Mapping[str, Any] | None = None, seed
 # ----------------------------------------------------------------------------------
 
 
-def _state_uri(work: str, search_name: str, round: int) -> str:
+def state_uri(work: str, search_name: str, round: int) -> str:
+    """Where a search keeps its controller state after ``round`` rounds (0: before the first)."""
     return storage.join(search_dir(work, search_name), "state", f"round-{round:03d}.json")
 
 
@@ -480,7 +490,7 @@ def init_search(
         c = Controller(rounds=int(rounds), seed=int(seed), samples=int(samples), **options)
     except TypeError as exc:
         raise StepError(f"controller options {sorted(options)}: {exc}") from None
-    uri = _state_uri(work, search_name, 0)
+    uri = state_uri(work, search_name, 0)
     if storage.exists(uri):
         existing = storage.read_json(uri)["controller"]
         fresh = c.state_dict()
@@ -672,7 +682,7 @@ def controller_update(
         if any(abs(a - b) > 1e-12 for a, b in zip(p["theta"], theta)):
             raise StepError(f"result of round {c.round} sample {p['sample']} is for another θ than the controller drew")
     r = c.round
-    out = _state_uri(work, search_name, r + 1)
+    out = state_uri(work, search_name, r + 1)
     seed = int(parsed[0]["seed"]) if parsed else 0
     if storage.exists(out):
         done = storage.read_json(out)

@@ -154,3 +154,28 @@ def test_mlflow_run_holds_table_rewards_and_goal(prepared, tmp_path):
     assert run.data.tags["goal.beats_focal_l1"] == "True" and run.data.tags["goal.beats_handcrafted"] == "True"
     assert run.data.metrics["searched.mean_reward"] == pytest.approx(0.25)  # the one PPO round of the fixture
     assert run.data.params["sigma"] == str(cfg.sigma)
+
+
+def test_report_only_trains_and_builds_nothing(tmp_path):
+    """``--report-only`` on a work folder that holds nothing: no data generated, no
+    warm start trained, an empty (partial) table written."""
+    from bench.search import run_bench
+
+    cfg = BenchConfig(work=str(tmp_path / "work"), out=str(tmp_path / "out"), rounds=1, samples=2)
+    assert run_bench(cfg, report_only=True) == {}
+    assert not (tmp_path / "work").exists()
+    text = (tmp_path / "out" / "bench_search.md").read_text()
+    assert "Partial" in text
+    assert json.loads((tmp_path / "out" / "bench_search.json").read_text()) == {}
+
+
+def test_cached_final_is_used_only_for_the_same_inputs(prepared, tmp_path):
+    from bench.search import _cached_final, _final_key
+
+    _, p, data, init, _ = prepared
+    out = str(tmp_path / "final.json")
+    assert _cached_final(p, data, init, "square", None, 0, out) is None
+    storage.write_json(out, {"key": _final_key(p, data, init, "square", None, 0), "metrics": {"AP": 0.1}})
+    assert _cached_final(p, data, init, "square", None, 0, out)["metrics"] == {"AP": 0.1}
+    assert _cached_final(p, data, init, "square", None, 1, out) is None  # another seed
+    assert _cached_final(p, data, init, "linear", None, 0, out) is None  # another loss
