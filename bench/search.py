@@ -386,11 +386,11 @@ def _finals(cfg: BenchConfig, pool: ProcessPoolExecutor | None, dataset: str, pr
                            storage.join(cfg.work, dataset, "final", f"{loss}-seed{seed}.json"))
             for seed in cfg.seeds for loss in losses if loss in specs}
     if pool is None:  # report_only: the cached results only
-        docs = {k: _cached_final(*args) for k, args in jobs.items()}
+        docs = ((k, _cached_final(*args)) for k, args in jobs.items())
     else:
         futures = {k: pool.submit(_final_job, *args) for k, args in jobs.items()}
-        docs = {k: fut.result() for k, fut in futures.items()}
-    for (loss, seed), doc in docs.items():
+        docs = ((k, fut.result()) for k, fut in futures.items())  # logged as each one finishes, in order
+    for (loss, seed), doc in docs:
         if doc is None:
             continue
         for m in METRICS:
