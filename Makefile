@@ -49,7 +49,7 @@ bench: install  ## micro-benchmarks (loss, training step); results go to BENCHMA
 bench-controller: install  ## the PPO controller on a toy reward (how close it gets to the optimum)
 	$(BIN)/python -m bench.toy_search
 
-bench-search: install  ## the search-quality benchmark of BENCHMARKS.md (long: about 90 minutes on 2 CPU cores)
+bench-search: install  ## the search-quality benchmark of BENCHMARKS.md (long: about 2 hours on 2 CPU cores)
 	$(BIN)/paploss bench --out docs
 
 lock: install  ## refresh the images' pinned requirements from pyproject.toml (run after changing dependencies)

@@ -46,8 +46,8 @@ __all__ = ["BenchConfig", "LOSSES", "BENCH_PRESETS", "run_bench", "summarize", "
 LOSSES = ("searched", "searched-shared", "focal+l1", "focal+giou", "sigmoid", "sqrt", "linear", "square", "transfer")
 METRICS = ("AP", "AP50", "AP75")
 
-# Sizes of the benchmark. "default" is sized for about 90 minutes on 2 CPU cores
-# (see BENCHMARKS.md for what it measured); "smoke" checks the plumbing in minutes.
+# Sizes of the benchmark. "default" takes about 2 hours on 2 idle CPU cores (estimated from
+# measured per-round and per-training times, BENCHMARKS.md); "smoke" checks the plumbing in minutes.
 BENCH_PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {"pipeline_preset": "smoke", "rounds": 2, "samples": 2, "seeds": (0, 1)},
     "default": {"pipeline_preset": "quick", "rounds": 8, "samples": 4, "seeds": (0, 1, 2),
@@ -467,7 +467,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
 
 @click.command("bench")
 @click.option("--preset", type=click.Choice(sorted(BENCH_PRESETS)), default="default", show_default=True,
-              help="Sizes: default (about 90 minutes on 2 CPU cores) or smoke (the plumbing, minutes).")
+              help="Sizes: default (about 2 hours on 2 CPU cores) or smoke (the plumbing, minutes).")
 @click.option("--datasets", default="shapes,digits", show_default=True, help="Comma-separated bundled datasets.")
 @click.option("--losses", default=",".join(LOSSES), show_default=True, help="Comma-separated losses to compare.")
 @click.option("--seeds", default=None, help="Comma-separated seeds of the final trainings [preset].")
