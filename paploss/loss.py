@@ -51,7 +51,7 @@ import math
 import torch
 from torch import Tensor
 
-from paploss.functions import RankFunction, rank_function_handcrafted
+from paploss.functions import RankFunction
 from paploss.spec import LossSpec
 
 __all__ = ["pap_loss", "scale_grad", "rank_sum", "DEFAULT_TOP_K"]
@@ -507,11 +507,8 @@ def pap_loss(
         bad = u_p[(u_p < 0) | (u_p > 1)][0].item()
         raise ValueError(f"qualities must be in [0, 1] where targets == 1, found {bad}")
 
-    if exact and spec.form in ("sigmoid", "sqrt"):
-        H2 = H1 = rank_function_handcrafted(spec.form, exact=True)
-    else:
-        H2 = spec.rank_function("H2")
-        H1 = spec.rank_function("H1")
+    H2 = spec.rank_function("H2", exact=exact)
+    H1 = spec.rank_function("H1", exact=exact)
     I1, I2, I3 = spec.function("I1"), spec.function("I2"), spec.function("I3")
 
     # The ranked set J, sorted ascending: s_sorted (M,); and its positives, s_pj (P_J,).

@@ -276,8 +276,11 @@ class LossSpec:
             return F.step_function
         return F.handcrafted_function(self.form, name)
 
-    def rank_function(self, name: str):
-        """The ranking function at ``H2`` or ``H1`` as a :class:`paploss.functions.RankFunction` of ``d``."""
+    def rank_function(self, name: str, exact: bool = False):
+        """The ranking function at ``H2`` or ``H1`` as a :class:`paploss.functions.RankFunction` of ``d``.
+
+        ``exact``: the exact ``sigmoid``/``sqrt`` (dense path) instead of their
+        piecewise-quadratic approximations; no effect on other forms."""
         from paploss import functions as F
 
         if name not in ("H1", "H2"):
@@ -287,7 +290,7 @@ class LossSpec:
             return F.rank_function_piecewise_linear(pts, name=f"{self.form} {name}")
         if self.form == "searched":
             return F.rank_function_step()
-        return F.rank_function_handcrafted(self.form)
+        return F.rank_function_handcrafted(self.form, exact=exact)
 
 
 def _check_place(name: str) -> None:

@@ -151,8 +151,8 @@ def test_tiled_dense_path_matches_dense_twin(spec, batch):
     s, t, q = _tensors(scores, targets, quals)
     real = LossSpec.rank_function
 
-    def no_pieces(self, name):
-        return dataclasses.replace(real(self, name), pieces=None)
+    def no_pieces(self, name, exact=False):
+        return dataclasses.replace(real(self, name, exact), pieces=None)
 
     with pytest.MonkeyPatch.context() as m:
         m.setattr(LossSpec, "rank_function", no_pieces)
@@ -184,14 +184,14 @@ def wide_batches(draw, max_n=40):
 def _through_dense_path(exact=False):
     """Patch LossSpec.rank_function so pap_loss takes the tiled dense path: over the same
     approximated H (``pieces`` dropped), or over the exact functions (``exact``)."""
-    from paploss.functions import rank_function_handcrafted
-
     real = LossSpec.rank_function
 
-    def rank_function(self, name):
-        if exact:
-            return rank_function_handcrafted(self.form, exact=True)
-        return dataclasses.replace(real(self, name), pieces=None)
+    force_exact = exact
+
+    def rank_function(self, name, exact=False):
+        if force_exact:
+            return real(self, name, exact=True)
+        return dataclasses.replace(real(self, name, exact), pieces=None)
 
     with pytest.MonkeyPatch.context() as m:
         m.setattr(LossSpec, "rank_function", rank_function)
