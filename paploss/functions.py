@@ -40,6 +40,7 @@ Conventions (written down because the SPEC leaves them open):
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -404,14 +405,11 @@ def _contiguous_pieces(pieces: Sequence[Piece]) -> Callable[[Tensor, bool], Tens
     return evaluate
 
 
-_APPROX: dict[str, tuple[tuple[Piece, ...], Callable]] = {}
-
-
+@functools.cache
 def _approx(form: str) -> tuple[tuple[Piece, ...], Callable]:
-    if form not in _APPROX:
-        pieces = _sigmoid_pieces() if form == "sigmoid" else _sqrt_pieces()
-        _APPROX[form] = (pieces, _contiguous_pieces(pieces))
-    return _APPROX[form]
+    """The pieces of ``form``'s approximation and their evaluator, built once."""
+    pieces = _sigmoid_pieces() if form == "sigmoid" else _sqrt_pieces()
+    return pieces, _contiguous_pieces(pieces)
 
 
 def rank_function_handcrafted(form: str, exact: bool = False) -> RankFunction:
