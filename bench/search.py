@@ -26,6 +26,7 @@ final training), so a stopped benchmark resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -40,6 +41,7 @@ from typing import Any, Mapping, Sequence
 import click
 
 from paploss import steps, storage
+from paploss.spec import HANDCRAFTED_FORMS
 
 __all__ = ["BenchConfig", "LOSSES", "BENCH_PRESETS", "run_bench", "summarize", "goal_check", "goal_lines", "reward_table", "bench"]
 
@@ -143,6 +145,7 @@ def _search(pool: ProcessPoolExecutor, p: steps.Preset, data: str, init: str, wo
     return out["state"]
 
 
+@functools.cache  # a state file is written once under its round's name: read each one once
 def _controller(state: str):
     from paploss.search import Controller
 
@@ -169,19 +172,18 @@ def final_config(p: steps.Preset, data: str, init: str, loss: str, spec_json: st
 
 
 def _final_key(p: steps.Preset, data: str, init: str, loss: str, spec_json: str | None, seed: int) -> str:
-    from paploss import functions
+    from paploss.functions import HANDCRAFTED_VERSION
 
     # the handcrafted functions' version: results of an older implementation are not reused
-    version = getattr(functions, "HANDCRAFTED_VERSION", 1)
-    return steps.content_key("bench-final", data, init, loss, spec_json, seed, p.final, p.detector, version)
+    return steps.content_key("bench-final", data, init, loss, spec_json, seed, p.final, p.detector,
+                             HANDCRAFTED_VERSION)
 
 
-def _cached_final(p: steps.Preset, data: str, init: str, loss: str, spec_json: str | None, seed: int,
-                  out: str) -> dict | None:
-    """The cached result of one final training, if ``out`` holds it for exactly these inputs."""
+def _cached_final(out: str, key: str) -> dict | None:
+    """The cached result of one final training, if ``out`` holds it for the inputs ``key`` names."""
     if storage.exists(out):
         done = storage.read_json(out)
-        if done.get("key") == _final_key(p, data, init, loss, spec_json, seed):
+        if done.get("key") == key:
             return done
     return None
 
@@ -191,11 +193,12 @@ def _final_job(p: steps.Preset, data: str, init: str, loss: str, spec_json: str 
     """Train on ``train``, evaluate on ``val`` (never search-val); cached in ``out``."""
     from paploss.engine import train
 
-    done = _cached_final(p, data, init, loss, spec_json, seed, out)
+    key = _final_key(p, data, init, loss, spec_json, seed)
+    done = _cached_final(out, key)
     if done is not None:
         return done
     res = train(final_config(p, data, init, loss, spec_json, seed), progress=False)
-    doc = {"key": _final_key(p, data, init, loss, spec_json, seed), "loss": loss, "seed": seed,
+    doc = {"key": key, "loss": loss, "seed": seed,
            "metrics": dict(res.metrics), "diverged": res.diverged, "seconds": res.seconds, "spec": spec_json}
     storage.write_json(out, doc)
     return doc
@@ -211,7 +214,7 @@ def _loss_specs(cfg: BenchConfig, dataset: str, searched: Mapping[tuple[str, str
     for loss in cfg.losses if losses is None else losses:
         if loss in ("focal+l1", "focal+giou"):
             specs[loss] = None
-        elif loss in ("sigmoid", "sqrt", "linear", "square"):
+        elif loss in HANDCRAFTED_FORMS:
             specs[loss] = LossSpec.handcrafted(loss).to_json()
         elif loss == "transfer":
             other = next(d for d in cfg.datasets if d != dataset)
@@ -250,9 +253,6 @@ def summarize(results: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]]
     return "\n".join(lines)
 
 
-HANDCRAFTED = ("sigmoid", "sqrt", "linear", "square")
-
-
 def goal_check(results: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]], margin: float = 0.02) -> dict:
     """The issue's goal, per dataset, from ``{dataset: {loss: {"AP": [per seed]}}}``.
 
@@ -271,9 +271,9 @@ def goal_check(results: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]
             row["vs_focal"] = statistics.mean(searched) - statistics.mean(focal)
             row["beats_focal"] = row["vs_focal"] >= margin and min(searched) > max(focal)
         if searched:
-            gaps = {f: statistics.mean(searched) - statistics.mean(ap[f]) for f in HANDCRAFTED if f in ap}
+            gaps = {f: statistics.mean(searched) - statistics.mean(ap[f]) for f in HANDCRAFTED_FORMS if f in ap}
             row["vs_handcrafted"] = gaps
-            row["beats_handcrafted"] = all(g > 0 for g in gaps.values()) if len(gaps) == len(HANDCRAFTED) else None
+            row["beats_handcrafted"] = all(g > 0 for g in gaps.values()) if len(gaps) == len(HANDCRAFTED_FORMS) else None
         out[dataset] = row
     return out
 
@@ -386,7 +386,7 @@ def _finals(cfg: BenchConfig, pool: ProcessPoolExecutor | None, dataset: str, pr
                            storage.join(cfg.work, dataset, "final", f"{loss}-seed{seed}.json"))
             for seed in cfg.seeds for loss in losses if loss in specs}
     if pool is None:  # report_only: the cached results only
-        docs = ((k, _cached_final(*args)) for k, args in jobs.items())
+        docs = ((k, _cached_final(args[-1], _final_key(*args[:-1]))) for k, args in jobs.items())
     else:
         futures = {k: pool.submit(_final_job, *args) for k, args in jobs.items()}
         docs = ((k, fut.result()) for k, fut in futures.items())  # logged as each one finishes, in order

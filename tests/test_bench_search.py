@@ -174,8 +174,9 @@ def test_cached_final_is_used_only_for_the_same_inputs(prepared, tmp_path):
 
     _, p, data, init, _ = prepared
     out = str(tmp_path / "final.json")
-    assert _cached_final(p, data, init, "square", None, 0, out) is None
-    storage.write_json(out, {"key": _final_key(p, data, init, "square", None, 0), "metrics": {"AP": 0.1}})
-    assert _cached_final(p, data, init, "square", None, 0, out)["metrics"] == {"AP": 0.1}
-    assert _cached_final(p, data, init, "square", None, 1, out) is None  # another seed
-    assert _cached_final(p, data, init, "linear", None, 0, out) is None  # another loss
+    key = lambda loss, seed: _final_key(p, data, init, loss, None, seed)  # noqa: E731
+    assert _cached_final(out, key("square", 0)) is None
+    storage.write_json(out, {"key": key("square", 0), "metrics": {"AP": 0.1}})
+    assert _cached_final(out, key("square", 0))["metrics"] == {"AP": 0.1}
+    assert _cached_final(out, key("square", 1)) is None  # another seed
+    assert _cached_final(out, key("linear", 0)) is None  # another loss
