@@ -2,6 +2,7 @@
 
     python -m bench.proxy --data DIR [--backbone FILE] [--preset quick] [--seeds 0 1 2]
                           [--losses focal+l1 linear square sigmoid] [--iterations N] [--out results.json]
+                          [--spec NAME=FILE ...]
 
 For each loss and seed, one proxy trial (``TrainConfig.preset(preset)``, warm-started
 from ``--backbone``; pre-trained first with ``paploss pretrain`` defaults if the file
@@ -9,7 +10,9 @@ does not exist) and, once, "the start": the same model after 1 iteration at a
 vanishing learning rate (pre-trained backbone, fresh head).  Prints per loss the mean
 and the seed-to-seed standard deviation of AP50 and AP, and the mean trial time.
 The reward is usable when every mean is clearly above the start and the std is
-small next to the differences between the means.  Results (every trial) go to
+small next to the differences between the means.  ``--spec NAME=FILE`` adds a loss
+``NAME`` (usable in ``--losses``) from a loss-spec JSON or a search's state file
+(``steps.state_uri``: its current mean μ, the loss the search returns).  Results (every trial) go to
 ``--out`` as JSON, written after each trial so that a long run can be read early.
 """
 
@@ -42,18 +45,38 @@ def _spec(form):
     return LossSpec.handcrafted(form)
 
 
+def _spec_file(path: str):
+    """A LossSpec from a loss-spec JSON file, or the μ of a search state file."""
+    from paploss import LossSpec, storage
+
+    doc = json.loads(storage.read_text(path))
+    if "controller" in doc:
+        from paploss.search import Controller
+
+        return Controller.from_state_dict(doc["controller"]).spec()
+    return LossSpec.from_dict(doc)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="dataset folder with search_train / search_val splits")
     ap.add_argument("--backbone", default=None, help="warm-start file (default: DATA/../backbone_<detector>.pt)")
     ap.add_argument("--preset", default="quick")
-    ap.add_argument("--losses", nargs="+", default=["focal+l1", "linear", "square", "sigmoid"], choices=sorted(LOSSES))
+    ap.add_argument("--losses", nargs="+", default=["focal+l1", "linear", "square", "sigmoid"],
+                    help=f"of {sorted(LOSSES)} and the names given with --spec")
+    ap.add_argument("--spec", nargs="*", default=[], metavar="NAME=FILE",
+                    help="more losses: a loss-spec JSON or a search state file (its μ)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--iterations", type=int, default=None, help="override the preset's iterations")
     ap.add_argument("--pretrain-iterations", type=int, default=600)
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=JSON", help="more TrainConfig overrides")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    files = dict(s.split("=", 1) for s in args.spec)
+    unknown = sorted(set(args.losses) - set(LOSSES) - set(files))
+    if unknown:
+        ap.error(f"--losses {unknown} are unknown; known: {sorted(LOSSES)} and the --spec names {sorted(files)}")
+    specs = {name: _spec_file(path) for name, path in files.items()}
 
     from paploss.engine import PROXY_PRESETS, TrainConfig, pretrain, train
 
@@ -82,8 +105,12 @@ def main(argv: list[str] | None = None) -> dict:
     save()
     for seed in args.seeds:
         for name in args.losses:
-            loss, form = LOSSES[name]
-            r = train(TrainConfig(data=args.data, init=backbone, loss=loss, spec=_spec(form), seed=seed, **preset),
+            if name in specs:
+                loss, spec = "paploss", specs[name]
+            else:
+                loss, form = LOSSES[name]
+                spec = _spec(form)
+            r = train(TrainConfig(data=args.data, init=backbone, loss=loss, spec=spec, seed=seed, **preset),
                       progress=False)
             report["trials"].append({"loss": name, "seed": seed, "metrics": r.metrics, "seconds": r.seconds,
                                      "diverged": r.diverged, "final_loss": r.losses[-1]})

@@ -180,3 +180,13 @@ def test_cached_final_is_used_only_for_the_same_inputs(prepared, tmp_path):
     assert _cached_final(out, key("square", 0))["metrics"] == {"AP": 0.1}
     assert _cached_final(out, key("square", 1)) is None  # another seed
     assert _cached_final(out, key("linear", 0)) is None  # another loss
+
+
+def test_h2_over_h1_ratio_of_bench_collapse():
+    from bench.collapse import h2_over_h1
+
+    identity = [0.0, 0.0, 0.2, 0.2, 0.4, 0.4, 0.6, 0.6, 0.8, 0.8, 1.0, 1.0]
+    concave = [0.0, 0.0, 0.2, 0.4, 0.4, 0.7, 0.6, 0.85, 0.8, 0.95, 1.0, 1.0]  # H2 0.7 -> 0.85 on [0.4, 0.6]
+    assert h2_over_h1(LossSpec.searched([identity] * 5).to_json()) == pytest.approx(1.0)
+    assert h2_over_h1(LossSpec.searched([concave] + [identity] * 4).to_json()) == pytest.approx(0.775 / 0.5)
+    assert h2_over_h1(LossSpec.handcrafted("square").to_json()) == pytest.approx(1.0)
