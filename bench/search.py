@@ -43,7 +43,8 @@ import click
 from paploss import steps, storage
 from paploss.spec import HANDCRAFTED_FORMS
 
-__all__ = ["BenchConfig", "LOSSES", "BENCH_PRESETS", "run_bench", "summarize", "goal_check", "goal_lines", "reward_table", "bench"]
+__all__ = ["BenchConfig", "LOSSES", "BENCH_PRESETS", "run_bench", "summarize", "goal_check", "goal_lines", "reward_table", "mu_travel",
+           "bench"]
 
 LOSSES = ("searched", "searched-shared", "focal+l1", "focal+giou", "sigmoid", "sqrt", "linear", "square", "transfer")
 METRICS = ("AP", "AP50", "AP75")
@@ -294,17 +295,43 @@ def goal_lines(check: Mapping[str, Mapping[str, Any]]) -> str:
 COLLAPSED = 1e-3  # a proxy reward (AP) below this: the trial's detector found (almost) nothing
 
 
-def reward_table(histories: Mapping[str, Sequence[Sequence[float]]]) -> str:
+def reward_table(histories: Mapping[str, Sequence[Sequence[float]]],
+                 travel: Mapping[str, Sequence[tuple[float, float]]] | None = None) -> str:
     """Markdown: per search and round the mean and max reward and how many trials
-    collapsed (reward < ``COLLAPSED``), from ``{search name: [[reward per sample] per round]}``."""
-    lines = ["| search | round | mean reward | max reward | collapsed |", "|---|---|---|---|---|"]
+    collapsed (reward < ``COLLAPSED``), from ``{search name: [[reward per sample] per round]}``.
+    With ``travel`` (``{search name: [(moved, to square) per round]}``, see
+    :func:`mu_travel`) two more columns say where the policy's mean went."""
+    head = "| search | round | mean reward | max reward | collapsed |"
+    if travel is not None:
+        head += " ‖μ − μ₀‖ | ‖μ − square‖ |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, rounds in histories.items():
         for r, rewards in enumerate(rounds):
             if rewards:
                 bad = sum(1 for x in rewards if x < COLLAPSED)
-                lines.append(f"| {name} | {r + 1} | {statistics.mean(rewards):.4f} | {max(rewards):.4f} | "
-                             f"{bad}/{len(rewards)} |")
+                line = (f"| {name} | {r + 1} | {statistics.mean(rewards):.4f} | {max(rewards):.4f} | "
+                        f"{bad}/{len(rewards)} |")
+                if travel is not None:
+                    moved, to_square = travel[name][r]
+                    line += f" {moved:.3f} | {to_square:.3f} |"
+                lines.append(line)
     return "\n".join(lines)
+
+
+def mu_travel(state: str) -> list[tuple[float, float]]:
+    """Per finished round of a search: the Euclidean distance (over all θ numbers)
+    of the policy's mean after the round to its starting mean, and to the θ of the
+    piecewise-linear ``square`` (:func:`paploss.spec.form_theta`). The start is
+    the identity, at distance 0.52 from ``square`` for a separate search (0.23 shared)."""
+    from paploss.spec import form_theta
+
+    c = _controller(state)
+    if not c.history:
+        return []
+    start = c.history[0].mu
+    groups = (c.dim - int(c.config.grad_scale)) // 8
+    square = form_theta("square", functions=groups, grad_scale=c.config.grad_scale)
+    return [(math.dist(rec.mu_after, start), math.dist(rec.mu_after, square)) for rec in c.history]
 
 
 def _reward_history(state: str) -> list[list[float]]:
@@ -349,6 +376,8 @@ def _log_mlflow(tracking_uri: str, dataset: str, cfg: BenchConfig, per_loss: Map
             if state is not None:
                 for r, rewards in enumerate(_reward_history(state)):
                     mlflow.log_metric(f"{mode}.mean_reward", statistics.mean(rewards), step=r)
+                for r, (moved, to_square) in enumerate(mu_travel(state)):
+                    mlflow.log_metrics({f"{mode}.mu_moved": moved, f"{mode}.mu_to_square": to_square}, step=r)
                 mlflow.log_text(_controller(state).spec().to_json(), f"{mode}_loss_spec.json")
         goal = goal_check({dataset: per_loss})[dataset]
         if goal["vs_focal"] is not None:
@@ -417,7 +446,8 @@ def _write_results(cfg: BenchConfig, results: Mapping, searched: Mapping[tuple[s
                        + f"Config: `{json.dumps(dataclasses.asdict(cfg))}`\n\n"
                        + summarize(results) + "\n## The goal (issue 8)\n\n" + goal_lines(goal_check(results))
                        + "\n\n## Searches (reward: COCO AP of the proxy on search-val)\n\n"
-                       + reward_table({f"{m} on {d}": _reward_history(s) for (d, m), s in sorted(searched.items())})
+                       + reward_table({f"{m} on {d}": _reward_history(s) for (d, m), s in sorted(searched.items())},
+                                      {f"{m} on {d}": mu_travel(s) for (d, m), s in sorted(searched.items())})
                        + "\n\n## Searched losses\n\n" + specs_md + "\n")
 
 

@@ -8,11 +8,13 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
-from bench.search import LOSSES, BenchConfig, _loss_specs, final_config, goal_check, goal_lines, reward_table, summarize
+from bench.search import (LOSSES, BenchConfig, _loss_specs, final_config, goal_check, goal_lines, mu_travel, reward_table,
+                          summarize)
 from paploss import steps, storage
 from paploss.search import Controller
-from paploss.spec import LossSpec
+from paploss.spec import LossSpec, form_theta
 
 
 def test_summarize_mean_and_std_in_ap_points():
@@ -70,6 +72,37 @@ def test_reward_table_counts_collapsed_trials_per_round():
     rows = [line for line in table.splitlines() if line.startswith("| searched on shapes")]
     assert rows == ["| searched on shapes | 1 | 0.0101 | 0.0300 | 2/4 |",
                     "| searched on shapes | 2 | 0.0300 | 0.0400 | 0/2 |"]
+
+
+def test_reward_table_travel_columns():
+    table = reward_table({"s": [[0.01, 0.03]]}, {"s": [(0.25, 0.5)]})
+    assert table.splitlines()[0].endswith("| ‖μ − μ₀‖ | ‖μ − square‖ |")
+    assert table.splitlines()[1] == "|---|---|---|---|---|---|---|"
+    assert table.splitlines()[2] == "| s | 1 | 0.0200 | 0.0300 | 0/2 | 0.250 | 0.500 |"
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_mu_travel_measures_the_mean_against_start_and_square(tmp_path, shared):
+    """mu_travel, against a direct computation on a controller that moved: round by
+    round the distance of μ to the identity start and to the square form."""
+    c = Controller(rounds=3, sigma=0.1, seed=3, shared=shared)
+    groups = 1 if shared else 5
+    square = torch.tensor(form_theta("square", functions=groups), dtype=torch.float64)
+    for _ in range(3):
+        thetas = c.sample(4)
+        c.update(thetas, (-((thetas - square) ** 2).sum(1)).tolist())
+    state = str(tmp_path / "state.json")
+    storage.write_json(state, {"controller": c.state_dict()})
+    got = mu_travel(state)
+    start = torch.tensor(form_theta("linear", functions=groups), dtype=torch.float64)
+    assert len(got) == 3
+    for (moved, to_square), rec in zip(got, c.history):
+        mu = torch.tensor(rec.mu_after, dtype=torch.float64)
+        assert moved == pytest.approx(float(torch.linalg.vector_norm(mu - start)), rel=1e-6)
+        assert to_square == pytest.approx(float(torch.linalg.vector_norm(mu - square)), rel=1e-9)
+    assert got[-1][0] > 0
+    # the distances mu_travel's docstring gives for the start
+    assert float(torch.linalg.vector_norm(start - square)) == pytest.approx(0.23 if shared else 0.52, abs=0.01)
 
 
 def test_data_sizes_reach_the_bundled_dataset():

@@ -284,6 +284,31 @@ def test_toy_search_moves_mu_towards_the_optimum():
     assert end < 0.8 * start, (start, end)
 
 
+def test_toy_search_square_target_is_the_piecewise_linear_square():
+    """``bench.toy_search --target square``: θ* puts all five functions through
+    (x, x²) at the identity's x positions with gradient scale 1, and the reported
+    start distance is ‖identity − θ*‖²."""
+    from bench.toy_search import run_seed
+    from paploss.spec import IDENTITY_THETA8, form_theta, grad_scale_from_theta, theta_to_points
+
+    theta = form_theta("square")
+    assert len(theta) == 41
+    for k in range(5):
+        pts = theta_to_points(theta[8 * k: 8 * k + 8])
+        xs, ys = pts[0::2], pts[1::2]
+        assert xs == pytest.approx((0.0, 0.2, 0.4, 0.6, 0.8, 1.0))
+        assert ys == pytest.approx(tuple(x * x for x in xs))
+    assert grad_scale_from_theta(theta[-1]) == pytest.approx(1.0)
+    identity = list(IDENTITY_THETA8) * 5 + [0.5]
+    assert form_theta("linear") == pytest.approx(identity)
+    assert form_theta("sqrt", functions=1, grad_scale=False)[:2] == pytest.approx([0.2, math.sqrt(0.2)])
+    with pytest.raises(ValueError, match="sigmoid"):
+        form_theta("sigmoid")  # sigmoid(2x - 1) is not 0 at 0: no searched function is it
+    res = run_seed(0, rounds=1, samples=2, target="square", sigma=0.1)
+    assert res["start"] == pytest.approx(sum((a - b) ** 2 for a, b in zip(identity, theta)))
+    assert len(res["curve"]) == 2
+
+
 # ---------------------------------------------------------------------------
 # Reproducibility and resume
 # ---------------------------------------------------------------------------
