@@ -307,6 +307,19 @@ def test_toy_search_square_target_is_the_piecewise_linear_square():
     res = run_seed(0, rounds=1, samples=2, target="square", sigma=0.1)
     assert res["start"] == pytest.approx(sum((a - b) ** 2 for a, b in zip(identity, theta)))
     assert len(res["curve"]) == 2
+    # the same search by hand: sample, reward -‖θ - θ*‖², update; best and moved from it
+    c = Controller(rounds=1, seed=0, sigma=0.1)
+    thetas = c.sample(2)
+    target = torch.tensor(theta, dtype=F64)
+    c.update(thetas, (-((thetas - target) ** 2).sum(1)).tolist())
+    assert res["best_sample"] == pytest.approx(-c.best().reward)
+    assert res["moved"] == pytest.approx(float(torch.linalg.vector_norm(c.mu - torch.tensor(identity, dtype=F64))),
+                                         abs=1e-6)
+    # on pure noise μ still moves (the drift a real search's travel is compared with)
+    drift = run_seed(0, rounds=2, samples=2, target="square", sigma=0.1, reward="noise")
+    assert drift["moved"] > 0.0 and drift["start"] == pytest.approx(res["start"])
+    with pytest.raises(ValueError, match="reward"):
+        run_seed(0, rounds=1, samples=2, reward="bogus")
 
 
 # ---------------------------------------------------------------------------
