@@ -56,6 +56,9 @@ BENCH_PRESETS: dict[str, dict[str, Any]] = {
     "default": {"pipeline_preset": "quick", "rounds": 8, "samples": 4, "seeds": (0, 1, 2),
                 "proxy_iterations": 150, "final_iterations": 400, "n_train": 1000, "n_val": 250, "sigma": 0.1},
 }
+# "default" with proxy trials as long as the final training: a better search (BENCHMARKS.md,
+# issue 8, finding 6) at about 2.7x the search's cost
+BENCH_PRESETS["long-proxy"] = {**BENCH_PRESETS["default"], "proxy_iterations": 400}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -497,7 +500,9 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
 
 @click.command("bench")
 @click.option("--preset", type=click.Choice(sorted(BENCH_PRESETS)), default="default", show_default=True,
-              help="Sizes: default (about 2 hours on 2 CPU cores) or smoke (the plumbing, minutes).")
+              help="Sizes: default (about 2 hours on 2 CPU cores), long-proxy (default with 400-iteration "
+                   "proxies as long as the final trainings: better searches, about 3.5 hours) or smoke (the "
+                   "plumbing, minutes).")
 @click.option("--datasets", default="shapes,digits", show_default=True, help="Comma-separated bundled datasets.")
 @click.option("--losses", default=",".join(LOSSES), show_default=True, help="Comma-separated losses to compare.")
 @click.option("--seeds", default=None, help="Comma-separated seeds of the final trainings [preset].")

@@ -105,6 +105,22 @@ def test_mu_travel_measures_the_mean_against_start_and_square(tmp_path, shared):
     assert float(torch.linalg.vector_norm(start - square)) == pytest.approx(0.23 if shared else 0.52, abs=0.01)
 
 
+def test_long_proxy_preset_is_default_with_the_final_schedule_length(tmp_path):
+    from click.testing import CliRunner
+
+    from bench.search import BENCH_PRESETS, bench
+
+    long, default = BENCH_PRESETS["long-proxy"], BENCH_PRESETS["default"]
+    assert long["proxy_iterations"] == long["final_iterations"] == default["final_iterations"]
+    assert {k: v for k, v in long.items() if k != "proxy_iterations"} == \
+        {k: v for k, v in default.items() if k != "proxy_iterations"}
+    # the CLI takes it; --report-only on an empty cache trains nothing and writes the (empty) tables
+    res = CliRunner().invoke(bench, ["--preset", "long-proxy", "--work", str(tmp_path / "w"), "--out",
+                                     str(tmp_path / "o"), "--report-only", "--tracking-uri", ""])
+    assert res.exit_code == 0, res.output
+    assert '"proxy_iterations": 400' in (tmp_path / "o" / "bench_search.md").read_text()
+
+
 def test_data_sizes_reach_the_bundled_dataset():
     p = BenchConfig(n_train=300, n_val=60).preset("digits")
     assert p.dataset == "bundled:digits"
