@@ -151,9 +151,7 @@ def _search(pool: ProcessPoolExecutor, p: steps.Preset, data: str, init: str, wo
 
 @functools.cache  # a state file is written once under its round's name: read each one once
 def _controller(state: str):
-    from paploss.search import Controller
-
-    return Controller.from_state_dict(storage.read_json(state)["controller"])
+    return steps.load_controller(state)
 
 
 # ----------------------------------------------------------------------------------

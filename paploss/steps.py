@@ -54,6 +54,7 @@ __all__ = [
     "tracking_config",
     "search_dir",
     "state_uri",
+    "load_controller",
     "prepare_data",
     "pretrain",
     "init_search",
@@ -450,6 +451,13 @@ def state_uri(work: str, search_name: str, round: int) -> str:
     return storage.join(search_dir(work, search_name), "state", f"round-{round:03d}.json")
 
 
+def load_controller(state: str):
+    """The :class:`paploss.search.Controller` a search state file (:func:`state_uri`) holds."""
+    from paploss.search import Controller
+
+    return Controller.from_state_dict(storage.read_json(state)["controller"])
+
+
 def _trials_of(controller, samples: int, seed: int) -> list[str]:
     """The next round's trials as JSON strings: round, sample index, θ, training seed."""
     if controller.done:
@@ -610,12 +618,9 @@ def _trial_output(result: Mapping[str, Any]) -> str:
 
 
 def _spec_of(state: str, theta: list[float]):
-    from paploss.search import Controller
-
     if not state:
         return None
-    c = Controller.from_state_dict(storage.read_json(state)["controller"])
-    return c.spec_of(theta)
+    return load_controller(state).spec_of(theta)
 
 
 def _ensure_trial_logged(result: Mapping[str, Any], search_name: str, state: str,
@@ -639,9 +644,7 @@ def _ensure_trial_logged(result: Mapping[str, Any], search_name: str, state: str
         return
     names: Sequence[str] = ()
     if state:
-        from paploss.search import Controller
-
-        names = Controller.from_state_dict(storage.read_json(state)["controller"]).parameter_names
+        names = load_controller(state).parameter_names
     tr.log_trial(
         client, parent.info.run_id, search_name=search_name, round=int(result["round"]),
         sample=int(result["sample"]), theta=result["theta"], names=names, spec_json=result.get("spec"),
@@ -770,9 +773,7 @@ def final_train(
     if loss == SEARCHED:
         if not state:
             raise StepError("final_train(loss='searched') needs the final controller state")
-        from paploss.search import Controller
-
-        spec = Controller.from_state_dict(storage.read_json(state)["controller"]).spec()
+        spec = load_controller(state).spec()
     out = storage.join(search_dir(work, search_name), "final", f"{loss}.json")
     final = plain(dict(final or {}))
     key = content_key(data, init, loss, final, state, int(seed))
