@@ -28,7 +28,6 @@ __all__ = [
     "grad_scale_from_theta",
     "theta_from_grad_scale",
     "validate_points",
-    "PIECEWISE_FORMS",
     "form_theta",
 ]
 
@@ -101,30 +100,27 @@ def points_to_theta(points12: Sequence[float]) -> tuple[float, ...]:
     return tuple(v for pair in zip(out[0], out[1]) for v in pair)
 
 
-# handcrafted forms whose functions a searched function can represent (f(0) = 0, f(1) = 1)
-PIECEWISE_FORMS: dict[str, Callable[[float], float]] = {
-    "linear": lambda x: x,
-    "square": lambda x: x * x,
-    "sqrt": lambda x: math.sqrt(x),
-}
-
-
 def form_theta(form: str, functions: int = 5, grad_scale: bool = True) -> list[float]:
     """The search's θ for the piecewise-linear version of a handcrafted form: each of
     ``functions`` functions through (x, f(x)) at x = 0.2, 0.4, 0.6, 0.8 (the identity's
-    x positions), then θ_g = 0.5 (gradient scale 1) when ``grad_scale``.
+    x positions), f the form's quality function (``paploss.functions.handcrafted_function``),
+    then θ_g = 0.5 (gradient scale 1) when ``grad_scale``. Only forms with f(0) = 0 and
+    f(1) = 1 have one: linear, square, sqrt (not sigmoid).
 
     ``form_theta("linear")`` is the search's starting mean; the distance of a search's
     μ to ``form_theta("square")`` says how far it went towards ``square``."""
-    if form not in PIECEWISE_FORMS:
-        raise ValueError(f"form must be one of {sorted(PIECEWISE_FORMS)}, got {form!r}")
+    import torch
+
+    from paploss.functions import handcrafted_function
+
     if isinstance(functions, bool) or not isinstance(functions, int) or functions < 1:
         raise ValueError(f"functions must be a positive int, got {functions!r}")
-    f = PIECEWISE_FORMS[form]
-    points = [0.0, 0.0]
-    for x in (0.2, 0.4, 0.6, 0.8):
-        points += [x, f(x)]
-    return list(points_to_theta(points + [1.0, 1.0])) * functions + [0.5] * bool(grad_scale)
+    xs = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    ys = handcrafted_function(form, "I1")(torch.tensor(xs, dtype=torch.float64)).tolist()
+    if (ys[0], ys[-1]) != (0.0, 1.0):
+        raise ValueError(f"form {form!r} does not go through (0, 0) and (1, 1): no searched function is it")
+    points = [v for xy in zip(xs, ys) for v in xy]
+    return list(points_to_theta(points)) * functions + [0.5] * bool(grad_scale)
 
 
 def grad_scale_from_theta(t: float) -> float:
