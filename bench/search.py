@@ -499,7 +499,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
 @click.command("bench")
 @click.option("--preset", type=click.Choice(sorted(BENCH_PRESETS)), default="default", show_default=True,
               help="Sizes: default (about 2 hours on 2 CPU cores), long-proxy (default with 400-iteration "
-                   "proxies as long as the final trainings: better searches, about 3.5 hours) or smoke (the "
+                   "proxies as long as the final trainings: better searches, about 3.5 hours, estimated) or smoke (the "
                    "plumbing, minutes).")
 @click.option("--datasets", default="shapes,digits", show_default=True, help="Comma-separated bundled datasets.")
 @click.option("--losses", default=",".join(LOSSES), show_default=True, help="Comma-separated losses to compare.")
