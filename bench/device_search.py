@@ -85,6 +85,8 @@ def _write(out: Path, name: str, text: str) -> None:
 @click.option("--datasets", default="shapes,digits", show_default=True)
 @click.option("--samples", type=int, default=8, show_default=True, help="Losses sampled per round (S).")
 @click.option("--max-rounds", type=int, default=40, show_default=True, help="At most this many rounds (R).")
+@click.option("--min-rounds", type=int, default=8, show_default=True,
+              help="Fewer rounds than this fit the budget: no search (the other losses' finals only).")
 @click.option("--sigma", type=float, default=0.2, show_default=True, help="Starting spread of the policy.")
 @click.option("--proxy-iterations", type=int, default=150, show_default=True)
 @click.option("--final-iterations", type=int, default=400, show_default=True)
@@ -102,7 +104,7 @@ def _write(out: Path, name: str, text: str) -> None:
               help="paploss.steps preset behind the sizes (the benchmark's is 'quick'; 'smoke' for a check).")
 @click.option("--n-train", type=int, default=1000, show_default=True)
 @click.option("--n-val", type=int, default=250, show_default=True)
-def main(work, out_dir, datasets, samples, max_rounds, sigma, proxy_iterations, final_iterations,
+def main(work, out_dir, datasets, samples, max_rounds, min_rounds, sigma, proxy_iterations, final_iterations,
          search_budget_s, total_budget_s, losses, compare, seeds, jobs, pipeline_preset, n_train, n_val):
     """Search on each dataset with S samples per round and as many rounds as fit the budget,
     then train and evaluate the finals of every loss and seed on the same machine."""
@@ -155,12 +157,19 @@ def main(work, out_dir, datasets, samples, max_rounds, sigma, proxy_iterations, 
         rounds = max(1, min(max_rounds, int(left / (1.1 * t_round))))
         run.update(timing_round_s=round(t_round, 1), rounds=rounds)
         _log(f"one round of {samples} trials on {len(names)} dataset(s): {t_round:.0f}s -> R = {rounds}")
+        if rounds < min_rounds:  # e.g. 1 round of 8 on an H100 shared by 16 processes (BENCHMARKS.md)
+            _log(f"R = {rounds} < --min-rounds {min_rounds}: too short a search to mean anything; "
+                 "no search, the finals of the other losses only")
+            run["skipped"] = f"R = {rounds} < --min-rounds {min_rounds}"
+            loss_list = [x for x in loss_list if x != "searched"]
 
         # the searches, every dataset at once, each round's trials in the shared pool
         cfg = cfg_for(rounds)
         records = {d: {} for d in names}
         threads = []
         for d, (w, data, init) in prepared.items():
+            if "skipped" in run:
+                break
             p = cfg.preset(d)
             th = threading.Thread(target=_search, args=(pool, p, data, init, w, f"device-{d}-searched-s{samples}r{rounds}",
                                                         t0 + search_budget_s + 0.5 * t_round, records[d]))
@@ -172,7 +181,8 @@ def main(work, out_dir, datasets, samples, max_rounds, sigma, proxy_iterations, 
         _write(out, "run.json", json.dumps(run, indent=2))
         with tarfile.open(out / "searches.tar.gz", "w:gz") as tar:
             for d, rec in records.items():
-                tar.add(steps.search_dir(prepared[d][0], rec["name"]), arcname=rec["name"])
+                if rec:
+                    tar.add(steps.search_dir(prepared[d][0], rec["name"]), arcname=rec["name"])
         _log(f"searches done ({time.monotonic() - t0:.0f}s)")
 
         # the finals: every loss and seed, seed-major so that early stops keep whole seeds
