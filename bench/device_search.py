@@ -222,7 +222,7 @@ def main(work, out_dir, datasets, samples, max_rounds, min_rounds, sigma, proxy_
         run["finals_done"] = len(got)
         run["finals_all"] = {f"{d}/{loss}/seed{s}": m for (d, loss, s), m in got.items()}
         _write(out, "run.json", json.dumps(run, indent=2))
-        _write(out, "summary.md", B.summarize(results) + "\n" + B.goal_lines(B.goal_check(results)) + "\n")
+        _write(out, "summary.md", B.summarize(results) + "\n" + B.goal_text(results) + "\n")
         _log(f"done ({time.monotonic() - t0:.0f}s)")
         workers = list((pool._processes or {}).values())
         pool.shutdown(wait=False, cancel_futures=True)

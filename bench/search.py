@@ -43,7 +43,7 @@ import click
 from paploss import steps, storage
 from paploss.spec import HANDCRAFTED_FORMS
 
-__all__ = ["BenchConfig", "LOSSES", "BENCH_PRESETS", "run_bench", "summarize", "goal_check", "goal_lines", "reward_table", "mu_travel",
+__all__ = ["BenchConfig", "LOSSES", "BENCH_PRESETS", "run_bench", "summarize", "goal_check", "goal_lines", "goal_text", "reward_table", "mu_travel",
            "bench"]
 
 LOSSES = ("searched", "searched-shared", "focal+l1", "focal+giou", "sigmoid", "sqrt", "linear", "square", "transfer")
@@ -255,10 +255,12 @@ def summarize(results: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]]
     return "\n".join(lines)
 
 
-def goal_check(results: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]], margin: float = 0.02) -> dict:
-    """The issue's goal, per dataset, from ``{dataset: {loss: {"AP": [per seed]}}}``.
+def goal_check(results: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]], margin: float = 0.02,
+               loss: str = "searched") -> dict:
+    """The issue's goal, per dataset, from ``{dataset: {loss: {"AP": [per seed]}}}``,
+    for the searched loss ``loss`` (``searched`` or ``searched-shared``).
 
-    ``vs_focal``: mean AP of ``searched`` minus that of ``focal+l1``; ``beats_focal``:
+    ``vs_focal``: mean AP of ``loss`` minus that of ``focal+l1``; ``beats_focal``:
     that gap is at least ``margin`` (2 AP points) *and* outside the seeds' spread
     (the worst searched seed above the best focal+l1 seed). ``vs_handcrafted``: the
     mean gap to each handcrafted form; ``beats_handcrafted``: every gap > 0. Missing
@@ -266,8 +268,8 @@ def goal_check(results: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]
     out: dict[str, dict] = {}
     for dataset, per_loss in results.items():
         ap = {loss: list(m.get("AP", [])) for loss, m in per_loss.items() if m.get("AP")}
-        searched = ap.get("searched")
-        row: dict[str, Any] = {"vs_focal": None, "beats_focal": None, "vs_handcrafted": {}, "beats_handcrafted": None}
+        searched = ap.get(loss)
+        row: dict[str, Any] = {"loss": loss, "vs_focal": None, "beats_focal": None, "vs_handcrafted": {}, "beats_handcrafted": None}
         if searched and ap.get("focal+l1"):
             focal = ap["focal+l1"]
             row["vs_focal"] = statistics.mean(searched) - statistics.mean(focal)
@@ -287,10 +289,16 @@ def goal_lines(check: Mapping[str, Mapping[str, Any]]) -> str:
     for dataset, row in check.items():
         focal = "–" if row["vs_focal"] is None else f"{100 * row['vs_focal']:+.1f}"
         hand = ", ".join(f"{f} {100 * g:+.1f}" for f, g in row["vs_handcrafted"].items()) or "–"
-        lines.append(f"- {dataset}: searched − focal+l1 = {focal} AP (≥ +2.0 and outside the seeds' spread: "
-                     f"{word[row['beats_focal']]}); searched − handcrafted: {hand} "
+        lines.append(f"- {dataset}: {row.get('loss', 'searched')} − focal+l1 = {focal} AP (≥ +2.0 and outside the seeds' spread: "
+                     f"{word[row['beats_focal']]}); {row.get('loss', 'searched')} − handcrafted: {hand} "
                      f"(beats every one: {word[row['beats_handcrafted']]})")
     return "\n".join(lines)
+
+
+def goal_text(results: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]]) -> str:
+    """``goal_lines`` for each searched loss that ``results`` holds (separate first, then shared)."""
+    modes = [m for m in ("searched", "searched-shared") if any(m in per_loss for per_loss in results.values())]
+    return "\n".join(goal_lines(goal_check(results, loss=m)) for m in modes or ["searched"])
 
 
 COLLAPSED = 1e-3  # a proxy reward (AP) below this: the trial's detector found (almost) nothing
@@ -380,13 +388,16 @@ def _log_mlflow(tracking_uri: str, dataset: str, cfg: BenchConfig, per_loss: Map
                 for r, (moved, to_square) in enumerate(mu_travel(state)):
                     mlflow.log_metrics({f"{mode}.mu_moved": moved, f"{mode}.mu_to_square": to_square}, step=r)
                 mlflow.log_text(_controller(state).spec().to_json(), f"{mode}_loss_spec.json")
-        goal = goal_check({dataset: per_loss})[dataset]
-        if goal["vs_focal"] is not None:
-            mlflow.log_metric("goal.searched_minus_focal_l1.AP", goal["vs_focal"])
-        for form, gap in goal["vs_handcrafted"].items():
-            mlflow.log_metric(f"goal.searched_minus_{form}.AP", gap)
-        mlflow.set_tags({"goal.beats_focal_l1": str(goal["beats_focal"]),
-                         "goal.beats_handcrafted": str(goal["beats_handcrafted"])})
+        for mode, tag in (("searched", ""), ("searched-shared", "shared.")):
+            if mode not in per_loss:
+                continue
+            goal = goal_check({dataset: per_loss}, loss=mode)[dataset]
+            if goal["vs_focal"] is not None:
+                mlflow.log_metric(f"goal.{tag}searched_minus_focal_l1.AP", goal["vs_focal"])
+            for form, gap in goal["vs_handcrafted"].items():
+                mlflow.log_metric(f"goal.{tag}searched_minus_{form}.AP", gap)
+            mlflow.set_tags({f"goal.{tag}beats_focal_l1": str(goal["beats_focal"]),
+                             f"goal.{tag}beats_handcrafted": str(goal["beats_handcrafted"])})
         mlflow.log_dict({loss: dict(m) for loss, m in per_loss.items()}, "bench_search.json")
         for f in figures:
             if not storage.is_s3(f):
@@ -445,7 +456,7 @@ def _write_results(cfg: BenchConfig, results: Mapping, searched: Mapping[tuple[s
     storage.write_text(storage.join(cfg.out, "bench_search.md"),
                        "# Search-quality benchmark\n\n" + status
                        + f"Config: `{json.dumps(dataclasses.asdict(cfg))}`\n\n"
-                       + summarize(results) + "\n## The goal (issue 8)\n\n" + goal_lines(goal_check(results))
+                       + summarize(results) + "\n## The goal (issue 8)\n\n" + goal_text(results)
                        + "\n\n## Searches (reward: COCO AP of the proxy on search-val)\n\n"
                        + reward_table({f"{m} on {d}": _reward_history(s) for (d, m), s in sorted(searched.items())},
                                       {f"{m} on {d}": mu_travel(s) for (d, m), s in sorted(searched.items())})
@@ -540,7 +551,7 @@ def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, fi
     start = time.monotonic()
     results = run_bench(cfg, tracking_uri or None, report_only=report_only)
     click.echo(summarize(results))
-    click.echo(goal_lines(goal_check(results)))
+    click.echo(goal_text(results))
     click.echo(f"wall time {time.monotonic() - start:.0f}s; results in {out}/bench_search.json and .md")
 
 

@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 
-from bench.search import (LOSSES, BenchConfig, _loss_specs, final_config, goal_check, goal_lines, mu_travel, reward_table,
-                          summarize)
+from bench.search import (LOSSES, BenchConfig, _loss_specs, final_config, goal_check, goal_lines, goal_text, mu_travel,
+                          reward_table, summarize)
 from paploss import steps, storage
 from paploss.search import Controller
 from paploss.spec import LossSpec, form_theta
@@ -65,6 +65,21 @@ def test_goal_check_needs_the_margin_and_separated_seeds():
     text = goal_lines(check)
     assert "- a: searched − focal+l1 = +3.0 AP" in text and "square +1.0" in text
     assert "c:" in text and "not measured" in text
+
+
+def test_goal_check_of_the_shared_search_uses_its_own_results():
+    hand = {f: {"AP": [0.10, 0.11, 0.12]} for f in ("sigmoid", "sqrt", "linear", "square")}
+    results = {"a": {"searched": {"AP": [0.12, 0.12, 0.12]}, "searched-shared": {"AP": [0.16, 0.17, 0.18]},
+                     "focal+l1": {"AP": [0.13, 0.14, 0.15]}, **hand}}
+    separate, shared = goal_check(results)["a"], goal_check(results, loss="searched-shared")["a"]
+    assert separate["vs_focal"] == pytest.approx(-0.02) and separate["beats_focal"] is False
+    assert shared["vs_focal"] == pytest.approx(0.03) and shared["beats_focal"] is True
+    assert shared["vs_handcrafted"]["square"] == pytest.approx(0.06) and shared["beats_handcrafted"] is True
+    text = goal_text(results)
+    assert text.splitlines()[0].startswith("- a: searched − focal+l1 = -2.0 AP")
+    assert text.splitlines()[1].startswith("- a: searched-shared − focal+l1 = +3.0 AP")
+    # no shared results: the separate search's line only
+    assert goal_text({"a": {k: v for k, v in results["a"].items() if k != "searched-shared"}}).count("\n") == 0
 
 
 def test_reward_table_counts_collapsed_trials_per_round():
@@ -191,7 +206,8 @@ def test_mlflow_run_holds_table_rewards_and_goal(prepared, tmp_path):
     from bench.search import _log_mlflow
 
     cfg, _, _, _, states = prepared
-    per_loss = {"searched": {"AP": [0.15, 0.16, 0.17]}, "focal+l1": {"AP": [0.12, 0.13, 0.14]},
+    per_loss = {"searched": {"AP": [0.15, 0.16, 0.17]}, "searched-shared": {"AP": [0.11, 0.12, 0.13]},
+                "focal+l1": {"AP": [0.12, 0.13, 0.14]},
                 **{f: {"AP": [0.10, 0.11, 0.12]} for f in ("sigmoid", "sqrt", "linear", "square")}}
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     _log_mlflow(uri, "shapes", cfg, per_loss, [], states)
@@ -201,6 +217,11 @@ def test_mlflow_run_holds_table_rewards_and_goal(prepared, tmp_path):
     assert run.data.metrics["goal.searched_minus_focal_l1.AP"] == pytest.approx(0.03)
     assert run.data.metrics["goal.searched_minus_square.AP"] == pytest.approx(0.05)
     assert run.data.tags["goal.beats_focal_l1"] == "True" and run.data.tags["goal.beats_handcrafted"] == "True"
+    # the shared search's loss is checked on its own: 1 AP below focal+l1, 1 above square
+    assert run.data.metrics["goal.shared.searched_minus_focal_l1.AP"] == pytest.approx(-0.01)
+    assert run.data.metrics["goal.shared.searched_minus_square.AP"] == pytest.approx(0.01)
+    assert run.data.tags["goal.shared.beats_focal_l1"] == "False"
+    assert run.data.tags["goal.shared.beats_handcrafted"] == "True"
     assert run.data.metrics["searched.mean_reward"] == pytest.approx(0.25)  # the one PPO round of the fixture
     assert run.data.params["sigma"] == str(cfg.sigma)
 
