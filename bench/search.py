@@ -263,13 +263,18 @@ def goal_check(results: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]
     ``vs_focal``: mean AP of ``loss`` minus that of ``focal+l1``; ``beats_focal``:
     that gap is at least ``margin`` (2 AP points) *and* outside the seeds' spread
     (the worst searched seed above the best focal+l1 seed). ``vs_handcrafted``: the
-    mean gap to each handcrafted form; ``beats_handcrafted``: every gap > 0. Missing
-    losses give ``None``."""
+    mean gap to each handcrafted form; ``beats_handcrafted``: every gap > 0.
+    ``se_handcrafted``: the standard error of each gap from the per-seed paired
+    differences (seed k of one loss against seed k of the other: same warm start,
+    head initialisation and data order), when both have the same number (≥ 2) of
+    seeds; ``clearly_beats_handcrafted``: every gap above twice its standard error,
+    so that a win is told from a tie. Missing losses give ``None``."""
     out: dict[str, dict] = {}
     for dataset, per_loss in results.items():
         ap = {loss: list(m.get("AP", [])) for loss, m in per_loss.items() if m.get("AP")}
         searched = ap.get(loss)
-        row: dict[str, Any] = {"loss": loss, "vs_focal": None, "beats_focal": None, "vs_handcrafted": {}, "beats_handcrafted": None}
+        row: dict[str, Any] = {"loss": loss, "vs_focal": None, "beats_focal": None, "vs_handcrafted": {},
+                               "beats_handcrafted": None, "se_handcrafted": {}, "clearly_beats_handcrafted": None}
         if searched and ap.get("focal+l1"):
             focal = ap["focal+l1"]
             row["vs_focal"] = statistics.mean(searched) - statistics.mean(focal)
@@ -278,6 +283,11 @@ def goal_check(results: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]
             gaps = {f: statistics.mean(searched) - statistics.mean(ap[f]) for f in HANDCRAFTED_FORMS if f in ap}
             row["vs_handcrafted"] = gaps
             row["beats_handcrafted"] = all(g > 0 for g in gaps.values()) if len(gaps) == len(HANDCRAFTED_FORMS) else None
+            se = {f: statistics.stdev(a - b for a, b in zip(searched, ap[f])) / math.sqrt(len(searched))
+                  for f in gaps if len(ap[f]) == len(searched) >= 2}
+            row["se_handcrafted"] = se
+            if row["beats_handcrafted"] is not None and len(se) == len(gaps):
+                row["clearly_beats_handcrafted"] = all(gaps[f] > 2 * se[f] for f in gaps)
         out[dataset] = row
     return out
 
@@ -288,10 +298,14 @@ def goal_lines(check: Mapping[str, Mapping[str, Any]]) -> str:
     lines = []
     for dataset, row in check.items():
         focal = "–" if row["vs_focal"] is None else f"{100 * row['vs_focal']:+.1f}"
-        hand = ", ".join(f"{f} {100 * g:+.1f}" for f, g in row["vs_handcrafted"].items()) or "–"
+        se = row.get("se_handcrafted", {})
+        hand = ", ".join(f"{f} {100 * g:+.1f}" + (f" ± {100 * se[f]:.1f}" if f in se else "")
+                         for f, g in row["vs_handcrafted"].items()) or "–"
+        clearly = row.get("clearly_beats_handcrafted")
         lines.append(f"- {dataset}: {row.get('loss', 'searched')} − focal+l1 = {focal} AP (≥ +2.0 and outside the seeds' spread: "
                      f"{word[row['beats_focal']]}); {row.get('loss', 'searched')} − handcrafted: {hand} "
-                     f"(beats every one: {word[row['beats_handcrafted']]})")
+                     f"(beats every one: {word[row['beats_handcrafted']]}"
+                     + (f"; by more than 2 standard errors of the per-seed gap: {word[clearly]}" if se else "") + ")")
     return "\n".join(lines)
 
 

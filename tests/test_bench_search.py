@@ -67,6 +67,30 @@ def test_goal_check_needs_the_margin_and_separated_seeds():
     assert "c:" in text and "not measured" in text
 
 
+def test_goal_check_tells_a_win_over_a_form_from_a_tie_by_the_paired_gaps():
+    hand = {f: {"AP": [0.01, 0.01, 0.01]} for f in ("sigmoid", "sqrt", "linear")}
+    searched = [0.100, 0.120, 0.090]
+    results = {
+        # a steady +1 AP on every seed: a win
+        "win": {"searched": {"AP": searched}, "square": {"AP": [s - 0.01 for s in searched]}, **hand},
+        # +1 AP on the mean, but -3, +1, +5 seed by seed: a tie
+        "tie": {"searched": {"AP": searched}, "square": {"AP": [0.130, 0.110, 0.040]}, **hand},
+    }
+    win, tie = goal_check(results)["win"], goal_check(results)["tie"]
+    assert win["beats_handcrafted"] is True and tie["beats_handcrafted"] is True
+    assert win["se_handcrafted"]["square"] == pytest.approx(0.0, abs=1e-12)
+    diffs = [-0.03, 0.01, 0.05]  # by hand: stdev 0.04, over sqrt(3)
+    assert tie["se_handcrafted"]["square"] == pytest.approx(0.04 / 3 ** 0.5)
+    assert win["clearly_beats_handcrafted"] is True and tie["clearly_beats_handcrafted"] is False
+    assert sum(diffs) / 3 == pytest.approx(tie["vs_handcrafted"]["square"])
+    text = goal_lines(goal_check(results))
+    assert "square +1.0 ± 2.3" in text and "by more than 2 standard errors of the per-seed gap: **no**" in text
+    # unequal seed counts: no paired error, no verdict on it
+    uneven = {"a": {**results["tie"], "square": {"AP": [0.13, 0.11]}}}
+    assert "square" not in goal_check(uneven)["a"]["se_handcrafted"]
+    assert goal_check(uneven)["a"]["clearly_beats_handcrafted"] is None
+
+
 def test_goal_check_of_the_shared_search_uses_its_own_results():
     hand = {f: {"AP": [0.10, 0.11, 0.12]} for f in ("sigmoid", "sqrt", "linear", "square")}
     results = {"a": {"searched": {"AP": [0.12, 0.12, 0.12]}, "searched-shared": {"AP": [0.16, 0.17, 0.18]},
