@@ -39,39 +39,15 @@ from bench import search as B
 from paploss import steps, storage
 
 
-def _log(msg: str) -> None:
-    B._log(msg)
-
-
-def _round(pool, p, data, init, work, name, out, deadline=None) -> dict | None:
-    """One round of a search (proxy trials, then the controller's update); None if it
-    would not finish before ``deadline`` (the trials are then abandoned)."""
-    proxy = steps.train_options(p.proxy, p.detector)
-    futures = [pool.submit(steps.proxy_trial, data, init, t, proxy, work, name, state=out["state"],
-                           attempts=p.attempts) for t in out["trials"]]
-    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-    done, pending = cf.wait(futures, timeout=timeout)
-    if pending:
-        for f in pending:
-            f.cancel()
-        return None
-    return steps.controller_update(out["state"], [f.result() for f in futures], work, name,
-                                   max_failed_trials=p.max_failed_trials)
-
-
-def _search(pool, p, data, init, work, name, deadline, record) -> None:
-    out = steps.init_search(work, name, p.rounds, p.samples, seed=p.seed, controller=p.controller)
-    record.update(name=name, state=out["state"], rounds_done=0)
-    for r in range(p.rounds):
-        start = time.monotonic()
-        nxt = _round(pool, p, data, init, work, name, out, deadline)
-        if nxt is None:
-            _log(f"{name}: stopped before round {r + 1} finished (budget); its mean is the one after round {r}")
-            return
-        out = nxt
-        record.update(state=out["state"], rounds_done=r + 1)
-        _log(f"{name} round {r + 1}/{p.rounds}: mean reward {out['mean_reward']:.4f}, "
-             f"max {out['max_reward']:.4f} ({time.monotonic() - start:.0f}s)")
+def _complete_seeds(got: dict, specs: dict, seeds) -> dict:
+    """``{dataset: {loss: {metric: [per seed]}}}`` of the finals in ``got`` (keyed
+    ``(dataset, loss, seed)``), keeping per dataset only the seeds every loss finished."""
+    results: dict = {}
+    for d, losses in specs.items():
+        done = [s for s in seeds if all((d, loss, s) in got for loss in losses)]
+        results[d] = {loss: {m: [float(got[(d, loss, s)].get(m, math.nan)) for s in done] for m in B.METRICS}
+                      for loss in losses} if done else {}
+    return results
 
 
 def _write(out: Path, name: str, text: str) -> None:
@@ -120,7 +96,7 @@ def main(work, out_dir, datasets, samples, max_rounds, min_rounds, sigma, proxy_
     run: dict = {"cuda": torch.cuda.is_available(), "device": torch.cuda.get_device_name(0) if torch.cuda.is_available()
                  else "cpu", "samples": samples, "sigma": sigma, "proxy_iterations": proxy_iterations,
                  "final_iterations": final_iterations, "seeds": seed_list, "losses": loss_list, "compare": extra}
-    _log(f"device {run['device']}, {jobs} jobs")
+    B._log(f"device {run['device']}, {jobs} jobs")
 
     def cfg_for(rounds: int) -> B.BenchConfig:
         return B.BenchConfig(datasets=tuple(names), losses=("searched",), seeds=seed_list,
@@ -128,102 +104,97 @@ def main(work, out_dir, datasets, samples, max_rounds, min_rounds, sigma, proxy_
                              proxy_iterations=proxy_iterations, final_iterations=final_iterations,
                              n_train=n_train, n_val=n_val, sigma=sigma, jobs=jobs, work=work, out=str(out))
 
+    presets = {d: cfg_for(max_rounds).preset(d) for d in names}  # everything but R, which the timing round fixes
+    works = {d: storage.join(work, d) for d in names}
     with B._pool(jobs) as pool:
-        # data and warm starts: the benchmark's (cached under --work, else made here)
-        prepared = {}
-        for d in names:  # the datasets made at once, in the pool
-            p = cfg_for(max_rounds).preset(d)
-            w = storage.join(work, d)
-            prepared[d] = (w, pool.submit(steps.prepare_data, p.dataset, w, split_seed=p.split_seed, bundled=p.bundled))
-        prepared = {d: (w, fut.result()) for d, (w, fut) in prepared.items()}
-        for d, (w, data) in prepared.items():
-            p = cfg_for(max_rounds).preset(d)
-            prepared[d] = (w, data, steps.pretrain(data, w, config=p.pretrain, seed=p.seed, detector=p.detector))
-        _log(f"data and warm starts ready ({time.monotonic() - t0:.0f}s)")
+        # data and warm starts: the benchmark's (cached under --work, else made here), the datasets at once
+        made = {d: pool.submit(steps.prepare_data, p.dataset, works[d], split_seed=p.split_seed, bundled=p.bundled)
+                for d, p in presets.items()}
+        data = {d: f.result() for d, f in made.items()}
+        init = {d: steps.pretrain(data[d], works[d], config=p.pretrain, seed=p.seed, detector=p.detector)
+                for d, p in presets.items()}
+        B._log(f"data and warm starts ready ({time.monotonic() - t0:.0f}s)")
+
+        def in_threads(target) -> None:  # one thread per dataset, each round's trials in the pool
+            threads = [threading.Thread(target=target, args=(d,)) for d in names]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
 
         # the timing round: one round of S trials on every dataset at once
+        def timing_round(d: str) -> None:
+            p, name = presets[d], f"timing-{d}-s{samples}"
+            first = steps.init_search(works[d], name, max_rounds, samples, seed=p.seed, controller=p.controller)
+            B._round(pool, p, data[d], init[d], works[d], name, first)
+
         start = time.monotonic()
-        timing = {}
-        for d, (w, data, init) in prepared.items():
-            p = cfg_for(max_rounds).preset(d)
-            first = steps.init_search(w, f"timing-{d}-s{samples}", max_rounds, samples, seed=p.seed,
-                                      controller=p.controller)
-            timing[d] = threading.Thread(target=_round, args=(pool, p, data, init, w, f"timing-{d}-s{samples}", first))
-            timing[d].start()
-        for th in timing.values():
-            th.join()
+        in_threads(timing_round)
         t_round = time.monotonic() - start
         left = t0 + search_budget_s - time.monotonic()
         rounds = max(1, min(max_rounds, int(left / (1.1 * t_round))))
         run.update(timing_round_s=round(t_round, 1), rounds=rounds)
-        _log(f"one round of {samples} trials on {len(names)} dataset(s): {t_round:.0f}s -> R = {rounds}")
-        if rounds < min_rounds:  # e.g. 1 round of 8 on an H100 shared by 16 processes (BENCHMARKS.md)
-            _log(f"R = {rounds} < --min-rounds {min_rounds}: too short a search to mean anything; "
-                 "no search, the finals of the other losses only")
+        B._log(f"one round of {samples} trials on {len(names)} dataset(s): {t_round:.0f}s -> R = {rounds}")
+        searching = rounds >= min_rounds
+        if not searching:  # e.g. 1 round of 8 on an H100 shared by 16 processes (BENCHMARKS.md)
+            B._log(f"R = {rounds} < --min-rounds {min_rounds}: too short a search to mean anything; "
+                   "no search, the finals of the other losses only")
             run["skipped"] = f"R = {rounds} < --min-rounds {min_rounds}"
             loss_list = [x for x in loss_list if x != "searched"]
 
-        # the searches, every dataset at once, each round's trials in the shared pool
+        # the searches, every dataset at once
         cfg = cfg_for(rounds)
-        records = {d: {} for d in names}
-        threads = []
-        for d, (w, data, init) in prepared.items():
-            if "skipped" in run:
-                break
+        search_names = {d: f"device-{d}-searched-s{samples}r{rounds}" for d in names}
+        states: dict[str, str] = {}
+
+        def search(d: str) -> None:
             p = cfg.preset(d)
-            th = threading.Thread(target=_search, args=(pool, p, data, init, w, f"device-{d}-searched-s{samples}r{rounds}",
-                                                        t0 + search_budget_s + 0.5 * t_round, records[d]))
-            th.start()
-            threads.append(th)
-        for th in threads:
-            th.join()
-        run["searches"] = records
+            states[d] = B._search(pool, p, data[d], init[d], works[d], search_names[d], p.controller,
+                                  deadline=t0 + search_budget_s + 0.5 * t_round)
+
+        if searching:
+            in_threads(search)
+        run["searches"] = {d: {"name": search_names[d], "state": states[d],
+                               "rounds_done": steps.load_controller(states[d]).round} if d in states else {}
+                           for d in names}
         _write(out, "run.json", json.dumps(run, indent=2))
         with tarfile.open(out / "searches.tar.gz", "w:gz") as tar:
-            for d, rec in records.items():
+            for d, rec in run["searches"].items():
                 if rec:
-                    tar.add(steps.search_dir(prepared[d][0], rec["name"]), arcname=rec["name"])
-        _log(f"searches done ({time.monotonic() - t0:.0f}s)")
+                    tar.add(steps.search_dir(works[d], rec["name"]), arcname=rec["name"])
+        B._log(f"searches done ({time.monotonic() - t0:.0f}s)")
 
         # the finals: every loss and seed, seed-major so that early stops keep whole seeds
         specs = {}
         for d in names:
             specs[d] = B._loss_specs(cfg, d, {}, [x for x in loss_list if x != "searched"])
             if "searched" in loss_list:
-                specs[d]["searched"] = steps.load_controller(records[d]["state"]).spec().to_json()
+                specs[d]["searched"] = steps.load_controller(states[d]).spec().to_json()
             for name, pattern in extra.items():
                 specs[d][name] = steps.load_controller(pattern.format(dataset=d)).spec().to_json()
         futures = {}
         for seed in seed_list:
             for d in names:
-                w, data, init = prepared[d]
-                p = cfg.preset(d)
                 for loss, spec in specs[d].items():
-                    target = storage.join(w, "final-device", f"{loss}-seed{seed}.json")
-                    futures[pool.submit(B._final_job, p, data, init, loss, spec, seed, target)] = (d, loss, seed)
+                    target = storage.join(works[d], "final-device", f"{loss}-seed{seed}.json")
+                    futures[pool.submit(B._final_job, cfg.preset(d), data[d], init[d], loss, spec, seed, target)] = (
+                        d, loss, seed)
         results: dict = {d: {} for d in names}
         got: dict = {}
         try:
             for f in cf.as_completed(futures, timeout=max(1.0, t0 + total_budget_s - time.monotonic())):
                 d, loss, seed = futures[f]
                 got[(d, loss, seed)] = f.result()["metrics"]
-                _log(f"{d} {loss} seed {seed}: AP {got[(d, loss, seed)].get('AP', math.nan):.4f}")
-                for dd in names:  # per seed in order, only the seeds every loss of dd finished
-                    results[dd] = {}
-                    for loss_name in specs[dd]:
-                        for s in seed_list:
-                            if all((dd, x, s) in got for x in specs[dd]):
-                                for m in B.METRICS:
-                                    results[dd].setdefault(loss_name, {k: [] for k in B.METRICS})[m].append(
-                                        float(got[(dd, loss_name, s)].get(m, math.nan)))
+                B._log(f"{d} {loss} seed {seed}: AP {got[(d, loss, seed)].get('AP', math.nan):.4f}")
+                results = _complete_seeds(got, specs, seed_list)
                 _write(out, "results.json", json.dumps(results, indent=1))
         except cf.TimeoutError:
-            _log(f"total budget reached: {len(futures) - len(got)} final trainings left out")
+            B._log(f"total budget reached: {len(futures) - len(got)} final trainings left out")
         run["finals_done"] = len(got)
         run["finals_all"] = {f"{d}/{loss}/seed{s}": m for (d, loss, s), m in got.items()}
         _write(out, "run.json", json.dumps(run, indent=2))
         _write(out, "summary.md", B.summarize(results) + "\n" + B.goal_text(results) + "\n")
-        _log(f"done ({time.monotonic() - t0:.0f}s)")
+        B._log(f"done ({time.monotonic() - t0:.0f}s)")
         workers = list((pool._processes or {}).values())
         pool.shutdown(wait=False, cancel_futures=True)
         for proc in workers:  # trainings past the budget: stop them

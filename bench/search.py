@@ -33,6 +33,7 @@ import os
 import statistics
 import sys
 import time
+import concurrent.futures as cf
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -46,6 +47,7 @@ from paploss.spec import HANDCRAFTED_FORMS
 __all__ = ["BenchConfig", "LOSSES", "BENCH_PRESETS", "run_bench", "summarize", "goal_check", "goal_lines", "goal_text", "reward_table", "mu_travel",
            "bench"]
 
+SEARCH_MODES = ("searched", "searched-shared")  # the separate search's loss, the shared search's
 LOSSES = ("searched", "searched-shared", "focal+l1", "focal+giou", "sigmoid", "sqrt", "linear", "square", "transfer")
 METRICS = ("AP", "AP50", "AP75")
 
@@ -131,19 +133,35 @@ def _pool(jobs: int) -> ProcessPoolExecutor:
 # ----------------------------------------------------------------------------------
 
 
-def _search(pool: ProcessPoolExecutor, p: steps.Preset, data: str, init: str, work: str, name: str,
-            controller: Mapping[str, Any]) -> str:
-    """One PPO search with :mod:`paploss.steps`; returns the final state's URI."""
-    out = steps.init_search(work, name, p.rounds, p.samples, seed=p.seed, controller=controller)
+def _round(pool: ProcessPoolExecutor, p: steps.Preset, data: str, init: str, work: str, name: str,
+           out: Mapping[str, Any], deadline: float | None = None) -> dict | None:
+    """One round of a search: its proxy trials in ``pool``, then the controller's
+    update. ``None`` if the trials do not finish before ``deadline`` (a
+    ``time.monotonic()`` value; the unstarted trials are cancelled)."""
     proxy = steps.train_options(p.proxy, p.detector)
+    futures = [pool.submit(steps.proxy_trial, data, init, t, proxy, work, name, state=out["state"], attempts=p.attempts)
+               for t in out["trials"]]
+    _, pending = cf.wait(futures, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+    if pending:
+        for f in pending:
+            f.cancel()
+        return None
+    return steps.controller_update(out["state"], [f.result() for f in futures], work, name,
+                                   max_failed_trials=p.max_failed_trials)
+
+
+def _search(pool: ProcessPoolExecutor, p: steps.Preset, data: str, init: str, work: str, name: str,
+            controller: Mapping[str, Any], deadline: float | None = None) -> str:
+    """One PPO search with :mod:`paploss.steps`; returns the last finished round's
+    state URI (earlier than round ``p.rounds`` only when ``deadline`` stopped it)."""
+    out = steps.init_search(work, name, p.rounds, p.samples, seed=p.seed, controller=controller)
     for r in range(p.rounds):
         start = time.monotonic()
-        futures = [
-            pool.submit(steps.proxy_trial, data, init, t, proxy, work, name, state=out["state"], attempts=p.attempts)
-            for t in out["trials"]
-        ]
-        results = [f.result() for f in futures]
-        out = steps.controller_update(out["state"], results, work, name, max_failed_trials=p.max_failed_trials)
+        nxt = _round(pool, p, data, init, work, name, out, deadline)
+        if nxt is None:
+            _log(f"{name}: stopped before round {r + 1} finished (budget); its mean is the one after round {r}")
+            break
+        out = nxt
         _log(f"{name} round {r + 1}/{p.rounds}: mean reward {out['mean_reward']:.4f}, "
              f"max {out['max_reward']:.4f} ({time.monotonic() - start:.0f}s)")
     return out["state"]
@@ -298,12 +316,12 @@ def goal_lines(check: Mapping[str, Mapping[str, Any]]) -> str:
     lines = []
     for dataset, row in check.items():
         focal = "–" if row["vs_focal"] is None else f"{100 * row['vs_focal']:+.1f}"
-        se = row.get("se_handcrafted", {})
+        se, loss = row["se_handcrafted"], row["loss"]
         hand = ", ".join(f"{f} {100 * g:+.1f}" + (f" ± {100 * se[f]:.1f}" if f in se else "")
                          for f, g in row["vs_handcrafted"].items()) or "–"
-        clearly = row.get("clearly_beats_handcrafted")
-        lines.append(f"- {dataset}: {row.get('loss', 'searched')} − focal+l1 = {focal} AP (≥ +2.0 and outside the seeds' spread: "
-                     f"{word[row['beats_focal']]}); {row.get('loss', 'searched')} − handcrafted: {hand} "
+        clearly = row["clearly_beats_handcrafted"]
+        lines.append(f"- {dataset}: {loss} − focal+l1 = {focal} AP (≥ +2.0 and outside the seeds' spread: "
+                     f"{word[row['beats_focal']]}); {loss} − handcrafted: {hand} "
                      f"(beats every one: {word[row['beats_handcrafted']]}"
                      + (f"; by more than 2 standard errors of the per-seed gap: {word[clearly]}" if se else "") + ")")
     return "\n".join(lines)
@@ -311,7 +329,7 @@ def goal_lines(check: Mapping[str, Mapping[str, Any]]) -> str:
 
 def goal_text(results: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]]) -> str:
     """``goal_lines`` for each searched loss that ``results`` holds (separate first, then shared)."""
-    modes = [m for m in ("searched", "searched-shared") if any(m in per_loss for per_loss in results.values())]
+    modes = [m for m in SEARCH_MODES if any(m in per_loss for per_loss in results.values())]
     return "\n".join(goal_lines(goal_check(results, loss=m)) for m in modes or ["searched"])
 
 
@@ -366,7 +384,7 @@ def _figures(out: str, dataset: str, searched: Mapping[tuple[str, str], str]) ->
     from paploss.tracking import reward_figure  # the pipeline's figure, same look
 
     written = []
-    for mode in ("searched", "searched-shared"):
+    for mode in SEARCH_MODES:
         state = searched.get((dataset, mode))
         if state is None:
             continue
@@ -394,7 +412,7 @@ def _log_mlflow(tracking_uri: str, dataset: str, cfg: BenchConfig, per_loss: Map
             for m, vals in metrics.items():
                 if vals:
                     mlflow.log_metric(f"{loss.replace('+', '_')}.{m}.mean", statistics.mean(vals))
-        for mode in ("searched", "searched-shared"):
+        for mode in SEARCH_MODES:
             state = searched.get((dataset, mode))
             if state is not None:
                 for r, rewards in enumerate(_reward_history(state)):
@@ -402,9 +420,10 @@ def _log_mlflow(tracking_uri: str, dataset: str, cfg: BenchConfig, per_loss: Map
                 for r, (moved, to_square) in enumerate(mu_travel(state)):
                     mlflow.log_metrics({f"{mode}.mu_moved": moved, f"{mode}.mu_to_square": to_square}, step=r)
                 mlflow.log_text(_controller(state).spec().to_json(), f"{mode}_loss_spec.json")
-        for mode, tag in (("searched", ""), ("searched-shared", "shared.")):
+        for mode in SEARCH_MODES:
             if mode not in per_loss:
                 continue
+            tag = "shared." if mode == "searched-shared" else ""
             goal = goal_check({dataset: per_loss}, loss=mode)[dataset]
             if goal["vs_focal"] is not None:
                 mlflow.log_metric(f"goal.{tag}searched_minus_focal_l1.AP", goal["vs_focal"])
@@ -479,7 +498,7 @@ def _write_results(cfg: BenchConfig, results: Mapping, searched: Mapping[tuple[s
 
 def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str | None,
          report_only: bool = False) -> dict:
-    modes = [m for m in ("searched", "searched-shared") if m in cfg.losses or (m == "searched" and "transfer" in cfg.losses)]
+    modes = [m for m in SEARCH_MODES if m in cfg.losses or (m == "searched" and "transfer" in cfg.losses)]
     searched: dict[tuple[str, str], str] = {}
     prepared: dict[str, tuple[steps.Preset, str, str]] = {}
     results: dict[str, dict[str, dict[str, list[float]]]] = {}
