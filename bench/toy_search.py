@@ -5,7 +5,8 @@ space): with ``--target random`` (the default) θ* is drawn uniformly in
 [0.1, 0.9]^D per seed; with ``--target square`` or ``sqrt`` it is the piecewise-linear
 form of that handcrafted loss (all five functions through (x, f(x)) at x = 0.2,
 0.4, 0.6, 0.8, gradient scale 1), which answers "how close to ``square`` can a
-search of this size get, with a perfect, noise-free reward?". Each seed runs
+search of this size get, with a perfect, noise-free reward?". ``--shared`` searches
+the shared space instead (one function for all five places, D = 9). Each seed runs
 ``--rounds`` rounds of ``--samples`` samples with the default controller (σ =
 ``--sigma``, Adam lr 0.01 for 100 steps, ε = 0.1) and the σ schedule over those
 rounds, and reports:
@@ -42,16 +43,17 @@ REWARDS = ("distance", "noise")
 
 
 def run_seed(seed: int, rounds: int, samples: int, target: str = "random", sigma: float = 0.2,
-             reward: str = "distance") -> dict:
-    """One toy search; returns the distances (squared) it reached and how far μ moved."""
+             reward: str = "distance", shared: bool = False) -> dict:
+    """One toy search; returns the distances (squared) it reached and how far μ moved.
+    ``shared``: the shared search's space (one function for all five places, D = 9)."""
     if reward not in REWARDS:
         raise ValueError(f"reward must be one of {REWARDS}, got {reward!r}")
-    c = Controller(rounds=rounds, seed=seed, sigma=sigma)
+    c = Controller(rounds=rounds, seed=seed, sigma=sigma, shared=shared)
     if target == "random":
         gen = torch.Generator().manual_seed(10_000 + seed)
         target_t = 0.1 + 0.8 * torch.rand(c.dim, generator=gen, dtype=torch.float64)
     else:
-        target_t = torch.tensor(form_theta(target), dtype=torch.float64)
+        target_t = torch.tensor(form_theta(target, functions=1 if shared else 5), dtype=torch.float64)
 
     def dist(x: torch.Tensor) -> torch.Tensor:
         return ((x - target_t) ** 2).sum(-1)
@@ -79,6 +81,7 @@ def run_seed(seed: int, rounds: int, samples: int, target: str = "random", sigma
         "best_sample": float(dist(torch.tensor(best.theta, dtype=torch.float64))),
         "random_search_best": random_best,
         "moved": float(torch.linalg.vector_norm(c.mu - mu0)),
+        "dim": c.dim,
         "curve": curve,
     }
 
@@ -92,17 +95,19 @@ def run_seed(seed: int, rounds: int, samples: int, target: str = "random", sigma
               help="-‖θ - θ*‖², or i.i.d. uniform noise (how far μ drifts without any signal).")
 @click.option("--sigma", type=click.FloatRange(min=0.0, max=1.0, min_open=True), default=0.2, show_default=True,
               help="Starting spread of the policy.")
+@click.option("--shared", is_flag=True, help="The shared search's space (one function for all five places, D = 9).")
 @click.option("--seeds", type=click.IntRange(min=1), default=5, show_default=True, help="Independent searches (seeds 0..N-1).")
 @click.option("--threads", type=click.IntRange(min=1), default=1, show_default=True, help="torch threads.")
 @click.option("--json", "json_out", default=None, help="Also write the results as JSON to this path.")
-def main(rounds: int, samples: int, target: str, reward: str, sigma: float, seeds: int, threads: int, json_out: str | None) -> None:
+def main(rounds: int, samples: int, target: str, reward: str, sigma: float, shared: bool, seeds: int, threads: int,
+         json_out: str | None) -> None:
     """Run the toy search and print a Markdown table for BENCHMARKS.md."""
     torch.set_num_threads(threads)
     t0, c0 = time.perf_counter(), time.process_time()
-    results = [run_seed(s, rounds, samples, target, sigma, reward) for s in tqdm(range(seeds), desc="toy search", unit="seed")]
+    results = [run_seed(s, rounds, samples, target, sigma, reward, shared) for s in tqdm(range(seeds), desc="toy search", unit="seed")]
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     what = "-||theta - theta*||^2" if reward == "distance" else "uniform noise"
-    print(f"\nD = 41, reward = {what}, theta* {target}, sigma {sigma}, "
+    print(f"\nD = {results[0]['dim']}{' (shared)' if shared else ''}, reward = {what}, theta* {target}, sigma {sigma}, "
           f"{rounds} rounds x {samples} samples, {seeds} seeds")
     print("\n| seed | ‖μ−θ*‖² start | ‖μ−θ*‖² end | end/start | best sample | random search best (same budget) "
           "| ‖μ_end−μ_start‖ |")
@@ -120,6 +125,7 @@ def main(rounds: int, samples: int, target: str, reward: str, sigma: float, seed
         from paploss import storage
 
         storage.write_json(json_out, {"rounds": rounds, "samples": samples, "target": target, "reward": reward, "sigma": sigma,
+                                      "shared": shared,
                                       "seconds": seconds, "cpu_seconds": cpu, "results": results})
 
 

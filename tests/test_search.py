@@ -322,6 +322,26 @@ def test_toy_search_square_target_is_the_piecewise_linear_square():
         run_seed(0, rounds=1, samples=2, reward="bogus")
 
 
+def test_toy_search_shared_space_targets_one_square_function():
+    """``bench.toy_search --shared``: D = 9, θ* is one piecewise-linear square plus
+    gradient scale 1, and the same search by hand gives the same distances."""
+    from bench.toy_search import run_seed
+    from paploss.spec import IDENTITY_THETA8, form_theta
+
+    theta = form_theta("square", functions=1)
+    identity = list(IDENTITY_THETA8) + [0.5]
+    res = run_seed(3, rounds=2, samples=3, target="square", sigma=0.1, shared=True)
+    assert res["dim"] == 9
+    assert res["start"] == pytest.approx(sum((a - b) ** 2 for a, b in zip(identity, theta)))
+    c = Controller(rounds=2, seed=3, sigma=0.1, shared=True)
+    target = torch.tensor(theta, dtype=F64)
+    for _ in range(2):
+        thetas = c.sample(3)
+        c.update(thetas, (-((thetas - target) ** 2).sum(1)).tolist())
+    assert res["end"] == pytest.approx(float(((c.mu - target) ** 2).sum()))
+    assert res["end"] != pytest.approx(res["start"])  # the search moved
+
+
 # ---------------------------------------------------------------------------
 # Reproducibility and resume
 # ---------------------------------------------------------------------------
