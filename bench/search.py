@@ -78,6 +78,7 @@ class BenchConfig:
     n_train: int | None = None  # images of the bundled train split (None: the pipeline preset's)
     n_val: int | None = None  # images of the bundled val split (None: the pipeline preset's)
     sigma: float | None = None  # the policy's starting spread (None: the controller's default, 0.2)
+    trial_seeds: str = "fixed"  # the proxy trials' training seed: the same every round, or seed + round
     jobs: int = 2  # trainings run at a time (one CPU thread each)
     work: str = "runs/bench"
     out: str = "docs"
@@ -97,6 +98,8 @@ class BenchConfig:
                 raise ValueError(f"{name}={value} must be >= 1 (or None for the pipeline preset's)")
         if self.sigma is not None and not 0.0 < self.sigma <= 1.0:
             raise ValueError(f"sigma={self.sigma} must be in (0, 1]")
+        if self.trial_seeds not in steps.TRIAL_SEEDS:
+            raise ValueError(f"trial_seeds={self.trial_seeds!r} must be one of {steps.TRIAL_SEEDS}")
         if self.rounds < 1 or self.samples < 2 or not self.seeds or self.jobs < 1:
             raise ValueError(
                 f"rounds={self.rounds} (>= 1), samples={self.samples} (>= 2), seeds={self.seeds} (non-empty), "
@@ -151,10 +154,11 @@ def _round(pool: ProcessPoolExecutor, p: steps.Preset, data: str, init: str, wor
 
 
 def _search(pool: ProcessPoolExecutor, p: steps.Preset, data: str, init: str, work: str, name: str,
-            controller: Mapping[str, Any], deadline: float | None = None) -> str:
+            controller: Mapping[str, Any], deadline: float | None = None, trial_seeds: str = "fixed") -> str:
     """One PPO search with :mod:`paploss.steps`; returns the last finished round's
     state URI (earlier than round ``p.rounds`` only when ``deadline`` stopped it)."""
-    out = steps.init_search(work, name, p.rounds, p.samples, seed=p.seed, controller=controller)
+    out = steps.init_search(work, name, p.rounds, p.samples, seed=p.seed, controller=controller,
+                            trial_seeds=trial_seeds)
     for r in range(p.rounds):
         start = time.monotonic()
         nxt = _round(pool, p, data, init, work, name, out, deadline)
@@ -520,7 +524,8 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
                     searched[(dataset, mode)] = state
                 continue
             controller = {**p.controller, **({"shared": True} if mode == "searched-shared" else {})}
-            searched[(dataset, mode)] = _search(pool, p, data, init, work, name, controller)
+            searched[(dataset, mode)] = _search(pool, p, data, init, work, name, controller,
+                                                trial_seeds=cfg.trial_seeds)
         own = [loss for loss in cfg.losses if loss != "transfer"]
         specs = _loss_specs(cfg, dataset, searched, own)
         results[dataset] = {}
@@ -555,6 +560,9 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
 @click.option("--n-train", type=int, default=None, help="Images of each bundled dataset's train split [preset].")
 @click.option("--n-val", type=int, default=None, help="Images of each bundled dataset's val split [preset].")
 @click.option("--sigma", type=float, default=None, help="Starting spread of the search policy [preset].")
+@click.option("--trial-seeds", type=click.Choice(steps.TRIAL_SEEDS), default="fixed", show_default=True,
+              help="Training seed of the proxy trials: the search's seed in every round (fixed), or seed + round "
+                   "(per-round: the search cannot tune its loss to one training trajectory; BENCHMARKS.md).")
 @click.option("--jobs", type=int, default=2, show_default=True, help="Trainings at a time (one CPU thread each).")
 @click.option("--work", default="runs/bench", show_default=True, help="Cache folder (or s3:// prefix); resumes.")
 @click.option("--out", default="docs", show_default=True, help="Where bench_search.json/.md and figures go.")
@@ -563,7 +571,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default="sqlite:///mlflow.db", show_default=True,
               help="MLflow store for the results [env MLFLOW_TRACKING_URI]; '' to skip.")
 def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, final_iterations, n_train, n_val, sigma,
-          jobs, work, out, report_only, tracking_uri) -> None:
+          trial_seeds, jobs, work, out, report_only, tracking_uri) -> None:
     """The search-quality benchmark: search on the bundled datasets, then train with
     every loss and seed and compare AP on the held-out val split (issue 8)."""
     base = BENCH_PRESETS[preset]
@@ -577,7 +585,7 @@ def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, fi
             proxy_iterations=proxy_iterations or base.get("proxy_iterations"),
             final_iterations=final_iterations or base.get("final_iterations"),
             n_train=n_train or base.get("n_train"), n_val=n_val or base.get("n_val"),
-            sigma=sigma or base.get("sigma"), jobs=jobs, work=work, out=out,
+            sigma=sigma or base.get("sigma"), trial_seeds=trial_seeds, jobs=jobs, work=work, out=out,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None

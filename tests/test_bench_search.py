@@ -37,6 +37,7 @@ def test_summarize_mean_and_std_in_ap_points():
         ({"n_train": 0}, "n_train=0"),
         ({"final_iterations": -5}, "final_iterations=-5"),
         ({"sigma": 0.0}, "sigma=0.0"),
+        ({"trial_seeds": "random"}, "trial_seeds='random'"),
     ],
 )
 def test_config_rejects_bad_values_naming_them(kwargs, message):

@@ -222,11 +222,15 @@ def test_failed_trials_count_and_stop_the_search(tiny_data, tmp_path):
     assert last["round"] == 2 and last["trials"] == [] and last["failed_trials"] == 4
 
 
+def _fake_results(trials, **extra):
+    return [json.dumps({**json.loads(t), "reward": 0.1 * i, "failed": False, "error": "", **extra})
+            for i, t in enumerate(trials)]
+
+
 def test_controller_update_is_idempotent_and_checks_its_inputs(tiny_data):
     work, _ = tiny_data
     out = steps.init_search(work, "idem", rounds=3, samples=3, seed=1)
-    results = [json.dumps({**json.loads(t), "reward": 0.1 * i, "failed": False, "error": ""})
-               for i, t in enumerate(out["trials"])]
+    results = _fake_results(out["trials"])
     first = steps.controller_update(out["state"], results, work, "idem")
     mtime = os.stat(first["state"]).st_mtime_ns
     assert steps.controller_update(out["state"], list(reversed(results)), work, "idem") == first
@@ -243,6 +247,38 @@ def test_controller_update_is_idempotent_and_checks_its_inputs(tiny_data):
     with pytest.raises(steps.StepError, match="other controller options"):
         steps.init_search(work, "idem", rounds=3, samples=3, seed=1, controller={"sigma": 0.1})
     assert steps.init_search(work, "idem", rounds=3, samples=3, seed=1)["trials"] == out["trials"]
+
+
+def test_per_round_trial_seeds_move_with_the_round_and_are_kept_in_the_state(tiny_data):
+    """``trial_seeds="per-round"``: all trials of round r train with seed + r; the
+    state files keep the choice, a reopen with the other choice is refused, and
+    results trained with another seed are rejected. ``fixed`` (the default) keeps
+    the search's seed in every round."""
+    work, _ = tiny_data
+    out = steps.init_search(work, "per-round", rounds=3, samples=2, seed=5, trial_seeds="per-round")
+    assert [json.loads(t)["seed"] for t in out["trials"]] == [5, 5]
+    nxt = steps.controller_update(out["state"], _fake_results(out["trials"]), work, "per-round")
+    assert [json.loads(t)["seed"] for t in nxt["trials"]] == [6, 6]
+    doc = storage.read_json(nxt["state"])
+    assert (doc["seed"], doc["trial_seeds"]) == (5, "per-round")
+    with pytest.raises(steps.StepError, match=r"trained with seeds \[5\], not the search's 6"):
+        steps.controller_update(nxt["state"], _fake_results(nxt["trials"], seed=5), work, "per-round")
+    last = steps.controller_update(nxt["state"], _fake_results(nxt["trials"]), work, "per-round")
+    assert [json.loads(t)["seed"] for t in last["trials"]] == [7, 7]
+    with pytest.raises(steps.StepError, match="trial_seeds='per-round', not 'fixed'"):
+        steps.init_search(work, "per-round", rounds=3, samples=2, seed=5)
+    with pytest.raises(steps.StepError, match="trial_seeds must be one of"):
+        steps.init_search(work, "bogus", rounds=3, samples=2, seed=5, trial_seeds="random")
+    assert not storage.exists(steps.state_uri(work, "bogus", 0))
+
+    fixed = steps.init_search(work, "fixed", rounds=3, samples=2, seed=5)
+    nxt = steps.controller_update(fixed["state"], _fake_results(fixed["trials"]), work, "fixed")
+    assert [json.loads(t)["seed"] for t in fixed["trials"] + nxt["trials"]] == [5, 5, 5, 5]
+    # a state file from before trial_seeds existed (no "seed"/"trial_seeds"): fixed, the trials' seed
+    old = {k: v for k, v in storage.read_json(fixed["state"]).items() if k not in ("seed", "trial_seeds")}
+    storage.write_json(fixed["state"], old)
+    redo = steps.controller_update(fixed["state"], _fake_results(fixed["trials"]), work, "fixed")
+    assert redo["trials"] == nxt["trials"]
 
 
 def test_mmdet_detector_gets_no_warm_start(tmp_path):
