@@ -48,6 +48,7 @@ __all__ = ["BenchConfig", "LOSSES", "BENCH_PRESETS", "run_bench", "summarize", "
            "bench"]
 
 SEARCH_MODES = ("searched", "searched-shared")  # the separate search's loss, the shared search's
+START_FORMS = ("linear", "square", "sqrt")  # forms a search can start from (paploss.spec.form_theta); linear = SPEC's
 LOSSES = ("searched", "searched-shared", "focal+l1", "focal+giou", "sigmoid", "sqrt", "linear", "square", "transfer")
 METRICS = ("AP", "AP50", "AP75")
 
@@ -79,6 +80,7 @@ class BenchConfig:
     n_val: int | None = None  # images of the bundled val split (None: the pipeline preset's)
     sigma: float | None = None  # the policy's starting spread (None: the controller's default, 0.2)
     trial_seeds: str = "fixed"  # the proxy trials' training seed: the same every round, or seed + round
+    start: str = "linear"  # the searches' starting mean: the identity (SPEC §2) or another form's θ (form_theta)
     jobs: int = 2  # trainings run at a time (one CPU thread each)
     work: str = "runs/bench"
     out: str = "docs"
@@ -100,11 +102,23 @@ class BenchConfig:
             raise ValueError(f"sigma={self.sigma} must be in (0, 1]")
         if self.trial_seeds not in steps.TRIAL_SEEDS:
             raise ValueError(f"trial_seeds={self.trial_seeds!r} must be one of {steps.TRIAL_SEEDS}")
+        if self.start not in START_FORMS:
+            raise ValueError(f"start={self.start!r} must be one of {START_FORMS}")
         if self.rounds < 1 or self.samples < 2 or not self.seeds or self.jobs < 1:
             raise ValueError(
                 f"rounds={self.rounds} (>= 1), samples={self.samples} (>= 2), seeds={self.seeds} (non-empty), "
                 f"jobs={self.jobs} (>= 1) are out of range"
             )
+
+    def controller(self, p: steps.Preset, mode: str) -> dict[str, Any]:
+        """Controller options of the ``mode`` search (one of ``SEARCH_MODES``) under preset ``p``."""
+        from paploss.spec import form_theta
+
+        shared = mode == "searched-shared"
+        options = {**p.controller, **({"shared": True} if shared else {})}
+        if self.start != "linear":  # linear: the Controller's own start, the identity
+            options["mu"] = form_theta(self.start, functions=1 if shared else 5)
+        return options
 
     def preset(self, dataset: str) -> steps.Preset:
         p = steps.get_preset(self.pipeline_preset).with_overrides(
@@ -367,7 +381,7 @@ def mu_travel(state: str) -> list[tuple[float, float]]:
     """Per finished round of a search: the Euclidean distance (over all θ numbers)
     of the policy's mean after the round to its starting mean, and to the θ of the
     piecewise-linear ``square`` (:func:`paploss.spec.form_theta`). The start is
-    the identity, at distance 0.52 from ``square`` for a separate search (0.23 shared)."""
+    by default the identity, at distance 0.52 from ``square`` for a separate search (0.23 shared)."""
     from paploss.spec import form_theta
 
     c = _controller(state)
@@ -523,8 +537,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
                 if state is not None:
                     searched[(dataset, mode)] = state
                 continue
-            controller = {**p.controller, **({"shared": True} if mode == "searched-shared" else {})}
-            searched[(dataset, mode)] = _search(pool, p, data, init, work, name, controller,
+            searched[(dataset, mode)] = _search(pool, p, data, init, work, name, cfg.controller(p, mode),
                                                 trial_seeds=cfg.trial_seeds)
         own = [loss for loss in cfg.losses if loss != "transfer"]
         specs = _loss_specs(cfg, dataset, searched, own)
@@ -563,6 +576,9 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
 @click.option("--trial-seeds", type=click.Choice(steps.TRIAL_SEEDS), default="fixed", show_default=True,
               help="Training seed of the proxy trials: the search's seed in every round (fixed), or seed + round "
                    "(per-round: the search cannot tune its loss to one training trajectory; BENCHMARKS.md).")
+@click.option("--start", type=click.Choice(START_FORMS), default="linear", show_default=True,
+              help="Starting mean of the searches: the identity (linear, SPEC §2) or the piecewise-linear form of "
+                   "another handcrafted loss (does a search improve on square when it starts there?).")
 @click.option("--jobs", type=int, default=2, show_default=True, help="Trainings at a time (one CPU thread each).")
 @click.option("--work", default="runs/bench", show_default=True, help="Cache folder (or s3:// prefix); resumes.")
 @click.option("--out", default="docs", show_default=True, help="Where bench_search.json/.md and figures go.")
@@ -571,7 +587,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default="sqlite:///mlflow.db", show_default=True,
               help="MLflow store for the results [env MLFLOW_TRACKING_URI]; '' to skip.")
 def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, final_iterations, n_train, n_val, sigma,
-          trial_seeds, jobs, work, out, report_only, tracking_uri) -> None:
+          trial_seeds, start, jobs, work, out, report_only, tracking_uri) -> None:
     """The search-quality benchmark: search on the bundled datasets, then train with
     every loss and seed and compare AP on the held-out val split (issue 8)."""
     base = BENCH_PRESETS[preset]
@@ -585,7 +601,8 @@ def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, fi
             proxy_iterations=proxy_iterations or base.get("proxy_iterations"),
             final_iterations=final_iterations or base.get("final_iterations"),
             n_train=n_train or base.get("n_train"), n_val=n_val or base.get("n_val"),
-            sigma=sigma or base.get("sigma"), trial_seeds=trial_seeds, jobs=jobs, work=work, out=out,
+            sigma=sigma or base.get("sigma"), trial_seeds=trial_seeds, start=start, jobs=jobs,
+            work=work, out=out,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None

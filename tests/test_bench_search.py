@@ -38,6 +38,7 @@ def test_summarize_mean_and_std_in_ap_points():
         ({"final_iterations": -5}, "final_iterations=-5"),
         ({"sigma": 0.0}, "sigma=0.0"),
         ({"trial_seeds": "random"}, "trial_seeds='random'"),
+        ({"start": "sigmoid"}, "start='sigmoid'"),
     ],
 )
 def test_config_rejects_bad_values_naming_them(kwargs, message):
@@ -168,6 +169,24 @@ def test_data_sizes_reach_the_bundled_dataset():
     assert BenchConfig().preset("digits").bundled == steps.get_preset("quick").bundled
     assert BenchConfig(sigma=0.1).preset("shapes").controller["sigma"] == 0.1
     assert "sigma" not in BenchConfig().preset("shapes").controller
+
+
+def test_start_sets_the_searches_starting_mean():
+    """--start square: both searches start at the piecewise-linear square (41 or 9
+    numbers), and the Controller's first mean is that θ; linear leaves the SPEC's
+    identity start (no mu option: the same controller options as before --start)."""
+    cfg = BenchConfig(start="square", sigma=0.1)
+    p = cfg.preset("shapes")
+    sep, shared = cfg.controller(p, "searched"), cfg.controller(p, "searched-shared")
+    assert sep == {"sigma": 0.1, "mu": form_theta("square")}
+    assert shared == {"sigma": 0.1, "shared": True, "mu": form_theta("square", functions=1)}
+    for options, dim in ((sep, 41), (shared, 9)):
+        c = Controller(rounds=2, **options)
+        assert c.dim == dim
+        torch.testing.assert_close(c.mu, torch.tensor(options["mu"], dtype=torch.float64).clamp(1e-6, 1 - 1e-6))
+    plain = BenchConfig(sigma=0.1)
+    assert plain.controller(p, "searched") == {"sigma": 0.1}
+    assert plain.controller(p, "searched-shared") == {"sigma": 0.1, "shared": True}
 
 
 @pytest.fixture(scope="module")
