@@ -575,7 +575,8 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
 @click.option("--sigma", type=float, default=None, help="Starting spread of the search policy [preset].")
 @click.option("--trial-seeds", type=click.Choice(steps.TRIAL_SEEDS), default="fixed", show_default=True,
               help="Training seed of the proxy trials: the search's seed in every round (fixed), or seed + round "
-                   "(per-round: the search cannot tune its loss to one training trajectory; BENCHMARKS.md).")
+                   "(per-round, so that no single training trajectory is tuned to; it measured no better, "
+                   "BENCHMARKS.md, issue 8, finding 10).")
 @click.option("--start", type=click.Choice(START_FORMS), default="linear", show_default=True,
               help="Starting mean of the searches: the identity (linear, SPEC §2) or the piecewise-linear form of "
                    "another handcrafted loss (does a search improve on square when it starts there?).")

@@ -465,7 +465,8 @@ def _trial_seed(seed: int, round_: int, trial_seeds: str) -> int:
     """The training seed of round ``round_``'s proxy trials. Every trial of a round
     shares it (the round's rewards compare losses, not seeds); ``per-round`` moves it
     to ``seed + round`` each round, so that the search does not tune its losses to
-    one training trajectory (BENCHMARKS.md, issue 8, finding 10)."""
+    one training trajectory (on the benchmark it measured no better than ``fixed``:
+    BENCHMARKS.md, issue 8, finding 10)."""
     if trial_seeds not in TRIAL_SEEDS:
         raise StepError(f"trial_seeds must be one of {TRIAL_SEEDS}, got {trial_seeds!r}")
     return int(seed) + (int(round_) if trial_seeds == "per-round" else 0)
