@@ -461,33 +461,37 @@ def load_controller(state: str):
 TRIAL_SEEDS = ("fixed", "per-round")
 
 
-def _trial_seed(seed: int, round_: int, trial_seeds: str) -> int:
-    """The training seed of round ``round_``'s proxy trials. Every trial of a round
-    shares it (the round's rewards compare losses, not seeds); ``per-round`` moves it
-    to ``seed + round`` each round, so that the search does not tune its losses to
-    one training trajectory (on the benchmark it measured no better than ``fixed``:
-    BENCHMARKS.md, issue 8, finding 10)."""
+def _check_trial_seeds(trial_seeds: str) -> str:
     if trial_seeds not in TRIAL_SEEDS:
         raise StepError(f"trial_seeds must be one of {TRIAL_SEEDS}, got {trial_seeds!r}")
-    return int(seed) + (int(round_) if trial_seeds == "per-round" else 0)
+    return trial_seeds
 
 
-def _trials_of(controller, samples: int, seed: int, trial_seeds: str = "fixed") -> list[str]:
+def _trial_seed(controller, trial_seeds: str) -> int:
+    """The training seed of the controller's next round of proxy trials. Every trial
+    of a round shares it (the round's rewards compare losses, not seeds): the
+    search's seed, or with ``per-round`` seed + round, so that the search does not
+    tune its losses to one training trajectory (on the benchmark it measured no
+    better than ``fixed``: BENCHMARKS.md, issue 8, finding 10)."""
+    return controller.config.seed + (controller.round if trial_seeds == "per-round" else 0)
+
+
+def _trials_of(controller, samples: int, trial_seeds: str = "fixed") -> list[str]:
     """The next round's trials as JSON strings: round, sample index, θ, training seed."""
     if controller.done:
         return []
     thetas = controller.sample(samples).tolist()
-    train_seed = _trial_seed(seed, controller.round, trial_seeds)
+    train_seed = _trial_seed(controller, trial_seeds)
     return [
         json.dumps({"round": controller.round, "sample": i, "theta": theta, "seed": train_seed})
         for i, theta in enumerate(thetas)
     ]
 
 
-def _state_doc(c, failed: int, search_name: str, seed: int, trial_seeds: str) -> dict:
-    """A search state file's content (:func:`state_uri`)."""
+def _state_doc(c, failed: int, search_name: str, trial_seeds: str) -> dict:
+    """A search state file's content (:func:`state_uri`); the search's seed is the controller's."""
     return {"controller": c.state_dict(), "failed_trials": int(failed), "search_name": search_name,
-            "seed": int(seed), "trial_seeds": trial_seeds}
+            "trial_seeds": trial_seeds}
 
 
 def init_search(
@@ -517,7 +521,7 @@ def init_search(
     for bad in ("rounds", "seed", "samples"):
         if bad in options:
             raise StepError(f"controller option {bad!r} is a search parameter: pass it as {bad}=")
-    _trial_seed(seed, 0, trial_seeds)  # checks trial_seeds
+    _check_trial_seeds(trial_seeds)
     try:
         c = Controller(rounds=int(rounds), seed=int(seed), samples=int(samples), **options)
     except TypeError as exc:
@@ -531,13 +535,12 @@ def init_search(
                 f"search {search_name!r} already exists in {work} with other controller options; "
                 "choose another search_name"
             )
-        if doc.get("trial_seeds", "fixed") != trial_seeds:
-            raise StepError(
-                f"search {search_name!r} already exists in {work} with trial_seeds={doc.get('trial_seeds', 'fixed')!r}, "
-                f"not {trial_seeds!r}; choose another search_name"
-            )
+        had = doc.get("trial_seeds", "fixed")
+        if had != trial_seeds:
+            raise StepError(f"search {search_name!r} already exists in {work} with trial_seeds={had!r}, "
+                            f"not {trial_seeds!r}; choose another search_name")
     else:
-        storage.write_json(uri, _state_doc(c, 0, search_name, seed, trial_seeds))
+        storage.write_json(uri, _state_doc(c, 0, search_name, trial_seeds))
     if tracking is not None:
         from paploss import tracking as tr
 
@@ -546,7 +549,7 @@ def init_search(
                         {**dict(params or {}), "rounds": rounds, "samples": samples, "seed": seed,
                          "trial_seeds": trial_seeds, "controller": options})
     _log(f"search {search_name}: {rounds} rounds x {samples} samples, D={c.dim}")
-    return {"state": uri, "trials": _trials_of(c, samples, seed, trial_seeds)}
+    return {"state": uri, "trials": _trials_of(c, samples, trial_seeds)}
 
 
 def _parse_trial(trial: str | Mapping[str, Any]) -> dict:
@@ -716,16 +719,16 @@ def controller_update(
     r = c.round
     out = state_uri(work, search_name, r + 1)
     # state files written before trial_seeds existed: every trial had the search's seed
-    trial_seeds = doc.get("trial_seeds", "fixed")
-    seed = int(doc.get("seed", parsed[0]["seed"] if parsed else 0))
-    if any(int(p["seed"]) != _trial_seed(seed, r, trial_seeds) for p in parsed):
+    trial_seeds = _check_trial_seeds(doc.get("trial_seeds", "fixed"))
+    expected_seed = _trial_seed(c, trial_seeds)
+    if any(int(p["seed"]) != expected_seed for p in parsed):
         raise StepError(f"results of round {r} were trained with seeds {sorted({int(p['seed']) for p in parsed})}, "
-                        f"not the search's {_trial_seed(seed, r, trial_seeds)} (trial_seeds={trial_seeds!r})")
+                        f"not the search's {expected_seed} (trial_seeds={trial_seeds!r})")
     if storage.exists(out):
         done = storage.read_json(out)
         nxt = Controller.from_state_dict(done["controller"])
         if nxt.round == r + 1 and [list(t) for t in nxt.history[r].thetas] == [p["theta"] for p in parsed]:
-            return _update_output(out, nxt, done["failed_trials"], samples, seed, trial_seeds)
+            return _update_output(out, nxt, done["failed_trials"], samples, trial_seeds)
     failed_now = [p for p in parsed if p["failed"]]
     total_failed = int(doc.get("failed_trials", 0)) + len(failed_now)
     if total_failed > int(max_failed_trials):
@@ -741,7 +744,7 @@ def controller_update(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # failed trials: counted and reported below
         record = c.update([p["theta"] for p in parsed], rewards)
-    storage.write_json(out, _state_doc(c, total_failed, search_name, seed, trial_seeds))
+    storage.write_json(out, _state_doc(c, total_failed, search_name, trial_seeds))
     ok = [x for x in rewards if math.isfinite(x)]
     _log(
         f"round {r + 1}/{c.rounds}: mean reward {record.mean_reward:.4f}, "
@@ -759,15 +762,15 @@ def controller_update(
             client, parent.info.run_id, round=r, rewards=[None if not math.isfinite(x) else x for x in rewards],
             failed=len(failed_now), mu=c.mu.tolist(), names=c.parameter_names, spec=c.spec(), history=history,
         )
-    return _update_output(out, c, total_failed, samples, seed, trial_seeds)
+    return _update_output(out, c, total_failed, samples, trial_seeds)
 
 
-def _update_output(uri: str, c, failed: int, samples: int, seed: int, trial_seeds: str) -> dict:
+def _update_output(uri: str, c, failed: int, samples: int, trial_seeds: str) -> dict:
     rec = c.history[-1]
     ok = [v for i, v in enumerate(rec.rewards) if i not in rec.failed]
     return {
         "state": uri,
-        "trials": _trials_of(c, samples, seed, trial_seeds),
+        "trials": _trials_of(c, samples, trial_seeds),
         "round": c.round,
         "mean_reward": rec.mean_reward,
         "max_reward": max(ok) if ok else None,

@@ -260,7 +260,7 @@ def test_per_round_trial_seeds_move_with_the_round_and_are_kept_in_the_state(tin
     nxt = steps.controller_update(out["state"], _fake_results(out["trials"]), work, "per-round")
     assert [json.loads(t)["seed"] for t in nxt["trials"]] == [6, 6]
     doc = storage.read_json(nxt["state"])
-    assert (doc["seed"], doc["trial_seeds"]) == (5, "per-round")
+    assert (Controller.from_state_dict(doc["controller"]).config.seed, doc["trial_seeds"]) == (5, "per-round")
     with pytest.raises(steps.StepError, match=r"trained with seeds \[5\], not the search's 6"):
         steps.controller_update(nxt["state"], _fake_results(nxt["trials"], seed=5), work, "per-round")
     last = steps.controller_update(nxt["state"], _fake_results(nxt["trials"]), work, "per-round")
@@ -274,8 +274,8 @@ def test_per_round_trial_seeds_move_with_the_round_and_are_kept_in_the_state(tin
     fixed = steps.init_search(work, "fixed", rounds=3, samples=2, seed=5)
     nxt = steps.controller_update(fixed["state"], _fake_results(fixed["trials"]), work, "fixed")
     assert [json.loads(t)["seed"] for t in fixed["trials"] + nxt["trials"]] == [5, 5, 5, 5]
-    # a state file from before trial_seeds existed (no "seed"/"trial_seeds"): fixed, the trials' seed
-    old = {k: v for k, v in storage.read_json(fixed["state"]).items() if k not in ("seed", "trial_seeds")}
+    # a state file from before trial_seeds existed: fixed, the search's seed
+    old = {k: v for k, v in storage.read_json(fixed["state"]).items() if k != "trial_seeds"}
     storage.write_json(fixed["state"], old)
     redo = steps.controller_update(fixed["state"], _fake_results(fixed["trials"]), work, "fixed")
     assert redo["trials"] == nxt["trials"]
