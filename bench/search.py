@@ -217,22 +217,33 @@ def _final_key(p: steps.Preset, data: str, init: str, loss: str, spec_json: str 
                              HANDCRAFTED_VERSION)
 
 
-def _cached_final(out: str, key: str) -> dict | None:
-    """The cached result of one final training, if ``out`` holds it for the inputs ``key`` names."""
-    if storage.exists(out):
-        done = storage.read_json(out)
-        if done.get("key") == key:
-            return done
+def _final_uri(work: str, dataset: str, loss: str, seed: int, key: str) -> tuple[str, str]:
+    """Where one final training's result is cached: a file named by its inputs' key, so
+    that finals of another schedule (``--final-iterations``) or warm start live beside
+    it instead of overwriting it; and the unkeyed name that older caches used."""
+    folder = storage.join(work, dataset, "final")
+    return storage.join(folder, f"{loss}-seed{seed}-{key}.json"), storage.join(folder, f"{loss}-seed{seed}.json")
+
+
+def _cached_final(out: str, key: str, legacy: str | None = None) -> dict | None:
+    """The cached result of one final training, if ``out`` (or the older cache's
+    ``legacy`` name) holds it for the inputs ``key`` names."""
+    for uri in (out, legacy):
+        if uri and storage.exists(uri):
+            done = storage.read_json(uri)
+            if done.get("key") == key:
+                return done
     return None
 
 
 def _final_job(p: steps.Preset, data: str, init: str, loss: str, spec_json: str | None, seed: int,
-               out: str) -> dict:
-    """Train on ``train``, evaluate on ``val`` (never search-val); cached in ``out``."""
+               out: str, legacy: str | None = None) -> dict:
+    """Train on ``train``, evaluate on ``val`` (never search-val); cached in ``out``
+    (an older cache's result under ``legacy`` is used too, never overwritten)."""
     from paploss.engine import train
 
     key = _final_key(p, data, init, loss, spec_json, seed)
-    done = _cached_final(out, key)
+    done = _cached_final(out, key, legacy)
     if done is not None:
         return done
     res = train(final_config(p, data, init, loss, spec_json, seed), progress=False)
@@ -475,10 +486,10 @@ def _finals(cfg: BenchConfig, pool: ProcessPoolExecutor | None, dataset: str, pr
             specs: Mapping[str, str | None], losses: Sequence[str], per_loss: dict[str, dict[str, list[float]]]) -> None:
     p, data, init = prepared
     jobs = {(loss, seed): (p, data, init, loss, specs[loss], seed,
-                           storage.join(cfg.work, dataset, "final", f"{loss}-seed{seed}.json"))
+                           *_final_uri(cfg.work, dataset, loss, seed, _final_key(p, data, init, loss, specs[loss], seed)))
             for seed in cfg.seeds for loss in losses if loss in specs}
     if pool is None:  # report_only: the cached results only
-        docs = ((k, _cached_final(args[-1], _final_key(*args[:-1]))) for k, args in jobs.items())
+        docs = ((k, _cached_final(args[-2], _final_key(*args[:-2]), args[-1])) for k, args in jobs.items())
     else:
         futures = {k: pool.submit(_final_job, *args) for k, args in jobs.items()}
         docs = ((k, fut.result()) for k, fut in futures.items())  # logged as each one finishes, in order
