@@ -171,8 +171,10 @@ def _search(pool: ProcessPoolExecutor, p: steps.Preset, data: str, init: str, wo
             controller: Mapping[str, Any], deadline: float | None = None, trial_seeds: str = "fixed") -> str:
     """One PPO search with :mod:`paploss.steps`; returns the last finished round's
     state URI (earlier than round ``p.rounds`` only when ``deadline`` stopped it)."""
+    _search_inputs(p, data, init, work, name, write=False)
     out = steps.init_search(work, name, p.rounds, p.samples, seed=p.seed, controller=controller,
                             trial_seeds=trial_seeds)
+    _search_inputs(p, data, init, work, name, write=True)
     for r in range(p.rounds):
         start = time.monotonic()
         nxt = _round(pool, p, data, init, work, name, out, deadline)
@@ -183,6 +185,23 @@ def _search(pool: ProcessPoolExecutor, p: steps.Preset, data: str, init: str, wo
         _log(f"{name} round {r + 1}/{p.rounds}: mean reward {out['mean_reward']:.4f}, "
              f"max {out['max_reward']:.4f} ({time.monotonic() - start:.0f}s)")
     return out["state"]
+
+
+def _search_inputs(p: steps.Preset, data: str, init: str, work: str, name: str, write: bool) -> None:
+    """What a cached search was trained on (data, warm start, proxy schedule, detector),
+    kept beside it in ``bench-inputs.json``: a run with another ``--proxy-iterations``
+    (say) in the same ``--work`` is refused, naming what differs, instead of reporting
+    the old search as its own. A search cached before this file existed adopts it."""
+    uri = storage.join(steps.search_dir(work, name), "bench-inputs.json")
+    now = json.loads(json.dumps({"data": data, "init": init, "proxy": steps.plain(dict(p.proxy)), "detector": p.detector}))
+    if storage.exists(uri):
+        had = storage.read_json(uri)
+        diff = [f"{field}: {had.get(field)!r} there, {now[field]!r} now" for field in now if had.get(field) != now[field]]
+        if diff:
+            raise steps.StepError(f"search {name!r} in {work} was run on other inputs ({uri}): " + "; ".join(diff)
+                                  + ". Use another --work for these settings.")
+    elif write:
+        storage.write_json(uri, now)
 
 
 @functools.cache  # a state file is written once under its round's name: read each one once
@@ -546,6 +565,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
             if report_only:
                 state = _latest_state(work, name, p.rounds)
                 if state is not None:
+                    _search_inputs(p, data, init, work, name, write=False)
                     searched[(dataset, mode)] = state
                 continue
             searched[(dataset, mode)] = _search(pool, p, data, init, work, name, cfg.controller(p, mode),
@@ -619,7 +639,10 @@ def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, fi
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     start = time.monotonic()
-    results = run_bench(cfg, tracking_uri or None, report_only=report_only)
+    try:
+        results = run_bench(cfg, tracking_uri or None, report_only=report_only)
+    except steps.StepError as exc:  # a cache made with other settings, options a search refuses: no traceback
+        raise click.ClickException(str(exc)) from None
     click.echo(summarize(results))
     click.echo(goal_text(results))
     click.echo(f"wall time {time.monotonic() - start:.0f}s; results in {out}/bench_search.json and .md")

@@ -327,3 +327,24 @@ def test_h2_over_h1_ratio_of_bench_collapse():
     assert h2_over_h1(LossSpec.searched([identity] * 5).to_json()) == pytest.approx(1.0)
     assert h2_over_h1(LossSpec.searched([concave] + [identity] * 4).to_json()) == pytest.approx(0.775 / 0.5)
     assert h2_over_h1(LossSpec.handcrafted("square").to_json()) == pytest.approx(1.0)
+
+
+def test_a_cached_search_is_reused_only_with_its_own_inputs(prepared, tmp_path):
+    """A search cached with 400-iteration proxies is not reported as the search of a
+    run with 150: the second run is refused, naming the field and both values. A
+    search cached before the inputs file existed adopts the first run's inputs."""
+    from bench.search import _search_inputs
+
+    _, p, data, init, _ = prepared
+    work = str(tmp_path)
+    long = p.with_overrides(proxy={**p.proxy, "iterations": 400})
+    short = p.with_overrides(proxy={**p.proxy, "iterations": 150})
+    _search_inputs(long, data, init, work, "s", write=False)  # nothing cached: nothing to check, nothing written
+    assert not storage.exists(storage.join(steps.search_dir(work, "s"), "bench-inputs.json"))
+    _search_inputs(long, data, init, work, "s", write=True)
+    _search_inputs(long, data, init, work, "s", write=False)  # same inputs: fine
+    with pytest.raises(steps.StepError, match=r"search 's'.*proxy: .*'iterations': 400.* there, .*'iterations': 150.* now"):
+        _search_inputs(short, data, init, work, "s", write=True)
+    with pytest.raises(steps.StepError, match=r"init: .*other\.pt"):
+        _search_inputs(long, data, str(tmp_path / "other.pt"), work, "s", write=False)
+    assert storage.read_json(storage.join(steps.search_dir(work, "s"), "bench-inputs.json"))["proxy"]["iterations"] == 400
