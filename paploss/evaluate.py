@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["METRICS", "coco_ap", "detections_to_coco", "evaluate_model"]
+__all__ = ["METRICS", "coco_ap", "detections_to_coco", "evaluate_model", "model_detections"]
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -82,11 +82,19 @@ def detections_to_coco(outputs: Iterable[dict], image_ids: Iterable[int], cat_id
     return out
 
 
-@torch.no_grad()
 def evaluate_model(model: torch.nn.Module, dataset, *, batch_size: int = 8, device: str | torch.device = "cpu",
                    progress: bool = False, max_dets: int = 100) -> dict[str, float]:
     """COCO AP of ``model`` (a torchvision detector, put in eval mode here and
     restored after) on ``dataset`` (a ``CocoDetection``)."""
+    dets = model_detections(model, dataset, batch_size=batch_size, device=device, progress=progress)
+    return coco_ap(dataset.coco, dets, max_dets=max_dets)
+
+
+@torch.no_grad()
+def model_detections(model: torch.nn.Module, dataset, *, batch_size: int = 8, device: str | torch.device = "cpu",
+                     progress: bool = False) -> list[dict]:
+    """``model``'s detections on every image of ``dataset``, as COCO result dicts
+    (what :func:`evaluate_model` scores)."""
     was_training = model.training
     model.eval()
     dets: list[dict] = []
@@ -98,4 +106,4 @@ def evaluate_model(model: torch.nn.Module, dataset, *, batch_size: int = 8, devi
             dets += detections_to_coco(outputs, [dataset.images[i]["id"] for i in idx], dataset.cat_ids)
     finally:
         model.train(was_training)
-    return coco_ap(dataset.coco, dets, max_dets=max_dets)
+    return dets
