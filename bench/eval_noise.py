@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.proxy import LOSSES, _spec, _spec_file
+from bench.proxy import add_trial_args, trial_setup
 
 __all__ = ["resample", "bootstrap", "main"]
 
@@ -79,35 +79,19 @@ def _sd(v: list[float]) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True, help="dataset folder with search_train / search_val splits")
+    add_trial_args(ap, ["square", "linear"])
     ap.add_argument("--backbone", required=True, help="warm-start file (the benchmark's pretrain/<key>/backbone.pt)")
-    ap.add_argument("--preset", default="quick")
-    ap.add_argument("--losses", nargs="+", default=["square", "linear"],
-                    help=f"of {sorted(LOSSES)} and the names given with --spec")
-    ap.add_argument("--spec", nargs="*", default=[], metavar="NAME=FILE",
-                    help="more losses: a loss-spec JSON or a search state file (its μ)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--iterations", type=int, default=None, help="override the preset's iterations")
-    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=JSON", help="more TrainConfig overrides")
     ap.add_argument("--boot", type=int, default=200, help="bootstrap draws of the search-val images")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    files = dict(s.split("=", 1) for s in args.spec)
-    unknown = sorted(set(args.losses) - set(LOSSES) - set(files))
-    if unknown:
-        ap.error(f"--losses {unknown} are unknown; known: {sorted(LOSSES)} and the --spec names {sorted(files)}")
     if len(args.losses) < 2:
         ap.error("--losses: give at least two, their paired gaps are the point")
-    specs = {name: _spec_file(path) for name, path in files.items()}
+    preset, loss_specs = trial_setup(ap, args)
 
     from paploss.data.dataset import CocoDetection
-    from paploss.engine import PROXY_PRESETS, TrainConfig, load_checkpoint, load_split, train
+    from paploss.engine import TrainConfig, load_checkpoint, load_split, train
     from paploss.evaluate import coco_ap, model_detections
 
-    preset = dict(PROXY_PRESETS[args.preset])
-    preset.update({k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)})
-    if args.iterations:
-        preset["iterations"], preset["epochs"] = args.iterations, None
     root = Path(args.data)
     gt = load_split(root, preset["val_ann"])
     val = CocoDetection(gt, root / "images")
@@ -121,11 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in args.seeds:
         dets: dict[str, list[dict]] = {}
         for name in args.losses:
-            if name in specs:
-                loss, spec = "paploss", specs[name]
-            else:
-                loss, form = LOSSES[name]
-                spec = _spec(form)
+            loss, spec = loss_specs[name]
             with tempfile.TemporaryDirectory(prefix="paploss-eval-noise-") as tmp:
                 r = train(TrainConfig(data=str(root), init=args.backbone, loss=loss, spec=spec, seed=seed,
                                       out_dir=tmp, **preset), progress=False)

@@ -57,34 +57,47 @@ def _spec_file(path: str):
     return LossSpec.from_dict(doc)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_trial_args(ap: argparse.ArgumentParser, losses: list[str]) -> None:
+    """The options of a run of proxy trials (also :mod:`bench.eval_noise`'s)."""
     ap.add_argument("--data", required=True, help="dataset folder with search_train / search_val splits")
-    ap.add_argument("--backbone", default=None, help="warm-start file (default: DATA/../backbone_<detector>.pt)")
     ap.add_argument("--preset", default="quick")
-    ap.add_argument("--losses", nargs="+", default=["focal+l1", "linear", "square", "sigmoid"],
-                    help=f"of {sorted(LOSSES)} and the names given with --spec")
+    ap.add_argument("--losses", nargs="+", default=losses, help=f"of {sorted(LOSSES)} and the names given with --spec")
     ap.add_argument("--spec", nargs="*", default=[], metavar="NAME=FILE",
                     help="more losses: a loss-spec JSON or a search state file (its μ)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--iterations", type=int, default=None, help="override the preset's iterations")
-    ap.add_argument("--pretrain-iterations", type=int, default=600)
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=JSON", help="more TrainConfig overrides")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
+
+
+def trial_setup(ap: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[dict, dict]:
+    """(the proxy's TrainConfig fields, loss name -> (``loss``, ``spec``)) from
+    :func:`add_trial_args`' options; an unknown loss name is a usage error."""
+    from paploss.engine import PROXY_PRESETS
+
     files = dict(s.split("=", 1) for s in args.spec)
     unknown = sorted(set(args.losses) - set(LOSSES) - set(files))
     if unknown:
         ap.error(f"--losses {unknown} are unknown; known: {sorted(LOSSES)} and the --spec names {sorted(files)}")
-    specs = {name: _spec_file(path) for name, path in files.items()}
-
-    from paploss.engine import PROXY_PRESETS, TrainConfig, pretrain, train
-
+    losses = {name: ("paploss", _spec_file(files[name])) if name in files else (LOSSES[name][0], _spec(LOSSES[name][1]))
+              for name in args.losses}
     preset = dict(PROXY_PRESETS[args.preset])
-    extra = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
-    preset.update(extra)
+    preset.update({k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)})
     if args.iterations:
         preset["iterations"], preset["epochs"] = args.iterations, None
+    return preset, losses
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_trial_args(ap, ["focal+l1", "linear", "square", "sigmoid"])
+    ap.add_argument("--backbone", default=None, help="warm-start file (default: DATA/../backbone_<detector>.pt)")
+    ap.add_argument("--pretrain-iterations", type=int, default=600)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    preset, loss_specs = trial_setup(ap, args)
+
+    from paploss.engine import TrainConfig, pretrain, train
+
     backbone = args.backbone or str(Path(args.data).parent / f"backbone_{preset['detector']}.pt")
     t0 = time.time()
     if not Path(backbone).exists():
@@ -105,11 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     save()
     for seed in args.seeds:
         for name in args.losses:
-            if name in specs:
-                loss, spec = "paploss", specs[name]
-            else:
-                loss, form = LOSSES[name]
-                spec = _spec(form)
+            loss, spec = loss_specs[name]
             r = train(TrainConfig(data=args.data, init=backbone, loss=loss, spec=spec, seed=seed, **preset),
                       progress=False)
             report["trials"].append({"loss": name, "seed": seed, "metrics": r.metrics, "seconds": r.seconds,

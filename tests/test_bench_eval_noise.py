@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -53,3 +55,44 @@ def test_bootstrap_scores_every_model_on_the_same_draws():
     assert boot["a"] != boot["b"]
     assert len(set(boot["a"])) > 1  # the draws differ
     assert boot == bootstrap(gt, {"a": dets, "a again": list(dets), "b": worse}, n=12, seed=1)  # seeded
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from paploss.data import make_dataset, search_split
+    from paploss.engine import pretrain
+
+    root = make_dataset("shapes", tmp_path_factory.mktemp("noise") / "shapes", n_train=30, n_val=8, image_size=64,
+                        progress=False)
+    search_split(root)
+    backbone = pretrain(str(root), str(root.parent / "backbone.pt"), ann="search_train",
+                        detector="retinanet_mobilenet_v3_small", iterations=2, image_size=64, crop_size=48,
+                        batch_size=8, num_threads=1, progress=False)
+    return root, backbone
+
+
+@pytest.mark.slow
+def test_eval_noise_and_proxy_end_to_end(tiny, tmp_path):
+    """Both scripts on real (tiny) trainings: bench.eval_noise rescored AP equals the
+    training's own evaluation, and bench.proxy's report holds every trial."""
+    from bench import eval_noise, proxy
+
+    root, backbone = tiny
+    common = ["--data", str(root), "--backbone", backbone, "--preset", "smoke", "--iterations", "30",
+              "--seeds", "0", "1", "--losses", "square", "linear"]
+    report = eval_noise.main(common + ["--boot", "4", "--out", str(tmp_path / "noise.json")])
+    assert json.loads((tmp_path / "noise.json").read_text())["summary"] == report["summary"]
+    assert all(t["metrics"]["AP"] > 0 for t in report["trials"])  # 30 iterations detect something
+    for t in report["trials"]:
+        assert t["rescored"]["AP"] == pytest.approx(t["metrics"]["AP"], abs=1e-9)
+    gaps = report["summary"]["square - linear"]
+    assert len(gaps["gaps"]) == 2 and gaps["image_se_rms"] > 0 and all(g != 0 for g in gaps["gaps"])
+    for s in report["seeds"].values():
+        assert s["gaps"]["square - linear"]["gap"] == pytest.approx(s["AP"]["square"] - s["AP"]["linear"], abs=1e-12)
+
+    rep = proxy.main(common + ["--out", str(tmp_path / "proxy.json")])
+    assert [(t["loss"], t["seed"]) for t in rep["trials"]] == [("square", 0), ("linear", 0), ("square", 1), ("linear", 1)]
+    # the same trainings (checkpointed or not): the same AP
+    assert [t["metrics"]["AP"] for t in rep["trials"]] == [t["metrics"]["AP"] for t in report["trials"]]
+    with pytest.raises(SystemExit):
+        eval_noise.main(common[:-2] + ["--losses", "square", "nonsense"])
