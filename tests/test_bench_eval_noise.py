@@ -9,6 +9,7 @@ import pytest
 
 from bench.eval_noise import bootstrap, resample
 from paploss.evaluate import coco_ap
+from tests.test_engine import learnable  # noqa: F401  (fixture: a small shapes set and its warm start)
 from tests.test_evaluate import _random_case
 
 
@@ -57,27 +58,13 @@ def test_bootstrap_scores_every_model_on_the_same_draws():
     assert boot == bootstrap(gt, {"a": dets, "a again": list(dets), "b": worse}, n=12, seed=1)  # seeded
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from paploss.data import make_dataset, search_split
-    from paploss.engine import pretrain
-
-    root = make_dataset("shapes", tmp_path_factory.mktemp("noise") / "shapes", n_train=30, n_val=8, image_size=64,
-                        progress=False)
-    search_split(root)
-    backbone = pretrain(str(root), str(root.parent / "backbone.pt"), ann="search_train",
-                        detector="retinanet_mobilenet_v3_small", iterations=2, image_size=64, crop_size=48,
-                        batch_size=8, num_threads=1, progress=False)
-    return root, backbone
-
-
 @pytest.mark.slow
-def test_eval_noise_and_proxy_end_to_end(tiny, tmp_path):
+def test_eval_noise_and_proxy_end_to_end(learnable, tmp_path):
     """Both scripts on real (tiny) trainings: bench.eval_noise rescored AP equals the
     training's own evaluation, and bench.proxy's report holds every trial."""
     from bench import eval_noise, proxy
 
-    root, backbone = tiny
+    root, backbone = learnable
     common = ["--data", str(root), "--backbone", backbone, "--preset", "smoke", "--iterations", "30",
               "--seeds", "0", "1", "--losses", "square", "linear"]
     report = eval_noise.main(common + ["--boot", "4", "--out", str(tmp_path / "noise.json")])
