@@ -35,26 +35,31 @@ from bench.proxy import add_trial_args, trial_setup
 __all__ = ["resample", "bootstrap", "main"]
 
 
+def _by_image(items: list[dict]) -> dict[int, list[dict]]:
+    out: dict[int, list[dict]] = {}
+    for x in items:
+        out.setdefault(x["image_id"], []).append(x)
+    return out
+
+
 def resample(gt: dict, detections: dict[str, list[dict]], draw) -> tuple[dict, dict[str, list[dict]]]:
     """The ground truth and each model's detections on a draw of images (indices
     into ``gt["images"]``, repeats allowed): the k-th drawn image becomes image
     ``k + 1``, with copies of its annotations and detections."""
-    by_image: dict[int, list[dict]] = {}
-    for a in gt["annotations"]:
-        by_image.setdefault(a["image_id"], []).append(a)
-    dets_by_image = {name: {} for name in detections}
-    for name, dets in detections.items():
-        for d in dets:
-            dets_by_image[name].setdefault(d["image_id"], []).append(d)
+    return _resample(gt, _by_image(gt["annotations"]), {name: _by_image(d) for name, d in detections.items()}, draw)
+
+
+def _resample(gt: dict, anns_of: dict[int, list[dict]], dets_of: dict[str, dict[int, list[dict]]], draw):
+    """:func:`resample` with the annotations and detections already grouped by image."""
     images, anns = [], []
-    out = {name: [] for name in detections}
+    out: dict[str, list[dict]] = {name: [] for name in dets_of}
     for k, i in enumerate(draw):
         im = gt["images"][int(i)]
         images.append({**im, "id": k + 1})
-        for a in by_image.get(im["id"], []):
+        for a in anns_of.get(im["id"], []):
             anns.append({**a, "id": len(anns) + 1, "image_id": k + 1})
-        for name in detections:
-            out[name] += [{**d, "image_id": k + 1} for d in dets_by_image[name].get(im["id"], [])]
+        for name, by_image in dets_of.items():
+            out[name] += [{**d, "image_id": k + 1} for d in by_image.get(im["id"], [])]
     return {**gt, "images": images, "annotations": anns}, out
 
 
@@ -65,9 +70,10 @@ def bootstrap(gt: dict, detections: dict[str, list[dict]], n: int, seed: int = 0
 
     rng = np.random.default_rng(seed)
     m = len(gt["images"])
+    anns_of, dets_of = _by_image(gt["annotations"]), {name: _by_image(d) for name, d in detections.items()}
     out: dict[str, list[float]] = {name: [] for name in detections}
     for _ in range(n):
-        g, dets = resample(gt, detections, rng.integers(0, m, size=m))
+        g, dets = _resample(gt, anns_of, dets_of, rng.integers(0, m, size=m))
         for name, d in dets.items():
             out[name].append(coco_ap(g, d)[metric])
     return out
@@ -104,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     for seed in args.seeds:
         dets: dict[str, list[dict]] = {}
+        ap: dict[str, float] = {}  # each model's AP on the whole search-val
         for name in args.losses:
             loss, spec = loss_specs[name]
             with tempfile.TemporaryDirectory(prefix="paploss-eval-noise-") as tmp:
@@ -112,6 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
                 model = load_checkpoint(r.checkpoint)[0]
             dets[name] = model_detections(model, val)
             full = coco_ap(gt, dets[name])
+            ap[name] = full["AP"]
             report["trials"].append({"loss": name, "seed": seed, "metrics": r.metrics, "rescored": full,
                                      "seconds": r.seconds})
             print(f"{name:10s} seed {seed}: AP {full['AP']:.4f} (training's own evaluation {r.metrics['AP']:.4f}, "
@@ -120,9 +128,9 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.time()
         boot = bootstrap(gt, dets, args.boot, seed=seed)
         report["seeds"][str(seed)] = {
-            "AP": {name: report["trials"][-len(args.losses) + i]["rescored"]["AP"] for i, name in enumerate(args.losses)},
+            "AP": ap,
             "boot_se": {name: _sd(v) for name, v in boot.items()},
-            "gaps": {f"{a} - {b}": {"gap": coco_ap(gt, dets[a])["AP"] - coco_ap(gt, dets[b])["AP"],
+            "gaps": {f"{a} - {b}": {"gap": ap[a] - ap[b],
                                     "boot_se": _sd([x - y for x, y in zip(boot[a], boot[b])])}
                      for a, b in itertools.combinations(args.losses, 2)},
             "boot_seconds": time.time() - t0,

@@ -171,7 +171,6 @@ def _search(pool: ProcessPoolExecutor, p: steps.Preset, data: str, init: str, wo
             controller: Mapping[str, Any], deadline: float | None = None, trial_seeds: str = "fixed") -> str:
     """One PPO search with :mod:`paploss.steps`; returns the last finished round's
     state URI (earlier than round ``p.rounds`` only when ``deadline`` stopped it)."""
-    _search_inputs(p, data, init, work, name, write=False)
     out = steps.init_search(work, name, p.rounds, p.samples, seed=p.seed, controller=controller,
                             trial_seeds=trial_seeds)
     _search_inputs(p, data, init, work, name, write=True)
@@ -236,11 +235,11 @@ def _final_key(p: steps.Preset, data: str, init: str, loss: str, spec_json: str 
                              HANDCRAFTED_VERSION)
 
 
-def _final_uri(work: str, dataset: str, loss: str, seed: int, key: str) -> tuple[str, str]:
-    """Where one final training's result is cached: a file named by its inputs' key, so
-    that finals of another schedule (``--final-iterations``) or warm start live beside
-    it instead of overwriting it; and the unkeyed name that older caches used."""
-    folder = storage.join(work, dataset, "final")
+def _final_uri(folder: str, loss: str, seed: int, key: str) -> tuple[str, str]:
+    """Where one final training's result is cached in ``folder``: a file named by its
+    inputs' key, so that finals of another schedule (``--final-iterations``) or warm
+    start live beside it instead of overwriting it; and the unkeyed name that older
+    caches used."""
     return storage.join(folder, f"{loss}-seed{seed}-{key}.json"), storage.join(folder, f"{loss}-seed{seed}.json")
 
 
@@ -255,14 +254,22 @@ def _cached_final(out: str, key: str, legacy: str | None = None) -> dict | None:
     return None
 
 
+def _final_cache(p: steps.Preset, data: str, init: str, loss: str, spec_json: str | None, seed: int,
+                 folder: str) -> tuple[str, str, dict | None]:
+    """(key, file, cached result or None) of one final training cached in ``folder``."""
+    key = _final_key(p, data, init, loss, spec_json, seed)
+    out, legacy = _final_uri(folder, loss, seed, key)
+    return key, out, _cached_final(out, key, legacy)
+
+
 def _final_job(p: steps.Preset, data: str, init: str, loss: str, spec_json: str | None, seed: int,
-               out: str, legacy: str | None = None) -> dict:
-    """Train on ``train``, evaluate on ``val`` (never search-val); cached in ``out``
-    (an older cache's result under ``legacy`` is used too, never overwritten)."""
+               folder: str) -> dict:
+    """Train on ``train``, evaluate on ``val`` (never search-val); cached in ``folder``
+    under a name of its inputs' key (an older cache's unkeyed result is used too,
+    never overwritten)."""
     from paploss.engine import train
 
-    key = _final_key(p, data, init, loss, spec_json, seed)
-    done = _cached_final(out, key, legacy)
+    key, out, done = _final_cache(p, data, init, loss, spec_json, seed, folder)
     if done is not None:
         return done
     res = train(final_config(p, data, init, loss, spec_json, seed), progress=False)
@@ -504,11 +511,11 @@ def run_bench(cfg: BenchConfig, tracking_uri: str | None = None, report_only: bo
 def _finals(cfg: BenchConfig, pool: ProcessPoolExecutor | None, dataset: str, prepared,
             specs: Mapping[str, str | None], losses: Sequence[str], per_loss: dict[str, dict[str, list[float]]]) -> None:
     p, data, init = prepared
-    jobs = {(loss, seed): (p, data, init, loss, specs[loss], seed,
-                           *_final_uri(cfg.work, dataset, loss, seed, _final_key(p, data, init, loss, specs[loss], seed)))
+    folder = storage.join(cfg.work, dataset, "final")
+    jobs = {(loss, seed): (p, data, init, loss, specs[loss], seed, folder)
             for seed in cfg.seeds for loss in losses if loss in specs}
     if pool is None:  # report_only: the cached results only
-        docs = ((k, _cached_final(args[-2], _final_key(*args[:-2]), args[-1])) for k, args in jobs.items())
+        docs = ((k, _final_cache(*args)[2]) for k, args in jobs.items())
     else:
         futures = {k: pool.submit(_final_job, *args) for k, args in jobs.items()}
         docs = ((k, fut.result()) for k, fut in futures.items())  # logged as each one finishes, in order

@@ -306,14 +306,13 @@ def test_finals_of_another_schedule_are_kept_beside_each_other(prepared, tmp_pat
     longer = p.with_overrides(final={**p.final, "iterations": 3 * int(p.final["iterations"])})
     keys = [_final_key(q, data, init, "square", None, 0) for q in (p, longer)]
     assert keys[0] != keys[1]
-    uris = [_final_uri(str(tmp_path), "shapes", "square", 0, k) for k in keys]
+    uris = [_final_uri(str(tmp_path / "shapes" / "final"), "square", 0, k) for k in keys]
     assert uris[0][0] != uris[1][0] and uris[0][1] == uris[1][1]  # own files; one legacy name
     for (out, _), k, ap in zip(uris, keys, (0.1, 0.2)):
         storage.write_json(out, {"key": k, "metrics": {"AP": ap}})
     assert [_cached_final(out, k, legacy)["metrics"]["AP"] for (out, legacy), k in zip(uris, keys)] == [0.1, 0.2]
 
-    old = str(tmp_path / "old")
-    (out, legacy) = _final_uri(old, "shapes", "square", 0, keys[0])
+    (out, legacy) = _final_uri(str(tmp_path / "old" / "shapes" / "final"), "square", 0, keys[0])
     storage.write_json(legacy, {"key": keys[0], "metrics": {"AP": 0.3}})
     assert _cached_final(out, keys[0], legacy)["metrics"]["AP"] == 0.3
     assert _cached_final(out, keys[1], legacy) is None  # the older file holds the other schedule
