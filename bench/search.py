@@ -44,13 +44,34 @@ import click
 from paploss import steps, storage
 from paploss.spec import HANDCRAFTED_FORMS
 
-__all__ = ["BenchConfig", "LOSSES", "BENCH_PRESETS", "run_bench", "summarize", "goal_check", "goal_lines", "goal_text", "reward_table", "mu_travel",
+__all__ = ["BenchConfig", "LOSSES", "split_scale", "BENCH_PRESETS", "run_bench", "summarize", "goal_check", "goal_lines", "goal_text", "reward_table", "mu_travel",
            "bench"]
 
 SEARCH_MODES = ("searched", "searched-shared")  # the separate search's loss, the shared search's
 START_FORMS = ("linear", "square", "sqrt")  # forms a search can start from (paploss.spec.form_theta); linear = SPEC's
 LOSSES = ("searched", "searched-shared", "focal+l1", "focal+giou", "sigmoid", "sqrt", "linear", "square", "transfer")
+# Beyond LOSSES, "<loss>@g<value>" names one of the handcrafted forms or searched losses
+# with its gradient scale (SPEC §2) set to <value>: "square@g1.8", "searched-shared@g1".
+# An ablation: which part of a searched loss's gain is its functions, which its scale.
+SCALED = (*SEARCH_MODES, *HANDCRAFTED_FORMS)
 METRICS = ("AP", "AP50", "AP75")
+
+
+def split_scale(loss: str) -> tuple[str, float | None]:
+    """``"square@g1.8"`` -> ``("square", 1.8)``; a name without ``@g`` -> ``(loss, None)``.
+    Raises a ``ValueError`` naming the loss when the base is not one of ``SCALED`` or
+    the scale is not a number in [0.1, 10] (the range of the searched scale)."""
+    base, sep, value = loss.partition("@g")
+    if not sep:
+        return loss, None
+    try:
+        g = float(value)
+    except ValueError:
+        g = math.nan
+    if base not in SCALED or not 0.1 <= g <= 10.0:
+        raise ValueError(f"loss {loss!r}: '<loss>@g<scale>' needs a loss of {list(SCALED)} and a gradient scale "
+                         f"in [0.1, 10], e.g. 'square@g1.8'")
+    return base, g
 
 # Sizes of the benchmark. "default" takes about 2 hours on 2 idle CPU cores (estimated from
 # measured per-round and per-training times, BENCHMARKS.md); "smoke" checks the plumbing in minutes.
@@ -86,7 +107,9 @@ class BenchConfig:
     out: str = "docs"
 
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.losses) - set(LOSSES))
+        unknown = sorted(loss for loss in set(self.losses) - set(LOSSES) if "@g" not in loss)
+        for loss in self.losses:
+            split_scale(loss)
         if unknown:
             raise ValueError(f"losses {unknown} are unknown; known: {list(LOSSES)}")
         bad = sorted(set(self.datasets) - {"shapes", "digits"})
@@ -287,7 +310,12 @@ def _loss_specs(cfg: BenchConfig, dataset: str, searched: Mapping[tuple[str, str
 
     specs: dict[str, str | None] = {}
     for loss in cfg.losses if losses is None else losses:
-        if loss in ("focal+l1", "focal+giou"):
+        base, g = split_scale(loss)
+        if g is not None:
+            spec = _loss_specs(cfg, dataset, searched, [base]).get(base)
+            if spec is not None:  # else: its search has not run yet (report_only)
+                specs[loss] = dataclasses.replace(LossSpec.from_json(spec), grad_scale=g).to_json()
+        elif loss in ("focal+l1", "focal+giou"):
             specs[loss] = None
         elif loss in HANDCRAFTED_FORMS:
             specs[loss] = LossSpec.handcrafted(loss).to_json()
@@ -466,7 +494,7 @@ def _log_mlflow(tracking_uri: str, dataset: str, cfg: BenchConfig, per_loss: Map
         for loss, metrics in per_loss.items():
             for m, vals in metrics.items():
                 if vals:
-                    mlflow.log_metric(f"{loss.replace('+', '_')}.{m}.mean", statistics.mean(vals))
+                    mlflow.log_metric(f"{loss.replace('+', '_').replace('@', '.')}.{m}.mean", statistics.mean(vals))
         for mode in SEARCH_MODES:
             state = searched.get((dataset, mode))
             if state is not None:
@@ -553,7 +581,8 @@ def _write_results(cfg: BenchConfig, results: Mapping, searched: Mapping[tuple[s
 
 def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str | None,
          report_only: bool = False) -> dict:
-    modes = [m for m in SEARCH_MODES if m in cfg.losses or (m == "searched" and "transfer" in cfg.losses)]
+    bases = {split_scale(loss)[0] for loss in cfg.losses}
+    modes = [m for m in SEARCH_MODES if m in bases or (m == "searched" and "transfer" in cfg.losses)]
     searched: dict[tuple[str, str], str] = {}
     prepared: dict[str, tuple[steps.Preset, str, str]] = {}
     results: dict[str, dict[str, dict[str, list[float]]]] = {}
@@ -602,7 +631,9 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
                    "proxies as long as the final trainings: better searches, about 3.5 hours, estimated) or smoke (the "
                    "plumbing, minutes).")
 @click.option("--datasets", default="shapes,digits", show_default=True, help="Comma-separated bundled datasets.")
-@click.option("--losses", default=",".join(LOSSES), show_default=True, help="Comma-separated losses to compare.")
+@click.option("--losses", default=",".join(LOSSES), show_default=True,
+              help="Comma-separated losses to compare. '<loss>@g<scale>' is a handcrafted form or a searched loss "
+                   "with its gradient scale set to <scale> (an ablation), e.g. square@g1.8.")
 @click.option("--seeds", default=None, help="Comma-separated seeds of the final trainings [preset].")
 @click.option("--rounds", type=int, default=None, help="PPO rounds per search [preset].")
 @click.option("--samples", type=int, default=None, help="Losses sampled per round [preset].")

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from bench.search import (LOSSES, BenchConfig, _loss_specs, final_config, goal_check, goal_lines, goal_text, mu_travel,
-                          reward_table, summarize)
+                          reward_table, split_scale, summarize)
 from paploss import steps, storage
 from paploss.search import Controller
 from paploss.spec import LossSpec, form_theta
@@ -39,6 +39,9 @@ def test_summarize_mean_and_std_in_ap_points():
         ({"sigma": 0.0}, "sigma=0.0"),
         ({"trial_seeds": "random"}, "trial_seeds='random'"),
         ({"start": "sigmoid"}, "start='sigmoid'"),
+        ({"losses": ("square@g20",)}, "'square@g20'"),
+        ({"losses": ("focal+l1@g2",)}, "'focal\\+l1@g2'"),
+        ({"losses": ("square@gbig",)}, "'square@gbig'"),
     ],
 )
 def test_config_rejects_bad_values_naming_them(kwargs, message):
@@ -222,6 +225,23 @@ def test_every_loss_shares_detector_schedule_data_and_seed(prepared):
         assert LossSpec.from_json(specs[form]) == LossSpec.handcrafted(form)
 
 
+def test_a_scaled_loss_is_its_base_loss_with_that_gradient_scale(prepared):
+    """``<loss>@g<scale>``: the same functions as the base loss (handcrafted or
+    searched), the gradient scale replaced; trained like every other loss."""
+    cfg, p, data, init, states = prepared
+    cfg = dataclasses.replace(cfg, losses=("square", "square@g1.7", "searched-shared", "searched-shared@g1"))
+    specs = _loss_specs(cfg, "shapes", states)
+    assert LossSpec.from_json(specs["square@g1.7"]) == dataclasses.replace(LossSpec.handcrafted("square"),
+                                                                           grad_scale=1.7)
+    searched, scaled = LossSpec.from_json(specs["searched-shared"]), LossSpec.from_json(specs["searched-shared@g1"])
+    assert searched.grad_scale != 1.0  # the fixture's PPO round moved θ_g
+    assert scaled.grad_scale == 1.0 and scaled.points == searched.points and scaled.form == "shared"
+    a, b = (dataclasses.asdict(final_config(p, data, init, loss, specs[loss], seed=0)) for loss in ("square", "square@g1.7"))
+    assert b["loss"] == "paploss" and {k: v for k, v in a.items() if k != "spec"} == {
+        k: v for k, v in b.items() if k != "spec"}
+    assert split_scale("linear@g0.5") == ("linear", 0.5) and split_scale("focal+l1") == ("focal+l1", None)
+
+
 def test_transfer_is_the_loss_searched_on_the_other_dataset(prepared):
     cfg, _, _, _, states = prepared
     shapes, digits = _loss_specs(cfg, "shapes", states), _loss_specs(cfg, "digits", states)
@@ -251,13 +271,14 @@ def test_mlflow_run_holds_table_rewards_and_goal(prepared, tmp_path):
 
     cfg, _, _, _, states = prepared
     per_loss = {"searched": {"AP": [0.15, 0.16, 0.17]}, "searched-shared": {"AP": [0.11, 0.12, 0.13]},
-                "focal+l1": {"AP": [0.12, 0.13, 0.14]},
+                "focal+l1": {"AP": [0.12, 0.13, 0.14]}, "square@g1.7": {"AP": [0.2]},
                 **{f: {"AP": [0.10, 0.11, 0.12]} for f in ("sigmoid", "sqrt", "linear", "square")}}
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     _log_mlflow(uri, "shapes", cfg, per_loss, [], states)
     run = mlflow.MlflowClient(uri).search_runs(
         [mlflow.MlflowClient(uri).get_experiment_by_name("paploss-bench").experiment_id])[0]
     assert run.data.metrics["searched.AP.mean"] == pytest.approx(0.16)
+    assert run.data.metrics["square.g1.7.AP.mean"] == pytest.approx(0.2)  # '@' is not allowed in a metric name
     assert run.data.metrics["goal.searched_minus_focal_l1.AP"] == pytest.approx(0.03)
     assert run.data.metrics["goal.searched_minus_square.AP"] == pytest.approx(0.05)
     assert run.data.tags["goal.beats_focal_l1"] == "True" and run.data.tags["goal.beats_handcrafted"] == "True"
