@@ -42,7 +42,7 @@ from typing import Any, Mapping, Sequence
 import click
 
 from paploss import steps, storage
-from paploss.spec import HANDCRAFTED_FORMS
+from paploss.spec import HANDCRAFTED_FORMS, grad_scale_from_theta
 
 __all__ = ["BenchConfig", "LOSSES", "split_scale", "BENCH_PRESETS", "run_bench", "summarize", "goal_check", "goal_lines", "goal_text", "reward_table", "mu_travel",
            "bench"]
@@ -68,7 +68,7 @@ def split_scale(loss: str) -> tuple[str, float | None]:
         g = float(value)
     except ValueError:
         g = math.nan
-    if base not in SCALED or not 0.1 <= g <= 10.0:
+    if base not in SCALED or not grad_scale_from_theta(0.0) <= g <= grad_scale_from_theta(1.0):
         raise ValueError(f"loss {loss!r}: '<loss>@g<scale>' needs a loss of {list(SCALED)} and a gradient scale "
                          f"in [0.1, 10], e.g. 'square@g1.8'")
     return base, g
@@ -107,9 +107,7 @@ class BenchConfig:
     out: str = "docs"
 
     def __post_init__(self) -> None:
-        unknown = sorted(loss for loss in set(self.losses) - set(LOSSES) if "@g" not in loss)
-        for loss in self.losses:
-            split_scale(loss)
+        unknown = sorted(loss for loss in set(self.losses) if split_scale(loss)[0] not in LOSSES)
         if unknown:
             raise ValueError(f"losses {unknown} are unknown; known: {list(LOSSES)}")
         bad = sorted(set(self.datasets) - {"shapes", "digits"})
