@@ -102,6 +102,8 @@ class BenchConfig:
     sigma: float | None = None  # the policy's starting spread (None: the controller's default, 0.2)
     trial_seeds: str = "fixed"  # the proxy trials' training seed: the same every round, or seed + round
     start: str = "linear"  # the searches' starting mean: the identity (SPEC §2) or another form's θ (form_theta)
+    select_top: int = 0  # selection after each search: its best samples trained again (0: off, the loss is μ)
+    select_seeds: tuple[int, ...] = (1, 2, 3)  # the selection's training seeds
     jobs: int = 2  # trainings run at a time (one CPU thread each)
     work: str = "runs/bench"
     out: str = "docs"
@@ -123,6 +125,7 @@ class BenchConfig:
             raise ValueError(f"sigma={self.sigma} must be in (0, 1]")
         if self.trial_seeds not in steps.TRIAL_SEEDS:
             raise ValueError(f"trial_seeds={self.trial_seeds!r} must be one of {steps.TRIAL_SEEDS}")
+        steps.check_selection(self.select_top, self.select_seeds, search_seed=0)
         if self.start not in START_FORMS:
             raise ValueError(f"start={self.start!r} must be one of {START_FORMS}")
         if self.rounds < 1 or self.samples < 2 or not self.seeds or self.jobs < 1:
@@ -224,9 +227,39 @@ def _search_inputs(p: steps.Preset, data: str, init: str, work: str, name: str, 
         storage.write_json(uri, now)
 
 
+def _select(pool: ProcessPoolExecutor | None, p: steps.Preset, data: str, init: str, work: str, name: str,
+            state: str, top: int, seeds: Sequence[int]) -> str | None:
+    """The selection stage after a finished search (``paploss.steps.select_loss``): its
+    ``top`` best samples trained again with each of ``seeds``, ``jobs`` at a time;
+    returns the state holding the choice. Without a ``pool`` (report only) nothing
+    is trained: the choice of the cached trials, or None when some are missing."""
+    trials = steps.selection_trials(state, top, seeds)
+    proxy = steps.train_options(p.proxy, p.detector)
+    if pool is None:
+        results = []
+        for t in map(json.loads, trials):
+            uri = steps._trial_uri(work, name, t["round"], t["sample"])
+            done = storage.read_json(uri) if storage.exists(uri) else {}
+            if done.get("theta") != t["theta"] or done.get("seed") != t["seed"]:
+                return None
+            results.append(done)
+    else:
+        start = time.monotonic()
+        futures = [pool.submit(steps.proxy_trial, data, init, t, proxy, work, name, state=state, attempts=p.attempts)
+                   for t in trials]
+        results = [f.result() for f in futures]
+        _log(f"{name} selection: {len(trials)} trials ({time.monotonic() - start:.0f}s)")
+    return steps.select_loss(state, results, work, name)
+
+
 @functools.cache  # a state file is written once under its round's name: read each one once
 def _controller(state: str):
     return steps.load_controller(state)
+
+
+@functools.cache  # likewise (a selection's state is named by its inputs' key)
+def _searched_spec(state: str) -> str:
+    return steps.searched_spec(state).to_json()
 
 
 # ----------------------------------------------------------------------------------
@@ -320,9 +353,9 @@ def _loss_specs(cfg: BenchConfig, dataset: str, searched: Mapping[tuple[str, str
         elif loss == "transfer":
             other = next(d for d in cfg.datasets if d != dataset)
             if (other, "searched") in searched:  # else: not searched yet (report_only)
-                specs[loss] = _controller(searched[(other, "searched")]).spec().to_json()
+                specs[loss] = _searched_spec(searched[(other, "searched")])
         elif (dataset, loss) in searched:
-            specs[loss] = _controller(searched[(dataset, loss)]).spec().to_json()
+            specs[loss] = _searched_spec(searched[(dataset, loss)])
     return specs
 
 
@@ -469,9 +502,12 @@ def _figures(out: str, dataset: str, searched: Mapping[tuple[str, str], str]) ->
         state = searched.get((dataset, mode))
         if state is None:
             continue
-        c = _controller(state)
-        written.append(plot_functions(c.spec(), storage.join(out, f"bench_{dataset}_{mode}_functions.png"),
-                                      title=f"{mode} loss on {dataset}"))
+        from paploss.spec import LossSpec
+
+        selected = " (selected by re-evaluation)" if storage.read_json(state).get("selected") else ""
+        written.append(plot_functions(LossSpec.from_json(_searched_spec(state)),
+                                      storage.join(out, f"bench_{dataset}_{mode}_functions.png"),
+                                      title=f"{mode} loss on {dataset}{selected}"))
         path = storage.join(out, f"bench_{dataset}_{mode}_rewards.png")
         reward_figure(_reward_history(state), Path(path))
         written.append(path)
@@ -500,7 +536,7 @@ def _log_mlflow(tracking_uri: str, dataset: str, cfg: BenchConfig, per_loss: Map
                     mlflow.log_metric(f"{mode}.mean_reward", statistics.mean(rewards), step=r)
                 for r, (moved, to_square) in enumerate(mu_travel(state)):
                     mlflow.log_metrics({f"{mode}.mu_moved": moved, f"{mode}.mu_to_square": to_square}, step=r)
-                mlflow.log_text(_controller(state).spec().to_json(), f"{mode}_loss_spec.json")
+                mlflow.log_text(_searched_spec(state), f"{mode}_loss_spec.json")
         for mode in SEARCH_MODES:
             if mode not in per_loss:
                 continue
@@ -561,10 +597,25 @@ def _latest_state(work: str, name: str, rounds: int) -> str | None:
     return None
 
 
+def selection_text(searched: Mapping[tuple[str, str], str]) -> str:
+    """The selection stage's candidates per search (mean reward over the new seeds), if any."""
+    lines = []
+    for (d, mode), state in sorted(searched.items()):
+        sel = storage.read_json(state).get("selected")
+        if not sel:
+            continue
+        means = ", ".join(f"{100 * c['mean_reward']:.1f}" for c in sel["candidates"])
+        seeds = sorted(sel["candidates"][0]["rewards"], key=int)
+        pick = next(i for i, c in enumerate(sel["candidates"]) if c["theta"] == sel["theta"])
+        lines.append(f"- `{mode}` on {d}: candidates (best search reward first) re-trained with seeds "
+                     f"{', '.join(seeds)}, mean AP x 100 on search-val {means}; selected candidate {pick}")
+    return "\n\n## Selection by re-evaluation\n\n" + "\n".join(lines) if lines else ""
+
+
 def _write_results(cfg: BenchConfig, results: Mapping, searched: Mapping[tuple[str, str], str], done: bool) -> None:
     storage.write_json(storage.join(cfg.out, "bench_search.json"), results)
     specs_md = "\n".join(
-        f"- `{mode}` on {d}: `{_controller(s).spec().to_json()}`" for (d, mode), s in sorted(searched.items())
+        f"- `{mode}` on {d}: `{_searched_spec(s)}`" for (d, mode), s in sorted(searched.items())
     )
     status = "" if done else "**Partial: not every training had finished when this was written.**\n\n"
     storage.write_text(storage.join(cfg.out, "bench_search.md"),
@@ -574,6 +625,7 @@ def _write_results(cfg: BenchConfig, results: Mapping, searched: Mapping[tuple[s
                        + "\n\n## Searches (reward: COCO AP of the proxy on search-val)\n\n"
                        + reward_table({f"{m} on {d}": _reward_history(s) for (d, m), s in sorted(searched.items())},
                                       {f"{m} on {d}": mu_travel(s) for (d, m), s in sorted(searched.items())})
+                       + selection_text(searched)
                        + "\n\n## Searched losses\n\n" + specs_md + "\n")
 
 
@@ -601,9 +653,19 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
                 if state is not None:
                     _search_inputs(p, data, init, work, name, write=False)
                     searched[(dataset, mode)] = state
+                    if cfg.select_top:
+                        selected = _select(None, p, data, init, work, name, state, cfg.select_top, cfg.select_seeds)
+                        if selected is None:
+                            _log(f"{name}: the selection's trials are not all cached; its loss left out")
+                            del searched[(dataset, mode)]
+                        else:
+                            searched[(dataset, mode)] = selected
                 continue
             searched[(dataset, mode)] = _search(pool, p, data, init, work, name, cfg.controller(p, mode),
                                                 trial_seeds=cfg.trial_seeds)
+            if cfg.select_top:
+                searched[(dataset, mode)] = _select(pool, p, data, init, work, name, searched[(dataset, mode)],
+                                                    cfg.select_top, cfg.select_seeds)
         own = [loss for loss in cfg.losses if loss != "transfer"]
         specs = _loss_specs(cfg, dataset, searched, own)
         results[dataset] = {}
@@ -647,6 +709,11 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
 @click.option("--start", type=click.Choice(START_FORMS), default="linear", show_default=True,
               help="Starting mean of the searches: the identity (linear, SPEC §2) or the piecewise-linear form of "
                    "another handcrafted loss (does a search improve on square when it starts there?).")
+@click.option("--select-top", type=int, default=0, show_default=True,
+              help="Selection after each search: its N best samples trained again on the proxy with each "
+                   "--select-seeds seed; the best mean becomes the searched loss (0: off, the loss is the policy's "
+                   "final mean; BENCHMARKS.md, issue 8, finding 16).")
+@click.option("--select-seeds", default="1,2,3", show_default=True, help="Training seeds of the selection's trials.")
 @click.option("--jobs", type=int, default=2, show_default=True, help="Trainings at a time (one CPU thread each).")
 @click.option("--work", default="runs/bench", show_default=True, help="Cache folder (or s3:// prefix); resumes.")
 @click.option("--out", default="docs", show_default=True, help="Where bench_search.json/.md and figures go.")
@@ -655,10 +722,15 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default="sqlite:///mlflow.db", show_default=True,
               help="MLflow store for the results [env MLFLOW_TRACKING_URI]; '' to skip.")
 def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, final_iterations, n_train, n_val, sigma,
-          trial_seeds, start, jobs, work, out, report_only, tracking_uri) -> None:
+          trial_seeds, start, select_top, select_seeds, jobs, work, out, report_only, tracking_uri) -> None:
     """The search-quality benchmark: search on the bundled datasets, then train with
     every loss and seed and compare AP on the held-out val split (issue 8)."""
     base = BENCH_PRESETS[preset]
+    try:
+        select = tuple(int(x) for x in select_seeds.split(",") if x.strip())
+    except ValueError:
+        raise click.BadParameter(f"{select_seeds!r} is not a comma-separated list of integers",
+                                 param_hint="--select-seeds") from None
     try:
         cfg = BenchConfig(
             datasets=tuple(d for d in datasets.split(",") if d),
@@ -670,6 +742,7 @@ def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, fi
             final_iterations=final_iterations or base.get("final_iterations"),
             n_train=n_train or base.get("n_train"), n_val=n_val or base.get("n_val"),
             sigma=sigma or base.get("sigma"), trial_seeds=trial_seeds, start=start, jobs=jobs,
+            select_top=select_top, select_seeds=select,
             work=work, out=out,
         )
     except ValueError as exc:

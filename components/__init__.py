@@ -83,6 +83,21 @@ def controller_update(
     return namedtuple("UpdateOutputs", ["state", "trials"])(out["state"], out["trials"])
 
 
+def selection_trials(state: str, top: int, seeds: List[int]) -> List[str]:
+    """The selection's trials: the ``top`` best sampled θ of the search, each with every seed."""
+    from paploss import steps
+
+    return steps.selection_trials(state, top, seeds)
+
+
+def select_loss(state: str, results: List[str], work: str, search_name: str, tracking_uri: str,
+                experiment: str) -> str:
+    """The candidate with the best mean reward -> the search state holding that choice."""
+    from paploss import steps
+
+    return steps.select_loss(state, results, work, search_name, tracking={"uri": tracking_uri, "experiment": experiment})
+
+
 def final_train(
     data: str, init: str, loss: str, final: Dict, detector: str, epochs: float, work: str, search_name: str,
     state: str, seed: int, tracking_uri: str, experiment: str, model_name: str, promote: bool,
@@ -107,7 +122,8 @@ def report(
                         tracking={"uri": tracking_uri, "experiment": experiment})
 
 
-STEP_FUNCTIONS = (prepare_data, pretrain, init_search, proxy_trial, controller_update, final_train, report)
+STEP_FUNCTIONS = (prepare_data, pretrain, init_search, proxy_trial, controller_update, selection_trials, select_loss,
+                  final_train, report)
 
 
 def build(image: str | None = None) -> SimpleNamespace:

@@ -92,6 +92,12 @@ def search_options(fn: Callable) -> Callable:
         click.option("--attempts", type=int, default=None, help="Tries of a trial before it counts as failed [2]."),
         click.option("--seed", type=int, default=None, help="Seed of the controller and of every training [0]."),
         click.option("--detector", default=None, help="Detector name for paploss.engine [engine default]."),
+        click.option("--select-top", type=int, default=None,
+                     help="After the last round, train the N best sampled losses again with each --select-seeds "
+                          "seed and take the best mean as the searched loss (0: off, the searched loss is the "
+                          "policy's final mean, as SPEC §3) [preset: 0]."),
+        click.option("--select-seeds", default=None, metavar="S1,S2,...",
+                     help="Training seeds of the selection's trials; not the search's own seed [1,2,3]."),
         click.option("--proxy-epochs", type=float, default=0.0, show_default=True,
                      help="Epochs of a proxy trial (0: the preset's schedule)."),
         click.option("--final-epochs", type=float, default=0.0, show_default=True,
@@ -118,14 +124,23 @@ def search_options(fn: Callable) -> Callable:
 def settings_from_options(
     preset: str, dataset, work, search_name, rounds, samples, parallelism, max_failed_trials, attempts, seed,
     detector, proxy_epochs, final_epochs, proxy_json, final_json, controller_json, tracking_uri, experiment,
-    model_name, promote, now: _dt.datetime | None = None,
+    model_name, promote, select_top: int | None = None, select_seeds: str | None = None,
+    now: _dt.datetime | None = None,
 ) -> RunSettings:
     """Preset + command-line overrides -> :class:`RunSettings` (no checks that touch the network)."""
     base = steps.get_preset(preset)
     extra_proxy = _json_option(proxy_json, "--proxy")
     extra_final = _json_option(final_json, "--final")
     controller = _json_option(controller_json, "--controller")
+    seeds = None
+    if select_seeds is not None:
+        try:
+            seeds = [int(x) for x in str(select_seeds).split(",") if x.strip()]
+        except ValueError:
+            raise click.BadParameter(f"{select_seeds!r} is not a comma-separated list of integers",
+                                     param_hint="--select-seeds") from None
     p = base.with_overrides(
+        select_top=select_top, select_seeds=seeds,
         dataset=dataset, rounds=rounds, samples=samples, parallelism=parallelism,
         max_failed_trials=max_failed_trials, attempts=attempts, seed=seed, detector=detector,
         proxy={**base.proxy, **extra_proxy} if extra_proxy else None,
@@ -156,6 +171,7 @@ def preflight(s: RunSettings) -> None:
             rounds=p.rounds, samples=p.samples, parallelism=p.parallelism, max_failed_trials=p.max_failed_trials,
             search_name=s.search_name, model_name=s.model_name, attempts=p.attempts,
         )
+        steps.check_selection(p.select_top, p.select_seeds, search_seed=p.seed)
         for name, value in (("--proxy-epochs", s.proxy_epochs), ("--final-epochs", s.final_epochs)):
             if value < 0:
                 raise steps.StepError(f"{name}={value} must be >= 0 (0: the preset's schedule)")
@@ -190,6 +206,14 @@ def run_inprocess(s: RunSettings, *, progress: bool = True) -> dict:
         ]
         out = steps.controller_update(out["state"], results, s.work, s.search_name,
                                       max_failed_trials=p.max_failed_trials, tracking=tracking)
+    if p.select_top:
+        trials = steps.selection_trials(out["state"], p.select_top, p.select_seeds)
+        results = [
+            steps.proxy_trial(data, init, t, proxy, s.work, s.search_name, state=out["state"], tracking=tracking,
+                              attempts=p.attempts)
+            for t in tqdm(trials, desc="selection", disable=not progress, leave=False)
+        ]
+        out = {**out, "state": steps.select_loss(out["state"], results, s.work, s.search_name, tracking=tracking)}
     final = steps.train_options(p.final, p.detector, s.final_epochs)
     finals = [
         steps.final_train(data, init, loss, final, s.work, s.search_name,
@@ -210,6 +234,12 @@ def format_table(report: Mapping[str, Any], s: RunSettings | None = None) -> str
             for k in keys))  # COCO gives -1 where a size class has no objects
     lines.append(f"(COCO AP x 100 on the real val split; {report['rounds']} rounds, "
                  f"{report['failed_trials']} failed trials)")
+    sel = report.get("selection")
+    if sel:
+        pick = next(i for i, c in enumerate(sel["candidates"]) if c["theta"] == sel["theta"])
+        seeds = ", ".join(sorted(sel["candidates"][pick]["rewards"], key=int))
+        lines.append(f"searched loss: selection candidate {pick} of {len(sel['candidates'])}, mean reward "
+                     f"{100 * sel['mean_reward']:.2f} over seeds {seeds} (the policy's mean was not used)")
     if report.get("model_version"):
         lines.append(f"registered model version {report['model_version']}"
                      + (" (now champion)" if report.get("promoted") else ""))

@@ -62,6 +62,11 @@ __all__ = [
     "controller_update",
     "final_train",
     "report",
+    "selection_trials",
+    "select_loss",
+    "searched_spec",
+    "check_selection",
+    "SELECTED_STATE",
     "validate_search_params",
     "train_options",
     "pretrain_options",
@@ -600,7 +605,7 @@ def proxy_trial(
     out = _trial_uri(work, search_name, r, s)
     if storage.exists(out):
         done = storage.read_json(out)
-        if done.get("theta") == theta:
+        if done.get("theta") == theta and int(done.get("seed", t["seed"])) == int(t["seed"]):
             _ensure_trial_logged(done, search_name, state, tracking)
             return _trial_output(done)
     proxy = plain(dict(proxy or {}))
@@ -635,14 +640,21 @@ def proxy_trial(
             break
         except Exception as exc:  # noqa: BLE001 - a failed trial is a result, not a crash
             result["error"] = f"attempt {attempt}/{attempts}: {type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
-            _log(f"round {r} sample {s}: attempt {attempt}/{attempts} failed: {type(exc).__name__}: {exc}")
+            _log(f"{_trial_label(t)}: attempt {attempt}/{attempts} failed: {type(exc).__name__}: {exc}")
     result["seconds"] = round(time.monotonic() - start, 3)
     result["losses"] = losses
     storage.write_json(out, result, indent=None)
     what = "FAILED" if result["failed"] else f"reward {result['reward']:.4f}"
-    _log(f"round {r} sample {s}: {what} ({result['seconds']:.0f}s)")
+    _log(f"{_trial_label(t)}: {what} ({result['seconds']:.0f}s)")
     _ensure_trial_logged(result, search_name, state, tracking)
     return _trial_output(result)
+
+
+def _trial_label(t: Mapping[str, Any]) -> str:
+    """How progress lines name a trial: a round's sample, or a selection candidate's seed."""
+    if "candidate" in t:
+        return f"selection candidate {t['candidate']} seed {t['seed']}"
+    return f"round {t['round']} sample {t['sample']}"
 
 
 def _trial_output(result: Mapping[str, Any]) -> str:
@@ -779,6 +791,150 @@ def _update_output(uri: str, c, failed: int, samples: int, trial_seeds: str) -> 
 
 
 # ----------------------------------------------------------------------------------
+# Selection by re-evaluation (optional; off by default: SPEC §3's searched loss is μ)
+# ----------------------------------------------------------------------------------
+#
+# A search rewards each sampled loss by one proxy training with one seed; near a good
+# loss the differences between samples are of the size of one seed's luck, and the
+# policy's mean may settle elsewhere (BENCHMARKS.md, issue 8, finding 16). The
+# selection stage trains the ``top`` best samples of the whole search again with the
+# ``seeds`` given (never the trials' own seed) on the same proxy, and the searched
+# loss becomes the candidate with the best mean reward over those new trainings.
+
+#: The selection writes the search state that holds its choice to
+#: ``state/selected-<key>.json``, the key naming its inputs (a final training keyed by
+#: the state's URI never reuses the result of another selection).
+SELECTED_STATE = "selected-{key}.json"
+
+
+def check_selection(top: int, seeds: Sequence[int], search_seed: int | None = None) -> None:
+    """Range checks of the selection stage; raises ``StepError`` naming the bad value.
+    ``top`` 0 turns the stage off; the ``seeds`` must be distinct and, when
+    ``search_seed`` is given, differ from it (those rewards picked the candidates)."""
+    if isinstance(top, bool) or not isinstance(top, int) or top < 0:
+        raise StepError(f"select_top={top!r} is out of range: an integer >= 0 (0: no selection, the searched loss "
+                        "is the policy's final mean)")
+    if top == 0:
+        return
+    seeds = [int(x) for x in seeds]
+    if not seeds:
+        raise StepError("select_seeds is empty: the selection trains each candidate with at least one new seed")
+    if len(set(seeds)) != len(seeds):
+        raise StepError(f"select_seeds={seeds} repeats a seed")
+    if search_seed is not None and int(search_seed) in seeds:
+        raise StepError(f"select_seeds={seeds} holds the search's trial seed {search_seed}: the candidates were "
+                        "picked by that seed's rewards, so it would measure them with their own luck")
+
+
+def selection_trials(state: str, top: int, seeds: Sequence[int]) -> list[str]:
+    """The re-evaluation trials: the ``top`` distinct θ of the whole search with the
+    highest rewards (failed trials left out), each with every seed of ``seeds``.
+
+    Trials are numbered after the search's last round (``round`` = the number of
+    rounds, ``sample`` = candidate × len(seeds) + seed index) and carry
+    ``candidate``, ``search_round``, ``search_sample`` and ``search_reward``."""
+    doc = storage.read_json(state)
+    from paploss.search import Controller
+
+    c = Controller.from_state_dict(doc["controller"])
+    check_selection(int(top), seeds)
+    if int(top) == 0:
+        return []
+    if not c.history:
+        raise StepError(f"the state {state} has no finished round: nothing to select from")
+    ranked = sorted(
+        ((reward, rec.round, i, [float(v) for v in theta]) for rec in c.history
+         for i, (theta, reward) in enumerate(zip(rec.thetas, rec.rewards)) if i not in rec.failed),
+        key=lambda x: (-x[0], x[1], x[2]),
+    )
+    picked: list[tuple] = []
+    for item in ranked:
+        if len(picked) == int(top):
+            break
+        if all(item[3] != p[3] for p in picked):
+            picked.append(item)
+    if not picked:
+        raise StepError(f"the search in {state} has no finished trial to select from")
+    seeds = [int(x) for x in seeds]
+    per_round = _check_trial_seeds(doc.get("trial_seeds", "fixed")) == "per-round"
+    for reward, rnd, i, theta in picked:
+        own = c.config.seed + (rnd if per_round else 0)
+        if own in seeds:
+            raise StepError(f"select_seeds={seeds} holds {own}, the training seed of candidate r{rnd:03d}-s{i:02d}: "
+                            "it was picked by that seed's reward, so it would be measured with its own luck")
+    return [json.dumps({"round": c.round, "sample": k * len(seeds) + j, "theta": theta, "seed": seed,
+                        "candidate": k, "search_round": rnd, "search_sample": i, "search_reward": reward})
+            for k, (reward, rnd, i, theta) in enumerate(picked) for j, seed in enumerate(seeds)]
+
+
+def select_loss(
+    state: str,
+    results: Sequence[str | Mapping[str, Any]],
+    work: str,
+    search_name: str,
+    tracking: Mapping[str, str] | None = None,
+) -> str:
+    """The candidate with the best mean reward over its re-evaluation trials
+    (a failed one counts as reward 0, SPEC §3); writes the search state with that
+    choice under ``"selected"`` to ``state/selected-<key>.json`` and returns its URI.
+    :func:`searched_spec` of that state is the selected loss. Logs the candidates'
+    mean rewards and ``selection.json`` on the parent MLflow run."""
+    c = load_controller(state)
+    parsed = [json.loads(x) if isinstance(x, str) else dict(x) for x in results]
+    if not parsed:
+        raise StepError("select_loss got no trial results")
+    wrong = sorted({int(p["round"]) for p in parsed} - {c.round})
+    if wrong:
+        raise StepError(f"results are for round(s) {wrong}, not the selection after round {c.round} of {state}")
+    candidates: list[dict] = []
+    for p in sorted(parsed, key=lambda d: int(d["sample"])):
+        theta = [float(v) for v in p["theta"]]
+        cand = next((x for x in candidates if x["theta"] == theta), None)
+        if cand is None:
+            cand = {"theta": theta, "rewards": {}, "failed": 0}
+            candidates.append(cand)
+        failed = bool(p.get("failed")) or p.get("reward") is None
+        cand["rewards"][str(int(p["seed"]))] = 0.0 if failed else float(p["reward"])
+        cand["failed"] += int(failed)
+    for cand in candidates:
+        cand["mean_reward"] = sum(cand["rewards"].values()) / len(cand["rewards"])
+    best = max(candidates, key=lambda x: x["mean_reward"])  # the first (best search reward) on ties
+    doc = storage.read_json(state)
+    doc["selected"] = {"theta": best["theta"], "spec": c.spec_of(best["theta"]).to_json(),
+                       "mean_reward": best["mean_reward"], "from_state": state, "candidates": candidates}
+    key = content_key(state, [[c["theta"], c["rewards"]] for c in candidates])
+    out = storage.join(search_dir(work, search_name), "state", SELECTED_STATE.format(key=key))
+    storage.write_json(out, doc)
+    _log(f"selection: candidate {candidates.index(best)} of {len(candidates)}, mean reward "
+         f"{best['mean_reward']:.4f} over seeds {sorted(best['rewards'], key=int)}")
+    if tracking is not None:
+        from paploss import tracking as tr
+
+        client = _client(tracking)
+        parent = tr.find_search_run(client, tracking["experiment"], search_name)
+        if parent is None:
+            raise SearchFailed(f"no MLflow parent run for search {search_name!r}")
+        for k, cand in enumerate(candidates):
+            client.log_metric(parent.info.run_id, "selection.mean_reward", cand["mean_reward"], step=k)
+        client.log_metric(parent.info.run_id, "selection.best_mean_reward", best["mean_reward"])
+        client.log_dict(parent.info.run_id, doc["selected"], "selection.json")
+    return out
+
+
+def searched_spec(state: str):
+    """The searched loss of a search state: the selected candidate when the state
+    holds a selection (:func:`select_loss`), else the policy's final mean μ (SPEC §3)."""
+    from paploss.spec import LossSpec
+
+    doc = storage.read_json(state)
+    if doc.get("selected"):
+        return LossSpec.from_json(doc["selected"]["spec"])
+    from paploss.search import Controller
+
+    return Controller.from_state_dict(doc["controller"]).spec()
+
+
+# ----------------------------------------------------------------------------------
 # Final training and report
 # ----------------------------------------------------------------------------------
 
@@ -798,7 +954,8 @@ def final_train(
 ) -> str:
     """Train the detector on train and evaluate it on the real val set (SPEC §4).
 
-    ``loss``: ``searched`` (the controller's final mean μ, read from ``state``) or
+    ``loss``: ``searched`` (:func:`searched_spec` of ``state``: the controller's final
+    mean μ, or the selected candidate after a selection stage) or
     a baseline (``focal+l1``, ``focal+giou``). Logs a nested ``paploss.kind=final``
     run; the searched one registers a version of ``model_name`` (and becomes
     ``champion`` when ``promote`` and it is at least as good). Returns JSON
@@ -810,7 +967,7 @@ def final_train(
     if loss == SEARCHED:
         if not state:
             raise StepError("final_train(loss='searched') needs the final controller state")
-        spec = load_controller(state).spec()
+        spec = searched_spec(state)
     out = storage.join(search_dir(work, search_name), "final", f"{loss}.json")
     final = plain(dict(final or {}))
     key = content_key(data, init, loss, final, state, int(seed))
@@ -884,8 +1041,9 @@ def report(
         "search_name": search_name,
         "rounds": c.round,
         "failed_trials": doc.get("failed_trials", 0),
-        "searched_spec": c.spec().to_json(),
+        "searched_spec": searched_spec(state).to_json(),
         "best_trial": dataclasses.asdict(best) if best is not None else None,
+        "selection": {k: v for k, v in doc["selected"].items() if k != "from_state"} if doc.get("selected") else None,
         "final": {row["loss"]: row["metrics"] for row in rows},
         "model_version": next((row.get("model_version") for row in rows if row["loss"] == SEARCHED), None),
         "promoted": next((row.get("promoted") for row in rows if row["loss"] == SEARCHED), False),
@@ -938,6 +1096,10 @@ class Preset:
     attempts: int = 2  # tries of a trial before it counts as failed
     seed: int = 0
     split_seed: int = 0
+    # selection by re-evaluation after the last round: the select_top best samples,
+    # each trained again with every seed of select_seeds (0: off, the searched loss is μ)
+    select_top: int = 0
+    select_seeds: list = field(default_factory=lambda: [1, 2, 3])
 
     def __post_init__(self) -> None:
         if self.max_failed_trials == 0:

@@ -25,16 +25,17 @@ def compile_pipeline(
     rounds: int | None = None,
     parallelism: int | None = None,
     cluster=None,
+    select_top: int | None = None,
 ) -> str:
-    """Compile the search pipeline (``rounds`` and ``parallelism``: compile-time,
-    default the preset's) with its components in ``image``; write it atomically to
+    """Compile the search pipeline (``rounds``, ``parallelism`` and ``select_top``:
+    compile-time, default the preset's) with its components in ``image``; write it atomically to
     ``package_path``; return the path."""
     from kfp import compiler
 
     from pipelines.search_pipeline import build_pipeline
 
     pipeline = build_pipeline(rounds=rounds, parallelism=parallelism, image=image, preset=get_preset(preset),
-                              cluster=cluster)
+                              cluster=cluster, select_top=select_top)
     path = Path(package_path)
     if path.suffix not in (".yaml", ".yml", ".json"):
         raise ValueError(f"package_path={package_path!r} must end in .yaml, .yml or .json")
@@ -57,6 +58,9 @@ def compile_pipeline(
               help="Default parameter values, rounds and parallelism.")
 @click.option("--rounds", type=int, default=None, help="PPO rounds (compile-time) [preset].")
 @click.option("--parallelism", type=int, default=None, help="Trials at a time (compile-time) [preset].")
+@click.option("--select-top", type=int, default=None,
+              help="Selection stage after the last round: the N best sampled losses trained again with the run-time "
+                   "parameter select_seeds, the best mean becomes the searched loss (compile-time; 0: off) [preset: 0].")
 @click.option("--accelerator", default="nvidia.com/gpu", show_default=True,
               help="Accelerator type of trials and final trainings.")
 @click.option("--gpus", type=int, default=1, show_default=True, help="GPUs per training task (0: none).")
@@ -65,7 +69,7 @@ def compile_pipeline(
 @click.option("--retries", type=int, default=2, show_default=True, help="KFP retries of a training task.")
 @click.option("--s3-endpoint", default="", help="AWS_ENDPOINT_URL of every task (MinIO etc.).")
 @click.option("--pvc", default="", help="A PersistentVolumeClaim mounted at /data as the dataset cache.")
-def compile_cmd(out, image, preset, rounds, parallelism, accelerator, gpus, cpu, memory, retries, s3_endpoint, pvc):
+def compile_cmd(out, image, preset, rounds, parallelism, select_top, accelerator, gpus, cpu, memory, retries, s3_endpoint, pvc):
     """Compile the search pipeline to Kubeflow Pipelines YAML (submit it with
     `paploss submit`). Rounds and parallelism are fixed here; everything else is a
     run-time parameter."""
@@ -75,7 +79,7 @@ def compile_cmd(out, image, preset, rounds, parallelism, accelerator, gpus, cpu,
         cluster = ClusterOptions(accelerator=accelerator, gpus=gpus, cpu=cpu, memory=memory, retries=retries,
                                  s3_endpoint=s3_endpoint, pvc=pvc)
         path = compile_pipeline(out, image=image, preset=preset, rounds=rounds, parallelism=parallelism,
-                                cluster=cluster)
+                                cluster=cluster, select_top=select_top)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     click.echo(f"wrote {path}")

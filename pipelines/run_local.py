@@ -48,7 +48,8 @@ def pipeline_arguments(s: RunSettings) -> dict[str, Any]:
         "seed": p.seed, "split_seed": p.split_seed, "bundled": p.bundled, "detector": p.detector,
         "proxy_epochs": s.proxy_epochs, "final_epochs": s.final_epochs, "proxy": p.proxy, "final": p.final,
         "pretrain_options": p.pretrain, "controller": p.controller, "max_failed_trials": p.max_failed_trials,
-        "attempts": p.attempts, "tracking_uri": s.tracking_uri, "experiment": s.experiment,
+        "attempts": p.attempts, "select_seeds": list(p.select_seeds), "tracking_uri": s.tracking_uri,
+        "experiment": s.experiment,
         "model_name": s.model_name, "promote": s.promote,
     }
 
@@ -125,7 +126,7 @@ def run_pipeline(s: RunSettings, root: str | Path = "runs", cache: bool = True, 
     # no KFP-level retries here: a trial retries itself (--attempts) and kfp.local
     # would wait out the cluster's back-off between tries
     pipeline = build_pipeline(rounds=s.preset.rounds, parallelism=s.preset.parallelism, image=image,
-                              preset=s.preset, cluster=ClusterOptions(retries=0))
+                              preset=s.preset, cluster=ClusterOptions(retries=0), select_top=s.preset.select_top)
     local.init(
         runner=local.SubprocessRunner(use_venv=False),
         pipeline_root=str(root / "kfp"),

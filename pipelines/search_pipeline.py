@@ -10,7 +10,10 @@
         ParallelFor trial in trials (parallelism):  proxy_trial(data, init, trial) ─► result JSON
         controller_update(state, Collected(results)) ─► next state, next trials
 
-``rounds`` and ``parallelism`` are compile-time values (the round loop is a
+    with select_top > 0, after the last round (sub-pipeline "selection"):
+        selection_trials(state) ─► ParallelFor: proxy_trial ─► select_loss ─► state holding the choice
+
+``rounds``, ``parallelism`` and ``select_top`` are compile-time values (the round loop is a
 Python loop at definition time and KFP's ``ParallelFor`` takes a constant
 parallelism): ``build_pipeline`` makes one pipeline per pair. Everything else is a
 run-time parameter whose default comes from the preset.
@@ -95,9 +98,13 @@ def build_pipeline(
     image: str | None = None,
     preset: str | Preset = "quick",
     cluster: ClusterOptions | None = None,
+    select_top: int | None = None,
 ):
     """The ``@dsl.pipeline`` of one search with ``rounds`` rounds and ``parallelism``
-    trials at a time (defaults: the preset's), its components in ``image``.
+    trials at a time (defaults: the preset's), its components in ``image``; with
+    ``select_top`` > 0 (default: the preset's) a selection stage after the last round
+    trains the ``select_top`` best sampled losses again with each of ``select_seeds``
+    and makes the best mean the searched loss (``paploss.steps.select_loss``).
 
     Run-time parameters (defaults from the preset): ``dataset`` (``bundled:<name>``,
     a folder or ``s3://`` prefix), ``work`` (folder or ``s3://`` prefix for data,
@@ -106,7 +113,7 @@ def build_pipeline(
     ``search_val_fraction``, ``bundled``, ``detector``, ``proxy_epochs`` and
     ``final_epochs`` (0 = the preset's schedule), ``proxy``/``final``/
     ``pretrain_options`` (training options), ``controller`` (PPO options),
-    ``max_failed_trials``, ``attempts``, ``tracking_uri`` ("" = the environment's
+    ``max_failed_trials``, ``attempts``, ``select_seeds``, ``tracking_uri`` ("" = the environment's
     ``MLFLOW_TRACKING_URI``), ``experiment``, ``model_name``, ``promote``,
     ``node_selector``, ``tolerations``, ``s3_secret``.
     """
@@ -117,8 +124,22 @@ def build_pipeline(
         raise ValueError(f"rounds={rounds} is out of range: a search needs at least one round")
     if parallelism < 1:
         raise ValueError(f"parallelism={parallelism} is out of range: must be >= 1")
+    select_top = p0.select_top if select_top is None else int(select_top)
+    if select_top < 0:
+        raise ValueError(f"select_top={select_top} is out of range: must be >= 0 (0: no selection)")
     cluster = cluster or ClusterOptions()
     c = components.build(image)
+
+    def _trial_loop(data, init, state, trials, proxy, detector, proxy_epochs, work, search_name, tracking_uri,
+                    experiment, attempts, p):
+        with dsl.ParallelFor(trials, parallelism=parallelism) as trial:
+            t = c.proxy_trial(
+                data=data, init=init, trial=trial, proxy=proxy, detector=detector, epochs=proxy_epochs,
+                work=work, search_name=search_name, state=state, tracking_uri=tracking_uri,
+                experiment=experiment, attempts=attempts,
+            ).set_display_name("proxy-trial")
+            _everywhere(_training(t, cluster), p, cluster)
+        return t
 
     @dsl.pipeline(name="search-round", description="One PPO round: proxy trials in parallel, then the update.")
     def search_round(
@@ -127,19 +148,30 @@ def build_pipeline(
         max_failed_trials: int, node_selector: Dict, tolerations: List[Dict], s3_secret: str,
     ) -> _RoundOutputs:
         p = {"node_selector": node_selector, "tolerations": tolerations, "s3_secret": s3_secret}
-        with dsl.ParallelFor(trials, parallelism=parallelism) as trial:
-            t = c.proxy_trial(
-                data=data, init=init, trial=trial, proxy=proxy, detector=detector, epochs=proxy_epochs,
-                work=work, search_name=search_name, state=state, tracking_uri=tracking_uri,
-                experiment=experiment, attempts=attempts,
-            ).set_display_name("proxy-trial")
-            _everywhere(_training(t, cluster), p, cluster)
+        t = _trial_loop(data, init, state, trials, proxy, detector, proxy_epochs, work, search_name, tracking_uri,
+                        experiment, attempts, p)
         u = c.controller_update(
             state=state, results=dsl.Collected(t.output), work=work, search_name=search_name,
             max_failed_trials=max_failed_trials, tracking_uri=tracking_uri, experiment=experiment,
         ).set_display_name("controller-update")
         _everywhere(u, p, cluster)
         return _RoundOutputs(u.outputs["state"], u.outputs["trials"])
+
+    @dsl.pipeline(name="selection", description="Train the best sampled losses again with new seeds; pick the best mean.")
+    def selection(
+        data: str, init: str, state: str, select_seeds: List[int], proxy: Dict, detector: str, proxy_epochs: float,
+        work: str, search_name: str, tracking_uri: str, experiment: str, attempts: int,
+        node_selector: Dict, tolerations: List[Dict], s3_secret: str,
+    ) -> str:
+        p = {"node_selector": node_selector, "tolerations": tolerations, "s3_secret": s3_secret}
+        sel = c.selection_trials(state=state, top=select_top, seeds=select_seeds).set_display_name("selection-trials")
+        _everywhere(sel, p, cluster)
+        t = _trial_loop(data, init, state, sel.output, proxy, detector, proxy_epochs, work, search_name,
+                        tracking_uri, experiment, attempts, p)
+        s = c.select_loss(state=state, results=dsl.Collected(t.output), work=work, search_name=search_name,
+                          tracking_uri=tracking_uri, experiment=experiment).set_display_name("select-loss")
+        _everywhere(s, p, cluster)
+        return s.output
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
@@ -163,6 +195,7 @@ def build_pipeline(
         controller: Dict = p0.controller,
         max_failed_trials: int = p0.max_failed_trials,
         attempts: int = p0.attempts,
+        select_seeds: List[int] = list(p0.select_seeds),
         tracking_uri: str = "",
         experiment: str = "paploss",
         model_name: str = "paploss-retinanet",
@@ -197,6 +230,12 @@ def build_pipeline(
                 s3_secret=s3_secret, **tr,
             ).set_display_name(f"round-{r}")
             state, trials = rd.outputs["state"], rd.outputs["trials"]
+        if select_top > 0:
+            state = selection(
+                data=prep.output, init=warm.output, state=state, select_seeds=select_seeds, proxy=proxy,
+                detector=detector, proxy_epochs=proxy_epochs, work=work, search_name=search_name, attempts=attempts,
+                node_selector=node_selector, tolerations=tolerations, s3_secret=s3_secret, **tr,
+            ).set_display_name("selection").output
         finals = []
         for loss in ("searched", "focal+l1", "focal+giou"):
             f = c.final_train(
@@ -217,5 +256,6 @@ def build_pipeline(
 
     search_pipeline.rounds = rounds  # type: ignore[attr-defined]
     search_pipeline.parallelism = parallelism  # type: ignore[attr-defined]
+    search_pipeline.select_top = select_top  # type: ignore[attr-defined]
     return search_pipeline
 

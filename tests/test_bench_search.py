@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from bench.search import (LOSSES, BenchConfig, _loss_specs, final_config, goal_check, goal_lines, goal_text, mu_travel,
+from bench.search import (LOSSES, BenchConfig, _loss_specs, _select, final_config, selection_text, goal_check, goal_lines, goal_text, mu_travel,
                           reward_table, split_scale, summarize)
 from paploss import steps, storage
 from paploss.search import Controller
@@ -42,6 +42,8 @@ def test_summarize_mean_and_std_in_ap_points():
         ({"losses": ("square@g20",)}, "'square@g20'"),
         ({"losses": ("focal+l1@g2",)}, "'focal\\+l1@g2'"),
         ({"losses": ("square@gbig",)}, "'square@gbig'"),
+        ({"select_top": -2}, "select_top=-2"),
+        ({"select_top": 2, "select_seeds": (3, 0)}, "holds the search's trial seed 0"),
     ],
 )
 def test_config_rejects_bad_values_naming_them(kwargs, message):
@@ -368,3 +370,23 @@ def test_a_cached_search_is_reused_only_with_its_own_inputs(prepared, tmp_path):
     with pytest.raises(steps.StepError, match=r"init: .*other\.pt"):
         _search_inputs(long, data, str(tmp_path / "other.pt"), work, "s", write=False)
     assert storage.read_json(storage.join(steps.search_dir(work, "s"), "bench-inputs.json"))["proxy"]["iterations"] == 400
+
+
+def test_the_selection_of_a_report_only_run_comes_from_cached_trials_only(prepared, tmp_path):
+    """``--select-top`` with ``--report-only``: no training; with every selection trial
+    cached, the searched loss is the candidate of the best mean, in the specs of the
+    finals and in the report."""
+    cfg, p, data, init, states = prepared
+    state, work, name = states[("shapes", "searched-shared")], str(tmp_path), "bench-shapes-searched-shared"
+    assert _select(None, p, data, init, work, name, state, 2, (5, 6)) is None  # nothing cached, nothing trained
+    trials = [json.loads(t) for t in steps.selection_trials(state, 2, [5, 6])]
+    for t in trials:  # candidate 1 (samples 2, 3) has the better mean
+        storage.write_json(steps._trial_uri(work, name, t["round"], t["sample"]),
+                           {**t, "reward": 0.1 * t["sample"], "failed": False})
+    chosen = _select(None, p, data, init, work, name, state, 2, (5, 6))
+    assert storage.read_json(chosen)["selected"]["theta"] == trials[2]["theta"]
+    specs = _loss_specs(cfg, "shapes", {("shapes", "searched-shared"): chosen}, ["searched-shared"])
+    assert specs["searched-shared"] == steps.searched_spec(chosen).to_json() != _loss_specs(
+        cfg, "shapes", states, ["searched-shared"])["searched-shared"]
+    assert "mean AP x 100 on search-val 5.0, 25.0; selected candidate 1" in selection_text(
+        {("shapes", "searched-shared"): chosen})

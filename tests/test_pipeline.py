@@ -116,6 +116,9 @@ def cli_env(tmp_path, monkeypatch):
         (["--proxy", '{"iters": 3}'], "unknown training option(s) ['iters']"),
         (["--proxy-epochs", "-1"], "--proxy-epochs=-1.0 must be >= 0"),
         (["--search-name", "a/b"], "search_name='a/b'"),
+        (["--select-top", "2", "--select-seeds", "0,1"], "holds the search's trial seed 0"),
+        (["--select-top", "-1"], "select_top=-1 is out of range"),
+        (["--select-top", "2", "--select-seeds", "x"], "'x' is not a comma-separated list of integers"),
     ],
 )
 @pytest.mark.parametrize("command", ["run", "search"])
@@ -249,6 +252,38 @@ def test_kfp_local_run_with_mlflow_server_and_s3_then_resume_from_cache(tmp_path
     assert len(client.search_runs([parent.info.experiment_id], "tags.`paploss.kind` = 'trial' and "
                                   "tags.`paploss.search_name` = 'kfp-s3'", max_results=100)) == len(trials)
     assert json.loads(storage.read_text("s3://work/paploss/searches/kfp-s3/report.json")) == report
+
+
+@pytest.mark.slow
+def test_kfp_local_run_with_a_selection_stage(cli_env):
+    """`paploss run --select-top 2 --select-seeds 1,2` through kfp.local: after the last
+    round the two best samples are trained again with seeds 1 and 2 (a sub-pipeline
+    with its own ParallelFor), the best mean is the searched loss, and the final
+    training, the report and MLflow use that loss, not the policy's mean."""
+    from mlflow import MlflowClient
+
+    args = ["run", "--preset", "smoke", "--search-name", "kfp-select", "--work", "w", "--root", "runs",
+            "--select-top", "2", "--select-seeds", "1,2"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output + (cli_env / "runs" / "logs" / "kfp-select.log").read_text()[-5000:]
+    assert "selection candidate 1 seed 2" in result.output and "searched loss: selection candidate" in result.output
+    folder = cli_env / "w" / "searches" / "kfp-select"
+    (selected,) = (folder / "state").glob("selected-*.json")
+    doc = json.loads(selected.read_text())
+    cands = doc["selected"]["candidates"]
+    assert len(cands) == 2 and all(sorted(c["rewards"]) == ["1", "2"] for c in cands)
+    trial_files = sorted(p.name for p in (folder / "trials").iterdir())
+    assert trial_files[-4:] == [f"r{ROUNDS:03d}-s{s:02d}.json" for s in range(4)]  # after the last round
+    report = json.loads((folder / "report.json").read_text())
+    final = json.loads((folder / "final" / "searched.json").read_text())
+    assert final["spec"] == report["searched_spec"] == doc["selected"]["spec"]
+    assert final["spec"] != steps.load_controller(str(folder / "state" / f"round-{ROUNDS:03d}.json")).spec().to_json()
+    uri = f"sqlite:///{cli_env / 'mlflow.db'}"
+    client = MlflowClient(uri, uri)
+    parent = client.search_runs([client.get_experiment_by_name("paploss").experiment_id],
+                                "tags.`paploss.kind` = 'search'")[0]
+    assert [m.step for m in client.get_metric_history(parent.info.run_id, "selection.mean_reward")] == [0, 1]
+    assert "selection.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 
 def test_submit_names_what_is_wrong(tmp_path):

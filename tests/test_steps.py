@@ -289,3 +289,97 @@ def test_mmdet_detector_gets_no_warm_start(tmp_path):
     assert not any(tmp_path.iterdir())
     # the trials and final trainings of such a search agree with it (one detector for all three)
     steps.check_detectors({"preset": "quick"}, {"preset": "quick"}, {}, detector="mmdet:configs/x.py")
+
+
+# ----------------------------------------------------------------------------- selection by re-evaluation
+
+
+def _finished_search(work, name, rounds=2, samples=3, seed=0, trial_seeds="fixed"):
+    """A search run to its end on made-up rewards (0.1 * sample index, + 0.05 * round)."""
+    out = steps.init_search(work, name, rounds=rounds, samples=samples, seed=seed, trial_seeds=trial_seeds)
+    for r in range(rounds):
+        results = [json.dumps({**json.loads(t), "reward": 0.1 * i + 0.05 * r, "failed": False, "error": ""})
+                   for i, t in enumerate(out["trials"])]
+        out = steps.controller_update(out["state"], results, work, name)
+    return out["state"]
+
+
+def test_selection_trials_are_the_best_distinct_samples_with_each_new_seed(tiny_data):
+    work, _ = tiny_data
+    state = _finished_search(work, "sel-trials")
+    c = steps.load_controller(state)
+    trials = [json.loads(t) for t in steps.selection_trials(state, 2, [4, 7])]
+    # the best rewards: round 1 sample 2 (0.25), then round 0 sample 2 (0.2)
+    want = [c.history[1].thetas[2], c.history[0].thetas[2]]
+    assert [(t["candidate"], t["seed"], t["sample"]) for t in trials] == [(0, 4, 0), (0, 7, 1), (1, 4, 2), (1, 7, 3)]
+    assert [t["theta"] for t in trials] == [list(want[0])] * 2 + [list(want[1])] * 2
+    assert {t["round"] for t in trials} == {2}  # numbered after the last round
+    assert [t["search_reward"] for t in trials[::2]] == pytest.approx([0.25, 0.2])
+    assert steps.selection_trials(state, 0, [4]) == []  # off
+    assert len(steps.selection_trials(state, 50, [4])) == 6  # no more candidates than samples
+
+
+@pytest.mark.parametrize("top, seeds, message", [
+    (-1, [1], "select_top=-1"), (2, [], "select_seeds is empty"), (2, [1, 1], "repeats a seed"),
+    (2, [3, 0], "holds 0, the training seed of candidate"),
+])
+def test_bad_selections_are_refused_by_name(tiny_data, top, seeds, message):
+    work, _ = tiny_data
+    state = _finished_search(work, "sel-bad")
+    with pytest.raises(steps.StepError, match=message):
+        steps.selection_trials(state, top, seeds)
+
+
+def test_per_round_searches_keep_every_rounds_seed_out_of_the_selection(tiny_data):
+    work, _ = tiny_data
+    state = _finished_search(work, "sel-per-round", seed=5, trial_seeds="per-round")
+    # the best candidates come from round 1 (seed 6) and round 0 (seed 5)
+    with pytest.raises(steps.StepError, match="holds 6, the training seed of candidate r001-s02"):
+        steps.selection_trials(state, 2, [6, 9])
+    assert len(steps.selection_trials(state, 2, [7, 9])) == 4
+
+
+def test_select_loss_takes_the_best_mean_and_the_final_training_uses_it(tiny_data):
+    work, data = tiny_data
+    state = _finished_search(work, "sel-pick")
+    trials = [json.loads(t) for t in steps.selection_trials(state, 3, [1, 2])]
+    # candidate 0 (the best search reward) is unlucky now; candidate 2 has one failed trial (reward 0)
+    rewards = {(0, 1): 0.30, (0, 2): 0.10, (1, 1): 0.25, (1, 2): 0.24, (2, 1): 0.60, (2, 2): None}
+    results = [json.dumps({**t, "reward": rewards[(t["candidate"], t["seed"])],
+                           "failed": rewards[(t["candidate"], t["seed"])] is None}) for t in trials]
+    uri = steps.select_loss(state, results, work, "sel-pick")
+    doc = storage.read_json(uri)
+    assert os.path.basename(uri).startswith("selected-") and doc["controller"] == storage.read_json(state)["controller"]
+    means = [c["mean_reward"] for c in doc["selected"]["candidates"]]
+    assert means == pytest.approx([0.20, 0.245, 0.30])  # the failed trial counts 0 (SPEC §3)
+    assert doc["selected"]["theta"] == trials[4]["theta"]
+    c = steps.load_controller(state)
+    assert steps.searched_spec(uri) == c.spec_of(trials[4]["theta"]) != c.spec()
+    assert steps.searched_spec(state) == c.spec()  # no selection: the policy's mean μ
+    assert steps.select_loss(state, list(reversed(results)), work, "sel-pick") == uri  # same inputs, same file
+    other = [json.dumps({**json.loads(r), "reward": 0.9 if json.loads(r)["candidate"] == 0 else 0.1}) for r in results]
+    assert steps.select_loss(state, other, work, "sel-pick") != uri  # another choice never overwrites this one
+    with pytest.raises(steps.StepError, match="results are for round"):
+        steps.select_loss(state, [json.dumps({**trials[0], "round": 1, "reward": 0.1, "failed": False})], work,
+                          "sel-pick")
+
+    final = json.loads(steps.final_train(data, "", "searched", {"preset": "smoke", "iterations": 2}, work,
+                                         "sel-pick", state=uri))
+    assert final["spec"] == steps.searched_spec(uri).to_json()
+    report = json.loads(steps.report([final], uri, work, "sel-pick"))
+    assert report["searched_spec"] == final["spec"] and report["selection"]["theta"] == trials[4]["theta"]
+
+
+def test_a_stored_trial_of_another_seed_is_not_reused(tiny_data, tmp_path):
+    """The same θ trained with another seed (a selection run again with other seeds)
+    is trained anew, not read back from the file of the first seed."""
+    work, data = tiny_data
+    state = _finished_search(work, "sel-seed")
+    first, second = (json.loads(steps.selection_trials(state, 1, [s])[0]) for s in (1, 2))
+    out = steps._trial_uri(work, "sel-seed", first["round"], first["sample"])
+    storage.write_json(out, {**first, "reward": 0.5, "failed": False, "error": ""})
+    assert json.loads(steps.proxy_trial(data, _bad_init(tmp_path), first, {"preset": "smoke"}, work, "sel-seed",
+                                        state=state))["reward"] == 0.5  # its own seed: the stored result
+    again = json.loads(steps.proxy_trial(data, _bad_init(tmp_path), second, {"preset": "smoke"}, work, "sel-seed",
+                                         state=state))
+    assert again["failed"] and "not a backbone file" in again["error"] and again["seed"] == 2

@@ -1,0 +1,87 @@
+"""``bench.reeval``: a search's best samples trained again with other seeds, paired with a baseline."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import pytest
+
+from bench import reeval
+from paploss.spec import LossSpec
+from tests.test_engine import learnable  # noqa: F401  (fixture: a small shapes set and its warm start)
+
+
+def _search(folder, rewards, inputs=None, failed=()):
+    """A benchmark search folder with one trial per reward (round i, sample 0)."""
+    (folder / "trials").mkdir(parents=True)
+    (folder / "bench-inputs.json").write_text(json.dumps(inputs or {"data": "d", "init": "i", "proxy": {}}))
+    for i, r in enumerate(rewards):
+        spec = LossSpec.handcrafted("linear" if i % 2 else "square")
+        (folder / "trials" / f"r{i:03d}-s00.json").write_text(json.dumps({
+            "round": i, "sample": 0, "seed": 0, "reward": None if i in failed else r, "failed": i in failed,
+            "spec": spec.to_json()}))
+    return folder
+
+
+def test_trials_come_best_first_without_failed_ones(tmp_path):
+    folder = _search(tmp_path / "s", [0.3, 0.5, 0.1, 0.9], failed=(3,))
+    inputs, trials = reeval.load_trials(str(folder))
+    assert inputs["data"] == "d"
+    assert [reeval.trial_name(t) for t in trials] == ["r001-s00", "r000-s00", "r002-s00"]
+
+
+def test_a_folder_that_is_no_search_is_refused_by_name(tmp_path):
+    with pytest.raises(SystemExit, match="bench-inputs.json does not exist"):
+        reeval.load_trials(str(tmp_path))
+    _search(tmp_path / "empty", [0.2], failed=(0,))
+    with pytest.raises(SystemExit, match="holds no finished trial"):
+        reeval.load_trials(str(tmp_path / "empty"))
+
+
+def test_summary_pairs_each_sample_with_the_baseline_seed_by_seed():
+    runs = [{"loss": n, "seed": s, "metrics": {"AP": ap}} for n, s, ap in [
+        ("square", 1, 0.30), ("square", 2, 0.40), ("square", 3, 0.35),
+        ("a", 1, 0.33), ("a", 2, 0.41), ("a", 3, 0.36),
+        ("b", 1, 0.20), ("b", 2, 0.30),  # seed 3 missing: the table keeps seeds 1, 2 only
+    ]]
+    report = {"runs": runs, "candidates": ["a", "b"], "search_rewards": {"a": 0.5, "b": 0.4}}
+    rows, table = reeval.summarize(report, "square")
+    by = {r["loss"]: r for r in rows}
+    assert by["a"]["seeds"] == [1, 2]
+    assert by["a"]["gap"] == pytest.approx(statistics.mean([0.03, 0.01]))
+    assert by["a"]["gap_se"] == pytest.approx(statistics.stdev([0.03, 0.01]) / math.sqrt(2))
+    assert by["b"]["gap"] == pytest.approx(-0.10)
+    assert [r["loss"] for r in rows] == ["a", "square", "b"]  # best mean first
+    assert "| a | 50.0 | 33.0, 41.0 | 37.0 | +2.0 ± 1.0 |" in table
+
+
+def test_samples_are_trained_again_on_the_search_split_and_cpu_runs_repeat(learnable, tmp_path):  # noqa: F811
+    root, backbone = learnable
+    proxy = {"preset": "smoke", "iterations": 2, "image_size": 64, "eval_batch_size": 16}
+    folder = _search(tmp_path / "bench-shapes-searched-shared", [0.2, 0.6, 0.4],
+                     inputs={"data": str(root), "init": backbone, "proxy": proxy, "detector": ""})
+    args = ["--search", str(folder), "--top", "1", "--seeds", "3", "--jobs", "1"]
+    first = reeval.main([*args, "--out", str(tmp_path / "a.json")])
+    again = reeval.main([*args, "--out", str(tmp_path / "b.json")])
+    assert first["candidates"] == ["r001-s00"] and first["split"] == "search_train -> search_val"
+    assert sorted((r["loss"], r["seed"]) for r in first["runs"]) == [("r001-s00", 3), ("square", 3)]
+    saved = json.loads((tmp_path / "a.json").read_text())
+    assert [r["loss"] for r in saved["summary"]] == [r["loss"] for r in first["summary"]]
+    ran = {r["loss"]: (r["final_loss"], r["metrics"]["AP"]) for r in first["runs"]}
+    assert ran["square"][0] != ran["r001-s00"][0]  # each sample its own loss
+    assert ran == {r["loss"]: (r["final_loss"], r["metrics"]["AP"]) for r in again["runs"]}  # deterministic on the CPU
+    final = reeval.main([*args, "--only", "r002-s00", "--baseline", "none", "--final-iterations", "2",
+                         "--iterations", "2"])
+    assert final["split"] == "train -> val" and [r["loss"] for r in final["runs"]] == ["r002-s00"]
+
+
+def test_bad_options_are_refused_by_name(tmp_path, capsys):
+    folder = _search(tmp_path / "s", [0.3])
+    with pytest.raises(SystemExit):
+        reeval.main(["--search", str(folder), "--only", "r009-s00"])
+    assert "--only ['r009-s00']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        reeval.main(["--search", str(folder), "--baseline", "cubic"])
+    assert "'cubic' is not a handcrafted form" in capsys.readouterr().err
