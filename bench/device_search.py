@@ -27,11 +27,15 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import math
+import contextlib
 import os
+import shutil
+import subprocess
 import tarfile
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import click
 
@@ -48,6 +52,37 @@ def _complete_seeds(got: dict, specs: dict, seeds) -> dict:
         results[d] = {loss: {m: [float(got[(d, loss, s)].get(m, math.nan)) for s in done] for m in B.METRICS}
                       for loss in losses} if done else {}
     return results
+
+
+@contextlib.contextmanager
+def cuda_mps(enabled: bool = True, folder: str = "/tmp/paploss-mps") -> Iterator[bool]:
+    """CUDA MPS for the processes started inside (the pool's trainings): with it the
+    GPU runs their kernels side by side instead of switching contexts between them
+    (16 concurrent 1200-iteration trainings on an H100: 6-7x the throughput of
+    time-slicing; BENCHMARKS.md, issue 8, finding 16). Yields whether MPS runs: False
+    without CUDA, without ``nvidia-cuda-mps-control``, when disabled, or when
+    ``CUDA_MPS_PIPE_DIRECTORY`` is set already (a daemon someone else runs)."""
+    import torch
+
+    binary = shutil.which("nvidia-cuda-mps-control")
+    if not (enabled and binary and torch.cuda.is_available()) or os.environ.get("CUDA_MPS_PIPE_DIRECTORY"):
+        yield False
+        return
+    env = {"CUDA_MPS_PIPE_DIRECTORY": f"{folder}/pipe", "CUDA_MPS_LOG_DIRECTORY": f"{folder}/log"}
+    for path in env.values():
+        os.makedirs(path, exist_ok=True)
+    started = subprocess.run([binary, "-d"], env={**os.environ, **env}, capture_output=True, text=True)
+    if started.returncode != 0:
+        B._log(f"CUDA MPS did not start ({started.stderr.strip() or started.returncode}); time-slicing instead")
+        yield False
+        return
+    os.environ.update(env)  # children (spawned after this) connect to the daemon
+    try:
+        yield True
+    finally:
+        subprocess.run([binary], input="quit\n", env={**os.environ, **env}, capture_output=True, text=True)
+        for key in env:
+            os.environ.pop(key, None)
 
 
 def _write(out: Path, name: str, text: str) -> None:
@@ -80,8 +115,11 @@ def _write(out: Path, name: str, text: str) -> None:
               help="paploss.steps preset behind the sizes (the benchmark's is 'quick'; 'smoke' for a check).")
 @click.option("--n-train", type=int, default=1000, show_default=True)
 @click.option("--n-val", type=int, default=250, show_default=True)
+@click.option("--mps/--no-mps", default=True, show_default=True,
+              help="Run the trainings under CUDA MPS (started here if the machine has it): concurrent processes "
+                   "share the GPU instead of taking turns.")
 def main(work, out_dir, datasets, samples, max_rounds, min_rounds, sigma, proxy_iterations, final_iterations,
-         search_budget_s, total_budget_s, losses, compare, seeds, jobs, pipeline_preset, n_train, n_val):
+         search_budget_s, total_budget_s, losses, compare, seeds, jobs, pipeline_preset, n_train, n_val, mps):
     """Search on each dataset with S samples per round and as many rounds as fit the budget,
     then train and evaluate the finals of every loss and seed on the same machine."""
     import torch
@@ -96,7 +134,9 @@ def main(work, out_dir, datasets, samples, max_rounds, min_rounds, sigma, proxy_
     run: dict = {"cuda": torch.cuda.is_available(), "device": torch.cuda.get_device_name(0) if torch.cuda.is_available()
                  else "cpu", "samples": samples, "sigma": sigma, "proxy_iterations": proxy_iterations,
                  "final_iterations": final_iterations, "seeds": seed_list, "losses": loss_list, "compare": extra}
-    B._log(f"device {run['device']}, {jobs} jobs")
+    stack = contextlib.ExitStack()  # closed by hand before the os._exit at the end
+    run["mps"] = stack.enter_context(cuda_mps(mps))
+    B._log(f"device {run['device']}, {jobs} jobs" + (", CUDA MPS" if run["mps"] else ""))
 
     def cfg_for(rounds: int) -> B.BenchConfig:
         return B.BenchConfig(datasets=tuple(names), losses=("searched",), seeds=seed_list,
@@ -199,6 +239,7 @@ def main(work, out_dir, datasets, samples, max_rounds, min_rounds, sigma, proxy_
         pool.shutdown(wait=False, cancel_futures=True)
         for proc in workers:  # trainings past the budget: stop them
             proc.kill()
+        stack.close()  # stop the MPS daemon
         os._exit(0)
 
 
