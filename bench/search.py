@@ -516,42 +516,57 @@ def _figures(out: str, dataset: str, searched: Mapping[tuple[str, str], str]) ->
 
 def _log_mlflow(tracking_uri: str, dataset: str, cfg: BenchConfig, per_loss: Mapping[str, Mapping[str, list]],
                 figures: Sequence[str], searched: Mapping[tuple[str, str], str]) -> None:
-    import mlflow
+    """One run per dataset in the ``paploss-bench`` experiment, through a client of
+    its own (no process-wide MLflow state is set: code run after this, a test
+    or a pipeline, keeps its own tracking URI and experiment)."""
+    from paploss.tracking import make_client
 
-    mlflow.set_tracking_uri(tracking_uri)
-    mlflow.set_experiment("paploss-bench")
-    with mlflow.start_run(run_name=f"bench-{dataset}", tags={"paploss.kind": "bench", "paploss.dataset": dataset}):
-        mlflow.log_params({"datasets": ",".join(cfg.datasets), "seeds": ",".join(map(str, cfg.seeds)),
-                           "pipeline_preset": cfg.pipeline_preset, "rounds": cfg.rounds, "samples": cfg.samples,
-                           "final_iterations": cfg.final_iterations, "proxy_iterations": cfg.proxy_iterations,
-                           "n_train": cfg.n_train, "n_val": cfg.n_val, "sigma": cfg.sigma})
+    client = make_client(tracking_uri)
+    exp = client.get_experiment_by_name("paploss-bench")
+    exp_id = exp.experiment_id if exp is not None else client.create_experiment("paploss-bench")
+    run_id = client.create_run(exp_id, run_name=f"bench-{dataset}",
+                               tags={"paploss.kind": "bench", "paploss.dataset": dataset}).info.run_id
+    status = "FAILED"
+    try:
+        params = {"datasets": ",".join(cfg.datasets), "seeds": ",".join(map(str, cfg.seeds)),
+                  "pipeline_preset": cfg.pipeline_preset, "rounds": cfg.rounds, "samples": cfg.samples,
+                  "final_iterations": cfg.final_iterations, "proxy_iterations": cfg.proxy_iterations,
+                  "n_train": cfg.n_train, "n_val": cfg.n_val, "sigma": cfg.sigma, "select_top": cfg.select_top,
+                  "select_seeds": ",".join(map(str, cfg.select_seeds))}
+        for key, value in params.items():
+            client.log_param(run_id, key, value)
         for loss, metrics in per_loss.items():
             for m, vals in metrics.items():
                 if vals:
-                    mlflow.log_metric(f"{loss.replace('+', '_').replace('@', '.')}.{m}.mean", statistics.mean(vals))
+                    client.log_metric(run_id, f"{loss.replace('+', '_').replace('@', '.')}.{m}.mean",
+                                      statistics.mean(vals))
         for mode in SEARCH_MODES:
             state = searched.get((dataset, mode))
             if state is not None:
                 for r, rewards in enumerate(_reward_history(state)):
-                    mlflow.log_metric(f"{mode}.mean_reward", statistics.mean(rewards), step=r)
+                    client.log_metric(run_id, f"{mode}.mean_reward", statistics.mean(rewards), step=r)
                 for r, (moved, to_square) in enumerate(mu_travel(state)):
-                    mlflow.log_metrics({f"{mode}.mu_moved": moved, f"{mode}.mu_to_square": to_square}, step=r)
-                mlflow.log_text(_searched_spec(state), f"{mode}_loss_spec.json")
+                    client.log_metric(run_id, f"{mode}.mu_moved", moved, step=r)
+                    client.log_metric(run_id, f"{mode}.mu_to_square", to_square, step=r)
+                client.log_text(run_id, _searched_spec(state), f"{mode}_loss_spec.json")
         for mode in SEARCH_MODES:
             if mode not in per_loss:
                 continue
             tag = "shared." if mode == "searched-shared" else ""
             goal = goal_check({dataset: per_loss}, loss=mode)[dataset]
             if goal["vs_focal"] is not None:
-                mlflow.log_metric(f"goal.{tag}searched_minus_focal_l1.AP", goal["vs_focal"])
+                client.log_metric(run_id, f"goal.{tag}searched_minus_focal_l1.AP", goal["vs_focal"])
             for form, gap in goal["vs_handcrafted"].items():
-                mlflow.log_metric(f"goal.{tag}searched_minus_{form}.AP", gap)
-            mlflow.set_tags({f"goal.{tag}beats_focal_l1": str(goal["beats_focal"]),
-                             f"goal.{tag}beats_handcrafted": str(goal["beats_handcrafted"])})
-        mlflow.log_dict({loss: dict(m) for loss, m in per_loss.items()}, "bench_search.json")
+                client.log_metric(run_id, f"goal.{tag}searched_minus_{form}.AP", gap)
+            client.set_tag(run_id, f"goal.{tag}beats_focal_l1", str(goal["beats_focal"]))
+            client.set_tag(run_id, f"goal.{tag}beats_handcrafted", str(goal["beats_handcrafted"]))
+        client.log_dict(run_id, {loss: dict(m) for loss, m in per_loss.items()}, "bench_search.json")
         for f in figures:
             if not storage.is_s3(f):
-                mlflow.log_artifact(f)
+                client.log_artifact(run_id, f)
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run_id, status)
 
 
 def run_bench(cfg: BenchConfig, tracking_uri: str | None = None, report_only: bool = False) -> dict:
