@@ -65,6 +65,8 @@ def _train(job: dict, deadline: float) -> dict | None:
 def summarize(report: dict, baseline: str) -> tuple[list[dict], str]:
     """Per loss: the seeds every loss finished, mean AP over them, and the paired
     difference to ``baseline`` (mean ± SE over seeds); rows best first, as a table."""
+    from bench.search import paired_se
+
     runs = report["runs"]
     names = list(dict.fromkeys([baseline, *report["candidates"]]))
     seeds = sorted({r["seed"] for r in runs})
@@ -73,11 +75,11 @@ def summarize(report: dict, baseline: str) -> tuple[list[dict], str]:
     rows = []
     for n in names:
         vals = [ap[(n, s)] for s in common]
-        diffs = [ap[(n, s)] - ap[(baseline, s)] for s in common]
-        se = statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+        base = [ap[(baseline, s)] for s in common]
         rows.append({"loss": n, "search_reward": report["search_rewards"].get(n), "seeds": common, "AP": vals,
                      "mean": statistics.mean(vals) if vals else math.nan,
-                     "gap": statistics.mean(diffs) if diffs else math.nan, "gap_se": se})
+                     "gap": statistics.mean(vals) - statistics.mean(base) if vals else math.nan,
+                     "gap_se": paired_se(vals, base)})
     rows.sort(key=lambda row: -row["mean"] if not math.isnan(row["mean"]) else math.inf)
     f = (lambda v: "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}")
     lines = [f"AP x 100 ({report.get('split', 'search_train -> search_val')}), new seeds {common}; gap = paired difference to {baseline} (mean ± SE)", "",

@@ -42,6 +42,7 @@ from typing import Any, Mapping, Sequence
 import click
 
 from paploss import steps, storage
+from paploss.search_cli import int_list
 from paploss.spec import HANDCRAFTED_FORMS, grad_scale_from_theta
 
 __all__ = ["BenchConfig", "LOSSES", "split_scale", "BENCH_PRESETS", "run_bench", "summarize", "goal_check", "goal_lines", "goal_text", "reward_table", "mu_travel",
@@ -236,13 +237,9 @@ def _select(pool: ProcessPoolExecutor | None, p: steps.Preset, data: str, init: 
     trials = steps.selection_trials(state, top, seeds)
     proxy = steps.train_options(p.proxy, p.detector)
     if pool is None:
-        results = []
-        for t in map(json.loads, trials):
-            uri = steps._trial_uri(work, name, t["round"], t["sample"])
-            done = storage.read_json(uri) if storage.exists(uri) else {}
-            if done.get("theta") != t["theta"] or done.get("seed") != t["seed"]:
-                return None
-            results.append(done)
+        results = [steps.stored_trial(work, name, t) for t in trials]
+        if any(r is None for r in results):
+            return None
     else:
         start = time.monotonic()
         futures = [pool.submit(steps.proxy_trial, data, init, t, proxy, work, name, state=state, attempts=p.attempts)
@@ -260,6 +257,12 @@ def _controller(state: str):
 @functools.cache  # likewise (a selection's state is named by its inputs' key)
 def _searched_spec(state: str) -> str:
     return steps.searched_spec(state).to_json()
+
+
+@functools.cache
+def _selection(state: str) -> dict | None:
+    """The selection a search state holds (``paploss.steps.select_loss``), or None."""
+    return storage.read_json(state).get("selected")
 
 
 # ----------------------------------------------------------------------------------
@@ -387,6 +390,14 @@ def summarize(results: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]]
     return "\n".join(lines)
 
 
+def paired_se(a: Sequence[float], b: Sequence[float]) -> float:
+    """Standard error of the mean per-seed difference ``a[k] - b[k]`` (seed k of one
+    loss against seed k of the other: same warm start, head initialisation and data
+    order); NaN with fewer than 2 pairs."""
+    diffs = [x - y for x, y in zip(a, b)]
+    return statistics.stdev(diffs) / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+
+
 def goal_check(results: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]], margin: float = 0.02,
                loss: str = "searched") -> dict:
     """The issue's goal, per dataset, from ``{dataset: {loss: {"AP": [per seed]}}}``,
@@ -415,8 +426,7 @@ def goal_check(results: Mapping[str, Mapping[str, Mapping[str, Sequence[float]]]
             gaps = {f: statistics.mean(searched) - statistics.mean(ap[f]) for f in HANDCRAFTED_FORMS if f in ap}
             row["vs_handcrafted"] = gaps
             row["beats_handcrafted"] = all(g > 0 for g in gaps.values()) if len(gaps) == len(HANDCRAFTED_FORMS) else None
-            se = {f: statistics.stdev(a - b for a, b in zip(searched, ap[f])) / math.sqrt(len(searched))
-                  for f in gaps if len(ap[f]) == len(searched) >= 2}
+            se = {f: paired_se(searched, ap[f]) for f in gaps if len(ap[f]) == len(searched) >= 2}
             row["se_handcrafted"] = se
             if row["beats_handcrafted"] is not None and len(se) == len(gaps):
                 row["clearly_beats_handcrafted"] = all(gaps[f] > 2 * se[f] for f in gaps)
@@ -504,7 +514,7 @@ def _figures(out: str, dataset: str, searched: Mapping[tuple[str, str], str]) ->
             continue
         from paploss.spec import LossSpec
 
-        selected = " (selected by re-evaluation)" if storage.read_json(state).get("selected") else ""
+        selected = " (selected by re-evaluation)" if _selection(state) else ""
         written.append(plot_functions(LossSpec.from_json(_searched_spec(state)),
                                       storage.join(out, f"bench_{dataset}_{mode}_functions.png"),
                                       title=f"{mode} loss on {dataset}{selected}"))
@@ -519,6 +529,8 @@ def _log_mlflow(tracking_uri: str, dataset: str, cfg: BenchConfig, per_loss: Map
     """One run per dataset in the ``paploss-bench`` experiment, through a client of
     its own (no process-wide MLflow state is set: code run after this, a test
     or a pipeline, keeps its own tracking URI and experiment)."""
+    from mlflow.entities import Param
+
     from paploss.tracking import make_client
 
     client = make_client(tracking_uri)
@@ -533,8 +545,7 @@ def _log_mlflow(tracking_uri: str, dataset: str, cfg: BenchConfig, per_loss: Map
                   "final_iterations": cfg.final_iterations, "proxy_iterations": cfg.proxy_iterations,
                   "n_train": cfg.n_train, "n_val": cfg.n_val, "sigma": cfg.sigma, "select_top": cfg.select_top,
                   "select_seeds": ",".join(map(str, cfg.select_seeds))}
-        for key, value in params.items():
-            client.log_param(run_id, key, value)
+        client.log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()])
         for loss, metrics in per_loss.items():
             for m, vals in metrics.items():
                 if vals:
@@ -616,14 +627,14 @@ def selection_text(searched: Mapping[tuple[str, str], str]) -> str:
     """The selection stage's candidates per search (mean reward over the new seeds), if any."""
     lines = []
     for (d, mode), state in sorted(searched.items()):
-        sel = storage.read_json(state).get("selected")
+        sel = _selection(state)
         if not sel:
             continue
         means = ", ".join(f"{100 * c['mean_reward']:.1f}" for c in sel["candidates"])
         seeds = sorted(sel["candidates"][0]["rewards"], key=int)
-        pick = next(i for i, c in enumerate(sel["candidates"]) if c["theta"] == sel["theta"])
         lines.append(f"- `{mode}` on {d}: candidates (best search reward first) re-trained with seeds "
-                     f"{', '.join(seeds)}, mean AP x 100 on search-val {means}; selected candidate {pick}")
+                     f"{', '.join(seeds)}, mean AP x 100 on search-val {means}; selected candidate "
+                     f"{sel['candidate']}")
     return "\n\n## Selection by re-evaluation\n\n" + "\n".join(lines) if lines else ""
 
 
@@ -741,11 +752,7 @@ def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, fi
     """The search-quality benchmark: search on the bundled datasets, then train with
     every loss and seed and compare AP on the held-out val split (issue 8)."""
     base = BENCH_PRESETS[preset]
-    try:
-        select = tuple(int(x) for x in select_seeds.split(",") if x.strip())
-    except ValueError:
-        raise click.BadParameter(f"{select_seeds!r} is not a comma-separated list of integers",
-                                 param_hint="--select-seeds") from None
+    select = tuple(int_list(select_seeds, "--select-seeds"))
     try:
         cfg = BenchConfig(
             datasets=tuple(d for d in datasets.split(",") if d),

@@ -121,6 +121,14 @@ def search_options(fn: Callable) -> Callable:
     return fn
 
 
+def int_list(text: str, option: str) -> list[int]:
+    """``"1,2,3"`` -> ``[1, 2, 3]``; anything else is a usage error naming ``option``."""
+    try:
+        return [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers", param_hint=option) from None
+
+
 def settings_from_options(
     preset: str, dataset, work, search_name, rounds, samples, parallelism, max_failed_trials, attempts, seed,
     detector, proxy_epochs, final_epochs, proxy_json, final_json, controller_json, tracking_uri, experiment,
@@ -132,15 +140,8 @@ def settings_from_options(
     extra_proxy = _json_option(proxy_json, "--proxy")
     extra_final = _json_option(final_json, "--final")
     controller = _json_option(controller_json, "--controller")
-    seeds = None
-    if select_seeds is not None:
-        try:
-            seeds = [int(x) for x in str(select_seeds).split(",") if x.strip()]
-        except ValueError:
-            raise click.BadParameter(f"{select_seeds!r} is not a comma-separated list of integers",
-                                     param_hint="--select-seeds") from None
     p = base.with_overrides(
-        select_top=select_top, select_seeds=seeds,
+        select_top=select_top, select_seeds=None if select_seeds is None else int_list(select_seeds, "--select-seeds"),
         dataset=dataset, rounds=rounds, samples=samples, parallelism=parallelism,
         max_failed_trials=max_failed_trials, attempts=attempts, seed=seed, detector=detector,
         proxy={**base.proxy, **extra_proxy} if extra_proxy else None,
@@ -236,7 +237,7 @@ def format_table(report: Mapping[str, Any], s: RunSettings | None = None) -> str
                  f"{report['failed_trials']} failed trials)")
     sel = report.get("selection")
     if sel:
-        pick = next(i for i, c in enumerate(sel["candidates"]) if c["theta"] == sel["theta"])
+        pick = sel["candidate"]
         seeds = ", ".join(sorted(sel["candidates"][pick]["rewards"], key=int))
         lines.append(f"searched loss: selection candidate {pick} of {len(sel['candidates'])}, mean reward "
                      f"{100 * sel['mean_reward']:.2f} over seeds {seeds} (the policy's mean was not used)")

@@ -65,6 +65,7 @@ __all__ = [
     "selection_trials",
     "select_loss",
     "searched_spec",
+    "stored_trial",
     "check_selection",
     "SELECTED_STATE",
     "validate_search_params",
@@ -458,9 +459,15 @@ def state_uri(work: str, search_name: str, round: int) -> str:
 
 def load_controller(state: str):
     """The :class:`paploss.search.Controller` a search state file (:func:`state_uri`) holds."""
+    return _read_state(state)[1]
+
+
+def _read_state(state: str) -> tuple[dict, Any]:
+    """A search state file's content and the controller it holds (one read)."""
     from paploss.search import Controller
 
-    return Controller.from_state_dict(storage.read_json(state)["controller"])
+    doc = storage.read_json(state)
+    return doc, Controller.from_state_dict(doc["controller"])
 
 
 TRIAL_SEEDS = ("fixed", "per-round")
@@ -569,6 +576,19 @@ def _trial_uri(work: str, search_name: str, r: int, s: int) -> str:
     return storage.join(search_dir(work, search_name), "trials", f"r{r:03d}-s{s:02d}.json")
 
 
+def stored_trial(work: str, search_name: str, trial: str | Mapping[str, Any]) -> dict | None:
+    """The stored result of ``trial`` (``trials/rNNN-sMM.json``) when it was trained
+    with the same θ and the same seed, else None (nothing there, or another θ or seed
+    under that name: a selection run again with other seeds, say)."""
+    t = _parse_trial(trial)
+    out = _trial_uri(work, search_name, int(t["round"]), int(t["sample"]))
+    if not storage.exists(out):
+        return None
+    done = storage.read_json(out)
+    same = done.get("theta") == [float(v) for v in t["theta"]] and int(done.get("seed", t["seed"])) == int(t["seed"])
+    return done if same else None
+
+
 def _run_training(cfg, on_step=None):
     return _engine().train(cfg, on_step=on_step, progress=False)
 
@@ -603,11 +623,10 @@ def proxy_trial(
     r, s = int(t["round"]), int(t["sample"])
     theta = [float(v) for v in t["theta"]]
     out = _trial_uri(work, search_name, r, s)
-    if storage.exists(out):
-        done = storage.read_json(out)
-        if done.get("theta") == theta and int(done.get("seed", t["seed"])) == int(t["seed"]):
-            _ensure_trial_logged(done, search_name, state, tracking)
-            return _trial_output(done)
+    done = stored_trial(work, search_name, t)
+    if done is not None:
+        _ensure_trial_logged(done, search_name, state, tracking)
+        return _trial_output(done)
     proxy = plain(dict(proxy or {}))
     metric = proxy.pop("reward_metric", "AP")
     functions: Sequence[str] = ()
@@ -833,10 +852,7 @@ def selection_trials(state: str, top: int, seeds: Sequence[int]) -> list[str]:
     Trials are numbered after the search's last round (``round`` = the number of
     rounds, ``sample`` = candidate × len(seeds) + seed index) and carry
     ``candidate``, ``search_round``, ``search_sample`` and ``search_reward``."""
-    doc = storage.read_json(state)
-    from paploss.search import Controller
-
-    c = Controller.from_state_dict(doc["controller"])
+    doc, c = _read_state(state)
     check_selection(int(top), seeds)
     if int(top) == 0:
         return []
@@ -879,7 +895,7 @@ def select_loss(
     choice under ``"selected"`` to ``state/selected-<key>.json`` and returns its URI.
     :func:`searched_spec` of that state is the selected loss. Logs the candidates'
     mean rewards and ``selection.json`` on the parent MLflow run."""
-    c = load_controller(state)
+    doc, c = _read_state(state)
     parsed = [json.loads(x) if isinstance(x, str) else dict(x) for x in results]
     if not parsed:
         raise StepError("select_loss got no trial results")
@@ -898,14 +914,14 @@ def select_loss(
         cand["failed"] += int(failed)
     for cand in candidates:
         cand["mean_reward"] = sum(cand["rewards"].values()) / len(cand["rewards"])
-    best = max(candidates, key=lambda x: x["mean_reward"])  # the first (best search reward) on ties
-    doc = storage.read_json(state)
-    doc["selected"] = {"theta": best["theta"], "spec": c.spec_of(best["theta"]).to_json(),
+    pick = max(range(len(candidates)), key=lambda k: candidates[k]["mean_reward"])  # the first on ties
+    best = candidates[pick]
+    doc["selected"] = {"theta": best["theta"], "spec": c.spec_of(best["theta"]).to_json(), "candidate": pick,
                        "mean_reward": best["mean_reward"], "from_state": state, "candidates": candidates}
     key = content_key(state, [[c["theta"], c["rewards"]] for c in candidates])
     out = storage.join(search_dir(work, search_name), "state", SELECTED_STATE.format(key=key))
     storage.write_json(out, doc)
-    _log(f"selection: candidate {candidates.index(best)} of {len(candidates)}, mean reward "
+    _log(f"selection: candidate {pick} of {len(candidates)}, mean reward "
          f"{best['mean_reward']:.4f} over seeds {sorted(best['rewards'], key=int)}")
     if tracking is not None:
         from paploss import tracking as tr
@@ -924,14 +940,15 @@ def select_loss(
 def searched_spec(state: str):
     """The searched loss of a search state: the selected candidate when the state
     holds a selection (:func:`select_loss`), else the policy's final mean μ (SPEC §3)."""
+    return _searched_spec_of(*_read_state(state))
+
+
+def _searched_spec_of(doc: Mapping[str, Any], controller):
     from paploss.spec import LossSpec
 
-    doc = storage.read_json(state)
     if doc.get("selected"):
         return LossSpec.from_json(doc["selected"]["spec"])
-    from paploss.search import Controller
-
-    return Controller.from_state_dict(doc["controller"]).spec()
+    return controller.spec()
 
 
 # ----------------------------------------------------------------------------------
@@ -1032,16 +1049,13 @@ def report(
     written to ``report.json`` in the search folder and on the parent MLflow run,
     which is then marked finished."""
     rows = [json.loads(x) if isinstance(x, str) else dict(x) for x in finals]
-    from paploss.search import Controller
-
-    doc = storage.read_json(state)
-    c = Controller.from_state_dict(doc["controller"])
+    doc, c = _read_state(state)
     best = c.best()
     table = {
         "search_name": search_name,
         "rounds": c.round,
         "failed_trials": doc.get("failed_trials", 0),
-        "searched_spec": searched_spec(state).to_json(),
+        "searched_spec": _searched_spec_of(doc, c).to_json(),
         "best_trial": dataclasses.asdict(best) if best is not None else None,
         "selection": {k: v for k, v in doc["selected"].items() if k != "from_state"} if doc.get("selected") else None,
         "final": {row["loss"]: row["metrics"] for row in rows},

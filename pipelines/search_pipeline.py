@@ -38,7 +38,7 @@ from kfp import dsl
 from kfp import kubernetes
 
 import components
-from paploss.steps import Preset, get_preset
+from paploss.steps import Preset, check_selection, get_preset
 
 __all__ = ["ClusterOptions", "build_pipeline", "PIPELINE_NAME", "SECRET_KEYS"]
 
@@ -125,8 +125,7 @@ def build_pipeline(
     if parallelism < 1:
         raise ValueError(f"parallelism={parallelism} is out of range: must be >= 1")
     select_top = p0.select_top if select_top is None else int(select_top)
-    if select_top < 0:
-        raise ValueError(f"select_top={select_top} is out of range: must be >= 0 (0: no selection)")
+    check_selection(select_top, p0.select_seeds)  # a StepError is a ValueError
     cluster = cluster or ClusterOptions()
     c = components.build(image)
 
