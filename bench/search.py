@@ -638,10 +638,20 @@ def selection_text(searched: Mapping[tuple[str, str], str]) -> str:
     return "\n\n## Selection by re-evaluation\n\n" + "\n".join(lines) if lines else ""
 
 
+def loss_file(out: str, dataset: str, mode: str) -> str:
+    """Where a run writes the loss one of its searches found (``mode`` one of
+    ``SEARCH_MODES``): a LossSpec JSON file that ``paploss train --spec`` takes, so the
+    loss outlives the ``--work`` cache it came from."""
+    return storage.join(out, f"bench_{dataset}_{mode}_loss.json")
+
+
 def _write_results(cfg: BenchConfig, results: Mapping, searched: Mapping[tuple[str, str], str], done: bool) -> None:
     storage.write_json(storage.join(cfg.out, "bench_search.json"), results)
+    for (d, mode), s in searched.items():
+        storage.write_text(loss_file(cfg.out, d, mode), _searched_spec(s) + "\n")
     specs_md = "\n".join(
-        f"- `{mode}` on {d}: `{_searched_spec(s)}`" for (d, mode), s in sorted(searched.items())
+        f"- `{mode}` on {d} (`{os.path.basename(loss_file(cfg.out, d, mode))}`, for `paploss train --spec`): "
+        f"`{_searched_spec(s)}`" for (d, mode), s in sorted(searched.items())
     )
     status = "" if done else "**Partial: not every training had finished when this was written.**\n\n"
     storage.write_text(storage.join(cfg.out, "bench_search.md"),

@@ -390,3 +390,21 @@ def test_the_selection_of_a_report_only_run_comes_from_cached_trials_only(prepar
         cfg, "shapes", states, ["searched-shared"])["searched-shared"]
     assert "mean AP x 100 on search-val 5.0, 25.0; selected candidate 1" in selection_text(
         {("shapes", "searched-shared"): chosen})
+
+
+def test_each_searched_loss_is_written_as_a_spec_file_train_takes(prepared, tmp_path):
+    """The results name each search's loss and write it as a LossSpec file that
+    ``paploss train --spec`` reads back to the same spec: the loss outlives --work."""
+    from bench.search import _write_results, loss_file
+    from paploss.engine_cli import _spec
+
+    cfg, _, _, _, states = prepared
+    cfg = dataclasses.replace(cfg, out=str(tmp_path / "out"))
+    _write_results(cfg, {"shapes": {}}, states, done=False)
+    md = (tmp_path / "out" / "bench_search.md").read_text()
+    for (dataset, mode), state in states.items():
+        path = loss_file(cfg.out, dataset, mode)
+        assert _spec(path, None) == steps.searched_spec(state)
+        assert f"`{mode}` on {dataset} (`bench_{dataset}_{mode}_loss.json`" in md
+    files = {loss_file(cfg.out, *k) for k in states}
+    assert len(files) == 4 and len({storage.read_text(f) for f in files}) == 4  # four searches, four losses
