@@ -105,6 +105,9 @@ class BenchConfig:
     start: str = "linear"  # the searches' starting mean: the identity (SPEC §2) or another form's θ (form_theta)
     select_top: int = 0  # selection after each search: its best samples trained again (0: off, the loss is μ)
     select_seeds: tuple[int, ...] = (1, 2, 3)  # the selection's training seeds
+    # (dataset, mode, LossSpec file): that loss is the searched loss `mode` on `dataset`, and
+    # that search is not run (a loss found earlier, elsewhere, or on a GPU, benchmarked here)
+    loss_files: tuple[tuple[str, str, str], ...] = ()
     jobs: int = 2  # trainings run at a time (one CPU thread each)
     work: str = "runs/bench"
     out: str = "docs"
@@ -127,6 +130,7 @@ class BenchConfig:
         if self.trial_seeds not in steps.TRIAL_SEEDS:
             raise ValueError(f"trial_seeds={self.trial_seeds!r} must be one of {steps.TRIAL_SEEDS}")
         steps.check_selection(self.select_top, self.select_seeds, search_seed=0)
+        self._check_loss_files()
         if self.start not in START_FORMS:
             raise ValueError(f"start={self.start!r} must be one of {START_FORMS}")
         if self.rounds < 1 or self.samples < 2 or not self.seeds or self.jobs < 1:
@@ -134,6 +138,40 @@ class BenchConfig:
                 f"rounds={self.rounds} (>= 1), samples={self.samples} (>= 2), seeds={self.seeds} (non-empty), "
                 f"jobs={self.jobs} (>= 1) are out of range"
             )
+
+    def _check_loss_files(self) -> None:
+        bases = {split_scale(loss)[0] for loss in self.losses}
+        seen = set()
+        for dataset, mode, path in self.loss_files:
+            where = f"loss file {dataset}:{mode}={path}"
+            if dataset not in self.datasets:
+                raise ValueError(f"{where}: dataset {dataset!r} is not benchmarked (datasets: {list(self.datasets)})")
+            if mode not in SEARCH_MODES:
+                raise ValueError(f"{where}: {mode!r} is not a searched loss; one of {list(SEARCH_MODES)}")
+            if mode not in bases and not (mode == "searched" and "transfer" in self.losses):
+                raise ValueError(f"{where}: loss {mode!r} is not among the losses compared ({list(self.losses)})")
+            if (dataset, mode) in seen:
+                raise ValueError(f"{where}: {dataset}:{mode} is given twice")
+            seen.add((dataset, mode))
+
+    def given_specs(self) -> dict[tuple[str, str], str]:
+        """``{(dataset, mode): LossSpec JSON}`` of ``loss_files``, each file read and
+        checked: valid, and of its mode's form (five functions for ``searched``, one
+        for ``searched-shared``). Errors name the file."""
+        from paploss.spec import LossSpec
+
+        given = {}
+        for dataset, mode, path in self.loss_files:
+            try:
+                spec = LossSpec.from_json(storage.read_text(path))
+            except (FileNotFoundError, ValueError) as exc:
+                raise ValueError(f"loss file {path} ({dataset}:{mode}): {exc}") from None
+            form = "shared" if mode == "searched-shared" else "searched"
+            if spec.form != form:
+                raise ValueError(f"loss file {path} ({dataset}:{mode}): its form is {spec.form!r}; "
+                                 f"a {mode} loss has form {form!r}")
+            given[(dataset, mode)] = spec.to_json()
+        return given
 
     def controller(self, p: steps.Preset, mode: str) -> dict[str, Any]:
         """Controller options of the ``mode`` search (one of ``SEARCH_MODES``) under preset ``p``."""
@@ -336,17 +374,27 @@ def _final_job(p: steps.Preset, data: str, init: str, loss: str, spec_json: str 
     return doc
 
 
+def _found_specs(searched: Mapping[tuple[str, str], str],
+                 given: Mapping[tuple[str, str], str] | None = None) -> dict[tuple[str, str], str]:
+    """``{(dataset, mode): LossSpec JSON}`` of every searched loss: those of the search
+    states in ``searched`` and those given as files (``BenchConfig.given_specs``)."""
+    return {**{k: _searched_spec(state) for k, state in searched.items()}, **(given or {})}
+
+
 def _loss_specs(cfg: BenchConfig, dataset: str, searched: Mapping[tuple[str, str], str],
-                losses: Sequence[str] | None = None) -> dict[str, str | None]:
+                losses: Sequence[str] | None = None,
+                given: Mapping[tuple[str, str], str] | None = None) -> dict[str, str | None]:
     """loss name -> LossSpec JSON (None for the focal baselines), for ``losses``
-    (default: all of ``cfg.losses``)."""
+    (default: all of ``cfg.losses``); the searched ones from the search states in
+    ``searched`` or from ``given`` (loss files)."""
     from paploss.spec import LossSpec
 
+    found = _found_specs(searched, given)
     specs: dict[str, str | None] = {}
     for loss in cfg.losses if losses is None else losses:
         base, g = split_scale(loss)
         if g is not None:
-            spec = _loss_specs(cfg, dataset, searched, [base]).get(base)
+            spec = _loss_specs(cfg, dataset, searched, [base], given).get(base)
             if spec is not None:  # else: its search has not run yet (report_only)
                 specs[loss] = dataclasses.replace(LossSpec.from_json(spec), grad_scale=g).to_json()
         elif loss in ("focal+l1", "focal+giou"):
@@ -355,10 +403,10 @@ def _loss_specs(cfg: BenchConfig, dataset: str, searched: Mapping[tuple[str, str
             specs[loss] = LossSpec.handcrafted(loss).to_json()
         elif loss == "transfer":
             other = next(d for d in cfg.datasets if d != dataset)
-            if (other, "searched") in searched:  # else: not searched yet (report_only)
-                specs[loss] = _searched_spec(searched[(other, "searched")])
-        elif (dataset, loss) in searched:
-            specs[loss] = _searched_spec(searched[(dataset, loss)])
+            if (other, "searched") in found:  # else: not searched yet (report_only)
+                specs[loss] = found[(other, "searched")]
+        elif (dataset, loss) in found:
+            specs[loss] = found[(dataset, loss)]
     return specs
 
 
@@ -503,21 +551,27 @@ def _reward_history(state: str) -> list[list[float]]:
     return [list(rec.rewards) for rec in _controller(state).history]
 
 
-def _figures(out: str, dataset: str, searched: Mapping[tuple[str, str], str]) -> list[str]:
+def _figures(out: str, dataset: str, searched: Mapping[tuple[str, str], str],
+             given: Mapping[tuple[str, str], str] | None = None) -> list[str]:
+    """The searched functions of each searched loss of ``dataset`` and, for those
+    that were searched here (not given as a file), the reward per round."""
     from paploss.functions import plot_functions
+    from paploss.spec import LossSpec
     from paploss.tracking import reward_figure  # the pipeline's figure, same look
 
     written = []
+    found = _found_specs(searched, given)
     for mode in SEARCH_MODES:
+        if (dataset, mode) not in found:
+            continue
         state = searched.get((dataset, mode))
+        how = (" (given as a file)" if state is None
+               else " (selected by re-evaluation)" if _selection(state) else "")
+        written.append(plot_functions(LossSpec.from_json(found[(dataset, mode)]),
+                                      storage.join(out, f"bench_{dataset}_{mode}_functions.png"),
+                                      title=f"{mode} loss on {dataset}{how}"))
         if state is None:
             continue
-        from paploss.spec import LossSpec
-
-        selected = " (selected by re-evaluation)" if _selection(state) else ""
-        written.append(plot_functions(LossSpec.from_json(_searched_spec(state)),
-                                      storage.join(out, f"bench_{dataset}_{mode}_functions.png"),
-                                      title=f"{mode} loss on {dataset}{selected}"))
         path = storage.join(out, f"bench_{dataset}_{mode}_rewards.png")
         reward_figure(_reward_history(state), Path(path))
         written.append(path)
@@ -525,7 +579,8 @@ def _figures(out: str, dataset: str, searched: Mapping[tuple[str, str], str]) ->
 
 
 def _log_mlflow(tracking_uri: str, dataset: str, cfg: BenchConfig, per_loss: Mapping[str, Mapping[str, list]],
-                figures: Sequence[str], searched: Mapping[tuple[str, str], str]) -> None:
+                figures: Sequence[str], searched: Mapping[tuple[str, str], str],
+                given: Mapping[tuple[str, str], str] | None = None) -> None:
     """One run per dataset in the ``paploss-bench`` experiment, through a client of
     its own (no process-wide MLflow state is set: code run after this, a test
     or a pipeline, keeps its own tracking URI and experiment)."""
@@ -544,7 +599,8 @@ def _log_mlflow(tracking_uri: str, dataset: str, cfg: BenchConfig, per_loss: Map
                   "pipeline_preset": cfg.pipeline_preset, "rounds": cfg.rounds, "samples": cfg.samples,
                   "final_iterations": cfg.final_iterations, "proxy_iterations": cfg.proxy_iterations,
                   "n_train": cfg.n_train, "n_val": cfg.n_val, "sigma": cfg.sigma, "select_top": cfg.select_top,
-                  "select_seeds": ",".join(map(str, cfg.select_seeds))}
+                  "select_seeds": ",".join(map(str, cfg.select_seeds)),
+                  "loss_files": ",".join(f"{d}:{m}={f}" for d, m, f in cfg.loss_files) or "none"}
         client.log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()])
         for loss, metrics in per_loss.items():
             for m, vals in metrics.items():
@@ -559,7 +615,9 @@ def _log_mlflow(tracking_uri: str, dataset: str, cfg: BenchConfig, per_loss: Map
                 for r, (moved, to_square) in enumerate(mu_travel(state)):
                     client.log_metric(run_id, f"{mode}.mu_moved", moved, step=r)
                     client.log_metric(run_id, f"{mode}.mu_to_square", to_square, step=r)
-                client.log_text(run_id, _searched_spec(state), f"{mode}_loss_spec.json")
+        for (d, mode), spec in _found_specs(searched, given).items():
+            if d == dataset:
+                client.log_text(run_id, spec, f"{mode}_loss_spec.json")
         for mode in SEARCH_MODES:
             if mode not in per_loss:
                 continue
@@ -638,6 +696,15 @@ def selection_text(searched: Mapping[tuple[str, str], str]) -> str:
     return "\n\n## Selection by re-evaluation\n\n" + "\n".join(lines) if lines else ""
 
 
+def parse_loss_file(text: str) -> tuple[str, str, str]:
+    """``"shapes:searched-shared=path.json"`` -> ``("shapes", "searched-shared", "path.json")``."""
+    head, sep, path = text.partition("=")
+    dataset, colon, mode = head.partition(":")
+    if not (sep and colon and dataset and mode and path):
+        raise ValueError(f"--loss-file {text!r} is not DATASET:MODE=FILE (e.g. shapes:searched-shared=loss.json)")
+    return dataset.strip(), mode.strip(), path.strip()
+
+
 def loss_file(out: str, dataset: str, mode: str) -> str:
     """Where a run writes the loss one of its searches found (``mode`` one of
     ``SEARCH_MODES``): a LossSpec JSON file that ``paploss train --spec`` takes, so the
@@ -645,13 +712,17 @@ def loss_file(out: str, dataset: str, mode: str) -> str:
     return storage.join(out, f"bench_{dataset}_{mode}_loss.json")
 
 
-def _write_results(cfg: BenchConfig, results: Mapping, searched: Mapping[tuple[str, str], str], done: bool) -> None:
+def _write_results(cfg: BenchConfig, results: Mapping, searched: Mapping[tuple[str, str], str], done: bool,
+                   given: Mapping[tuple[str, str], str] | None = None) -> None:
     storage.write_json(storage.join(cfg.out, "bench_search.json"), results)
-    for (d, mode), s in searched.items():
-        storage.write_text(loss_file(cfg.out, d, mode), _searched_spec(s) + "\n")
+    found = _found_specs(searched, given)
+    for (d, mode), spec in found.items():
+        storage.write_text(loss_file(cfg.out, d, mode), spec + "\n")
+    files = {(d, mode): path for d, mode, path in cfg.loss_files}
     specs_md = "\n".join(
-        f"- `{mode}` on {d} (`{os.path.basename(loss_file(cfg.out, d, mode))}`, for `paploss train --spec`): "
-        f"`{_searched_spec(s)}`" for (d, mode), s in sorted(searched.items())
+        f"- `{mode}` on {d} (`{os.path.basename(loss_file(cfg.out, d, mode))}`, for `paploss train --spec`"
+        + (f"; given as `{files[(d, mode)]}`, not searched in this run" if (d, mode) in files else "")
+        + f"): `{spec}`" for (d, mode), spec in sorted(found.items())
     )
     status = "" if done else "**Partial: not every training had finished when this was written.**\n\n"
     storage.write_text(storage.join(cfg.out, "bench_search.md"),
@@ -670,6 +741,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
     bases = {split_scale(loss)[0] for loss in cfg.losses}
     modes = [m for m in SEARCH_MODES if m in bases or (m == "searched" and "transfer" in cfg.losses)]
     searched: dict[tuple[str, str], str] = {}
+    given = cfg.given_specs()  # searched losses given as files: their searches are not run
     prepared: dict[str, tuple[steps.Preset, str, str]] = {}
     results: dict[str, dict[str, dict[str, list[float]]]] = {}
     for dataset in cfg.datasets:
@@ -684,6 +756,8 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
         prepared[dataset] = (p, data, init)
         for mode in modes:
             name = f"bench-{dataset}-{mode}"
+            if (dataset, mode) in given:
+                continue
             if report_only:
                 state = _latest_state(work, name, p.rounds)
                 if state is not None:
@@ -703,21 +777,21 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
                 searched[(dataset, mode)] = _select(pool, p, data, init, work, name, searched[(dataset, mode)],
                                                     cfg.select_top, cfg.select_seeds)
         own = [loss for loss in cfg.losses if loss != "transfer"]
-        specs = _loss_specs(cfg, dataset, searched, own)
+        specs = _loss_specs(cfg, dataset, searched, own, given)
         results[dataset] = {}
         _finals(cfg, pool, dataset, prepared[dataset], specs, own, results[dataset])
-        _write_results(cfg, results, searched, done=False)
+        _write_results(cfg, results, searched, done=False, given=given)
     if "transfer" in cfg.losses:
         for dataset in prepared:
-            specs = _loss_specs(cfg, dataset, searched, ["transfer"])
+            specs = _loss_specs(cfg, dataset, searched, ["transfer"], given)
             _finals(cfg, pool, dataset, prepared[dataset], specs, ["transfer"], results[dataset])
     for dataset in prepared:
-        figures = _figures(cfg.out, dataset, searched)
+        figures = _figures(cfg.out, dataset, searched, given)
         if tracking_uri:
-            _log_mlflow(tracking_uri, dataset, cfg, results[dataset], figures, searched)
+            _log_mlflow(tracking_uri, dataset, cfg, results[dataset], figures, searched, given)
     complete = len(prepared) == len(cfg.datasets) and all(
         len(results[d].get(loss, {}).get("AP", [])) == len(cfg.seeds) for d in cfg.datasets for loss in cfg.losses)
-    _write_results(cfg, results, searched, done=complete)
+    _write_results(cfg, results, searched, done=complete, given=given)
     return results
 
 
@@ -750,6 +824,11 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
                    "--select-seeds seed; the best mean becomes the searched loss (0: off, the loss is the policy's "
                    "final mean; BENCHMARKS.md, issue 8, finding 16).")
 @click.option("--select-seeds", default="1,2,3", show_default=True, help="Training seeds of the selection's trials.")
+@click.option("--loss-file", "loss_files", multiple=True, metavar="DATASET:MODE=FILE",
+              help="Benchmark this LossSpec file (a run's bench_<dataset>_<mode>_loss.json, or the loss_spec.json "
+                   "artifact of a search pipeline's MLflow run) as the searched loss MODE (searched or searched-shared) on DATASET, instead of "
+                   "running that search. Repeatable, e.g. --loss-file "
+                   "shapes:searched-shared=docs/bench_shapes_select_searched-shared_loss.json.")
 @click.option("--jobs", type=int, default=2, show_default=True, help="Trainings at a time (one CPU thread each).")
 @click.option("--work", default="runs/bench", show_default=True, help="Cache folder (or s3:// prefix); resumes.")
 @click.option("--out", default="docs", show_default=True, help="Where bench_search.json/.md and figures go.")
@@ -758,7 +837,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default="sqlite:///mlflow.db", show_default=True,
               help="MLflow store for the results [env MLFLOW_TRACKING_URI]; '' to skip.")
 def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, final_iterations, n_train, n_val, sigma,
-          trial_seeds, start, select_top, select_seeds, jobs, work, out, report_only, tracking_uri) -> None:
+          trial_seeds, start, select_top, select_seeds, loss_files, jobs, work, out, report_only, tracking_uri) -> None:
     """The search-quality benchmark: search on the bundled datasets, then train with
     every loss and seed and compare AP on the held-out val split (issue 8)."""
     base = BENCH_PRESETS[preset]
@@ -774,9 +853,10 @@ def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, fi
             final_iterations=final_iterations or base.get("final_iterations"),
             n_train=n_train or base.get("n_train"), n_val=n_val or base.get("n_val"),
             sigma=sigma or base.get("sigma"), trial_seeds=trial_seeds, start=start, jobs=jobs,
-            select_top=select_top, select_seeds=select,
+            select_top=select_top, select_seeds=select, loss_files=tuple(parse_loss_file(f) for f in loss_files),
             work=work, out=out,
         )
+        cfg.given_specs()  # each file read and checked before anything is trained
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     start = time.monotonic()

@@ -408,3 +408,93 @@ def test_each_searched_loss_is_written_as_a_spec_file_train_takes(prepared, tmp_
         assert f"`{mode}` on {dataset} (`bench_{dataset}_{mode}_loss.json`" in md
     files = {loss_file(cfg.out, *k) for k in states}
     assert len(files) == 4 and len({storage.read_text(f) for f in files}) == 4  # four searches, four losses
+
+
+# ----------------------------------------------------------------------------------
+# --loss-file: a searched loss given as a file, its search not run
+# ----------------------------------------------------------------------------------
+
+def _spec_file(path, spec: LossSpec) -> str:
+    return storage.write_text(str(path), spec.to_json() + "\n")
+
+
+@pytest.mark.parametrize(
+    "loss_files, message",
+    [
+        ((("coco", "searched", "f.json"),), "loss file coco:searched=f.json: dataset 'coco' is not benchmarked"),
+        ((("shapes", "square", "f.json"),), "loss file shapes:square=f.json: 'square' is not a searched loss"),
+        ((("shapes", "searched-shared", "f.json"),), "'searched-shared' is not among the losses compared"),
+        ((("shapes", "searched", "f.json"), ("shapes", "searched", "g.json")), "shapes:searched is given twice"),
+    ],
+)
+def test_config_rejects_loss_files_naming_them(loss_files, message):
+    with pytest.raises(ValueError, match=message):
+        BenchConfig(datasets=("shapes", "digits"), losses=("searched", "square"), loss_files=loss_files)
+
+
+def test_a_given_loss_file_is_read_checked_and_named_in_errors(tmp_path):
+    shared = _spec_file(tmp_path / "shared.json", LossSpec.from_theta([0.3] * 9))
+    cfg = lambda mode, path: BenchConfig(datasets=("shapes",), losses=(mode,), loss_files=(("shapes", mode, path),))  # noqa: E731
+    assert LossSpec.from_json(cfg("searched-shared", shared).given_specs()[("shapes", "searched-shared")]) == \
+        LossSpec.from_json(storage.read_text(shared))
+    with pytest.raises(ValueError, match=r"loss file .*shared\.json \(shapes:searched\): its form is 'shared'"):
+        cfg("searched", shared).given_specs()
+    missing = str(tmp_path / "nope.json")
+    with pytest.raises(ValueError, match=r"loss file .*nope\.json \(shapes:searched\)"):
+        cfg("searched", missing).given_specs()
+    bad = storage.write_text(str(tmp_path / "bad.json"), '{"form": "shared", "points": [[0, 0, 1')
+    with pytest.raises(ValueError, match=r"loss file .*bad\.json .*not valid JSON"):
+        cfg("searched-shared", bad).given_specs()
+
+
+def test_a_given_loss_takes_the_place_of_its_search_and_of_transfer(prepared, tmp_path):
+    """A loss file stands in for one search's state: the finals of that mode and the
+    other dataset's ``transfer`` train it; the searches not given still come from their states."""
+    cfg, _, _, _, states = prepared
+    searched = LossSpec.from_theta([0.4] * 41)
+    given = {("shapes", "searched"): searched.to_json()}
+    without = {k: v for k, v in states.items() if k != ("shapes", "searched")}
+    shapes, digits = (_loss_specs(cfg, d, without, given=given) for d in ("shapes", "digits"))
+    assert shapes["searched"] == digits["transfer"] == searched.to_json()
+    assert shapes["searched-shared"] == steps.searched_spec(states[("shapes", "searched-shared")]).to_json()
+    assert shapes["transfer"] == steps.searched_spec(states[("digits", "searched")]).to_json()
+
+
+@pytest.mark.slow
+def test_bench_with_a_loss_file_trains_it_without_searching(tmp_path):
+    """``paploss bench --loss-file`` end to end at the smoke size (real data, warm start,
+    trainings, MLflow store): no search is run, the given loss is trained beside
+    ``square``, written back as the run's loss file, named in the report and logged."""
+    import subprocess
+    import sys
+
+    import mlflow
+
+    spec = LossSpec.from_theta([0.35] * 8 + [0.7])
+    path = _spec_file(tmp_path / "found.json", spec)
+    work, out, uri = tmp_path / "work", tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cmd = [sys.executable, "-m", "bench.search", "--preset", "smoke", "--datasets", "shapes",
+           "--losses", "searched-shared,square", "--seeds", "0", "--final-iterations", "2", "--n-train", "24",
+           "--n-val", "8", "--loss-file", f"shapes:searched-shared={path}", "--work", str(work), "--out", str(out),
+           "--tracking-uri", uri, "--jobs", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not (work / "shapes" / "searches").exists()  # the search was not run
+    finals = {json.loads(f.read_text())["loss"]: json.loads(f.read_text()) for f in (work / "shapes" / "final").iterdir()}
+    assert set(finals) == {"searched-shared", "square"}
+    assert LossSpec.from_json(finals["searched-shared"]["spec"]) == spec
+    assert LossSpec.from_json((out / "bench_shapes_searched-shared_loss.json").read_text()) == spec
+    results = json.loads((out / "bench_search.json").read_text())["shapes"]
+    assert [round(v, 6) for v in results["searched-shared"]["AP"]] == [round(finals["searched-shared"]["metrics"]["AP"], 6)]
+    assert f"given as `{path}`, not searched in this run" in (out / "bench_search.md").read_text()
+    assert (out / "bench_shapes_searched-shared_functions.png").stat().st_size > 0
+    assert not (out / "bench_shapes_searched-shared_rewards.png").exists()  # no search, no rewards
+    client = mlflow.MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("paploss-bench").experiment_id])[0]
+    assert run.data.params["loss_files"] == f"shapes:searched-shared={path}"
+    logged = client.download_artifacts(run.info.run_id, "searched-shared_loss_spec.json", str(tmp_path))
+    assert LossSpec.from_json(storage.read_text(logged)) == spec
+
+    bad = subprocess.run([*cmd[:-6], "--loss-file", f"shapes:searched={path}", *cmd[-4:]], capture_output=True,
+                         text=True, timeout=120)
+    assert bad.returncode == 2 and "is not among the losses compared" in bad.stderr
