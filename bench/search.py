@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
+import platform
 import statistics
 import sys
 import time
@@ -357,6 +359,38 @@ def _final_cache(p: steps.Preset, data: str, init: str, loss: str, spec_json: st
     return key, out, _cached_final(out, key, legacy)
 
 
+def tree_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a file, or of a folder's files (each one's relative name and bytes, in
+    sorted order). Two machines that built the same data or warm start from the same
+    key get the same digest; the report prints it, so a regenerated cache can be
+    compared with one that is gone."""
+    root = Path(path)
+    h = hashlib.sha256()
+    files = sorted(f for f in root.rglob("*") if f.is_file()) if root.is_dir() else [root]
+    for f in files:
+        h.update(f.relative_to(root).as_posix().encode() if root.is_dir() else b"")
+        h.update(b"\0")
+        h.update(f.read_bytes())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def platform_info() -> dict[str, Any]:
+    """What a training ran on, beside its result: the same inputs and seed give the same
+    AP to the last bit on one machine, but not across CPUs of another instruction set
+    (BENCHMARKS.md, issue 8, finding 19)."""
+    import torch
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return {"torch": torch.__version__, "cpu": model, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+
+
 def _final_job(p: steps.Preset, data: str, init: str, loss: str, spec_json: str | None, seed: int,
                folder: str) -> dict:
     """Train on ``train``, evaluate on ``val`` (never search-val); cached in ``folder``
@@ -369,7 +403,8 @@ def _final_job(p: steps.Preset, data: str, init: str, loss: str, spec_json: str 
         return done
     res = train(final_config(p, data, init, loss, spec_json, seed), progress=False)
     doc = {"key": key, "loss": loss, "seed": seed,
-           "metrics": dict(res.metrics), "diverged": res.diverged, "seconds": res.seconds, "spec": spec_json}
+           "metrics": dict(res.metrics), "diverged": res.diverged, "seconds": res.seconds, "spec": spec_json,
+           "platform": platform_info()}
     storage.write_json(out, doc)
     return doc
 
@@ -712,8 +747,21 @@ def loss_file(out: str, dataset: str, mode: str) -> str:
     return storage.join(out, f"bench_{dataset}_{mode}_loss.json")
 
 
+def inputs_text(inputs: Mapping[str, Mapping[str, str]]) -> str:
+    """The data and warm start each dataset's trainings shared, with their digests
+    (``tree_digest``), and the platform of this run: what tells whether two runs'
+    numbers come from the same inputs."""
+    lines = [f"- {d}: data `{i['data']}` (sha256 `{i['data_sha256'][:16]}`), warm start `{i['init']}` "
+             f"(sha256 `{i['init_sha256'][:16]}`)" for d, i in sorted(inputs.items())]
+    info = platform_info()
+    lines.append(f"- platform of this run: torch {info['torch']}, {info['cpu']} ({info['cpu_capability']}), "
+                 f"{info['cuda'] or 'no GPU'}; each final's own is in its cached result (`platform`)")
+    return "\n\n## Inputs\n\n" + "\n".join(lines) + "\n"
+
+
 def _write_results(cfg: BenchConfig, results: Mapping, searched: Mapping[tuple[str, str], str], done: bool,
-                   given: Mapping[tuple[str, str], str] | None = None) -> None:
+                   given: Mapping[tuple[str, str], str] | None = None,
+                   inputs: Mapping[str, Mapping[str, str]] | None = None) -> None:
     storage.write_json(storage.join(cfg.out, "bench_search.json"), results)
     found = _found_specs(searched, given)
     for (d, mode), spec in found.items():
@@ -733,7 +781,8 @@ def _write_results(cfg: BenchConfig, results: Mapping, searched: Mapping[tuple[s
                        + reward_table({f"{m} on {d}": _reward_history(s) for (d, m), s in sorted(searched.items())},
                                       {f"{m} on {d}": mu_travel(s) for (d, m), s in sorted(searched.items())})
                        + selection_text(searched)
-                       + "\n\n## Searched losses\n\n" + specs_md + "\n")
+                       + "\n\n## Searched losses\n\n" + specs_md + "\n"
+                       + (inputs_text(inputs) if inputs else ""))
 
 
 def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str | None,
@@ -743,6 +792,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
     searched: dict[tuple[str, str], str] = {}
     given = cfg.given_specs()  # searched losses given as files: their searches are not run
     prepared: dict[str, tuple[steps.Preset, str, str]] = {}
+    inputs: dict[str, dict[str, str]] = {}
     results: dict[str, dict[str, dict[str, list[float]]]] = {}
     for dataset in cfg.datasets:
         p = cfg.preset(dataset)
@@ -754,6 +804,8 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
             _log(f"{dataset}: no data or warm start in {cfg.work} yet; left out")
             continue
         prepared[dataset] = (p, data, init)
+        inputs[dataset] = {"data": data, "data_sha256": tree_digest(storage.localize(data)),
+                           "init": init, "init_sha256": tree_digest(storage.localize(init))}
         for mode in modes:
             name = f"bench-{dataset}-{mode}"
             if (dataset, mode) in given:
@@ -780,7 +832,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
         specs = _loss_specs(cfg, dataset, searched, own, given)
         results[dataset] = {}
         _finals(cfg, pool, dataset, prepared[dataset], specs, own, results[dataset])
-        _write_results(cfg, results, searched, done=False, given=given)
+        _write_results(cfg, results, searched, done=False, given=given, inputs=inputs)
     if "transfer" in cfg.losses:
         for dataset in prepared:
             specs = _loss_specs(cfg, dataset, searched, ["transfer"], given)
@@ -791,7 +843,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
             _log_mlflow(tracking_uri, dataset, cfg, results[dataset], figures, searched, given)
     complete = len(prepared) == len(cfg.datasets) and all(
         len(results[d].get(loss, {}).get("AP", [])) == len(cfg.seeds) for d in cfg.datasets for loss in cfg.losses)
-    _write_results(cfg, results, searched, done=complete, given=given)
+    _write_results(cfg, results, searched, done=complete, given=given, inputs=inputs)
     return results
 
 

@@ -470,6 +470,8 @@ def test_bench_with_a_loss_file_trains_it_without_searching(tmp_path):
 
     import mlflow
 
+    from bench.search import tree_digest
+
     spec = LossSpec.from_theta([0.35] * 8 + [0.7])
     path = _spec_file(tmp_path / "found.json", spec)
     work, out, uri = tmp_path / "work", tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -483,10 +485,14 @@ def test_bench_with_a_loss_file_trains_it_without_searching(tmp_path):
     finals = {json.loads(f.read_text())["loss"]: json.loads(f.read_text()) for f in (work / "shapes" / "final").iterdir()}
     assert set(finals) == {"searched-shared", "square"}
     assert LossSpec.from_json(finals["searched-shared"]["spec"]) == spec
+    assert finals["square"]["platform"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert LossSpec.from_json((out / "bench_shapes_searched-shared_loss.json").read_text()) == spec
     results = json.loads((out / "bench_search.json").read_text())["shapes"]
     assert [round(v, 6) for v in results["searched-shared"]["AP"]] == [round(finals["searched-shared"]["metrics"]["AP"], 6)]
-    assert f"given as `{path}`, not searched in this run" in (out / "bench_search.md").read_text()
+    md = (out / "bench_search.md").read_text()
+    assert f"given as `{path}`, not searched in this run" in md
+    data = next((work / "shapes" / "data").iterdir())
+    assert f"- shapes: data `{data}` (sha256 `{tree_digest(data)[:16]}`)" in md
     assert (out / "bench_shapes_searched-shared_functions.png").stat().st_size > 0
     assert not (out / "bench_shapes_searched-shared_rewards.png").exists()  # no search, no rewards
     client = mlflow.MlflowClient(uri)
@@ -498,3 +504,28 @@ def test_bench_with_a_loss_file_trains_it_without_searching(tmp_path):
     bad = subprocess.run([*cmd[:-6], "--loss-file", f"shapes:searched={path}", *cmd[-4:]], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "is not among the losses compared" in bad.stderr
+
+
+def test_tree_digest_names_a_folder_by_its_files_names_and_bytes(tmp_path):
+    """The report's digest of the data and the warm start: equal for a copy, different
+    after one byte or one name changes, and for a file the SHA-256 of its bytes framed
+    as the folder's entries are."""
+    import hashlib
+    import shutil
+
+    from bench.search import tree_digest
+
+    a = tmp_path / "a"
+    (a / "images").mkdir(parents=True)
+    (a / "images" / "0.png").write_bytes(b"\x89PNG one")
+    (a / "ann.json").write_text('{"images": []}')
+    shutil.copytree(a, tmp_path / "copy")
+    assert tree_digest(a) == tree_digest(tmp_path / "copy")
+    (tmp_path / "copy" / "images" / "0.png").write_bytes(b"\x89PNG onE")
+    assert tree_digest(a) != tree_digest(tmp_path / "copy")
+    shutil.copytree(a, tmp_path / "renamed")
+    (tmp_path / "renamed" / "images" / "0.png").rename(tmp_path / "renamed" / "images" / "1.png")
+    assert tree_digest(a) != tree_digest(tmp_path / "renamed")
+    expected = hashlib.sha256(b"ann.json\0" + b'{"images": []}' + b"\0" + b"images/0.png\0" + b"\x89PNG one" + b"\0")
+    assert tree_digest(a) == expected.hexdigest()
+    assert tree_digest(a / "ann.json") == hashlib.sha256(b"\0" + b'{"images": []}' + b"\0").hexdigest()
