@@ -777,9 +777,10 @@ def _write_results(cfg: BenchConfig, results: Mapping, searched: Mapping[tuple[s
                        "# Search-quality benchmark\n\n" + status
                        + f"Config: `{json.dumps(dataclasses.asdict(cfg))}`\n\n"
                        + summarize(results) + "\n## The goal (issue 8)\n\n" + goal_text(results)
-                       + "\n\n## Searches (reward: COCO AP of the proxy on search-val)\n\n"
-                       + reward_table({f"{m} on {d}": _reward_history(s) for (d, m), s in sorted(searched.items())},
-                                      {f"{m} on {d}": mu_travel(s) for (d, m), s in sorted(searched.items())})
+                       + ("\n\n## Searches (reward: COCO AP of the proxy on search-val)\n\n"
+                          + reward_table({f"{m} on {d}": _reward_history(s) for (d, m), s in sorted(searched.items())},
+                                         {f"{m} on {d}": mu_travel(s) for (d, m), s in sorted(searched.items())})
+                          if searched else "")
                        + selection_text(searched)
                        + "\n\n## Searched losses\n\n" + specs_md + "\n"
                        + (inputs_text(inputs) if inputs else ""))

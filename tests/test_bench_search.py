@@ -491,6 +491,7 @@ def test_bench_with_a_loss_file_trains_it_without_searching(tmp_path):
     assert [round(v, 6) for v in results["searched-shared"]["AP"]] == [round(finals["searched-shared"]["metrics"]["AP"], 6)]
     md = (out / "bench_search.md").read_text()
     assert f"given as `{path}`, not searched in this run" in md
+    assert "## Searches" not in md  # none was run: no empty reward table
     data = next((work / "shapes" / "data").iterdir())
     assert f"- shapes: data `{data}` (sha256 `{tree_digest(data)[:16]}`)" in md
     assert (out / "bench_shapes_searched-shared_functions.png").stat().st_size > 0
