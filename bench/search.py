@@ -110,6 +110,11 @@ class BenchConfig:
     # (dataset, mode, LossSpec file): that loss is the searched loss `mode` on `dataset`, and
     # that search is not run (a loss found earlier, elsewhere, or on a GPU, benchmarked here)
     loss_files: tuple[tuple[str, str, str], ...] = ()
+    # warm starts (pre-training seeds seed, seed + 1, ...): final seed k trains from warm
+    # start k mod warm_starts; the searches from the first. The finals move by several AP
+    # with the warm start (BENCHMARKS.md, issue 8, finding 19): more than one measures a
+    # loss's lead across them, not on one
+    warm_starts: int = 1
     jobs: int = 2  # trainings run at a time (one CPU thread each)
     work: str = "runs/bench"
     out: str = "docs"
@@ -135,6 +140,8 @@ class BenchConfig:
         self._check_loss_files()
         if self.start not in START_FORMS:
             raise ValueError(f"start={self.start!r} must be one of {START_FORMS}")
+        if self.warm_starts < 1:
+            raise ValueError(f"warm_starts={self.warm_starts} must be >= 1")
         if self.rounds < 1 or self.samples < 2 or not self.seeds or self.jobs < 1:
             raise ValueError(
                 f"rounds={self.rounds} (>= 1), samples={self.samples} (>= 2), seeds={self.seeds} (non-empty), "
@@ -404,7 +411,7 @@ def _final_job(p: steps.Preset, data: str, init: str, loss: str, spec_json: str 
     res = train(final_config(p, data, init, loss, spec_json, seed), progress=False)
     doc = {"key": key, "loss": loss, "seed": seed,
            "metrics": dict(res.metrics), "diverged": res.diverged, "seconds": res.seconds, "spec": spec_json,
-           "platform": platform_info()}
+           "init": init, "platform": platform_info()}
     storage.write_json(out, doc)
     return doc
 
@@ -635,7 +642,8 @@ def _log_mlflow(tracking_uri: str, dataset: str, cfg: BenchConfig, per_loss: Map
                   "final_iterations": cfg.final_iterations, "proxy_iterations": cfg.proxy_iterations,
                   "n_train": cfg.n_train, "n_val": cfg.n_val, "sigma": cfg.sigma, "select_top": cfg.select_top,
                   "select_seeds": ",".join(map(str, cfg.select_seeds)),
-                  "loss_files": ",".join(f"{d}:{m}={f}" for d, m, f in cfg.loss_files) or "none"}
+                  "loss_files": ",".join(f"{d}:{m}={f}" for d, m, f in cfg.loss_files) or "none",
+                  "warm_starts": cfg.warm_starts}
         client.log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()])
         for loss, metrics in per_loss.items():
             for m, vals in metrics.items():
@@ -689,12 +697,19 @@ def run_bench(cfg: BenchConfig, tracking_uri: str | None = None, report_only: bo
         return _run(cfg, pool, tracking_uri)
 
 
+def final_jobs(cfg: BenchConfig, dataset: str, prepared, specs: Mapping[str, str | None],
+               losses: Sequence[str]) -> dict[tuple[str, int], tuple]:
+    """``{(loss, seed): _final_job's arguments}``: seed k of every loss trains from warm
+    start k mod ``len(inits)`` (a warm start not cached in a report-only run: left out)."""
+    p, data, inits = prepared
+    folder = storage.join(cfg.work, dataset, "final")
+    return {(loss, seed): (p, data, inits[seed % len(inits)], loss, specs[loss], seed, folder)
+            for seed in cfg.seeds for loss in losses if loss in specs and inits[seed % len(inits)]}
+
+
 def _finals(cfg: BenchConfig, pool: ProcessPoolExecutor | None, dataset: str, prepared,
             specs: Mapping[str, str | None], losses: Sequence[str], per_loss: dict[str, dict[str, list[float]]]) -> None:
-    p, data, init = prepared
-    folder = storage.join(cfg.work, dataset, "final")
-    jobs = {(loss, seed): (p, data, init, loss, specs[loss], seed, folder)
-            for seed in cfg.seeds for loss in losses if loss in specs}
+    jobs = final_jobs(cfg, dataset, prepared, specs, losses)
     if pool is None:  # report_only: the cached results only
         docs = ((k, _final_cache(*args)[2]) for k, args in jobs.items())
     else:
@@ -751,8 +766,9 @@ def inputs_text(inputs: Mapping[str, Mapping[str, str]]) -> str:
     """The data and warm start each dataset's trainings shared, with their digests
     (``tree_digest``), and the platform of this run: what tells whether two runs'
     numbers come from the same inputs."""
-    lines = [f"- {d}: data `{i['data']}` (sha256 `{i['data_sha256'][:16]}`), warm start `{i['init']}` "
-             f"(sha256 `{i['init_sha256'][:16]}`)" for d, i in sorted(inputs.items())]
+    lines = [f"- {d}: data `{i['data']}` (sha256 `{i['data_sha256'][:16]}`), "
+             + ", ".join(f"warm start {w} `{uri}` (sha256 `{sha[:16]}`)" for w, (uri, sha) in enumerate(i["inits"]))
+             for d, i in sorted(inputs.items())]
     info = platform_info()
     lines.append(f"- platform of this run: torch {info['torch']}, {info['cpu']} ({info['cpu_capability']}), "
                  f"{info['cuda'] or 'no GPU'}; each final's own is in its cached result (`platform`)")
@@ -792,8 +808,8 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
     modes = [m for m in SEARCH_MODES if m in bases or (m == "searched" and "transfer" in cfg.losses)]
     searched: dict[tuple[str, str], str] = {}
     given = cfg.given_specs()  # searched losses given as files: their searches are not run
-    prepared: dict[str, tuple[steps.Preset, str, str]] = {}
-    inputs: dict[str, dict[str, str]] = {}
+    prepared: dict[str, tuple[steps.Preset, str, tuple[str | None, ...]]] = {}
+    inputs: dict[str, dict[str, Any]] = {}
     results: dict[str, dict[str, dict[str, list[float]]]] = {}
     for dataset in cfg.datasets:
         p = cfg.preset(dataset)
@@ -804,9 +820,11 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
         if not init:  # report_only and nothing cached for this dataset yet
             _log(f"{dataset}: no data or warm start in {cfg.work} yet; left out")
             continue
-        prepared[dataset] = (p, data, init)
+        inits = (init, *(steps.pretrain(data, work, config=p.pretrain, seed=p.seed + w, detector=p.detector,
+                                        only_cached=report_only) for w in range(1, cfg.warm_starts)))
+        prepared[dataset] = (p, data, inits)
         inputs[dataset] = {"data": data, "data_sha256": tree_digest(storage.localize(data)),
-                           "init": init, "init_sha256": tree_digest(storage.localize(init))}
+                           "inits": [(uri, tree_digest(storage.localize(uri))) for uri in inits if uri]}
         for mode in modes:
             name = f"bench-{dataset}-{mode}"
             if (dataset, mode) in given:
@@ -882,6 +900,10 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
                    "artifact of a search pipeline's MLflow run) as the searched loss MODE (searched or searched-shared) on DATASET, instead of "
                    "running that search. Repeatable, e.g. --loss-file "
                    "shapes:searched-shared=docs/bench_shapes_select_searched-shared_loss.json.")
+@click.option("--warm-starts", type=int, default=1, show_default=True,
+              help="Warm starts pre-trained (seeds seed, seed+1, ...); final seed k trains from warm start k mod N, "
+                   "the searches from the first. The finals move by several AP with the warm start (BENCHMARKS.md, "
+                   "issue 8, finding 19): N > 1 measures the losses across warm starts.")
 @click.option("--jobs", type=int, default=2, show_default=True, help="Trainings at a time (one CPU thread each).")
 @click.option("--work", default="runs/bench", show_default=True, help="Cache folder (or s3:// prefix); resumes.")
 @click.option("--out", default="docs", show_default=True, help="Where bench_search.json/.md and figures go.")
@@ -890,7 +912,8 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default="sqlite:///mlflow.db", show_default=True,
               help="MLflow store for the results [env MLFLOW_TRACKING_URI]; '' to skip.")
 def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, final_iterations, n_train, n_val, sigma,
-          trial_seeds, start, select_top, select_seeds, loss_files, jobs, work, out, report_only, tracking_uri) -> None:
+          trial_seeds, start, select_top, select_seeds, loss_files, warm_starts, jobs, work, out, report_only,
+          tracking_uri) -> None:
     """The search-quality benchmark: search on the bundled datasets, then train with
     every loss and seed and compare AP on the held-out val split (issue 8)."""
     base = BENCH_PRESETS[preset]
@@ -907,6 +930,7 @@ def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, fi
             n_train=n_train or base.get("n_train"), n_val=n_val or base.get("n_val"),
             sigma=sigma or base.get("sigma"), trial_seeds=trial_seeds, start=start, jobs=jobs,
             select_top=select_top, select_seeds=select, loss_files=tuple(parse_loss_file(f) for f in loss_files),
+            warm_starts=warm_starts,
             work=work, out=out,
         )
         cfg.given_specs()  # each file read and checked before anything is trained

@@ -44,6 +44,7 @@ def test_summarize_mean_and_std_in_ap_points():
         ({"losses": ("square@gbig",)}, "'square@gbig'"),
         ({"select_top": -2}, "select_top=-2"),
         ({"select_top": 2, "select_seeds": (3, 0)}, "holds the search's trial seed 0"),
+        ({"warm_starts": 0}, "warm_starts=0"),
     ],
 )
 def test_config_rejects_bad_values_naming_them(kwargs, message):
@@ -476,33 +477,43 @@ def test_bench_with_a_loss_file_trains_it_without_searching(tmp_path):
     path = _spec_file(tmp_path / "found.json", spec)
     work, out, uri = tmp_path / "work", tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = [sys.executable, "-m", "bench.search", "--preset", "smoke", "--datasets", "shapes",
-           "--losses", "searched-shared,square", "--seeds", "0", "--final-iterations", "2", "--n-train", "24",
+           "--losses", "searched-shared,square", "--seeds", "0,1", "--warm-starts", "2", "--final-iterations", "2",
+           "--n-train", "24",
            "--n-val", "8", "--loss-file", f"shapes:searched-shared={path}", "--work", str(work), "--out", str(out),
            "--tracking-uri", uri, "--jobs", "1"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert not (work / "shapes" / "searches").exists()  # the search was not run
-    finals = {json.loads(f.read_text())["loss"]: json.loads(f.read_text()) for f in (work / "shapes" / "final").iterdir()}
-    assert set(finals) == {"searched-shared", "square"}
+    docs = {(d["loss"], d["seed"]): d for d in (json.loads(f.read_text()) for f in (work / "shapes" / "final").iterdir())}
+    assert set(docs) == {(loss, seed) for loss in ("searched-shared", "square") for seed in (0, 1)}
+    # seed k of every loss from warm start k mod 2: two warm starts, each shared by both losses
+    assert docs[("square", 0)]["init"] == docs[("searched-shared", 0)]["init"] != docs[("square", 1)]["init"]
+    assert docs[("square", 1)]["init"] == docs[("searched-shared", 1)]["init"]
+    finals = {loss: docs[(loss, 0)] for loss in ("searched-shared", "square")}
     assert LossSpec.from_json(finals["searched-shared"]["spec"]) == spec
     assert finals["square"]["platform"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert LossSpec.from_json((out / "bench_shapes_searched-shared_loss.json").read_text()) == spec
     results = json.loads((out / "bench_search.json").read_text())["shapes"]
-    assert [round(v, 6) for v in results["searched-shared"]["AP"]] == [round(finals["searched-shared"]["metrics"]["AP"], 6)]
+    assert [round(v, 6) for v in results["searched-shared"]["AP"]] == [
+        round(docs[("searched-shared", k)]["metrics"]["AP"], 6) for k in (0, 1)]
     md = (out / "bench_search.md").read_text()
     assert f"given as `{path}`, not searched in this run" in md
     assert "## Searches" not in md  # none was run: no empty reward table
     data = next((work / "shapes" / "data").iterdir())
     assert f"- shapes: data `{data}` (sha256 `{tree_digest(data)[:16]}`)" in md
+    warm = docs[("square", 1)]["init"]
+    assert f"warm start 1 `{warm}` (sha256 `{tree_digest(warm)[:16]}`)" in md
     assert (out / "bench_shapes_searched-shared_functions.png").stat().st_size > 0
     assert not (out / "bench_shapes_searched-shared_rewards.png").exists()  # no search, no rewards
     client = mlflow.MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("paploss-bench").experiment_id])[0]
     assert run.data.params["loss_files"] == f"shapes:searched-shared={path}"
+    assert run.data.params["warm_starts"] == "2"
     logged = client.download_artifacts(run.info.run_id, "searched-shared_loss_spec.json", str(tmp_path))
     assert LossSpec.from_json(storage.read_text(logged)) == spec
 
-    bad = subprocess.run([*cmd[:-6], "--loss-file", f"shapes:searched={path}", *cmd[-4:]], capture_output=True,
+    at = cmd.index("--loss-file")
+    bad = subprocess.run([*cmd[:at], "--loss-file", f"shapes:searched={path}", *cmd[at + 2:]], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "is not among the losses compared" in bad.stderr
 
@@ -530,3 +541,19 @@ def test_tree_digest_names_a_folder_by_its_files_names_and_bytes(tmp_path):
     expected = hashlib.sha256(b"ann.json\0" + b'{"images": []}' + b"\0" + b"images/0.png\0" + b"\x89PNG one" + b"\0")
     assert tree_digest(a) == expected.hexdigest()
     assert tree_digest(a / "ann.json") == hashlib.sha256(b"\0" + b'{"images": []}' + b"\0").hexdigest()
+
+
+def test_final_seed_k_trains_from_warm_start_k_mod_n_for_every_loss(prepared):
+    """``--warm-starts N``: the finals of seed k, every loss alike, start from warm start
+    k mod N; a warm start missing from a report-only run's cache leaves its seeds out."""
+    from bench.search import final_jobs
+
+    cfg, p, data, _, states = prepared
+    cfg = dataclasses.replace(cfg, seeds=(0, 1, 2, 3), warm_starts=2)
+    specs = _loss_specs(cfg, "shapes", states, ["square", "focal+l1", "searched"])
+    jobs = final_jobs(cfg, "shapes", (p, data, ("w0.pt", "w1.pt")), specs, list(specs))
+    assert {(loss, seed): args[2] for (loss, seed), args in jobs.items()} == {
+        (loss, seed): ("w0.pt", "w1.pt")[seed % 2] for loss in specs for seed in (0, 1, 2, 3)}
+    assert all(args[5] == seed and args[3] == loss for (loss, seed), args in jobs.items())
+    partial = final_jobs(cfg, "shapes", (p, data, ("w0.pt", None)), specs, list(specs))
+    assert sorted({seed for _, seed in partial}) == [0, 2]
