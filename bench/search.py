@@ -148,8 +148,14 @@ class BenchConfig:
                 f"jobs={self.jobs} (>= 1) are out of range"
             )
 
-    def _check_loss_files(self) -> None:
+    def search_modes(self) -> list[str]:
+        """The searches this run needs: each searched loss compared (scaled or not), and
+        the separate one for ``transfer``."""
         bases = {split_scale(loss)[0] for loss in self.losses}
+        return [m for m in SEARCH_MODES if m in bases or (m == "searched" and "transfer" in self.losses)]
+
+    def _check_loss_files(self) -> None:
+        modes = self.search_modes()
         seen = set()
         for dataset, mode, path in self.loss_files:
             where = f"loss file {dataset}:{mode}={path}"
@@ -157,7 +163,7 @@ class BenchConfig:
                 raise ValueError(f"{where}: dataset {dataset!r} is not benchmarked (datasets: {list(self.datasets)})")
             if mode not in SEARCH_MODES:
                 raise ValueError(f"{where}: {mode!r} is not a searched loss; one of {list(SEARCH_MODES)}")
-            if mode not in bases and not (mode == "searched" and "transfer" in self.losses):
+            if mode not in modes:
                 raise ValueError(f"{where}: loss {mode!r} is not among the losses compared ({list(self.losses)})")
             if (dataset, mode) in seen:
                 raise ValueError(f"{where}: {dataset}:{mode} is given twice")
@@ -762,7 +768,7 @@ def loss_file(out: str, dataset: str, mode: str) -> str:
     return storage.join(out, f"bench_{dataset}_{mode}_loss.json")
 
 
-def inputs_text(inputs: Mapping[str, Mapping[str, str]]) -> str:
+def inputs_text(inputs: Mapping[str, Mapping[str, Any]]) -> str:
     """The data and warm start each dataset's trainings shared, with their digests
     (``tree_digest``), and the platform of this run: what tells whether two runs'
     numbers come from the same inputs."""
@@ -777,7 +783,7 @@ def inputs_text(inputs: Mapping[str, Mapping[str, str]]) -> str:
 
 def _write_results(cfg: BenchConfig, results: Mapping, searched: Mapping[tuple[str, str], str], done: bool,
                    given: Mapping[tuple[str, str], str] | None = None,
-                   inputs: Mapping[str, Mapping[str, str]] | None = None) -> None:
+                   inputs: Mapping[str, Mapping[str, Any]] | None = None) -> None:
     storage.write_json(storage.join(cfg.out, "bench_search.json"), results)
     found = _found_specs(searched, given)
     for (d, mode), spec in found.items():
@@ -804,8 +810,7 @@ def _write_results(cfg: BenchConfig, results: Mapping, searched: Mapping[tuple[s
 
 def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str | None,
          report_only: bool = False) -> dict:
-    bases = {split_scale(loss)[0] for loss in cfg.losses}
-    modes = [m for m in SEARCH_MODES if m in bases or (m == "searched" and "transfer" in cfg.losses)]
+    modes = cfg.search_modes()
     searched: dict[tuple[str, str], str] = {}
     given = cfg.given_specs()  # searched losses given as files: their searches are not run
     prepared: dict[str, tuple[steps.Preset, str, tuple[str | None, ...]]] = {}
@@ -815,13 +820,12 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
         p = cfg.preset(dataset)
         work = storage.join(cfg.work, dataset)
         data = steps.prepare_data(p.dataset, work, split_seed=p.split_seed, bundled=p.bundled, only_cached=report_only)
-        init = data and steps.pretrain(data, work, config=p.pretrain, seed=p.seed, detector=p.detector,
-                                       only_cached=report_only)
+        inits = tuple(steps.pretrain(data, work, config=p.pretrain, seed=p.seed + w, detector=p.detector,
+                                     only_cached=report_only) for w in range(cfg.warm_starts)) if data else (None,)
+        init = inits[0]  # the searches' warm start
         if not init:  # report_only and nothing cached for this dataset yet
             _log(f"{dataset}: no data or warm start in {cfg.work} yet; left out")
             continue
-        inits = (init, *(steps.pretrain(data, work, config=p.pretrain, seed=p.seed + w, detector=p.detector,
-                                        only_cached=report_only) for w in range(1, cfg.warm_starts)))
         prepared[dataset] = (p, data, inits)
         inputs[dataset] = {"data": data, "data_sha256": tree_digest(storage.localize(data)),
                            "inits": [(uri, tree_digest(storage.localize(uri))) for uri in inits if uri]}
