@@ -86,6 +86,12 @@ BENCH_PRESETS: dict[str, dict[str, Any]] = {
 # "default" with proxy trials as long as the final training: a better search (BENCHMARKS.md,
 # issue 8, finding 6) at about 2.7x the search's cost
 BENCH_PRESETS["long-proxy"] = {**BENCH_PRESETS["default"], "proxy_iterations": 400}
+# The procedure that put the searched (shared) loss first on both datasets (BENCHMARKS.md, issue 8,
+# findings 16, 18, 19): proxies and finals of 1200 iterations, the search started at square, the loss
+# picked by training the 4 best samples again with seeds 1 and 2. About 1 h 40 min per dataset for the
+# shared search, its selection and two losses' finals; each further loss adds about 12 min of finals.
+BENCH_PRESETS["select-1200"] = {**BENCH_PRESETS["default"], "rounds": 6, "proxy_iterations": 1200,
+                                "final_iterations": 1200, "start": "square", "select_top": 4, "select_seeds": (1, 2)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -873,8 +879,11 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
 @click.command("bench")
 @click.option("--preset", type=click.Choice(sorted(BENCH_PRESETS)), default="default", show_default=True,
               help="Sizes: default (about 2 hours on 2 CPU cores), long-proxy (default with 400-iteration "
-                   "proxies as long as the final trainings: better searches, about 3.5 hours, estimated) or smoke (the "
-                   "plumbing, minutes).")
+                   "proxies as long as the final trainings: better searches, about 3.5 hours, estimated), "
+                   "select-1200 (1200-iteration proxies and finals, the search started at square, 6 rounds, "
+                   "--select-top 4 --select-seeds 1,2: the procedure that puts the searched loss first, about "
+                   "1 h 40 min per dataset for --losses searched-shared,square, 12 min more per further loss) or "
+                   "smoke (the plumbing, minutes). Options given override the preset's.")
 @click.option("--datasets", default="shapes,digits", show_default=True, help="Comma-separated bundled datasets.")
 @click.option("--losses", default=",".join(LOSSES), show_default=True,
               help="Comma-separated losses to compare. '<loss>@g<scale>' is a handcrafted form or a searched loss "
@@ -891,14 +900,15 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
               help="Training seed of the proxy trials: the search's seed in every round (fixed), or seed + round "
                    "(per-round, so that no single training trajectory is tuned to; it measured no better, "
                    "BENCHMARKS.md, issue 8, finding 10).")
-@click.option("--start", type=click.Choice(START_FORMS), default="linear", show_default=True,
+@click.option("--start", type=click.Choice(START_FORMS), default=None,
               help="Starting mean of the searches: the identity (linear, SPEC §2) or the piecewise-linear form of "
-                   "another handcrafted loss (does a search improve on square when it starts there?).")
-@click.option("--select-top", type=int, default=0, show_default=True,
+                   "another handcrafted loss (does a search improve on square when it starts there?) "
+                   "[preset; else linear].")
+@click.option("--select-top", type=int, default=None,
               help="Selection after each search: its N best samples trained again on the proxy with each "
                    "--select-seeds seed; the best mean becomes the searched loss (0: off, the loss is the policy's "
-                   "final mean; BENCHMARKS.md, issue 8, finding 16).")
-@click.option("--select-seeds", default="1,2,3", show_default=True, help="Training seeds of the selection's trials.")
+                   "final mean; BENCHMARKS.md, issue 8, finding 16) [preset; else 0].")
+@click.option("--select-seeds", default=None, help="Training seeds of the selection's trials [preset; else 1,2,3].")
 @click.option("--loss-file", "loss_files", multiple=True, metavar="DATASET:MODE=FILE",
               help="Benchmark this LossSpec file (a run's bench_<dataset>_<mode>_loss.json, or the loss_spec.json "
                    "artifact of a search pipeline's MLflow run) as the searched loss MODE (searched or searched-shared) on DATASET, instead of "
@@ -921,7 +931,8 @@ def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, fi
     """The search-quality benchmark: search on the bundled datasets, then train with
     every loss and seed and compare AP on the held-out val split (issue 8)."""
     base = BENCH_PRESETS[preset]
-    select = tuple(int_list(select_seeds, "--select-seeds"))
+    select = tuple(int_list(select_seeds, "--select-seeds")) if select_seeds else \
+        tuple(base.get("select_seeds", BenchConfig.select_seeds))
     try:
         cfg = BenchConfig(
             datasets=tuple(d for d in datasets.split(",") if d),
@@ -932,8 +943,8 @@ def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, fi
             proxy_iterations=proxy_iterations or base.get("proxy_iterations"),
             final_iterations=final_iterations or base.get("final_iterations"),
             n_train=n_train or base.get("n_train"), n_val=n_val or base.get("n_val"),
-            sigma=sigma or base.get("sigma"), trial_seeds=trial_seeds, start=start, jobs=jobs,
-            select_top=select_top, select_seeds=select, loss_files=tuple(parse_loss_file(f) for f in loss_files),
+            sigma=sigma or base.get("sigma"), trial_seeds=trial_seeds, start=start or base.get("start", BenchConfig.start),
+            jobs=jobs, select_top=base.get("select_top", 0) if select_top is None else select_top, select_seeds=select, loss_files=tuple(parse_loss_file(f) for f in loss_files),
             warm_starts=warm_starts,
             work=work, out=out,
         )

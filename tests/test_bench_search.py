@@ -168,6 +168,26 @@ def test_long_proxy_preset_is_default_with_the_final_schedule_length(tmp_path):
     assert '"proxy_iterations": 400' in (tmp_path / "o" / "bench_search.md").read_text()
 
 
+@pytest.mark.parametrize("extra, start, top, seeds", [
+    ([], "square", 4, "1,2"),  # the preset's procedure
+    (["--start", "linear", "--select-top", "0", "--select-seeds", "3"], "linear", 0, "3"),  # options override it
+])
+def test_select_1200_preset_sets_the_procedure_and_options_override_it(tmp_path, extra, start, top, seeds):
+    from click.testing import CliRunner
+
+    from bench.search import BENCH_PRESETS, bench
+
+    res = CliRunner().invoke(bench, ["--preset", "select-1200", "--work", str(tmp_path / "w"), "--out",
+                                     str(tmp_path / "o"), "--report-only", "--tracking-uri", "", *extra])
+    assert res.exit_code == 0, res.output
+    report = (tmp_path / "o" / "bench_search.md").read_text()
+    for field, value in [("proxy_iterations", 1200), ("final_iterations", 1200), ("rounds", 6),
+                         ("start", f'"{start}"'), ("select_top", top), ("select_seeds", f"[{seeds.replace(',', ', ')}]")]:
+        assert f'"{field}": {value}' in report, field
+    # the other presets keep the CLI's own defaults: no selection, started at the identity
+    assert not {"start", "select_top", "select_seeds"} & set(BENCH_PRESETS["default"])
+
+
 def test_data_sizes_reach_the_bundled_dataset():
     p = BenchConfig(n_train=300, n_val=60).preset("digits")
     assert p.dataset == "bundled:digits"
