@@ -31,6 +31,7 @@ def test_summarize_mean_and_std_in_ap_points():
         ({"losses": ("searched", "cross-entropy")}, "cross-entropy"),
         ({"datasets": ("shapes", "coco")}, "coco"),
         ({"datasets": ("shapes",)}, "transfer"),
+        ({"datasets": ("shapes",), "losses": ("square", "transfer-shared")}, "'transfer-shared' needs two datasets"),
         ({"samples": 1}, "samples=1"),
         ({"rounds": 0}, "rounds=0"),
         ({"seeds": ()}, "seeds=()"),
@@ -50,6 +51,16 @@ def test_summarize_mean_and_std_in_ap_points():
 def test_config_rejects_bad_values_naming_them(kwargs, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         BenchConfig(**kwargs)
+
+
+@pytest.mark.parametrize("losses, modes", [
+    (("square", "focal+l1"), []),
+    (("transfer", "square"), ["searched"]),
+    (("transfer-shared",), ["searched-shared"]),
+    (("searched-shared@g1", "transfer"), ["searched", "searched-shared"]),
+])
+def test_a_run_searches_what_its_losses_and_transfers_need(losses, modes):
+    assert BenchConfig(losses=losses).search_modes() == modes
 
 
 def test_goal_check_needs_the_margin_and_separated_seeds():
@@ -267,8 +278,11 @@ def test_a_scaled_loss_is_its_base_loss_with_that_gradient_scale(prepared):
 
 def test_transfer_is_the_loss_searched_on_the_other_dataset(prepared):
     cfg, _, _, _, states = prepared
+    cfg = dataclasses.replace(cfg, losses=(*cfg.losses, "transfer-shared"))
     shapes, digits = _loss_specs(cfg, "shapes", states), _loss_specs(cfg, "digits", states)
     assert shapes["transfer"] == digits["searched"] and digits["transfer"] == shapes["searched"]
+    assert shapes["transfer-shared"] == digits["searched-shared"] and digits["transfer-shared"] == shapes["searched-shared"]
+    assert shapes["searched-shared"] != digits["searched-shared"]
     assert shapes["searched"] != digits["searched"]
     assert LossSpec.from_json(shapes["searched-shared"]).form == "shared"
     assert LossSpec.from_json(shapes["searched"]).form == "searched"
