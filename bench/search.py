@@ -10,8 +10,8 @@ dataset (``shapes``, ``digits``):
 3. train the final detector from the same warm start with every loss — the two
    searched ones, ``focal+l1``, ``focal+giou``, the handcrafted ``sigmoid``,
    ``sqrt``, ``linear``, ``square`` and ``transfer`` (the loss searched on the
-   *other* dataset; ``transfer-shared``, its shared search's, on request) — for each seed, and evaluate on the held-out ``val`` split,
-   never on search-val.
+   *other* dataset; ``transfer-shared``, its shared search's, on request) — for
+   each seed, and evaluate on the held-out ``val`` split, never on search-val.
 
 All losses share the detector, the schedule, the data, the warm start and the
 seeds; only the loss differs. Results go to ``<out>/bench_search.json``
@@ -57,7 +57,7 @@ LOSSES = ("searched", "searched-shared", "focal+l1", "focal+giou", "sigmoid", "s
 # issue's, the separate search) and "transfer-shared" (the shared search: the form whose selected loss leads,
 # BENCHMARKS.md, issue 8, finding 20; not in the default LOSSES, whose run it would lengthen by 6 finals).
 TRANSFERS = {"transfer": "searched", "transfer-shared": "searched-shared"}
-KNOWN_LOSSES = (*LOSSES, "transfer-shared")
+KNOWN_LOSSES = (*LOSSES, *(t for t in TRANSFERS if t not in LOSSES))
 # Beyond LOSSES, "<loss>@g<value>" names one of the handcrafted forms or searched losses
 # with its gradient scale (SPEC §2) set to <value>: "square@g1.8", "searched-shared@g1".
 # An ablation: which part of a searched loss's gain is its functions, which its scale.
@@ -939,8 +939,12 @@ def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, fi
     """The search-quality benchmark: search on the bundled datasets, then train with
     every loss and seed and compare AP on the held-out val split (issue 8)."""
     base = BENCH_PRESETS[preset]
-    select = tuple(int_list(select_seeds, "--select-seeds")) if select_seeds else \
-        tuple(base.get("select_seeds", BenchConfig.select_seeds))
+    fallback = {f.name: f.default for f in dataclasses.fields(BenchConfig)}
+
+    def pick(name: str, given: Any) -> Any:  # the option as given, else the preset's, else BenchConfig's default
+        return given if given is not None else base.get(name, fallback[name])
+
+    select = pick("select_seeds", tuple(int_list(select_seeds, "--select-seeds")) if select_seeds else None)
     try:
         cfg = BenchConfig(
             datasets=tuple(d for d in datasets.split(",") if d),
@@ -951,8 +955,9 @@ def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, fi
             proxy_iterations=proxy_iterations or base.get("proxy_iterations"),
             final_iterations=final_iterations or base.get("final_iterations"),
             n_train=n_train or base.get("n_train"), n_val=n_val or base.get("n_val"),
-            sigma=sigma or base.get("sigma"), trial_seeds=trial_seeds, start=start or base.get("start", BenchConfig.start),
-            jobs=jobs, select_top=base.get("select_top", 0) if select_top is None else select_top, select_seeds=select, loss_files=tuple(parse_loss_file(f) for f in loss_files),
+            sigma=sigma or base.get("sigma"), trial_seeds=trial_seeds, start=pick("start", start), jobs=jobs,
+            select_top=pick("select_top", select_top), select_seeds=select,
+            loss_files=tuple(parse_loss_file(f) for f in loss_files),
             warm_starts=warm_starts,
             work=work, out=out,
         )
