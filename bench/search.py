@@ -93,8 +93,8 @@ BENCH_PRESETS: dict[str, dict[str, Any]] = {
 BENCH_PRESETS["long-proxy"] = {**BENCH_PRESETS["default"], "proxy_iterations": 400}
 # The procedure that put the searched (shared) loss first on both datasets (BENCHMARKS.md, issue 8,
 # findings 16, 18, 19): proxies and finals of 1200 iterations, the search started at square, the loss
-# picked by training the 4 best samples again with seeds 1 and 2. About 1 h 40 min per dataset for the
-# shared search, its selection and two losses' finals; each further loss adds about 12 min of finals.
+# picked by training the 4 best samples again with seeds 1 and 2. About 1 h 20 min per dataset on 2 idle
+# CPU cores for the shared search, its selection and two losses' 3 seeds; each further loss adds about 6 min.
 BENCH_PRESETS["select-1200"] = {**BENCH_PRESETS["default"], "rounds": 6, "proxy_iterations": 1200,
                                 "final_iterations": 1200, "start": "square", "select_top": 4, "select_seeds": (1, 2)}
 
@@ -889,7 +889,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
                    "proxies as long as the final trainings: better searches, about 3.5 hours, estimated), "
                    "select-1200 (1200-iteration proxies and finals, the search started at square, 6 rounds, "
                    "--select-top 4 --select-seeds 1,2: the procedure that puts the searched loss first, about "
-                   "1 h 40 min per dataset for --losses searched-shared,square, 12 min more per further loss) or "
+                   "1 h 20 min per dataset for --losses searched-shared,square, 6 min more per further loss) or "
                    "smoke (the plumbing, minutes). Options given override the preset's.")
 @click.option("--datasets", default="shapes,digits", show_default=True, help="Comma-separated bundled datasets.")
 @click.option("--losses", default=",".join(LOSSES), show_default=True,
