@@ -50,6 +50,14 @@ from paploss.spec import HANDCRAFTED_FORMS, grad_scale_from_theta
 __all__ = ["BenchConfig", "LOSSES", "KNOWN_LOSSES", "TRANSFERS", "split_scale", "BENCH_PRESETS", "run_bench", "summarize", "goal_check", "goal_lines", "goal_text", "reward_table", "mu_travel",
            "bench"]
 
+DATASETS = ("shapes", "digits")  # the bundled datasets; a transfer loss takes its loss from the other one
+
+
+def other_dataset(dataset: str) -> str:
+    """The bundled dataset that is not ``dataset``: where its transfer losses come from."""
+    return next(d for d in DATASETS if d != dataset)
+
+
 SEARCH_MODES = ("searched", "searched-shared")  # the separate search's loss, the shared search's
 START_FORMS = ("linear", "square", "sqrt")  # forms a search can start from (paploss.spec.form_theta); linear = SPEC's
 LOSSES = ("searched", "searched-shared", "focal+l1", "focal+giou", "sigmoid", "sqrt", "linear", "square", "transfer")
@@ -134,12 +142,9 @@ class BenchConfig:
         unknown = sorted(loss for loss in set(self.losses) if split_scale(loss)[0] not in KNOWN_LOSSES)
         if unknown:
             raise ValueError(f"losses {unknown} are unknown; known: {list(KNOWN_LOSSES)}")
-        bad = sorted(set(self.datasets) - {"shapes", "digits"})
+        bad = sorted(set(self.datasets) - set(DATASETS))
         if bad:
-            raise ValueError(f"datasets {bad} are unknown; known: shapes, digits")
-        for loss in TRANSFERS:
-            if loss in self.losses and len(self.datasets) < 2:
-                raise ValueError(f"loss {loss!r} needs two datasets (the loss searched on the other one)")
+            raise ValueError(f"datasets {bad} are unknown; known: {', '.join(DATASETS)}")
         for name in ("n_train", "n_val", "proxy_iterations", "final_iterations"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -160,26 +165,50 @@ class BenchConfig:
                 f"jobs={self.jobs} (>= 1) are out of range"
             )
 
-    def search_modes(self) -> list[str]:
-        """The searches this run needs: each searched loss compared (scaled or not), and
-        the one each transfer loss takes from the other dataset."""
-        bases = {split_scale(loss)[0] for loss in self.losses} | {TRANSFERS[t] for t in TRANSFERS if t in self.losses}
-        return [m for m in SEARCH_MODES if m in bases]
+    def _needed(self) -> dict[str, list[str]]:
+        """``{dataset: [modes]}``: the searched losses this run trains, each on its own
+        dataset (a searched loss compared, scaled or not) or on the other one (what a
+        transfer loss takes from it), in ``SEARCH_MODES`` order. A dataset that is not
+        benchmarked appears when a transfer needs its loss: that loss must be a file."""
+        own = {split_scale(loss)[0] for loss in self.losses}
+        taken = {TRANSFERS[t] for t in TRANSFERS if t in self.losses}
+        needed = {d: [m for m in SEARCH_MODES if m in own or m in taken and other_dataset(d) in self.datasets]
+                  for d in self.datasets}
+        for d in self.datasets:
+            if other_dataset(d) not in self.datasets and taken:
+                needed[other_dataset(d)] = [m for m in SEARCH_MODES if m in taken]
+        return needed
+
+    def searches(self) -> dict[str, list[str]]:
+        """``{dataset: [modes]}`` of each benchmarked dataset: the searches this run needs,
+        for its own searched losses and for the other dataset's transfer losses (a loss
+        given as a file stands in for its search)."""
+        return {d: modes for d, modes in self._needed().items() if d in self.datasets}
 
     def _check_loss_files(self) -> None:
-        modes = self.search_modes()
+        needed = self._needed()
         seen = set()
         for dataset, mode, path in self.loss_files:
             where = f"loss file {dataset}:{mode}={path}"
-            if dataset not in self.datasets:
-                raise ValueError(f"{where}: dataset {dataset!r} is not benchmarked (datasets: {list(self.datasets)})")
+            if dataset not in needed:
+                raise ValueError(f"{where}: dataset {dataset!r} is not benchmarked (datasets: {list(self.datasets)})"
+                                 " and no transfer loss takes its loss")
             if mode not in SEARCH_MODES:
                 raise ValueError(f"{where}: {mode!r} is not a searched loss; one of {list(SEARCH_MODES)}")
-            if mode not in modes:
-                raise ValueError(f"{where}: loss {mode!r} is not among the losses compared ({list(self.losses)})")
+            if mode not in needed[dataset]:
+                what = "among the losses compared" if dataset in self.datasets else "taken by a transfer loss"
+                raise ValueError(f"{where}: loss {mode!r} is not {what} ({list(self.losses)})")
             if (dataset, mode) in seen:
                 raise ValueError(f"{where}: {dataset}:{mode} is given twice")
             seen.add((dataset, mode))
+        files = {(d, m) for d, m, _ in self.loss_files}
+        for dataset, modes in needed.items():
+            for mode in modes:
+                if dataset not in self.datasets and (dataset, mode) not in files:
+                    transfer = next(t for t, m in TRANSFERS.items() if m == mode)
+                    raise ValueError(
+                        f"loss {transfer!r} trains the {mode} loss found on {dataset}, which this run does not "
+                        f"benchmark: add it to --datasets, or give that loss as --loss-file {dataset}:{mode}=FILE")
 
     def given_specs(self) -> dict[tuple[str, str], str]:
         """``{(dataset, mode): LossSpec JSON}`` of ``loss_files``, each file read and
@@ -462,7 +491,7 @@ def _loss_specs(cfg: BenchConfig, dataset: str, searched: Mapping[tuple[str, str
         elif loss in HANDCRAFTED_FORMS:
             specs[loss] = LossSpec.handcrafted(loss).to_json()
         elif loss in TRANSFERS:
-            other = next(d for d in cfg.datasets if d != dataset)
+            other = other_dataset(dataset)
             if (other, TRANSFERS[loss]) in found:  # else: not searched yet (report_only)
                 specs[loss] = found[(other, TRANSFERS[loss])]
         elif (dataset, loss) in found:
@@ -822,7 +851,7 @@ def _write_results(cfg: BenchConfig, results: Mapping, searched: Mapping[tuple[s
 
 def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str | None,
          report_only: bool = False) -> dict:
-    modes = cfg.search_modes()
+    searches = cfg.searches()
     searched: dict[tuple[str, str], str] = {}
     given = cfg.given_specs()  # searched losses given as files: their searches are not run
     prepared: dict[str, tuple[steps.Preset, str, tuple[str | None, ...]]] = {}
@@ -841,7 +870,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
         prepared[dataset] = (p, data, inits)
         inputs[dataset] = {"data": data, "data_sha256": tree_digest(storage.localize(data)),
                            "inits": [(uri, tree_digest(storage.localize(uri))) for uri in inits if uri]}
-        for mode in modes:
+        for mode in searches[dataset]:
             name = f"bench-{dataset}-{mode}"
             if (dataset, mode) in given:
                 continue
@@ -920,8 +949,9 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
 @click.option("--loss-file", "loss_files", multiple=True, metavar="DATASET:MODE=FILE",
               help="Benchmark this LossSpec file (a run's bench_<dataset>_<mode>_loss.json, or the loss_spec.json "
                    "artifact of a search pipeline's MLflow run) as the searched loss MODE (searched or searched-shared) on DATASET, instead of "
-                   "running that search. Repeatable, e.g. --loss-file "
-                   "shapes:searched-shared=docs/bench_shapes_select_searched-shared_loss.json.")
+                   "running that search; on the dataset not benchmarked, the loss its transfer losses train "
+                   "(--datasets digits --losses transfer,square --loss-file shapes:searched=FILE). Repeatable, e.g. "
+                   "--loss-file shapes:searched-shared=docs/bench_shapes_select_searched-shared_loss.json.")
 @click.option("--warm-starts", type=int, default=1, show_default=True,
               help="Warm starts pre-trained (seeds seed, seed+1, ...); final seed k trains from warm start k mod N, "
                    "the searches from the first. The finals move by several AP with the warm start (BENCHMARKS.md, "

@@ -31,7 +31,9 @@ def test_summarize_mean_and_std_in_ap_points():
         ({"losses": ("searched", "cross-entropy")}, "cross-entropy"),
         ({"datasets": ("shapes", "coco")}, "coco"),
         ({"datasets": ("shapes",)}, "transfer"),
-        ({"datasets": ("shapes",), "losses": ("square", "transfer-shared")}, "'transfer-shared' needs two datasets"),
+        ({"datasets": ("shapes",), "losses": ("square", "transfer-shared")},
+         "loss 'transfer-shared' trains the searched-shared loss found on digits, which this run does not benchmark: "
+         "add it to --datasets, or give that loss as --loss-file digits:searched-shared=FILE"),
         ({"samples": 1}, "samples=1"),
         ({"rounds": 0}, "rounds=0"),
         ({"seeds": ()}, "seeds=()"),
@@ -60,7 +62,26 @@ def test_config_rejects_bad_values_naming_them(kwargs, message):
     (("searched-shared@g1", "transfer"), ["searched", "searched-shared"]),
 ])
 def test_a_run_searches_what_its_losses_and_transfers_need(losses, modes):
-    assert BenchConfig(losses=losses).search_modes() == modes
+    assert BenchConfig(losses=losses).searches() == {"shapes": modes, "digits": modes}
+
+
+def test_one_dataset_transfers_a_loss_given_for_the_other():
+    """With one dataset benchmarked, a transfer loss trains the other dataset's loss
+    given as a file: nothing is searched for it, and only the files it needs are taken."""
+    given = ("shapes", "searched", "found.json")
+    cfg = BenchConfig(datasets=("digits",), losses=("transfer", "square"), loss_files=(given,))
+    assert cfg.searches() == {"digits": []}
+    spec = LossSpec.from_theta([0.4] * 41).to_json()
+    assert _loss_specs(cfg, "digits", {}, given={("shapes", "searched"): spec}) == {
+        "transfer": spec, "square": LossSpec.handcrafted("square").to_json()}
+    both = BenchConfig(datasets=("digits",), losses=("searched-shared", "transfer"), loss_files=(given,))
+    assert both.searches() == {"digits": ["searched-shared"]}
+    with pytest.raises(ValueError, match=r"loss file shapes:searched-shared=f.json: loss 'searched-shared' is not "
+                                         r"taken by a transfer loss"):
+        BenchConfig(datasets=("digits",), losses=("transfer", "square"),
+                    loss_files=(given, ("shapes", "searched-shared", "f.json")))
+    with pytest.raises(ValueError, match=r"loss file shapes:searched=found.json: dataset 'shapes' is not benchmarked"):
+        BenchConfig(datasets=("digits",), losses=("searched", "square"), loss_files=(given,))
 
 
 def test_goal_check_needs_the_margin_and_separated_seeds():
@@ -499,7 +520,8 @@ def test_a_given_loss_takes_the_place_of_its_search_and_of_transfer(prepared, tm
 def test_bench_with_a_loss_file_trains_it_without_searching(tmp_path):
     """``paploss bench --loss-file`` end to end at the smoke size (real data, warm start,
     trainings, MLflow store): no search is run, the given loss is trained beside
-    ``square``, written back as the run's loss file, named in the report and logged."""
+    ``square``, written back as the run's loss file, named in the report and logged;
+    ``transfer-shared`` trains the loss given for ``digits``, which is not benchmarked."""
     import subprocess
     import sys
 
@@ -509,17 +531,23 @@ def test_bench_with_a_loss_file_trains_it_without_searching(tmp_path):
 
     spec = LossSpec.from_theta([0.35] * 8 + [0.7])
     path = _spec_file(tmp_path / "found.json", spec)
+    other = LossSpec.from_theta([0.3] * 8 + [0.6])
+    other_path = _spec_file(tmp_path / "other.json", other)
     work, out, uri = tmp_path / "work", tmp_path / "out", f"sqlite:///{tmp_path / 'mlflow.db'}"
     cmd = [sys.executable, "-m", "bench.search", "--preset", "smoke", "--datasets", "shapes",
-           "--losses", "searched-shared,square", "--seeds", "0,1", "--warm-starts", "2", "--final-iterations", "2",
+           "--losses", "searched-shared,square,transfer-shared", "--seeds", "0,1", "--warm-starts", "2", "--final-iterations", "2",
            "--n-train", "24",
-           "--n-val", "8", "--loss-file", f"shapes:searched-shared={path}", "--work", str(work), "--out", str(out),
+           "--n-val", "8", "--loss-file", f"shapes:searched-shared={path}",
+           "--loss-file", f"digits:searched-shared={other_path}", "--work", str(work), "--out", str(out),
            "--tracking-uri", uri, "--jobs", "1"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert not (work / "shapes" / "searches").exists()  # the search was not run
     docs = {(d["loss"], d["seed"]): d for d in (json.loads(f.read_text()) for f in (work / "shapes" / "final").iterdir())}
-    assert set(docs) == {(loss, seed) for loss in ("searched-shared", "square") for seed in (0, 1)}
+    assert set(docs) == {(loss, seed) for loss in ("searched-shared", "square", "transfer-shared") for seed in (0, 1)}
+    assert not (work / "digits").exists()  # the dataset of the transferred loss is not prepared
+    assert LossSpec.from_json(docs[("transfer-shared", 1)]["spec"]) == other
+    assert docs[("transfer-shared", 1)]["init"] == docs[("square", 1)]["init"]
     # seed k of every loss from warm start k mod 2: two warm starts, each shared by both losses
     assert docs[("square", 0)]["init"] == docs[("searched-shared", 0)]["init"] != docs[("square", 1)]["init"]
     assert docs[("square", 1)]["init"] == docs[("searched-shared", 1)]["init"]
@@ -532,6 +560,8 @@ def test_bench_with_a_loss_file_trains_it_without_searching(tmp_path):
         round(docs[("searched-shared", k)]["metrics"]["AP"], 6) for k in (0, 1)]
     md = (out / "bench_search.md").read_text()
     assert f"given as `{path}`, not searched in this run" in md
+    assert f"`searched-shared` on digits (`bench_digits_searched-shared_loss.json`, for `paploss train --spec`; " \
+        f"given as `{other_path}`" in md
     assert "## Searches" not in md  # none was run: no empty reward table
     data = next((work / "shapes" / "data").iterdir())
     assert f"- shapes: data `{data}` (sha256 `{tree_digest(data)[:16]}`)" in md
@@ -541,7 +571,7 @@ def test_bench_with_a_loss_file_trains_it_without_searching(tmp_path):
     assert not (out / "bench_shapes_searched-shared_rewards.png").exists()  # no search, no rewards
     client = mlflow.MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("paploss-bench").experiment_id])[0]
-    assert run.data.params["loss_files"] == f"shapes:searched-shared={path}"
+    assert run.data.params["loss_files"] == f"shapes:searched-shared={path},digits:searched-shared={other_path}"
     assert run.data.params["warm_starts"] == "2"
     logged = client.download_artifacts(run.info.run_id, "searched-shared_loss_spec.json", str(tmp_path))
     assert LossSpec.from_json(storage.read_text(logged)) == spec
