@@ -949,8 +949,9 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
 @click.option("--loss-file", "loss_files", multiple=True, metavar="DATASET:MODE=FILE",
               help="Benchmark this LossSpec file (a run's bench_<dataset>_<mode>_loss.json, or the loss_spec.json "
                    "artifact of a search pipeline's MLflow run) as the searched loss MODE (searched or searched-shared) on DATASET, instead of "
-                   "running that search; on the dataset not benchmarked, the loss its transfer losses train "
-                   "(--datasets digits --losses transfer,square --loss-file shapes:searched=FILE). Repeatable, e.g. "
+                   "running that search. DATASET may be one not in --datasets: the loss that the transfer losses "
+                   "train on the one benchmarked (--datasets digits --losses transfer,square --loss-file "
+                   "shapes:searched=FILE). Repeatable, e.g. "
                    "--loss-file shapes:searched-shared=docs/bench_shapes_select_searched-shared_loss.json.")
 @click.option("--warm-starts", type=int, default=1, show_default=True,
               help="Warm starts pre-trained (seeds seed, seed+1, ...); final seed k trains from warm start k mod N, "
