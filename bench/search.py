@@ -172,12 +172,9 @@ class BenchConfig:
         benchmarked appears when a transfer needs its loss: that loss must be a file."""
         own = {split_scale(loss)[0] for loss in self.losses}
         taken = {TRANSFERS[t] for t in TRANSFERS if t in self.losses}
-        needed = {d: [m for m in SEARCH_MODES if m in own or m in taken and other_dataset(d) in self.datasets]
-                  for d in self.datasets}
-        for d in self.datasets:
-            if other_dataset(d) not in self.datasets and taken:
-                needed[other_dataset(d)] = [m for m in SEARCH_MODES if m in taken]
-        return needed
+        needed = {d: [m for m in SEARCH_MODES if d in self.datasets and m in own
+                      or other_dataset(d) in self.datasets and m in taken] for d in DATASETS}
+        return {d: modes for d, modes in needed.items() if d in self.datasets or modes}
 
     def searches(self) -> dict[str, list[str]]:
         """``{dataset: [modes]}`` of each benchmarked dataset: the searches this run needs,
@@ -201,14 +198,11 @@ class BenchConfig:
             if (dataset, mode) in seen:
                 raise ValueError(f"{where}: {dataset}:{mode} is given twice")
             seen.add((dataset, mode))
-        files = {(d, m) for d, m, _ in self.loss_files}
-        for dataset, modes in needed.items():
-            for mode in modes:
-                if dataset not in self.datasets and (dataset, mode) not in files:
-                    transfer = next(t for t, m in TRANSFERS.items() if m == mode)
-                    raise ValueError(
-                        f"loss {transfer!r} trains the {mode} loss found on {dataset}, which this run does not "
-                        f"benchmark: add it to --datasets, or give that loss as --loss-file {dataset}:{mode}=FILE")
+        for dataset, mode in [(d, m) for d, modes in needed.items() if d not in self.datasets for m in modes
+                              if (d, m) not in seen]:
+            transfer = next(t for t, m in TRANSFERS.items() if m == mode)
+            raise ValueError(f"loss {transfer!r} trains the {mode} loss found on {dataset}, which this run does not "
+                             f"benchmark: add it to --datasets, or give that loss as --loss-file {dataset}:{mode}=FILE")
 
     def given_specs(self) -> dict[tuple[str, str], str]:
         """``{(dataset, mode): LossSpec JSON}`` of ``loss_files``, each file read and
