@@ -148,6 +148,9 @@ class BenchConfig:
     start: str = "linear"  # the searches' starting mean: the identity (SPEC §2) or another form's θ (form_theta)
     select_top: int = 0  # selection after each search: its best samples trained again (0: off, the loss is μ)
     select_seeds: tuple[int, ...] = (1, 2, 3)  # the selection's training seeds
+    # the selection's seed s trains from warm start s mod warm_starts (as final seed s does) instead of
+    # the search's: the loss picked is the one best across warm starts, not on the search's own
+    select_warm_starts: bool = False
     # (dataset, mode, LossSpec file): that loss is the searched loss `mode` on `dataset`, and
     # that search is not run (a loss found earlier, elsewhere, or on a GPU, benchmarked here)
     loss_files: tuple[tuple[str, str, str], ...] = ()
@@ -181,6 +184,9 @@ class BenchConfig:
             raise ValueError(f"start={self.start!r} must be one of {START_FORMS}")
         if self.warm_starts < 1:
             raise ValueError(f"warm_starts={self.warm_starts} must be >= 1")
+        if self.select_warm_starts and (self.warm_starts < 2 or not self.select_top):
+            raise ValueError(f"select_warm_starts needs a selection (select_top={self.select_top}) and more than "
+                             f"one warm start (warm_starts={self.warm_starts})")
         if self.rounds < 1 or self.samples < 2 or not self.seeds or self.jobs < 1:
             raise ValueError(
                 f"rounds={self.rounds} (>= 1), samples={self.samples} (>= 2), seeds={self.seeds} (non-empty), "
@@ -343,25 +349,37 @@ def _search_inputs(p: steps.Preset, data: str, init: str, work: str, name: str, 
         storage.write_json(uri, now)
 
 
-def _select(pool: ProcessPoolExecutor | None, p: steps.Preset, data: str, init: str, work: str, name: str,
-            state: str, top: int, seeds: Sequence[int]) -> str | None:
+def _select(pool: ProcessPoolExecutor | None, p: steps.Preset, data: str, inits: Sequence[str], work: str,
+            name: str, state: str, top: int, seeds: Sequence[int]) -> str | None:
     """The selection stage after a finished search (``paploss.steps.select_loss``): its
     ``top`` best samples trained again with each of ``seeds``, ``jobs`` at a time;
-    returns the state holding the choice. Without a ``pool`` (report only) nothing
-    is trained: the choice of the cached trials, or None when some are missing."""
+    returns the state holding the choice. Seed s trains from warm start
+    ``inits[s mod len(inits)]``: give the search's warm start alone for the selection
+    on it. Across warm starts, its trials and choice are kept under
+    :func:`selection_name`, apart from the one-warm-start selection's. Without a
+    ``pool`` (report only) nothing is trained: the choice of the cached trials, or None
+    when some are missing."""
     trials = steps.selection_trials(state, top, seeds)
     proxy = steps.train_options(p.proxy, p.detector)
+    store = selection_name(name, len(inits))
     if pool is None:
-        results = [steps.stored_trial(work, name, t) for t in trials]
+        results = [steps.stored_trial(work, store, t) for t in trials]
         if any(r is None for r in results):
             return None
     else:
         start = time.monotonic()
-        futures = [pool.submit(steps.proxy_trial, data, init, t, proxy, work, name, state=state, attempts=p.attempts)
+        futures = [pool.submit(steps.proxy_trial, data, inits[json.loads(t)["seed"] % len(inits)], t, proxy, work,
+                               store, state=state, attempts=p.attempts)
                    for t in trials]
         results = [f.result() for f in futures]
         _log(f"{name} selection: {len(trials)} trials ({time.monotonic() - start:.0f}s)")
-    return steps.select_loss(state, results, work, name)
+    return steps.select_loss(state, results, work, store)
+
+
+def selection_name(name: str, warm_starts: int) -> str:
+    """Where a selection's trials and choice are kept: the search's own folder (one warm
+    start, the search's), or ``<name>-select-ws<N>`` for a selection across N warm starts."""
+    return name if warm_starts == 1 else f"{name}-select-ws{warm_starts}"
 
 
 @functools.cache  # a state file is written once under its round's name: read each one once
@@ -711,7 +729,7 @@ def _log_mlflow(tracking_uri: str, dataset: str, cfg: BenchConfig, per_loss: Map
                   "n_train": cfg.n_train, "n_val": cfg.n_val, "sigma": cfg.sigma, "select_top": cfg.select_top,
                   "select_seeds": ",".join(map(str, cfg.select_seeds)),
                   "loss_files": ",".join(f"{d}:{m}={f}" for d, m, f in cfg.loss_files) or "none",
-                  "warm_starts": cfg.warm_starts}
+                  "warm_starts": cfg.warm_starts, "select_warm_starts": cfg.select_warm_starts}
         client.log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()])
         for loss, metrics in per_loss.items():
             for m, vals in metrics.items():
@@ -885,6 +903,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
         inits = tuple(steps.pretrain(data, work, config=p.pretrain, seed=p.seed + w, detector=p.detector,
                                      only_cached=report_only) for w in range(cfg.warm_starts)) if data else (None,)
         init = inits[0]  # the searches' warm start
+        select_inits = inits if cfg.select_warm_starts else (init,)  # the selection's seed s: s mod len
         if not init:  # report_only and nothing cached for this dataset yet
             _log(f"{dataset}: no data or warm start in {cfg.work} yet; left out")
             continue
@@ -901,7 +920,8 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
                     _search_inputs(p, data, init, work, name, write=False)
                     searched[(dataset, mode)] = state
                     if cfg.select_top:
-                        selected = _select(None, p, data, init, work, name, state, cfg.select_top, cfg.select_seeds)
+                        selected = _select(None, p, data, select_inits, work, name, state, cfg.select_top,
+                                           cfg.select_seeds)
                         if selected is None:
                             _log(f"{name}: the selection's trials are not all cached; its loss left out")
                             del searched[(dataset, mode)]
@@ -911,8 +931,8 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
             searched[(dataset, mode)] = _search(pool, p, data, init, work, name, cfg.controller(p, mode),
                                                 trial_seeds=cfg.trial_seeds)
             if cfg.select_top:
-                searched[(dataset, mode)] = _select(pool, p, data, init, work, name, searched[(dataset, mode)],
-                                                    cfg.select_top, cfg.select_seeds)
+                searched[(dataset, mode)] = _select(pool, p, data, select_inits, work, name,
+                                                    searched[(dataset, mode)], cfg.select_top, cfg.select_seeds)
         own = [loss for loss in cfg.losses if loss not in TRANSFERS]
         specs = _loss_specs(cfg, dataset, searched, own, given)
         results[dataset] = {}
@@ -980,6 +1000,9 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
               help="Warm starts pre-trained (seeds seed, seed+1, ...); final seed k trains from warm start k mod N, "
                    "the searches from the first. The finals move by several AP with the warm start (BENCHMARKS.md, "
                    "issue 8, finding 19): N > 1 measures the losses across warm starts.")
+@click.option("--select-warm-starts", is_flag=True,
+              help="The selection's seed s trains from warm start s mod --warm-starts (as final seed s does), not "
+                   "from the search's: the loss chosen is the best across warm starts, which the finals measure.")
 @click.option("--jobs", type=int, default=2, show_default=True, help="Trainings at a time (one CPU thread each).")
 @click.option("--work", default="runs/bench", show_default=True, help="Cache folder (or s3:// prefix); resumes.")
 @click.option("--out", default="docs", show_default=True, help="Where bench_search.json/.md and figures go.")
@@ -988,8 +1011,8 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default="sqlite:///mlflow.db", show_default=True,
               help="MLflow store for the results [env MLFLOW_TRACKING_URI]; '' to skip.")
 def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, final_iterations, n_train, n_val, sigma,
-          trial_seeds, start, select_top, select_seeds, loss_files, warm_starts, jobs, work, out, report_only,
-          tracking_uri) -> None:
+          trial_seeds, start, select_top, select_seeds, loss_files, warm_starts, select_warm_starts, jobs, work, out,
+          report_only, tracking_uri) -> None:
     """The search-quality benchmark: search on the bundled datasets, then train with
     every loss and seed and compare AP on the held-out val split (issue 8)."""
     base = BENCH_PRESETS[preset]
@@ -1012,7 +1035,7 @@ def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, fi
             sigma=sigma or base.get("sigma"), trial_seeds=trial_seeds, start=pick("start", start), jobs=jobs,
             select_top=pick("select_top", select_top), select_seeds=select,
             loss_files=tuple(parse_loss_file(f) for f in loss_files),
-            warm_starts=warm_starts,
+            warm_starts=warm_starts, select_warm_starts=select_warm_starts,
             work=work, out=out,
         )
         cfg.given_specs()  # each file read and checked before anything is trained

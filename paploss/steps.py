@@ -607,8 +607,8 @@ def proxy_trial(
     """Train one proxy model with the loss of one sampled θ; its reward is the AP on
     search-val (SPEC §3, §4). Returns the result as JSON text::
 
-        {"round", "sample", "theta", "reward" (null if failed), "failed", "diverged",
-         "error", "metrics", "seconds"}
+        {"round", "sample", "theta", "seed", "init" (the warm start trained from),
+         "reward" (null if failed), "failed", "diverged", "error", "metrics", "seconds", "spec"}
 
     ``trial``: one item of ``init_search``/``controller_update``'s ``trials``.
     ``proxy``: ``TrainConfig`` fields of the proxy training (``reward_metric``,
@@ -632,8 +632,8 @@ def proxy_trial(
     functions: Sequence[str] = ()
     losses: list[float] = []
     result: dict[str, Any] = {"round": r, "sample": s, "theta": theta, "seed": int(t["seed"]),
-                              "reward": None, "failed": True, "diverged": False, "error": "",
-                              "metrics": {}, "seconds": 0.0, "spec": None}
+                              "init": init or None, "reward": None, "failed": True, "diverged": False,
+                              "error": "", "metrics": {}, "seconds": 0.0, "spec": None}
     start = time.monotonic()
     for attempt in range(1, int(attempts) + 1):
         losses = []

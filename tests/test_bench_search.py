@@ -465,12 +465,12 @@ def test_the_selection_of_a_report_only_run_comes_from_cached_trials_only(prepar
     finals and in the report."""
     cfg, p, data, init, states = prepared
     state, work, name = states[("shapes", "searched-shared")], str(tmp_path), "bench-shapes-searched-shared"
-    assert _select(None, p, data, init, work, name, state, 2, (5, 6)) is None  # nothing cached, nothing trained
+    assert _select(None, p, data, (init,), work, name, state, 2, (5, 6)) is None  # nothing cached, nothing trained
     trials = [json.loads(t) for t in steps.selection_trials(state, 2, [5, 6])]
     for t in trials:  # candidate 1 (samples 2, 3) has the better mean
         storage.write_json(steps._trial_uri(work, name, t["round"], t["sample"]),
                            {**t, "reward": 0.1 * t["sample"], "failed": False})
-    chosen = _select(None, p, data, init, work, name, state, 2, (5, 6))
+    chosen = _select(None, p, data, (init,), work, name, state, 2, (5, 6))
     assert storage.read_json(chosen)["selected"]["theta"] == trials[2]["theta"]
     specs = _loss_specs(cfg, "shapes", {("shapes", "searched-shared"): chosen}, ["searched-shared"])
     assert specs["searched-shared"] == steps.searched_spec(chosen).to_json() != _loss_specs(
@@ -611,6 +611,44 @@ def test_bench_with_a_loss_file_trains_it_without_searching(tmp_path):
     bad = subprocess.run([*cmd[:at], "--loss-file", f"shapes:searched={path}", *cmd[at + 2:]], capture_output=True,
                          text=True, timeout=120)
     assert bad.returncode == 2 and "is not among the losses compared" in bad.stderr
+
+
+@pytest.mark.slow
+def test_bench_selection_across_warm_starts_trains_seed_s_from_warm_start_s_mod_n(tmp_path):
+    """``--select-warm-starts`` end to end at the smoke size: the selection's seed s
+    trains from warm start s mod N (as final seed s does), its trials and choice are
+    kept apart from the search's folder, and the loss trained as ``searched-shared``
+    is the candidate with the best mean over those trials."""
+    import subprocess
+    import sys
+
+    work, out = tmp_path / "work", tmp_path / "out"
+    cmd = [sys.executable, "-m", "bench.search", "--preset", "smoke", "--datasets", "shapes",
+           "--losses", "searched-shared", "--seeds", "0,1", "--warm-starts", "2", "--select-top", "2",
+           "--select-seeds", "1,2", "--select-warm-starts", "--proxy-iterations", "2", "--final-iterations", "2",
+           "--n-train", "24", "--n-val", "8", "--work", str(work), "--out", str(out), "--tracking-uri", "",
+           "--jobs", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    searches = work / "shapes" / "searches"
+    finals = {(d["loss"], d["seed"]): d for d in (json.loads(f.read_text()) for f in (work / "shapes" / "final").iterdir())}
+    inits = [finals[("searched-shared", k)]["init"] for k in (0, 1)]  # final seed k: warm start k mod 2
+    assert inits[0] != inits[1]
+    search_trials = [json.loads(f.read_text()) for f in (searches / "bench-shapes-searched-shared" / "trials").iterdir()]
+    assert len(search_trials) == 4 and {t["init"] for t in search_trials} == {inits[0]}  # the search: warm start 0
+    picked = [json.loads(f.read_text()) for f in (searches / "bench-shapes-searched-shared-select-ws2" / "trials").iterdir()]
+    assert sorted(t["seed"] for t in picked) == [1, 1, 2, 2]
+    for t in picked:
+        assert t["init"] == inits[t["seed"] % 2] and not t["failed"]
+    means = {}
+    for t in picked:
+        means.setdefault(tuple(t["theta"]), []).append(t["reward"])
+    best = max(means, key=lambda theta: sum(means[theta]) / 2)
+    assert LossSpec.from_json(finals[("searched-shared", 0)]["spec"]) == LossSpec.from_json(
+        next(t["spec"] for t in picked if tuple(t["theta"]) == best))
+    assert not (searches / "bench-shapes-searched-shared" / "trials" / "r002-s00.json").exists()  # none in the search's
+    bad = subprocess.run([*cmd, "--warm-starts", "1", "--report-only"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "select_warm_starts needs" in bad.stderr and "warm_starts=1" in bad.stderr
 
 
 def test_tree_digest_names_a_folder_by_its_files_names_and_bytes(tmp_path):
