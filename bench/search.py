@@ -59,35 +59,13 @@ def other_dataset(dataset: str) -> str:
 
 
 SEARCH_MODES = ("searched", "searched-shared")  # the separate search's loss, the shared search's
-START_FORMS = ("linear", "square", "sqrt", "square-h1-linear")  # a search's starting mean (start_theta); linear = SPEC's
-OWN_NAME_STARTS = ("square-h1-linear",)  # starts whose searches carry their start in their name (search_name)
+START_FORMS = ("linear", "square", "sqrt")  # forms a search can start from (paploss.spec.form_theta); linear = SPEC's
 LOSSES = ("searched", "searched-shared", "focal+l1", "focal+giou", "sigmoid", "sqrt", "linear", "square", "transfer")
 # A transfer loss trains, on each dataset, the loss the named search found on the other one: "transfer" (the
 # issue's, the separate search) and "transfer-shared" (the shared search: the form whose selected loss leads,
 # BENCHMARKS.md, issue 8, finding 20; not in the default LOSSES, whose run it would lengthen by 6 finals).
 TRANSFERS = {"transfer": "searched", "transfer-shared": "searched-shared"}
 KNOWN_LOSSES = (*LOSSES, *(t for t in TRANSFERS if t not in LOSSES))
-
-
-def start_theta(start: str, shared: bool) -> list[float]:
-    """The starting mean θ of a search (41 numbers, or 9 for the shared form) for ``start``,
-    one of ``START_FORMS``: a handcrafted form's piecewise-linear θ in every function
-    (:func:`paploss.spec.form_theta`), or ``square-h1-linear``: the separate form's H2, I2,
-    I3, I1 square and H1 linear, so that H2/H1 = x < 1 from the start. Started at square,
-    H1 = H2 and about half the first samples put H2 above H1, where a quarter of the early
-    proxies collapse (BENCHMARKS.md, issue 8, finding 21). The shared form has one function
-    for both: it starts at square."""
-    from paploss.spec import form_theta
-
-    if start not in START_FORMS:
-        raise ValueError(f"start={start!r} must be one of {START_FORMS}")
-    if start == "square-h1-linear":
-        if shared:
-            return form_theta("square", functions=1)
-        return form_theta("square", functions=4, grad_scale=False) + form_theta("linear", functions=1)
-    return form_theta(start, functions=1 if shared else 5)
-
-
 # Beyond LOSSES, "<loss>@g<value>" names one of the handcrafted forms or searched losses
 # with its gradient scale (SPEC §2) set to <value>: "square@g1.8", "searched-shared@g1".
 # An ablation: which part of a searched loss's gain is its functions, which its scale.
@@ -251,19 +229,14 @@ class BenchConfig:
             given[(dataset, mode)] = spec.to_json()
         return given
 
-    def search_name(self, dataset: str, mode: str) -> str:
-        """The search's name in ``work``: ``bench-<dataset>-<mode>``, and for a start newer
-        than the caches that name (``square-h1-linear``) ``-start-<start>`` after it, so that
-        such a search lives beside the first in one ``--work`` and its finals share the
-        cached data, warm starts and other losses' finals."""
-        return f"bench-{dataset}-{mode}" + (f"-start-{self.start}" if self.start in OWN_NAME_STARTS else "")
-
     def controller(self, p: steps.Preset, mode: str) -> dict[str, Any]:
         """Controller options of the ``mode`` search (one of ``SEARCH_MODES``) under preset ``p``."""
+        from paploss.spec import form_theta
+
         shared = mode == "searched-shared"
         options = {**p.controller, **({"shared": True} if shared else {})}
         if self.start != "linear":  # linear: the Controller's own start, the identity
-            options["mu"] = start_theta(self.start, shared)
+            options["mu"] = form_theta(self.start, functions=1 if shared else 5)
         return options
 
     def preset(self, dataset: str) -> steps.Preset:
@@ -911,7 +884,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
         inputs[dataset] = {"data": data, "data_sha256": tree_digest(storage.localize(data)),
                            "inits": [(uri, tree_digest(storage.localize(uri))) for uri in inits if uri]}
         for mode in searches[dataset]:
-            name = cfg.search_name(dataset, mode)
+            name = f"bench-{dataset}-{mode}"
             if (dataset, mode) in given:
                 continue
             if report_only:
@@ -979,11 +952,9 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
                    "(per-round, so that no single training trajectory is tuned to; it measured no better, "
                    "BENCHMARKS.md, issue 8, finding 10).")
 @click.option("--start", type=click.Choice(START_FORMS), default=None,
-              help="Starting mean of the searches: the identity (linear, SPEC §2), the piecewise-linear form of "
-                   "another handcrafted loss (does a search improve on square when it starts there?), or "
-                   "square-h1-linear: the separate search's H1 linear and its other functions square, so that its "
-                   "first samples do not put H2 above H1, where early proxies collapse (the shared search: square; "
-                   "BENCHMARKS.md, issue 8, finding 21) [preset; else linear].")
+              help="Starting mean of the searches: the identity (linear, SPEC §2) or the piecewise-linear form of "
+                   "another handcrafted loss (does a search improve on square when it starts there?) "
+                   "[preset; else linear].")
 @click.option("--select-top", type=int, default=None,
               help="Selection after each search: its N best samples trained again on the proxy with each "
                    "--select-seeds seed; the best mean becomes the searched loss (0: off, the loss is the policy's "

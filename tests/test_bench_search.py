@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-from bench.search import (LOSSES, BenchConfig, _loss_specs, _select, final_config, selection_text, goal_check, goal_lines, goal_text, mu_travel, start_theta,
+from bench.search import (LOSSES, BenchConfig, _loss_specs, _select, final_config, selection_text, goal_check, goal_lines, goal_text, mu_travel,
                           reward_table, split_scale, summarize)
 from paploss import steps, storage
 from paploss.search import Controller
@@ -245,37 +245,6 @@ def test_start_sets_the_searches_starting_mean():
     plain = BenchConfig(sigma=0.1)
     assert plain.controller(p, "searched") == {"sigma": 0.1}
     assert plain.controller(p, "searched-shared") == {"sigma": 0.1, "shared": True}
-
-
-def test_square_h1_linear_start_puts_h1_above_h2():
-    """--start square-h1-linear: the separate search's first mean is the square form in
-    H2, I2, I3, I1 and the linear form in H1, gradient scale 1, so that its functions,
-    read back from θ, give H2(x)/H1(x) = x below 1 inside (0, 1); the shared search,
-    with one function for both, starts at square."""
-    from paploss.spec import LossSpec
-
-    cfg = BenchConfig(start="square-h1-linear", sigma=0.1)
-    p = cfg.preset("shapes")
-    sep, shared = cfg.controller(p, "searched"), cfg.controller(p, "searched-shared")
-    assert shared["mu"] == form_theta("square", functions=1)
-    assert len(sep["mu"]) == 41 and sep["mu"] != form_theta("square")
-    spec = LossSpec.from_theta(sep["mu"])
-    assert spec.grad_scale == pytest.approx(1.0)
-    x = torch.linspace(0.05, 0.95, 19, dtype=torch.float64)
-    h1, h2 = spec.function("H1"), spec.function("H2")  # on x = d/2 + 1/2
-    torch.testing.assert_close(h1(x), x, atol=1e-9, rtol=0)
-    assert bool((h2(x) < h1(x)).all())
-    square = LossSpec.from_theta(form_theta("square"))
-    for place in ("H2", "I2", "I3", "I1"):  # all four are the piecewise-linear square
-        torch.testing.assert_close(spec.function(place)(x), square.function(place)(x))
-    c = Controller(rounds=2, **sep)
-    torch.testing.assert_close(c.mu, torch.tensor(sep["mu"], dtype=torch.float64).clamp(1e-6, 1 - 1e-6))
-    with pytest.raises(ValueError, match="start='cube'"):
-        start_theta("cube", shared=False)
-    # its searches have their own names, beside the square or linear searches of one --work
-    assert cfg.search_name("digits", "searched") == "bench-digits-searched-start-square-h1-linear"
-    assert BenchConfig(start="square").search_name("digits", "searched") == "bench-digits-searched"
-    assert BenchConfig().search_name("shapes", "searched-shared") == "bench-shapes-searched-shared"
 
 
 @pytest.fixture(scope="module")
