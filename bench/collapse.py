@@ -6,9 +6,12 @@
 every finished trial's spec and reward). Prints, per search, the reward table of
 ``paploss bench`` (mean, max and collapsed trials per round, from the trial files,
 so an unfinished round shows too) and the mean over the collapsed and the other
-trials of the ratio ``mean H2 / mean H1`` on x in [0.4, 0.6]: where it is above 1,
-``num / den`` starts above 1 and the ``I3(u) · num / den`` term pushes box quality
-down (docs/search.md).
+trials of ``mean H2`` and ``mean H1`` on x in [0.4, 0.6] and of their ratio.
+
+H2 in the mid-range is what predicts a collapse (BENCHMARKS.md, issue 8, finding 22):
+over the separate searches on both datasets, every trial with mean H2 above 0.3 there
+collapsed. The ratio H2/H1 (finding 21's reading) is high in the collapsed trials only
+because their H2 is: the same samples with H1 raised to the identity collapsed too.
 """
 
 from __future__ import annotations
@@ -21,16 +24,21 @@ from pathlib import Path
 from bench.search import COLLAPSED, reward_table
 
 
-def h2_over_h1(spec_json: str) -> float:
-    """``mean H2 / mean H1`` over x in [0.4, 0.6] (scores within ±0.2 of each other)."""
+def mid_means(spec_json: str) -> tuple[float, float]:
+    """``(mean H2, mean H1)`` over x in [0.4, 0.6] (scores within ±0.2 of each other)."""
     import torch
 
     from paploss.spec import LossSpec
 
     spec = LossSpec.from_json(spec_json)
     x = torch.linspace(0.4, 0.6, 21, dtype=torch.float64)
-    h1 = float(spec.function("H1")(x).mean())
-    return float(spec.function("H2")(x).mean()) / max(h1, 1e-3)
+    return float(spec.function("H2")(x).mean()), float(spec.function("H1")(x).mean())
+
+
+def h2_over_h1(spec_json: str) -> float:
+    """``mean H2 / mean H1`` over x in [0.4, 0.6]."""
+    h2, h1 = mid_means(spec_json)
+    return h2 / max(h1, 1e-3)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,13 +53,16 @@ def main(argv: list[str] | None = None) -> None:
             rounds.setdefault(int(t["round"]), []).append(float(t["reward"]))
         print(f"## {d}: {len(trials)} trials\n")
         print(reward_table({Path(d).name: [rounds[r] for r in sorted(rounds)]}))
-        ratio = {True: [], False: []}
+        groups: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
         for t in trials:
-            ratio[float(t["reward"]) < COLLAPSED].append(h2_over_h1(t["spec"]))
-        for collapsed, values in ratio.items():
+            groups[float(t["reward"]) < COLLAPSED].append(mid_means(t["spec"]))
+        for collapsed, values in groups.items():
             if values:
-                print(f"\n{'collapsed' if collapsed else 'other'} trials ({len(values)}): "
-                      f"mean H2/H1 on x in [0.4, 0.6] = {statistics.mean(values):.2f}", end="")
+                h2 = [v[0] for v in values]
+                print(f"\n{'collapsed' if collapsed else 'other'} trials ({len(values)}), on x in [0.4, 0.6]: "
+                      f"mean H2 {statistics.mean(h2):.2f} (from {min(h2):.2f} to {max(h2):.2f}), "
+                      f"mean H1 {statistics.mean(v[1] for v in values):.2f}, "
+                      f"mean H2/H1 {statistics.mean(v[0] / max(v[1], 1e-3) for v in values):.2f}", end="")
         print("\n")
 
 

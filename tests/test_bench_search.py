@@ -407,6 +407,28 @@ def test_h2_over_h1_ratio_of_bench_collapse():
     assert h2_over_h1(LossSpec.handcrafted("square").to_json()) == pytest.approx(1.0)
 
 
+def test_bench_collapse_prints_mid_range_h2_and_h1_of_collapsed_and_other_trials(tmp_path, capsys):
+    from bench.collapse import main, mid_means
+
+    identity = [0.0, 0.0, 0.2, 0.2, 0.4, 0.4, 0.6, 0.6, 0.8, 0.8, 1.0, 1.0]
+    high = [0.0, 0.0, 0.2, 0.3, 0.4, 0.6, 0.6, 0.8, 0.8, 0.9, 1.0, 1.0]  # 0.6 -> 0.8 on [0.4, 0.6]: mean 0.7
+    square = LossSpec.handcrafted("square").to_json()
+    h2, h1 = mid_means(square)  # x² and x² on 21 points of [0.4, 0.6]
+    assert h2 == h1 == pytest.approx(sum((0.4 + 0.01 * k) ** 2 for k in range(21)) / 21)
+    trials = [(0.0, LossSpec.searched([high] + [identity] * 4)),  # collapsed: H2 0.7, H1 0.5
+              (0.2, LossSpec.searched([identity] * 5)),
+              (0.3, LossSpec.searched([identity] * 4 + [high]))]  # H2 0.5, H1 0.7
+    for k, (reward, spec) in enumerate(trials):
+        storage.write_json(str(tmp_path / "s" / "trials" / f"r000-s{k:02d}.json"),
+                           {"round": 0, "sample": k, "reward": reward, "spec": spec.to_json()})
+    main([str(tmp_path / "s")])
+    out = capsys.readouterr().out
+    assert "collapsed trials (1), on x in [0.4, 0.6]: mean H2 0.70 (from 0.70 to 0.70), mean H1 0.50, " \
+        "mean H2/H1 1.40" in out
+    assert "other trials (2), on x in [0.4, 0.6]: mean H2 0.50 (from 0.50 to 0.50), mean H1 0.60, " \
+        "mean H2/H1 0.86" in out
+
+
 def test_a_cached_search_is_reused_only_with_its_own_inputs(prepared, tmp_path):
     """A search cached with 400-iteration proxies is not reported as the search of a
     run with 150: the second run is refused, naming the field and both values. A
