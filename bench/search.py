@@ -790,8 +790,9 @@ def _latest_state(work: str, name: str, rounds: int) -> str | None:
     return None
 
 
-def selection_text(searched: Mapping[tuple[str, str], str]) -> str:
-    """The selection stage's candidates per search (mean reward over the new seeds), if any."""
+def selection_text(searched: Mapping[tuple[str, str], str], warm_starts: int = 1) -> str:
+    """The selection stage's candidates per search (mean reward over the new seeds), if
+    any; ``warm_starts`` > 1: the selection trained seed s from warm start s mod it."""
     lines = []
     for (d, mode), state in sorted(searched.items()):
         sel = _selection(state)
@@ -799,8 +800,9 @@ def selection_text(searched: Mapping[tuple[str, str], str]) -> str:
             continue
         means = ", ".join(f"{100 * c['mean_reward']:.1f}" for c in sel["candidates"])
         seeds = sorted(sel["candidates"][0]["rewards"], key=int)
+        where = f" (seed s from warm start s mod {warm_starts})" if warm_starts > 1 else ""
         lines.append(f"- `{mode}` on {d}: candidates (best search reward first) re-trained with seeds "
-                     f"{', '.join(seeds)}, mean AP x 100 on search-val {means}; selected candidate "
+                     f"{', '.join(seeds)}{where}, mean AP x 100 on search-val {means}; selected candidate "
                      f"{sel['candidate']}")
     return "\n\n## Selection by re-evaluation\n\n" + "\n".join(lines) if lines else ""
 
@@ -856,7 +858,7 @@ def _write_results(cfg: BenchConfig, results: Mapping, searched: Mapping[tuple[s
                           + reward_table({f"{m} on {d}": _reward_history(s) for (d, m), s in sorted(searched.items())},
                                          {f"{m} on {d}": mu_travel(s) for (d, m), s in sorted(searched.items())})
                           if searched else "")
-                       + selection_text(searched)
+                       + selection_text(searched, cfg.warm_starts if cfg.select_warm_starts else 1)
                        + "\n\n## Searched losses\n\n" + specs_md + "\n"
                        + (inputs_text(inputs) if inputs else ""))
 

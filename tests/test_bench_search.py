@@ -468,6 +468,8 @@ def test_the_selection_of_a_report_only_run_comes_from_cached_trials_only(prepar
         cfg, "shapes", states, ["searched-shared"])["searched-shared"]
     assert "mean AP x 100 on search-val 5.0, 25.0; selected candidate 1" in selection_text(
         {("shapes", "searched-shared"): chosen})
+    assert "seeds 5, 6 (seed s from warm start s mod 3), mean AP" in selection_text(
+        {("shapes", "searched-shared"): chosen}, warm_starts=3)
 
 
 def test_each_searched_loss_is_written_as_a_spec_file_train_takes(prepared, tmp_path):
@@ -638,6 +640,7 @@ def test_bench_selection_across_warm_starts_trains_seed_s_from_warm_start_s_mod_
     assert LossSpec.from_json(finals[("searched-shared", 0)]["spec"]) == LossSpec.from_json(
         next(t["spec"] for t in picked if tuple(t["theta"]) == best))
     assert not (searches / "bench-shapes-searched-shared" / "trials" / "r002-s00.json").exists()  # none in the search's
+    assert "re-trained with seeds 1, 2 (seed s from warm start s mod 2)" in (out / "bench_search.md").read_text()
     bad = subprocess.run([*cmd, "--warm-starts", "1", "--report-only"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "select_warm_starts needs" in bad.stderr and "warm_starts=1" in bad.stderr
 
