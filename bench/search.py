@@ -975,7 +975,8 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
                    "issue 8, finding 19): N > 1 measures the losses across warm starts.")
 @click.option("--select-warm-starts", is_flag=True,
               help="The selection's seed s trains from warm start s mod --warm-starts (as final seed s does), not "
-                   "from the search's: the loss chosen is the best across warm starts, which the finals measure.")
+                   "from the search's: the loss chosen is the best across warm starts, which the finals measure "
+                   "(on digits no gain: BENCHMARKS.md, issue 8, finding 24).")
 @click.option("--jobs", type=int, default=2, show_default=True, help="Trainings at a time (one CPU thread each).")
 @click.option("--work", default="runs/bench", show_default=True, help="Cache folder (or s3:// prefix); resumes.")
 @click.option("--out", default="docs", show_default=True, help="Where bench_search.json/.md and figures go.")
