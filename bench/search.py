@@ -182,6 +182,12 @@ class BenchConfig:
                       or other_dataset(d) in self.datasets and m in taken] for d in DATASETS}
         return {d: modes for d, modes in needed.items() if d in self.datasets or modes}
 
+    @property
+    def selection_warm_starts(self) -> int:
+        """How many warm starts the selection trains from: ``warm_starts`` with
+        ``select_warm_starts``, else 1 (the search's)."""
+        return self.warm_starts if self.select_warm_starts else 1
+
     def searches(self) -> dict[str, list[str]]:
         """``{dataset: [modes]}`` of each benchmarked dataset: the searches this run needs,
         for its own searched losses and for the other dataset's transfer losses (a loss
@@ -341,12 +347,18 @@ def _select(pool: ProcessPoolExecutor | None, p: steps.Preset, data: str, inits:
             return None
     else:
         start = time.monotonic()
-        futures = [pool.submit(steps.proxy_trial, data, inits[json.loads(t)["seed"] % len(inits)], t, proxy, work,
+        futures = [pool.submit(steps.proxy_trial, data, warm_start(inits, json.loads(t)["seed"]), t, proxy, work,
                                store, state=state, attempts=p.attempts)
                    for t in trials]
         results = [f.result() for f in futures]
         _log(f"{name} selection: {len(trials)} trials ({time.monotonic() - start:.0f}s)")
     return steps.select_loss(state, results, work, store)
+
+
+def warm_start(inits: Sequence[str | None], seed: int) -> str | None:
+    """The warm start training seed ``seed`` starts from: ``inits[seed mod len(inits)]``
+    (the finals' and, across warm starts, the selection's rule)."""
+    return inits[seed % len(inits)]
 
 
 def selection_name(name: str, warm_starts: int) -> str:
@@ -762,8 +774,8 @@ def final_jobs(cfg: BenchConfig, dataset: str, prepared, specs: Mapping[str, str
     start k mod ``len(inits)`` (a warm start not cached in a report-only run: left out)."""
     p, data, inits = prepared
     folder = storage.join(cfg.work, dataset, "final")
-    return {(loss, seed): (p, data, inits[seed % len(inits)], loss, specs[loss], seed, folder)
-            for seed in cfg.seeds for loss in losses if loss in specs and inits[seed % len(inits)]}
+    return {(loss, seed): (p, data, warm_start(inits, seed), loss, specs[loss], seed, folder)
+            for seed in cfg.seeds for loss in losses if loss in specs and warm_start(inits, seed)}
 
 
 def _finals(cfg: BenchConfig, pool: ProcessPoolExecutor | None, dataset: str, prepared,
@@ -858,7 +870,7 @@ def _write_results(cfg: BenchConfig, results: Mapping, searched: Mapping[tuple[s
                           + reward_table({f"{m} on {d}": _reward_history(s) for (d, m), s in sorted(searched.items())},
                                          {f"{m} on {d}": mu_travel(s) for (d, m), s in sorted(searched.items())})
                           if searched else "")
-                       + selection_text(searched, cfg.warm_starts if cfg.select_warm_starts else 1)
+                       + selection_text(searched, cfg.selection_warm_starts)
                        + "\n\n## Searched losses\n\n" + specs_md + "\n"
                        + (inputs_text(inputs) if inputs else ""))
 
@@ -878,7 +890,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
         inits = tuple(steps.pretrain(data, work, config=p.pretrain, seed=p.seed + w, detector=p.detector,
                                      only_cached=report_only) for w in range(cfg.warm_starts)) if data else (None,)
         init = inits[0]  # the searches' warm start
-        select_inits = inits if cfg.select_warm_starts else (init,)  # the selection's seed s: s mod len
+        select_inits = inits[:cfg.selection_warm_starts]  # the selection's seed s: warm_start(select_inits, s)
         if not init:  # report_only and nothing cached for this dataset yet
             _log(f"{dataset}: no data or warm start in {cfg.work} yet; left out")
             continue
