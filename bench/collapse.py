@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__)
         return
     for d in dirs:
-        trials = [json.loads(p.read_text()) for p in sorted(Path(d, "trials").glob("*.json"))]
+        trials = [json.loads(p.read_text()) for p in sorted(Path(d, "trials").glob("r*-s*.json")) if p.stem.count("-") == 1]
         rounds: dict[int, list[float]] = {}
         for t in trials:
             rounds.setdefault(int(t["round"]), []).append(float(t["reward"]))

@@ -342,7 +342,7 @@ def _select(pool: ProcessPoolExecutor | None, p: steps.Preset, data: str, inits:
     proxy = steps.train_options(p.proxy, p.detector)
     store = selection_name(name, len(inits))
     if pool is None:
-        results = [steps.stored_trial(work, store, t) for t in trials]
+        results = [steps.stored_trial(work, store, t, warm_start(inits, json.loads(t)["seed"])) for t in trials]
         if any(r is None for r in results):
             return None
     else:

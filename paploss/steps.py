@@ -576,17 +576,62 @@ def _trial_uri(work: str, search_name: str, r: int, s: int) -> str:
     return storage.join(search_dir(work, search_name), "trials", f"r{r:03d}-s{s:02d}.json")
 
 
-def stored_trial(work: str, search_name: str, trial: str | Mapping[str, Any]) -> dict | None:
-    """The stored result of ``trial`` (``trials/rNNN-sMM.json``) when it was trained
-    with the same θ and the same seed, else None (nothing there, or another θ or seed
-    under that name: a selection run again with other seeds, say)."""
+def stored_trial(work: str, search_name: str, trial: str | Mapping[str, Any], init: str | None = None) -> dict | None:
+    """The stored result of ``trial`` when it was trained with the same θ, the same
+    seed and (where the result records it) the same warm start ``init``, else None.
+
+    It is looked for under the trial's own name (``trials/rNNN-sMM.json``), then among
+    the round's other results (a selection run again with more seeds numbers its
+    trials anew, and a result another trial's name held is kept aside, see
+    :func:`_keep_aside`); one found elsewhere comes back under the trial's round and
+    sample. Results stored before ``init`` was recorded match any ``init``."""
     t = _parse_trial(trial)
-    out = _trial_uri(work, search_name, int(t["round"]), int(t["sample"]))
-    if not storage.exists(out):
+    r, s = int(t["round"]), int(t["sample"])
+    out = _trial_uri(work, search_name, r, s)
+    if storage.exists(out):
+        done = storage.read_json(out)
+        if _same_trial(done, t, init):
+            return done
+    folder = storage.join(search_dir(work, search_name), "trials")
+    if not storage.exists(folder):
         return None
-    done = storage.read_json(out)
-    same = done.get("theta") == [float(v) for v in t["theta"]] and int(done.get("seed", t["seed"])) == int(t["seed"])
-    return done if same else None
+    prefix = f"r{r:03d}-"
+    for name in storage.list_files(folder):
+        if name.startswith(prefix) and name.endswith(".json") and "/" not in name:
+            uri = storage.join(folder, name)
+            if uri == out:
+                continue
+            done = storage.read_json(uri)
+            if _same_trial(done, t, init):
+                return {**done, "round": r, "sample": s}
+    return None
+
+
+def _same_trial(done: Mapping[str, Any], t: Mapping[str, Any], init: str | None) -> bool:
+    """Whether a stored result ``done`` is trial ``t``'s: the same θ and seed, and the
+    same warm start where both name one (local paths compared as absolute paths)."""
+    if done.get("theta") != [float(v) for v in t["theta"]] or int(done.get("seed", t["seed"])) != int(t["seed"]):
+        return False
+    if "init" not in done or init is None:
+        return True
+    return _init_id(done["init"]) == _init_id(init)
+
+
+def _init_id(init: str | None) -> str:
+    if not init:
+        return ""
+    return str(init) if storage.is_s3(init) else os.path.abspath(str(init))
+
+
+def _keep_aside(out: str) -> None:
+    """Before a trial's result is written to ``out``: a result of another trial there
+    (another θ, seed or warm start under the same name) is renamed
+    ``rNNN-sMM-<key>.json`` rather than overwritten, so :func:`stored_trial` still finds it."""
+    if not storage.exists(out):
+        return
+    old = storage.read_json(out)
+    key = content_key(old.get("theta"), old.get("seed"), old.get("init"))
+    storage.copy(out, out[: -len(".json")] + f"-{key}.json")
 
 
 def _run_training(cfg, on_step=None):
@@ -623,7 +668,7 @@ def proxy_trial(
     r, s = int(t["round"]), int(t["sample"])
     theta = [float(v) for v in t["theta"]]
     out = _trial_uri(work, search_name, r, s)
-    done = stored_trial(work, search_name, t)
+    done = stored_trial(work, search_name, t, init or None)
     if done is not None:
         _ensure_trial_logged(done, search_name, state, tracking)
         return _trial_output(done)
@@ -662,6 +707,7 @@ def proxy_trial(
             _log(f"{_trial_label(t)}: attempt {attempt}/{attempts} failed: {type(exc).__name__}: {exc}")
     result["seconds"] = round(time.monotonic() - start, 3)
     result["losses"] = losses
+    _keep_aside(out)
     storage.write_json(out, result, indent=None)
     what = "FAILED" if result["failed"] else f"reward {result['reward']:.4f}"
     _log(f"{_trial_label(t)}: {what} ({result['seconds']:.0f}s)")

@@ -383,3 +383,37 @@ def test_a_stored_trial_of_another_seed_is_not_reused(tiny_data, tmp_path):
     again = json.loads(steps.proxy_trial(data, _bad_init(tmp_path), second, {"preset": "smoke"}, work, "sel-seed",
                                          state=state))
     assert again["failed"] and "not a backbone file" in again["error"] and again["seed"] == 2
+
+
+def test_a_selection_run_again_with_more_seeds_reuses_and_keeps_the_first_ones_trials(tiny_data, tmp_path):
+    """Seeds 1,2 then 1,2,3: the trials are numbered anew (candidate × 3 + seed index),
+    yet seeds 1 and 2 are read back from the first selection's files, a result whose
+    name a new trial takes is kept aside rather than overwritten, and a result of
+    another warm start is not reused."""
+    work, data = tiny_data
+    state = _finished_search(work, "sel-more")
+    warm, other = str(tmp_path / "ws0.pt"), str(tmp_path / "ws1.pt")
+    first = [json.loads(t) for t in steps.selection_trials(state, 2, [1, 2])]
+    for t in first:
+        storage.write_json(steps._trial_uri(work, "sel-more", t["round"], t["sample"]),
+                           {**t, "init": warm, "reward": 0.3 + 0.1 * t["candidate"] + 0.01 * t["seed"],
+                            "failed": False, "error": ""})
+    more = [json.loads(t) for t in steps.selection_trials(state, 2, [1, 2, 3])]
+    assert [t["sample"] for t in more if t["candidate"] == 1 and t["seed"] == 1] == [3]  # s02 in the first
+    for t in more:
+        got = steps.stored_trial(work, "sel-more", t, warm)
+        if t["seed"] == 3:
+            assert got is None
+        else:
+            assert (got["round"], got["sample"], got["seed"]) == (t["round"], t["sample"], t["seed"])
+            assert got["reward"] == pytest.approx(0.3 + 0.1 * t["candidate"] + 0.01 * t["seed"])
+        assert steps.stored_trial(work, "sel-more", t, other) is None  # another warm start
+    new = next(t for t in more if t["candidate"] == 0 and t["seed"] == 3)
+    assert new["sample"] == 2 == first[2]["sample"] and first[2]["candidate"] == 1  # the name the first's c1 s1 held
+    res = json.loads(steps.proxy_trial(data, _bad_init(tmp_path), new, {"preset": "smoke"}, work, "sel-more",
+                                       state=state))
+    assert res["failed"] and res["seed"] == 3
+    kept = steps.stored_trial(work, "sel-more", first[2], warm)
+    assert kept is not None and kept["reward"] == pytest.approx(0.41) and kept["seed"] == 1
+    assert len([f for f in storage.list_files(os.path.join(steps.search_dir(work, "sel-more"), "trials"))
+                if f.startswith("r002-s02-")]) == 1
