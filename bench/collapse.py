@@ -23,6 +23,7 @@ import sys
 from pathlib import Path
 
 from bench.search import COLLAPSED, reward_table
+from paploss import steps
 
 
 def mid_means(spec_json: str) -> tuple[float, float]:
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__)
         return
     for d in dirs:
-        trials = [json.loads(p.read_text()) for p in sorted(Path(d, "trials").glob("r*-s*.json")) if p.stem.count("-") == 1]
+        trials = [json.loads(p.read_text()) for p in sorted(Path(d, "trials").glob("r*-s*.json")) if steps.TRIAL_FILE.fullmatch(p.name)]
         rounds: dict[int, list[float]] = {}
         for t in trials:
             rounds.setdefault(int(t["round"]), []).append(float(t["reward"]))

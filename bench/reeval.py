@@ -9,7 +9,12 @@ best of many noisy rewards is biased upward (the winner's curse), so this trains
 ``bench-inputs.json``: data, warm start, schedule; ``search_train`` -> ``search_val``)
 with other training seeds, beside ``--baseline`` (a handcrafted form) trained with
 the same seeds, and reports per sample the mean reward over the new seeds and the
-paired difference to the baseline (mean ± standard error over seeds).
+paired difference to the baseline (mean ± standard error over seeds). With ``--inits``
+seed s trains from the (s mod N)-th warm start (a selection across warm starts);
+``--top 0`` trains the baseline alone, to set beside a selection's cached trials:
+
+    python -m bench.reeval --search runs/bench7/digits/searches/bench-digits-searched-shared --top 0 \
+        --seeds 1 2 3 4 5 6 --inits WS0 WS1 WS2 --out runs/diag/square_ws3.json
 
 Trainings run ``--jobs`` at a time, each on ``--device`` with ``--threads`` CPU
 threads; a job not started by ``--budget-s`` seconds is left out (the table then
@@ -31,13 +36,16 @@ from pathlib import Path
 
 def load_trials(search: str) -> tuple[dict, list[dict]]:
     """(the search's ``bench-inputs.json``, its finished trials best first)."""
+    from paploss.steps import TRIAL_FILE
+
     folder = Path(search)
     inputs_file = folder / "bench-inputs.json"
     if not inputs_file.exists():
         raise SystemExit(f"{inputs_file} does not exist: --search must be a benchmark search folder "
                          "(with bench-inputs.json and trials/)")
     inputs = json.loads(inputs_file.read_text())
-    trials = [json.loads(f.read_text()) for f in sorted((folder / "trials").glob("r*-s*.json"))]
+    trials = [json.loads(f.read_text()) for f in sorted((folder / "trials").glob("r*-s*.json"))
+              if TRIAL_FILE.fullmatch(f.name)]
     done = [t for t in trials if not t.get("failed") and t.get("reward") is not None and t.get("spec")]
     if not done:
         raise SystemExit(f"{folder / 'trials'} holds no finished trial")
@@ -59,7 +67,8 @@ def _train(job: dict, deadline: float) -> dict | None:
                          "seed": int(job["seed"])})
     r = train(cfg, progress=False)
     return {"loss": job["name"], "seed": int(job["seed"]), "metrics": {k: float(v) for k, v in r.metrics.items()},
-            "diverged": bool(r.diverged), "seconds": float(r.seconds), "final_loss": float(r.losses[-1])}
+            "diverged": bool(r.diverged), "seconds": float(r.seconds), "final_loss": float(r.losses[-1]),
+            "init": job["config"].get("init")}
 
 
 def summarize(report: dict, baseline: str) -> tuple[list[dict], str]:
@@ -97,11 +106,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--inputs", default=None,
                     help="train on the data and warm start of this bench-inputs.json instead of the search's own "
                          "(another dataset's search: the transfer of its samples)")
-    ap.add_argument("--top", type=int, default=7, help="how many of the best samples to train again")
+    ap.add_argument("--top", type=int, default=7,
+                    help="how many of the best samples to train again (0: the baseline alone)")
     ap.add_argument("--baseline", default="square",
                     help="handcrafted form trained beside them (paploss.spec.HANDCRAFTED_FORMS), or 'none' (its "
                          "results are known already: CPU trainings are deterministic)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="training seeds of the new trainings")
+    ap.add_argument("--inits", nargs="+", default=None, metavar="BACKBONE",
+                    help="warm starts: seed s trains from the (s mod N)-th, as `paploss bench --warm-starts N "
+                         "--select-warm-starts` trains its selection [default: the search's own warm start]")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per training")
     ap.add_argument("--jobs", type=int, default=2, help="trainings at a time (processes)")
@@ -114,9 +127,14 @@ def main(argv: list[str] | None = None) -> dict:
                          "schedule with this many iterations): does the sample win where the benchmark measures?")
     ap.add_argument("--out", default=None, help="results JSON (rewritten after each training)")
     args = ap.parse_args(argv)
-    if min(args.top, args.jobs, args.threads, args.iterations or 1) < 1:
-        ap.error(f"--top {args.top}, --jobs {args.jobs}, --threads {args.threads} and --iterations "
-                 f"{args.iterations} must be >= 1")
+    if min(args.jobs, args.threads, args.iterations or 1) < 1 or args.top < 0:
+        ap.error(f"--jobs {args.jobs}, --threads {args.threads} and --iterations {args.iterations} must be >= 1, "
+                 f"--top {args.top} >= 0")
+    if args.top == 0 and args.baseline == "none" and not args.only:
+        ap.error("--top 0 with --baseline none trains nothing")
+    missing_inits = [p for p in args.inits or () if not Path(p).is_file()]
+    if missing_inits:
+        ap.error(f"--inits {missing_inits}: no such file")
 
     from paploss import steps, storage
     from paploss.spec import HANDCRAFTED_FORMS
@@ -155,12 +173,14 @@ def main(argv: list[str] | None = None) -> dict:
     specs = {trial_name(t): t["spec"] for t in best}
     if args.baseline != "none":
         specs = {args.baseline: LossSpec.handcrafted(args.baseline).to_json(), **specs}
-    report = {"search": args.search, "inputs": inputs, "split": f"{config['train_ann']} -> {config['val_ann']}", "baseline": args.baseline, "seeds": args.seeds,
+    inits = args.inits or [inputs["init"]]
+    report = {"search": args.search, "inputs": inputs, "inits": inits, "split": f"{config['train_ann']} -> {config['val_ann']}", "baseline": args.baseline, "seeds": args.seeds,
               "device": args.device, "jobs": args.jobs, "threads": args.threads,
               "candidates": [trial_name(t) for t in best],
               "search_rewards": {trial_name(t): t["reward"] for t in best},
               "search_seeds": {trial_name(t): t["seed"] for t in best}, "runs": []}
-    jobs = [{"name": n, "seed": s, "spec": specs[n], "config": config} for s in args.seeds for n in specs]
+    jobs = [{"name": n, "seed": s, "spec": specs[n], "config": {**config, "init": inits[s % len(inits)]}}
+            for s in args.seeds for n in specs]
     t0 = time.time()
     deadline = t0 + args.budget_s
     with cf.ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:

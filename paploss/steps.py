@@ -572,6 +572,10 @@ def _parse_trial(trial: str | Mapping[str, Any]) -> dict:
     return t
 
 
+# a trial's result file; a result kept aside by _keep_aside adds -<key> and does not match
+TRIAL_FILE = re.compile(r"r\d{3}-s\d{2,}\.json")
+
+
 def _trial_uri(work: str, search_name: str, r: int, s: int) -> str:
     return storage.join(search_dir(work, search_name), "trials", f"r{r:03d}-s{s:02d}.json")
 

@@ -27,6 +27,8 @@ def _search(folder, rewards, inputs=None, failed=()):
 
 def test_trials_come_best_first_without_failed_ones(tmp_path):
     folder = _search(tmp_path / "s", [0.3, 0.5, 0.1, 0.9], failed=(3,))
+    # a result kept aside when a selection run again took its name: not a trial of its own
+    (folder / "trials" / "r001-s00-0123456789abcdef.json").write_text((folder / "trials" / "r001-s00.json").read_text())
     inputs, trials = reeval.load_trials(str(folder))
     assert inputs["data"] == "d"
     assert [reeval.trial_name(t) for t in trials] == ["r001-s00", "r000-s00", "r002-s00"]
@@ -77,6 +79,21 @@ def test_samples_are_trained_again_on_the_search_split_and_cpu_runs_repeat(learn
     assert final["split"] == "train -> val" and [r["loss"] for r in final["runs"]] == ["r002-s00"]
 
 
+def test_the_baseline_alone_across_warm_starts_trains_seed_s_from_warm_start_s_mod_n(learnable, tmp_path):  # noqa: F811
+    root, backbone = learnable
+    other = tmp_path / "other-backbone.pt"
+    other.write_bytes(open(backbone, "rb").read())
+    proxy = {"preset": "smoke", "iterations": 2, "image_size": 64, "eval_batch_size": 16}
+    folder = _search(tmp_path / "bench-shapes-searched", [0.2, 0.6],
+                     inputs={"data": str(root), "init": "not-used.pt", "proxy": proxy, "detector": ""})
+    rep = reeval.main(["--search", str(folder), "--top", "0", "--seeds", "1", "2", "3", "--jobs", "1",
+                       "--inits", backbone, str(other)])
+    assert rep["candidates"] == [] and rep["inits"] == [backbone, str(other)]
+    assert sorted((r["loss"], r["seed"], r["init"]) for r in rep["runs"]) == [
+        ("square", 1, str(other)), ("square", 2, backbone), ("square", 3, str(other))]
+    assert [r["loss"] for r in rep["summary"]] == ["square"]
+
+
 def test_bad_options_are_refused_by_name(tmp_path, capsys):
     folder = _search(tmp_path / "s", [0.3])
     with pytest.raises(SystemExit):
@@ -85,3 +102,9 @@ def test_bad_options_are_refused_by_name(tmp_path, capsys):
     with pytest.raises(SystemExit):
         reeval.main(["--search", str(folder), "--baseline", "cubic"])
     assert "'cubic' is not a handcrafted form" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        reeval.main(["--search", str(folder), "--top", "0", "--baseline", "none"])
+    assert "--top 0 with --baseline none trains nothing" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        reeval.main(["--search", str(folder), "--inits", str(tmp_path / "gone.pt")])
+    assert f"--inits ['{tmp_path / 'gone.pt'}']: no such file" in capsys.readouterr().err
