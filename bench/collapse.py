@@ -2,7 +2,7 @@
 
     python -m bench.collapse SEARCH_DIR [SEARCH_DIR ...]
 
-``SEARCH_DIR`` is a search's folder (``steps.search_dir``: ``trials/*.json`` holds
+``SEARCH_DIR`` is a search's folder (``steps.search_dir``: ``trials/rNNN-sMM.json`` hold
 every finished trial's spec and reward). Prints, per search, the reward table of
 ``paploss bench`` (mean, max and collapsed trials per round, from the trial files,
 so an unfinished round shows too) and the mean over the collapsed and the other
@@ -17,7 +17,6 @@ separate sample collapse is not resolved (BENCHMARKS.md, issue 8, finding 22).
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -52,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__)
         return
     for d in dirs:
-        trials = [json.loads(p.read_text()) for p in sorted(Path(d, "trials").glob("r*-s*.json")) if steps.TRIAL_FILE.fullmatch(p.name)]
+        trials = steps.trial_results(d)
         rounds: dict[int, list[float]] = {}
         for t in trials:
             rounds.setdefault(int(t["round"]), []).append(float(t["reward"]))

@@ -36,7 +36,7 @@ from pathlib import Path
 
 def load_trials(search: str) -> tuple[dict, list[dict]]:
     """(the search's ``bench-inputs.json``, its finished trials best first)."""
-    from paploss.steps import TRIAL_FILE
+    from paploss.steps import trial_results
 
     folder = Path(search)
     inputs_file = folder / "bench-inputs.json"
@@ -44,8 +44,7 @@ def load_trials(search: str) -> tuple[dict, list[dict]]:
         raise SystemExit(f"{inputs_file} does not exist: --search must be a benchmark search folder "
                          "(with bench-inputs.json and trials/)")
     inputs = json.loads(inputs_file.read_text())
-    trials = [json.loads(f.read_text()) for f in sorted((folder / "trials").glob("r*-s*.json"))
-              if TRIAL_FILE.fullmatch(f.name)]
+    trials = trial_results(folder)
     done = [t for t in trials if not t.get("failed") and t.get("reward") is not None and t.get("spec")]
     if not done:
         raise SystemExit(f"{folder / 'trials'} holds no finished trial")
@@ -136,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     if missing_inits:
         ap.error(f"--inits {missing_inits}: no such file")
 
+    from bench.search import warm_start
     from paploss import steps, storage
     from paploss.spec import HANDCRAFTED_FORMS
     from paploss.spec import LossSpec
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
               "candidates": [trial_name(t) for t in best],
               "search_rewards": {trial_name(t): t["reward"] for t in best},
               "search_seeds": {trial_name(t): t["seed"] for t in best}, "runs": []}
-    jobs = [{"name": n, "seed": s, "spec": specs[n], "config": {**config, "init": inits[s % len(inits)]}}
+    jobs = [{"name": n, "seed": s, "spec": specs[n], "config": {**config, "init": warm_start(inits, s)}}
             for s in args.seeds for n in specs]
     t0 = time.time()
     deadline = t0 + args.budget_s

@@ -573,7 +573,18 @@ def _parse_trial(trial: str | Mapping[str, Any]) -> dict:
 
 
 # a trial's result file; a result kept aside by _keep_aside adds -<key> and does not match
-TRIAL_FILE = re.compile(r"r\d{3}-s\d{2,}\.json")
+_TRIAL_FILE = re.compile(r"r\d{3}-s\d{2,}\.json")
+
+
+def trial_results(folder: str | os.PathLike) -> list[dict]:
+    """Every trial result stored in a search folder (``trials/rNNN-sMM.json``, by
+    name; the copies :func:`_keep_aside` keeps are not trials of their own); [] when
+    it has none."""
+    trials = storage.join(str(folder), "trials")
+    if not storage.exists(trials):
+        return []
+    return [storage.read_json(storage.join(trials, name))
+            for name in storage.list_files(trials) if _TRIAL_FILE.fullmatch(name)]
 
 
 def _trial_uri(work: str, search_name: str, r: int, s: int) -> str:
@@ -672,7 +683,7 @@ def proxy_trial(
     r, s = int(t["round"]), int(t["sample"])
     theta = [float(v) for v in t["theta"]]
     out = _trial_uri(work, search_name, r, s)
-    done = stored_trial(work, search_name, t, init or None)
+    done = stored_trial(work, search_name, t, init)
     if done is not None:
         _ensure_trial_logged(done, search_name, state, tracking)
         return _trial_output(done)
