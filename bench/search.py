@@ -66,6 +66,30 @@ LOSSES = ("searched", "searched-shared", "focal+l1", "focal+giou", "sigmoid", "s
 # BENCHMARKS.md, issue 8, finding 20; not in the default LOSSES, whose run it would lengthen by 6 finals).
 TRANSFERS = {"transfer": "searched", "transfer-shared": "searched-shared"}
 KNOWN_LOSSES = (*LOSSES, *(t for t in TRANSFERS if t not in LOSSES))
+
+
+def start_theta(start: str, shared: bool) -> list[float]:
+    """The starting mean θ of a search (41 numbers; 9 for the shared form) for ``start``:
+    one of ``START_FORMS`` (that form's piecewise-linear θ in every function,
+    :func:`paploss.spec.form_theta`), or a LossSpec JSON file of a searched loss (its
+    functions and gradient scale: a search refining a loss found earlier). A shared loss
+    starts the separate search with its one function in all five places; a separate
+    loss cannot start the shared search. Errors name the file."""
+    from paploss.spec import LossSpec, form_theta
+
+    if start in START_FORMS:
+        return form_theta(start, functions=1 if shared else 5)
+    try:
+        spec = LossSpec.from_json(storage.read_text(start))
+    except (FileNotFoundError, ValueError) as exc:
+        raise ValueError(f"start {start!r} is neither a form of {list(START_FORMS)} nor a readable LossSpec file: "
+                         f"{exc}") from None
+    if spec.form not in ("searched", "shared") or (shared and spec.form != "shared"):
+        want = "a 'shared'" if shared else "a 'searched' or 'shared'"
+        raise ValueError(f"start file {start}: its form is {spec.form!r}; the {'shared' if shared else 'separate'} "
+                         f"search starts from {want} loss")
+    theta = list(spec.to_theta())
+    return theta if spec.form == "searched" or shared else theta[:8] * 5 + theta[8:]
 # Beyond LOSSES, "<loss>@g<value>" names one of the handcrafted forms or searched losses
 # with its gradient scale (SPEC §2) set to <value>: "square@g1.8", "searched-shared@g1".
 # An ablation: which part of a searched loss's gain is its functions, which its scale.
@@ -158,8 +182,9 @@ class BenchConfig:
             raise ValueError(f"trial_seeds={self.trial_seeds!r} must be one of {steps.TRIAL_SEEDS}")
         steps.check_selection(self.select_top, self.select_seeds, search_seed=0)
         self._check_loss_files()
-        if self.start not in START_FORMS:
-            raise ValueError(f"start={self.start!r} must be one of {START_FORMS}")
+        given = {(d, m) for d, m, _ in self.loss_files}
+        for mode in {m for d, modes in self.searches().items() for m in modes if (d, m) not in given}:
+            start_theta(self.start, shared=mode == "searched-shared")  # a bad start file is named before any training
         if self.warm_starts < 1:
             raise ValueError(f"warm_starts={self.warm_starts} must be >= 1")
         if self.select_warm_starts and (self.warm_starts < 2 or not self.select_top):
@@ -235,14 +260,22 @@ class BenchConfig:
             given[(dataset, mode)] = spec.to_json()
         return given
 
+    def search_name(self, dataset: str, mode: str) -> str:
+        """The search's name in ``work``: ``bench-<dataset>-<mode>``; started from a loss
+        file, ``-start-<first 8 hex digits of the file's sha256>`` after it, so that such a
+        search lives beside the others in one ``--work`` and shares its data, warm starts
+        and the other losses' finals."""
+        name = f"bench-{dataset}-{mode}"
+        if self.start in START_FORMS:
+            return name
+        return f"{name}-start-{hashlib.sha256(storage.read_bytes(self.start)).hexdigest()[:8]}"
+
     def controller(self, p: steps.Preset, mode: str) -> dict[str, Any]:
         """Controller options of the ``mode`` search (one of ``SEARCH_MODES``) under preset ``p``."""
-        from paploss.spec import form_theta
-
         shared = mode == "searched-shared"
         options = {**p.controller, **({"shared": True} if shared else {})}
         if self.start != "linear":  # linear: the Controller's own start, the identity
-            options["mu"] = form_theta(self.start, functions=1 if shared else 5)
+            options["mu"] = start_theta(self.start, shared)
         return options
 
     def preset(self, dataset: str) -> steps.Preset:
@@ -898,7 +931,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
         inputs[dataset] = {"data": data, "data_sha256": tree_digest(storage.localize(data)),
                            "inits": [(uri, tree_digest(storage.localize(uri))) for uri in inits if uri]}
         for mode in searches[dataset]:
-            name = f"bench-{dataset}-{mode}"
+            name = cfg.search_name(dataset, mode)
             if (dataset, mode) in given:
                 continue
             if report_only:
@@ -966,10 +999,12 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
               help="Training seed of the proxy trials: the search's seed in every round (fixed), or seed + round "
                    "(per-round, so that no single training trajectory is tuned to; it measured no better, "
                    "BENCHMARKS.md, issue 8, finding 10).")
-@click.option("--start", type=click.Choice(START_FORMS), default=None,
-              help="Starting mean of the searches: the identity (linear, SPEC §2) or the piecewise-linear form of "
-                   "another handcrafted loss (does a search improve on square when it starts there?) "
-                   "[preset; else linear].")
+@click.option("--start", default=None, metavar="FORM|FILE",
+              help=f"Starting mean of the searches: the identity (linear, SPEC §2), the piecewise-linear form of "
+                   f"another handcrafted loss ({', '.join(START_FORMS)}: does a search improve on square when it "
+                   f"starts there?), or a searched loss's LossSpec JSON file, to refine it (a shared loss starts the "
+                   f"separate search with its function in all five places; such a search is named after the file's "
+                   f"digest, beside the others in --work) [preset; else linear].")
 @click.option("--select-top", type=int, default=None,
               help="Selection after each search: its N best samples trained again on the proxy with each "
                    "--select-seeds seed; the best mean becomes the searched loss (0: off, the loss is the policy's "

@@ -41,7 +41,7 @@ def test_summarize_mean_and_std_in_ap_points():
         ({"final_iterations": -5}, "final_iterations=-5"),
         ({"sigma": 0.0}, "sigma=0.0"),
         ({"trial_seeds": "random"}, "trial_seeds='random'"),
-        ({"start": "sigmoid"}, "start='sigmoid'"),
+        ({"start": "sigmoid"}, "start 'sigmoid' is neither a form"),
         ({"losses": ("square@g20",)}, "'square@g20'"),
         ({"losses": ("focal+l1@g2",)}, "'focal\\+l1@g2'"),
         ({"losses": ("square@gbig",)}, "'square@gbig'"),
@@ -245,6 +245,48 @@ def test_start_sets_the_searches_starting_mean():
     plain = BenchConfig(sigma=0.1)
     assert plain.controller(p, "searched") == {"sigma": 0.1}
     assert plain.controller(p, "searched-shared") == {"sigma": 0.1, "shared": True}
+
+
+def test_start_from_a_loss_file_refines_that_loss(tmp_path):
+    """--start FILE: the separate search starts at the file's loss, a shared loss's one
+    function in all five places and its gradient scale; the Controller's first mean reads
+    back as that loss. The search is named after the file's digest. A separate loss cannot
+    start the shared search, and a missing or invalid file is refused by name, on the
+    command line before anything is trained."""
+    import hashlib
+
+    from click.testing import CliRunner
+
+    from bench.search import bench
+
+    pts = [0.0, 0.0, 0.2, 0.03, 0.45, 0.18, 0.65, 0.35, 0.83, 0.69, 1.0, 1.0]
+    shared_file = tmp_path / "shared.json"
+    shared_file.write_text(LossSpec.shared(pts, 1.25).to_json())
+    sep = LossSpec.searched([pts, [0.0, 0.0, 0.3, 0.1, 0.5, 0.3, 0.7, 0.5, 0.9, 0.8, 1.0, 1.0], pts, pts, pts], 0.7)
+    sep_file = tmp_path / "sep.json"
+    sep_file.write_text(sep.to_json())
+    p = BenchConfig().preset("digits")
+    for path, spec in ((shared_file, LossSpec.searched([pts] * 5, 1.25)), (sep_file, sep)):
+        cfg = BenchConfig(start=str(path), losses=("searched", "square"), sigma=0.1)
+        c = Controller(rounds=2, **cfg.controller(p, "searched"))
+        assert c.dim == 41
+        got = c.spec()
+        assert got.grad_scale == pytest.approx(spec.grad_scale, rel=1e-5)
+        for a, b in zip(got.points, spec.points):
+            assert a == pytest.approx(b, abs=1e-5)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:8]
+        assert cfg.search_name("digits", "searched") == f"bench-digits-searched-start-{digest}"
+    shared = BenchConfig(start=str(shared_file), losses=("searched-shared",))
+    assert Controller(rounds=2, **shared.controller(p, "searched-shared")).spec().points[0] == pytest.approx(pts, abs=1e-5)
+    assert BenchConfig(start="square").search_name("digits", "searched") == "bench-digits-searched"
+    with pytest.raises(ValueError, match=r"sep\.json.*'searched'.*shared search"):
+        BenchConfig(start=str(sep_file), losses=("searched-shared",))
+    (tmp_path / "bad.json").write_text('{"form": "shared", "points": [[0, 0, 1, 1]]}')
+    for bad in ("cube", str(tmp_path / "bad.json")):
+        res = CliRunner().invoke(bench, ["--work", str(tmp_path / "w"), "--out", str(tmp_path / "o"), "--report-only",
+                                         "--tracking-uri", "", "--start", bad])
+        assert res.exit_code == 2 and f"start {bad!r} is neither a form" in res.output, res.output
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.fixture(scope="module")
