@@ -161,6 +161,9 @@ class BenchConfig:
     # with the warm start (BENCHMARKS.md, issue 8, finding 19): more than one measures a
     # loss's lead across them, not on one
     warm_starts: int = 1
+    # proxy trials whose positives' mean box quality u stays below this stop early (TrainConfig.box_collapse:
+    # a quarter of the separate search's early samples train their boxes worse and find nothing; finding 26)
+    box_collapse: float | None = None
     jobs: int = 2  # trainings run at a time (one CPU thread each)
     work: str = "runs/bench"
     out: str = "docs"
@@ -176,6 +179,8 @@ class BenchConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name}={value} must be >= 1 (or None for the pipeline preset's)")
+        if self.box_collapse is not None and not 0.0 < self.box_collapse < 1.0:
+            raise ValueError(f"box_collapse={self.box_collapse} must be a box quality in (0, 1)")
         if self.sigma is not None and not 0.0 < self.sigma <= 1.0:
             raise ValueError(f"sigma={self.sigma} must be in (0, 1]")
         if self.trial_seeds not in steps.TRIAL_SEEDS:
@@ -286,6 +291,8 @@ class BenchConfig:
             p = p.with_overrides(proxy={**p.proxy, "iterations": int(self.proxy_iterations), "epochs": None})
         if self.final_iterations:
             p = p.with_overrides(final={**p.final, "iterations": int(self.final_iterations), "epochs": None})
+        if self.box_collapse is not None:
+            p = p.with_overrides(proxy={**p.proxy, "box_collapse": float(self.box_collapse)})
         if self.sigma is not None:
             p = p.with_overrides(controller={**p.controller, "sigma": float(self.sigma)})
         sizes = {k: int(v) for k, v in (("n_train", self.n_train), ("n_val", self.n_val)) if v}
@@ -995,6 +1002,11 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
 @click.option("--n-train", type=int, default=None, help="Images of each bundled dataset's train split [preset].")
 @click.option("--n-val", type=int, default=None, help="Images of each bundled dataset's val split [preset].")
 @click.option("--sigma", type=float, default=None, help="Starting spread of the search policy [preset].")
+@click.option("--box-collapse", type=float, default=None, metavar="U",
+              help="Stop a proxy trial early, evaluating it as it is, when its positives' mean box quality u "
+                   "(GIoU-based, about 0.7 at the start) stays below U for more than 50 iterations: a loss that "
+                   "trains the boxes worse finds nothing (a quarter of the separate search's early samples; "
+                   "BENCHMARKS.md, issue 8, finding 26). 0.5 saves most of such a trial's time [off].")
 @click.option("--trial-seeds", type=click.Choice(steps.TRIAL_SEEDS), default="fixed", show_default=True,
               help="Training seed of the proxy trials: the search's seed in every round (fixed), or seed + round "
                    "(per-round, so that no single training trajectory is tuned to; it measured no better, "
@@ -1033,7 +1045,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default="sqlite:///mlflow.db", show_default=True,
               help="MLflow store for the results [env MLFLOW_TRACKING_URI]; '' to skip.")
 def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, final_iterations, n_train, n_val, sigma,
-          trial_seeds, start, select_top, select_seeds, loss_files, warm_starts, select_warm_starts, jobs, work, out,
+          box_collapse, trial_seeds, start, select_top, select_seeds, loss_files, warm_starts, select_warm_starts, jobs, work, out,
           report_only, tracking_uri) -> None:
     """The search-quality benchmark: search on the bundled datasets, then train with
     every loss and seed and compare AP on the held-out val split (issue 8)."""
@@ -1054,7 +1066,7 @@ def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, fi
             proxy_iterations=proxy_iterations or base.get("proxy_iterations"),
             final_iterations=final_iterations or base.get("final_iterations"),
             n_train=n_train or base.get("n_train"), n_val=n_val or base.get("n_val"),
-            sigma=sigma or base.get("sigma"), trial_seeds=trial_seeds, start=pick("start", start), jobs=jobs,
+            sigma=sigma or base.get("sigma"), box_collapse=box_collapse, trial_seeds=trial_seeds, start=pick("start", start), jobs=jobs,
             select_top=pick("select_top", select_top), select_seeds=select,
             loss_files=tuple(parse_loss_file(f) for f in loss_files),
             warm_starts=warm_starts, select_warm_starts=select_warm_starts,

@@ -15,6 +15,13 @@ prefix in COCO layout), evaluates COCO AP on ``cfg.val_ann`` and returns a
   1.0 to 1e-6 (the PAP loss of a collapsed ranking), is counted ("bad") and, when
   not finite, not applied.  After more than ``diverge_patience`` (50) bad
   iterations the run stops with ``diverged=True`` and all metrics 0 (reward 0).
+- **Box-collapse stop** (``box_collapse``, off by default).  A PAP loss whose I3 rises
+  faster than I1 (times the ranking term) is lowered by worse boxes: the positives' box
+  quality u falls within tens of iterations, I3(u) goes to 0, and with it every
+  classification gradient, so the detector finds nothing (BENCHMARKS.md, issue 8,
+  finding 26).  With ``box_collapse = q``, more than ``diverge_patience`` iterations
+  whose positives' mean u is below q stop the run with ``box_collapsed=True``; unlike a
+  divergence, the model is evaluated as it is (its AP, near 0, is the reward).
 - **Checkpoints** (``out_dir/checkpoint.pt``, atomic, local or ``s3://``) every
   ``checkpoint_every`` iterations and at the end, with ``metrics.json`` beside them;
   ``resume=True`` continues a run from its checkpoint.
@@ -109,6 +116,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     resume: bool = True
     diverge_patience: int = 50
+    box_collapse: float | None = None  # stop when the positives' mean box quality u stays below this (module doc)
     eval_batch_size: int = 16
     max_val_images: int | None = None
 
@@ -142,6 +150,12 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.box_collapse is not None:
+            if not 0.0 < self.box_collapse < 1.0:
+                raise ValueError(f"box_collapse is a box quality u in (0, 1), got {self.box_collapse}")
+            if self.loss != "paploss" or self.detector.startswith(MMDET_PREFIX):
+                raise ValueError(f"box_collapse needs the PAP loss on a paploss detector (loss={self.loss!r}, "
+                                 f"detector={self.detector!r}): only there is the positives' box quality u read")
         self.lr_steps = tuple(float(s) for s in self.lr_steps)
         if any(not 0 < s <= 1 for s in self.lr_steps):
             raise ValueError(f"lr_steps are fractions of the run in (0, 1], got {self.lr_steps}")
@@ -188,7 +202,8 @@ PROXY_PRESETS: dict[str, dict] = {
 @dataclass
 class TrainResult:
     """What a run gives back: ``metrics`` (COCO AP on ``val_ann``; zeros when
-    diverged), ``losses`` per iteration, the checkpoint URI, wall seconds."""
+    diverged), ``losses`` per iteration, the checkpoint URI, wall seconds;
+    ``box_collapsed``: stopped early by the box-collapse stop (``TrainConfig.box_collapse``)."""
 
     metrics: dict[str, float]
     diverged: bool
@@ -196,6 +211,7 @@ class TrainResult:
     checkpoint: str | None = None
     seconds: float = 0.0
     iterations: int = 0
+    box_collapsed: bool = False
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -345,6 +361,7 @@ def _train(cfg, device, rank, world, on_step, progress, t0) -> TrainResult:
 
     ckpt_uri = storage.join(cfg.out_dir, CHECKPOINT) if cfg.out_dir else None
     start, losses, bad, diverged = 0, [], 0, False
+    low, collapsed = 0, False  # box-collapse stop: iterations with the positives' mean u below cfg.box_collapse
     if ckpt_uri and cfg.resume and storage.exists(ckpt_uri):
         state = _load(ckpt_uri)
         if _fingerprint(state["config"]) != _fingerprint(cfg.to_dict()):
@@ -352,9 +369,10 @@ def _train(cfg, device, rank, world, on_step, progress, t0) -> TrainResult:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start, losses, bad, diverged = state["iteration"], list(state["losses"]), state["bad"], state["diverged"]
+        low, collapsed = state.get("low_quality", 0), state.get("box_collapsed", False)
         if state.get("done"):
             return TrainResult(metrics=state["metrics"], diverged=diverged, losses=losses, checkpoint=ckpt_uri,
-                               seconds=time.time() - t0, iterations=start)
+                               seconds=time.time() - t0, iterations=start, box_collapsed=collapsed)
 
     net = model
     if world > 1:
@@ -365,7 +383,7 @@ def _train(cfg, device, rank, world, on_step, progress, t0) -> TrainResult:
     bar = tqdm(range(start, total), desc=f"train {cfg.loss}", disable=not progress or rank != 0,
                initial=start, total=total, leave=False)
     for it in bar:
-        if diverged:
+        if diverged or collapsed:
             break
         lr = lr_at(cfg, it, total)
         for group in opt.param_groups:
@@ -393,11 +411,15 @@ def _train(cfg, device, rank, world, on_step, progress, t0) -> TrainResult:
         losses.append(value)
         if bad > cfg.diverge_patience:
             diverged = True
+        if cfg.box_collapse is not None:
+            low += _box_quality(model, device, world) < cfg.box_collapse
+            collapsed = low > cfg.diverge_patience
         if on_step is not None:
             on_step(it, value)
         bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2g}")
         if ckpt_uri and rank == 0 and cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < total:
-            _save(ckpt_uri, _state(cfg, model, opt, it + 1, losses, bad, diverged, train_coco, done=False))
+            _save(ckpt_uri, _state(cfg, model, opt, it + 1, losses, bad, diverged, train_coco, done=False,
+                                   low_quality=low, box_collapsed=collapsed))
     bar.close()
 
     if diverged:
@@ -413,15 +435,27 @@ def _train(cfg, device, rank, world, on_step, progress, t0) -> TrainResult:
         metrics = box[0]
     iterations = len(losses)
     if ckpt_uri and rank == 0:
-        _save(ckpt_uri, _state(cfg, model, opt, iterations, losses, bad, diverged, train_coco, done=True, metrics=metrics))
+        _save(ckpt_uri, _state(cfg, model, opt, iterations, losses, bad, diverged, train_coco, done=True, metrics=metrics,
+                               low_quality=low, box_collapsed=collapsed))
         storage.write_json(storage.join(cfg.out_dir, METRICS_FILE),
-                           {"metrics": metrics, "diverged": diverged, "iterations": iterations,
+                           {"metrics": metrics, "diverged": diverged, "box_collapsed": collapsed, "iterations": iterations,
                             "final_loss": losses[-1] if losses else None, "seconds": time.time() - t0,
                             "config": cfg.to_dict()})
     if world > 1:
         torch.distributed.barrier()
     return TrainResult(metrics=metrics, diverged=diverged, losses=losses, checkpoint=ckpt_uri,
-                       seconds=time.time() - t0, iterations=iterations)
+                       seconds=time.time() - t0, iterations=iterations, box_collapsed=collapsed)
+
+
+def _box_quality(model: torch.nn.Module, device: torch.device, world: int) -> float:
+    """The positives' mean box quality u of the last step (the PAP loss head's
+    ``box_quality``), averaged over the processes so that all take the same decision;
+    NaN when the batch had no positive (never counted as low)."""
+    q = model.head.box_quality.detach().float().reshape(1).to(device)
+    if world > 1:
+        torch.distributed.all_reduce(q)
+        q /= world
+    return float(q)
 
 
 def _limit(coco: dict, n: int | None) -> dict:
@@ -439,11 +473,13 @@ def _fingerprint(d: dict) -> str:
     return json.dumps({k: v for k, v in d.items() if k not in _VOLATILE}, sort_keys=True, default=str)
 
 
-def _state(cfg, model, opt, iteration, losses, bad, diverged, coco, done, metrics=None) -> dict:
+def _state(cfg, model, opt, iteration, losses, bad, diverged, coco, done, metrics=None, low_quality=0,
+           box_collapsed=False) -> dict:
     return {
         "format": "paploss-checkpoint/1", "config": cfg.to_dict(), "iteration": iteration,
         "model": model.state_dict(), "optimizer": opt.state_dict(), "losses": losses, "bad": bad,
         "diverged": diverged, "done": done, "metrics": metrics, "categories": coco["categories"],
+        "low_quality": low_quality, "box_collapsed": box_collapsed,
     }
 
 

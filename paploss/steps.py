@@ -668,7 +668,9 @@ def proxy_trial(
     search-val (SPEC §3, §4). Returns the result as JSON text::
 
         {"round", "sample", "theta", "seed", "init" (the warm start trained from),
-         "reward" (null if failed), "failed", "diverged", "error", "metrics", "seconds", "spec"}
+         "reward" (null if failed), "failed", "diverged", "error", "metrics", "seconds", "spec",
+         "box_collapsed" (stopped early by the proxy's ``box_collapse`` option; its reward is
+         the AP of the model as it was then)}
 
     ``trial``: one item of ``init_search``/``controller_update``'s ``trials``.
     ``proxy``: ``TrainConfig`` fields of the proxy training (``reward_metric``,
@@ -711,7 +713,8 @@ def proxy_trial(
             metrics = {k: float(v) for k, v in dict(res.metrics).items()}
             if metric not in metrics:
                 raise StepError(f"reward_metric={metric!r} is not among the metrics {sorted(metrics)}")
-            result.update(metrics=metrics, diverged=bool(res.diverged), error="")
+            result.update(metrics=metrics, diverged=bool(res.diverged), error="",
+                          box_collapsed=bool(getattr(res, "box_collapsed", False)))
             if res.diverged:
                 result.update(failed=True, error="diverged (SPEC §3: training loss NaN or 1.0 for > 50 iterations)")
             else:
@@ -725,7 +728,8 @@ def proxy_trial(
     _keep_aside(out)
     storage.write_json(out, result, indent=None)
     what = "FAILED" if result["failed"] else f"reward {result['reward']:.4f}"
-    _log(f"{_trial_label(t)}: {what} ({result['seconds']:.0f}s)")
+    stop = "; stopped early: its boxes collapsed" if result.get("box_collapsed") else ""
+    _log(f"{_trial_label(t)}: {what} ({result['seconds']:.0f}s{stop})")
     _ensure_trial_logged(result, search_name, state, tracking)
     return _trial_output(result)
 

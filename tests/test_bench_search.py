@@ -48,6 +48,7 @@ def test_summarize_mean_and_std_in_ap_points():
         ({"select_top": -2}, "select_top=-2"),
         ({"select_top": 2, "select_seeds": (3, 0)}, "holds the search's trial seed 0"),
         ({"warm_starts": 0}, "warm_starts=0"),
+        ({"box_collapse": 1.0}, "box_collapse=1.0 must be a box quality in (0, 1)"),
     ],
 )
 def test_config_rejects_bad_values_naming_them(kwargs, message):
@@ -227,6 +228,8 @@ def test_data_sizes_reach_the_bundled_dataset():
     assert BenchConfig().preset("digits").bundled == steps.get_preset("quick").bundled
     assert BenchConfig(sigma=0.1).preset("shapes").controller["sigma"] == 0.1
     assert "sigma" not in BenchConfig().preset("shapes").controller
+    assert BenchConfig(box_collapse=0.5).preset("digits").proxy["box_collapse"] == 0.5
+    assert "box_collapse" not in BenchConfig().preset("digits").proxy  # off: cached searches keep their inputs
 
 
 def test_start_sets_the_searches_starting_mean():

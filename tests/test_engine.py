@@ -116,6 +116,45 @@ def test_divergence_stops_early_with_reward_zero(tiny):
     assert len(bad) == 4  # stopped on the first iteration past the patience
 
 
+def _pts(*xy):
+    return [0.0, 0.0, *xy, 1.0, 1.0]
+
+
+# A separate PAP loss that worse boxes lower (BENCHMARKS.md, issue 8, finding 26): H2 high and
+# H1 low in the middle (the ranking ratio R well above 1), I3 steep where I1 is flat, a large
+# gradient scale. (1 - I1(u)) + R * I3(u) is smallest at u = 0.
+BOX_COLLAPSING = LossSpec.searched([
+    _pts(0.1, 0.6, 0.3, 0.8, 0.6, 0.9, 0.8, 0.95),  # H2
+    _pts(0.2, 0.2, 0.4, 0.4, 0.6, 0.6, 0.8, 0.8),  # I2
+    _pts(0.1, 0.3, 0.3, 0.7, 0.5, 0.9, 0.7, 0.95),  # I3
+    _pts(0.2, 0.0, 0.4, 0.01, 0.6, 0.02, 0.9, 0.05),  # I1
+    _pts(0.2, 0.0, 0.4, 0.01, 0.6, 0.02, 0.9, 0.1),  # H1
+], 10.0)
+
+
+def test_box_collapse_stop_ends_a_run_whose_boxes_the_loss_makes_worse(tiny):
+    """box_collapse=q: more than diverge_patience iterations whose positives' mean box
+    quality u is below q stop the run, not as a divergence: the model is evaluated as it
+    is and the checkpoint records the stop. Square, whose loss falls as u rises, runs its
+    full schedule with the same setting; without the setting the collapsing loss does too."""
+    base = dict(data=str(tiny), iterations=40, diverge_patience=3, loss="paploss", max_val_images=4,
+                **{k: v for k, v in TINY.items()})
+    stopped = train(TrainConfig(spec=BOX_COLLAPSING, box_collapse=0.5, **base), progress=False)
+    assert stopped.box_collapsed and not stopped.diverged
+    assert stopped.iterations < 40
+    assert set(stopped.metrics) >= {"AP", "AP50"}
+    square = train(TrainConfig(spec=LossSpec.handcrafted("square"), box_collapse=0.5, **base), progress=False)
+    assert not square.box_collapsed and square.iterations == 40
+    assert train(TrainConfig(spec=BOX_COLLAPSING, **base), progress=False).iterations == 40
+
+
+def test_box_collapse_needs_the_pap_loss_and_a_quality():
+    for kwargs, message in [({"box_collapse": 1.5, "loss": "paploss", "spec": BOX_COLLAPSING}, "in (0, 1), got 1.5"),
+                            ({"box_collapse": 0.5}, "needs the PAP loss")]:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            TrainConfig(data="x", iterations=1, **kwargs)
+
+
 def test_repeatable_on_cpu(tiny):
     cfg = TrainConfig(data=str(tiny), iterations=3, max_val_images=4, **TINY)
     assert train(cfg, progress=False).losses == train(cfg, progress=False).losses

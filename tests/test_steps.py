@@ -417,3 +417,20 @@ def test_a_selection_run_again_with_more_seeds_reuses_and_keeps_the_first_ones_t
     assert kept is not None and kept["reward"] == pytest.approx(0.41) and kept["seed"] == 1
     assert len([f for f in storage.list_files(os.path.join(steps.search_dir(work, "sel-more"), "trials"))
                 if f.startswith("r002-s02-")]) == 1
+
+
+def test_a_proxy_trial_whose_boxes_collapse_stops_early_with_its_measured_reward(tiny_data, tmp_path):
+    """The proxy option box_collapse reaches the engine: a trial of a loss that trains its
+    boxes worse stops early, is not failed (a search goes on past it), and its reward is
+    the AP of the model as it was then; the stored result says so."""
+    from tests.test_engine import BOX_COLLAPSING
+
+    work, data = tiny_data
+    out = steps.init_search(str(tmp_path), "collapse", 1, 2, seed=0, controller={"sigma": 0.1})
+    trial = {**json.loads(out["trials"][0]), "theta": list(BOX_COLLAPSING.to_theta())}
+    proxy = {"preset": "smoke", "iterations": 40, "diverge_patience": 3, "box_collapse": 0.5}
+    res = json.loads(steps.proxy_trial(data, "", trial, proxy, str(tmp_path), "collapse", state=out["state"]))
+    assert res["box_collapsed"] and not res["failed"] and not res["diverged"]
+    assert res["reward"] == res["metrics"]["AP"]
+    stored = storage.read_json(steps._trial_uri(str(tmp_path), "collapse", 0, 0))
+    assert stored["box_collapsed"] and 3 < len(stored["losses"]) < 40

@@ -43,7 +43,10 @@ class LossHead(RetinaNetHead):
     """``RetinaNetHead`` whose ``compute_loss`` is the chosen loss.
 
     Returns a dict of scalar losses: ``{"classification", "bbox_regression"}`` for the
-    baselines, ``{"paploss"}`` for the PAP loss."""
+    baselines, ``{"paploss"}`` for the PAP loss. With the PAP loss, ``box_quality`` then
+    holds the batch's mean u over its positive entries (a detached 0-d tensor)."""
+
+    box_quality = None
 
     def __init__(self, in_channels: int, num_anchors: int, num_classes: int, *, loss: str = "focal+l1",
                  spec=None, quality: str = "giou", top_k: int | None = 100_000, norm_layer=None):
@@ -66,6 +69,8 @@ class LossHead(RetinaNetHead):
         t, u = dense_targets(cls_logits, bbox_regression, anchors, matched_idxs, targets,
                              self.regression_head.box_coder, self.quality)
         loss = pap_loss(cls_logits.reshape(-1).float(), t.reshape(-1), u.reshape(-1), self.spec, top_k=self.top_k)
+        # the positives' mean box quality u (NaN without positives), read by the engine's box-collapse stop
+        self.box_quality = u.detach()[t == 1].mean()
         return {"paploss": loss}
 
 
