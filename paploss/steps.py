@@ -778,7 +778,7 @@ def _ensure_trial_logged(result: Mapping[str, Any], search_name: str, state: str
         sample=int(result["sample"]), theta=result["theta"], names=names, spec_json=result.get("spec"),
         losses=result.get("losses", ()), reward=result["reward"], failed=bool(result["failed"]),
         diverged=bool(result["diverged"]), error=result.get("error", ""), metrics=result.get("metrics"),
-        seconds=result.get("seconds"),
+        seconds=result.get("seconds"), box_collapsed=bool(result.get("box_collapsed")),
     )
 
 

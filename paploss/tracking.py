@@ -219,15 +219,17 @@ def log_trial(
     error: str = "",
     metrics: Mapping[str, float] | None = None,
     seconds: float | None = None,
+    box_collapsed: bool = False,
 ) -> str:
-    """A nested trial run under the search's parent run; returns its id."""
+    """A nested trial run under the search's parent run; returns its id. Tags say whether
+    it failed, diverged, or was stopped early because its boxes collapsed."""
     from mlflow.entities import Param
 
     run_id = _child_run(
         client, parent_run_id, f"r{round:03d}-s{sample:02d}",
         {KIND: "trial", SEARCH_NAME: search_name, "paploss.round": str(round),
          "paploss.sample": str(sample), "paploss.failed": str(bool(failed)).lower(),
-         "paploss.diverged": str(bool(diverged)).lower()},
+         "paploss.diverged": str(bool(diverged)).lower(), "paploss.box_collapsed": str(bool(box_collapsed)).lower()},
     )
     names = list(names) if len(names) == len(theta) else [f"theta.{i}" for i in range(len(theta))]
     params = [Param(n, f"{float(v):.6f}") for n, v in zip(names, theta)]

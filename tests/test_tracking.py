@@ -53,9 +53,10 @@ def test_trial_round_and_final_runs(client):
     ids = [
         tr.log_trial(client, parent, search_name="s1", round=0, sample=i, theta=thetas[i], names=c.parameter_names,
                      spec_json=c.spec_of(thetas[i]).to_json(), losses=[1.0, 0.5, float("nan"), 0.25],
-                     reward=0.1 * (i + 1), failed=False, metrics={"AP50": 0.3})
+                     reward=0.1 * (i + 1), failed=False, metrics={"AP50": 0.3}, box_collapsed=i == 0)
         for i in range(2)
     ]
+    assert [client.get_run(i).data.tags["paploss.box_collapsed"] for i in ids] == ["true", "false"]
     run = client.get_run(ids[1])
     assert run.data.tags["mlflow.parentRunId"] == parent
     assert run.data.tags[tr.KIND] == "trial" and run.data.tags["paploss.round"] == "0"
