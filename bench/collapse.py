@@ -9,10 +9,14 @@ so an unfinished round shows too) and the mean over the collapsed and the other
 trials of ``mean H2`` and ``mean H1`` on x in [0.4, 0.6] and of their ratio.
 
 In the separate searches on both datasets, every trial with mean H2 above 0.3 there
-collapsed, and the same samples with H1 raised to the identity collapsed too: the ratio
-H2/H1 (finding 21's reading) is high in the collapsed trials because their H2 is. Yet
-no trial of the shared searches collapsed, some with H2 up to 0.55 there: what makes a
-separate sample collapse is not resolved (BENCHMARKS.md, issue 8, finding 22).
+collapsed, and the same samples with H1 raised to the identity collapsed too, while no
+trial of the shared searches collapsed (BENCHMARKS.md, issue 8, finding 22). Why
+(finding 26): with the scores near each other, one positive's loss as a function of its
+box quality u is about ``(1 - I1(u)) + R I3(u)``, R = H2/H1 in the middle. Where
+``R I3'(u) > I1'(u)`` worse boxes lower it: the boxes are trained worse (u falls from
+0.7 to below 0.4 within tens of iterations), I3(u) goes to 0 and takes every
+classification gradient with it. The shared form has I3 = I1 and R <= 1, so it never
+can. ``TrainConfig.box_collapse`` (``paploss bench --box-collapse``) stops such trials early.
 """
 
 from __future__ import annotations

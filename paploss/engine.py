@@ -117,6 +117,7 @@ class TrainConfig:
     resume: bool = True
     diverge_patience: int = 50
     box_collapse: float | None = None  # stop when the positives' mean box quality u stays below this (module doc)
+    detach_i3: bool = False  # PAP loss without the gradient into u through I3 (paploss.loss.pap_loss; not SPEC §1)
     eval_batch_size: int = 16
     max_val_images: int | None = None
 
@@ -150,12 +151,12 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.box_collapse is not None:
-            if not 0.0 < self.box_collapse < 1.0:
-                raise ValueError(f"box_collapse is a box quality u in (0, 1), got {self.box_collapse}")
-            if self.loss != "paploss" or self.detector.startswith(MMDET_PREFIX):
-                raise ValueError(f"box_collapse needs the PAP loss on a paploss detector (loss={self.loss!r}, "
-                                 f"detector={self.detector!r}): only there is the positives' box quality u read")
+        if self.box_collapse is not None and not 0.0 < self.box_collapse < 1.0:
+            raise ValueError(f"box_collapse is a box quality u in (0, 1), got {self.box_collapse}")
+        for name, on in (("box_collapse", self.box_collapse is not None), ("detach_i3", self.detach_i3)):
+            if on and (self.loss != "paploss" or self.detector.startswith(MMDET_PREFIX)):
+                raise ValueError(f"{name} needs the PAP loss on a paploss detector (loss={self.loss!r}, "
+                                 f"detector={self.detector!r}): only there is the positives' box quality u at hand")
         self.lr_steps = tuple(float(s) for s in self.lr_steps)
         if any(not 0 < s <= 1 for s in self.lr_steps):
             raise ValueError(f"lr_steps are fractions of the run in (0, 1], got {self.lr_steps}")
@@ -272,6 +273,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
         cfg.detector, num_classes, loss=cfg.loss, spec=cfg.spec, image_size=cfg.image_size,
         fpn_channels=cfg.fpn_channels, width_mult=cfg.width_mult, head_norm=cfg.head_norm,
         anchor_size=cfg.anchor_size, quality=cfg.quality, top_k=cfg.top_k, backbone_weights=cfg.backbone_weights,
+        detach_i3=cfg.detach_i3,
     )
 
 

@@ -464,6 +464,7 @@ def pap_loss(
     top_k: int | None = DEFAULT_TOP_K,
     *,
     exact: bool = False,
+    detach_i3: bool = False,
 ) -> Tensor:
     """The Parameterized AP Loss of SPEC §1 over a whole batch.
 
@@ -481,6 +482,11 @@ def pap_loss(
             of their piecewise-quadratic approximations (within
             ``paploss.functions.HANDCRAFTED_APPROX_ERROR``) on the fast path. No
             effect on other forms, whose pieces are exact.
+        detach_i3: no gradient into ``u_i`` through the ranking term's weight
+            ``I3(u_i)`` (not SPEC §1, which passes it; off by default). Through it a
+            loss whose ``I3`` rises faster than ``I1`` (times the ranking ratio) is
+            lowered by worse boxes and trains them worse (BENCHMARKS.md, issue 8,
+            finding 26); without it no gradient makes ``u`` smaller.
 
     Returns:
         0-dim tensor, dtype and device of ``logits``; ``0 * (sum of inputs)``
@@ -490,10 +496,12 @@ def pap_loss(
     ``H1(1/2) = 0``) contributes ``1 - I1(u_i)`` (its ranking term is taken as 0).
     """
     _check_inputs(logits, targets, qualities, spec, top_k)
-    if not isinstance(exact, bool):
-        raise ValueError(f"exact must be a bool, got {exact!r}")
+    for name, flag in (("exact", exact), ("detach_i3", detach_i3)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be a bool, got {flag!r}")
     if logits.dtype in (torch.float16, torch.bfloat16):  # e.g. under autocast: rank in float32
-        return pap_loss(logits.float(), targets, qualities, spec, top_k, exact=exact).to(logits.dtype)
+        return pap_loss(logits.float(), targets, qualities, spec, top_k, exact=exact,
+                        detach_i3=detach_i3).to(logits.dtype)
     s = logits.reshape(-1)                                           # (N,)
     t = targets.reshape(-1)                                          # (N,)
     u_all = qualities.reshape(-1)                                    # (N,)
@@ -538,5 +546,5 @@ def pap_loss(
         num = num + rank_sum(s_p, s_pj, H2, weights=i2_zero - I2(u_pj))
     safe = torch.where(den > 0, den, torch.ones_like(den))
     ratio = torch.where(den > 0, num / safe, torch.zeros_like(num))
-    per_pos = (1.0 - I1(u_p)) + I3(u_p) * ratio                     # (P,)
+    per_pos = (1.0 - I1(u_p)) + I3(u_p.detach() if detach_i3 else u_p) * ratio  # (P,)
     return per_pos.sum() / (n_pos + 1e-8)

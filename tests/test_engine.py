@@ -146,11 +146,15 @@ def test_box_collapse_stop_ends_a_run_whose_boxes_the_loss_makes_worse(tiny):
     square = train(TrainConfig(spec=LossSpec.handcrafted("square"), box_collapse=0.5, **base), progress=False)
     assert not square.box_collapsed and square.iterations == 40
     assert train(TrainConfig(spec=BOX_COLLAPSING, **base), progress=False).iterations == 40
+    # detach_i3: the same loss without the gradient that trains the boxes worse runs its schedule
+    assert not train(TrainConfig(spec=BOX_COLLAPSING, box_collapse=0.5, detach_i3=True, **base),
+                     progress=False).box_collapsed
 
 
-def test_box_collapse_needs_the_pap_loss_and_a_quality():
+def test_box_collapse_and_detach_i3_need_the_pap_loss():
     for kwargs, message in [({"box_collapse": 1.5, "loss": "paploss", "spec": BOX_COLLAPSING}, "in (0, 1), got 1.5"),
-                            ({"box_collapse": 0.5}, "needs the PAP loss")]:
+                            ({"box_collapse": 0.5}, "box_collapse needs the PAP loss"),
+                            ({"detach_i3": True}, "detach_i3 needs the PAP loss")]:
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
             TrainConfig(data="x", iterations=1, **kwargs)
 

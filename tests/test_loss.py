@@ -27,7 +27,7 @@ from paploss.spec import IDENTITY_THETA8, theta_to_points
 # --------------------------------------------------------------------------------------
 
 
-def dense_pap_loss(logits, targets, qualities, spec, top_k=100_000, detach_h1=True, exact=False):
+def dense_pap_loss(logits, targets, qualities, spec, top_k=100_000, detach_h1=True, exact=False, detach_i3=False):
     """``exact``: the exact sigmoid / sqrt H (not the piecewise-quadratic approximations)."""
     s = logits.reshape(-1)
     t = targets.reshape(-1)
@@ -51,7 +51,7 @@ def dense_pap_loss(logits, targets, qualities, spec, top_k=100_000, detach_h1=Tr
     if detach_h1:
         den = den.detach()
     ratio = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), 0.0)
-    loss_i = (1 - I1(u[P])) + I3(u[P]) * ratio
+    loss_i = (1 - I1(u[P])) + I3(u[P].detach() if detach_i3 else u[P]) * ratio
     return loss_i.sum() / (len(P) + 1e-8)
 
 
@@ -140,6 +140,36 @@ def test_fast_loss_matches_dense_twin(spec, batch):
     fast = _value_and_grads(lambda s, q: pap_loss(s, t, q, spec, top_k=top_k), s, q)
     twin = _value_and_grads(lambda s, q: dense_pap_loss(s, t, q, spec, top_k=top_k), s, q)
     _assert_same(fast, twin, atol=1e-9 * _steepness(spec))
+
+
+@settings(max_examples=_examples(60), deadline=None)
+@given(specs(), batches())
+def test_detach_i3_matches_dense_twin_and_never_rewards_worse_boxes(spec, batch):
+    """detach_i3: the fast path equals the twin with I3's input detached, in value and
+    gradient; the value is the SPEC's loss; and no quality gets a positive gradient
+    (worse boxes never lower the loss), which the SPEC's loss does not promise."""
+    scores, targets, quals, top_k = batch
+    assume(_cut_is_unambiguous(scores, targets, top_k))
+    s, t, q = _tensors(scores, targets, quals)
+    fast = _value_and_grads(lambda s, q: pap_loss(s, t, q, spec, top_k=top_k, detach_i3=True), s, q)
+    twin = _value_and_grads(lambda s, q: dense_pap_loss(s, t, q, spec, top_k=top_k, detach_i3=True), s, q)
+    _assert_same(fast, twin, atol=1e-9 * _steepness(spec))
+    torch.testing.assert_close(fast[0], pap_loss(s, t, q, spec, top_k=top_k).detach(), rtol=1e-12, atol=1e-12)
+    assert bool((fast[2] <= 1e-12).all()), fast[2]
+
+
+def test_detach_i3_removes_the_gradient_that_trains_boxes_worse():
+    """A loss whose I3 is steep where I1 is flat (BENCHMARKS.md, issue 8, finding 26): with
+    every score equal, the SPEC's loss pushes each positive's quality down; detach_i3
+    leaves only I1's push up."""
+    from tests.test_engine import BOX_COLLAPSING
+
+    s = torch.zeros(40, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([1] * 4 + [0] * 36)
+    q = torch.full((40,), 0.25, dtype=torch.float64, requires_grad=True)
+    spec_grad = torch.autograd.grad(pap_loss(s, t, q, BOX_COLLAPSING), q)[0][:4]
+    detached = torch.autograd.grad(pap_loss(s, t, q, BOX_COLLAPSING, detach_i3=True), q)[0][:4]
+    assert bool((spec_grad > 0).all()) and bool((detached < 0).all())
 
 
 @settings(max_examples=_examples(25), deadline=None)

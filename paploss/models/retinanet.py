@@ -49,13 +49,15 @@ class LossHead(RetinaNetHead):
     box_quality = None
 
     def __init__(self, in_channels: int, num_anchors: int, num_classes: int, *, loss: str = "focal+l1",
-                 spec=None, quality: str = "giou", top_k: int | None = 100_000, norm_layer=None):
+                 spec=None, quality: str = "giou", top_k: int | None = 100_000, norm_layer=None,
+                 detach_i3: bool = False):
         super().__init__(in_channels, num_anchors, num_classes, norm_layer=norm_layer)
         check_loss(loss, spec)
         self.loss = loss
         self.spec = spec
         self.quality = quality
         self.top_k = top_k
+        self.detach_i3 = detach_i3  # paploss.loss.pap_loss's option: no gradient into u through I3
         if loss == "focal+giou":
             self.regression_head._loss_type = "giou"
 
@@ -68,7 +70,8 @@ class LossHead(RetinaNetHead):
         bbox_regression = scale_grad(head_outputs["bbox_regression"], self.spec.grad_scale)  # [N, A, 4]
         t, u = dense_targets(cls_logits, bbox_regression, anchors, matched_idxs, targets,
                              self.regression_head.box_coder, self.quality)
-        loss = pap_loss(cls_logits.reshape(-1).float(), t.reshape(-1), u.reshape(-1), self.spec, top_k=self.top_k)
+        loss = pap_loss(cls_logits.reshape(-1).float(), t.reshape(-1), u.reshape(-1), self.spec, top_k=self.top_k,
+                        detach_i3=self.detach_i3)
         # the positives' mean box quality u (NaN without positives), read by the engine's box-collapse stop
         self.box_quality = u.detach()[t == 1].mean()
         return {"paploss": loss}
@@ -97,6 +100,7 @@ def build_retinanet(
     backbone_weights: str | None = None,
     score_thresh: float = 0.05,
     detections_per_img: int = 100,
+    detach_i3: bool = False,
 ) -> RetinaNet:
     """A RetinaNet for ``num_classes`` classes (labels 0..K-1) on square images of
     side ``image_size`` (resized so; ``min_size = max_size = image_size``)."""
@@ -107,6 +111,6 @@ def build_retinanet(
         groups = 32 if fpn_channels % 32 == 0 else 8
         norm = partial(nn.GroupNorm, groups)
     head = LossHead(fpn_channels, anchors.num_anchors_per_location()[0], num_classes, loss=loss, spec=spec,
-                    quality=quality, top_k=top_k, norm_layer=norm)
+                    quality=quality, top_k=top_k, norm_layer=norm, detach_i3=detach_i3)
     return RetinaNet(body, num_classes, min_size=image_size, max_size=image_size, anchor_generator=anchors, head=head,
                      score_thresh=score_thresh, detections_per_img=detections_per_img)
