@@ -204,7 +204,9 @@ PROXY_PRESETS: dict[str, dict] = {
 class TrainResult:
     """What a run gives back: ``metrics`` (COCO AP on ``val_ann``; zeros when
     diverged), ``losses`` per iteration, the checkpoint URI, wall seconds;
-    ``box_collapsed``: stopped early by the box-collapse stop (``TrainConfig.box_collapse``)."""
+    ``box_collapsed``: stopped early by the box-collapse stop (``TrainConfig.box_collapse``);
+    ``box_quality``: with the PAP loss, the positives' mean box quality u per iteration
+    (NaN where a batch had no positive; empty for the other losses)."""
 
     metrics: dict[str, float]
     diverged: bool
@@ -213,6 +215,7 @@ class TrainResult:
     seconds: float = 0.0
     iterations: int = 0
     box_collapsed: bool = False
+    box_quality: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -363,7 +366,8 @@ def _train(cfg, device, rank, world, on_step, progress, t0) -> TrainResult:
 
     ckpt_uri = storage.join(cfg.out_dir, CHECKPOINT) if cfg.out_dir else None
     start, losses, bad, diverged = 0, [], 0, False
-    low, collapsed = 0, False  # box-collapse stop: iterations with the positives' mean u below cfg.box_collapse
+    qualities: list[float] = []  # the positives' mean box quality u per iteration (PAP loss only)
+    low, collapsed = 0, False  # box-collapse stop: iterations with u below cfg.box_collapse, and the stop
     if ckpt_uri and cfg.resume and storage.exists(ckpt_uri):
         state = _load(ckpt_uri)
         if _fingerprint(state["config"]) != _fingerprint(cfg.to_dict()):
@@ -371,10 +375,14 @@ def _train(cfg, device, rank, world, on_step, progress, t0) -> TrainResult:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         start, losses, bad, diverged = state["iteration"], list(state["losses"]), state["bad"], state["diverged"]
-        low, collapsed = state.get("low_quality", 0), state.get("box_collapsed", False)
+        qualities = list(state.get("box_quality", []))
+        if cfg.box_collapse is not None:
+            low = sum(q < cfg.box_collapse for q in qualities)
+            collapsed = low > cfg.diverge_patience
         if state.get("done"):
             return TrainResult(metrics=state["metrics"], diverged=diverged, losses=losses, checkpoint=ckpt_uri,
-                               seconds=time.time() - t0, iterations=start, box_collapsed=collapsed)
+                               seconds=time.time() - t0, iterations=start, box_collapsed=collapsed,
+                               box_quality=qualities)
 
     net = model
     if world > 1:
@@ -413,15 +421,17 @@ def _train(cfg, device, rank, world, on_step, progress, t0) -> TrainResult:
         losses.append(value)
         if bad > cfg.diverge_patience:
             diverged = True
-        if cfg.box_collapse is not None:
-            low += _box_quality(model, device, world) < cfg.box_collapse
-            collapsed = low > cfg.diverge_patience
+        if cfg.loss == "paploss":
+            qualities.append(_box_quality(model, device, world))
+            if cfg.box_collapse is not None:
+                low += qualities[-1] < cfg.box_collapse
+                collapsed = low > cfg.diverge_patience
         if on_step is not None:
             on_step(it, value)
         bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2g}")
         if ckpt_uri and rank == 0 and cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < total:
             _save(ckpt_uri, _state(cfg, model, opt, it + 1, losses, bad, diverged, train_coco, done=False,
-                                   low_quality=low, box_collapsed=collapsed))
+                                   box_quality=qualities))
     bar.close()
 
     if diverged:
@@ -438,7 +448,7 @@ def _train(cfg, device, rank, world, on_step, progress, t0) -> TrainResult:
     iterations = len(losses)
     if ckpt_uri and rank == 0:
         _save(ckpt_uri, _state(cfg, model, opt, iterations, losses, bad, diverged, train_coco, done=True, metrics=metrics,
-                               low_quality=low, box_collapsed=collapsed))
+                               box_quality=qualities))
         storage.write_json(storage.join(cfg.out_dir, METRICS_FILE),
                            {"metrics": metrics, "diverged": diverged, "box_collapsed": collapsed, "iterations": iterations,
                             "final_loss": losses[-1] if losses else None, "seconds": time.time() - t0,
@@ -446,7 +456,7 @@ def _train(cfg, device, rank, world, on_step, progress, t0) -> TrainResult:
     if world > 1:
         torch.distributed.barrier()
     return TrainResult(metrics=metrics, diverged=diverged, losses=losses, checkpoint=ckpt_uri,
-                       seconds=time.time() - t0, iterations=iterations, box_collapsed=collapsed)
+                       seconds=time.time() - t0, iterations=iterations, box_collapsed=collapsed, box_quality=qualities)
 
 
 def _box_quality(model: torch.nn.Module, device: torch.device, world: int) -> float:
@@ -475,13 +485,12 @@ def _fingerprint(d: dict) -> str:
     return json.dumps({k: v for k, v in d.items() if k not in _VOLATILE}, sort_keys=True, default=str)
 
 
-def _state(cfg, model, opt, iteration, losses, bad, diverged, coco, done, metrics=None, low_quality=0,
-           box_collapsed=False) -> dict:
+def _state(cfg, model, opt, iteration, losses, bad, diverged, coco, done, metrics=None, box_quality=()) -> dict:
     return {
         "format": "paploss-checkpoint/1", "config": cfg.to_dict(), "iteration": iteration,
         "model": model.state_dict(), "optimizer": opt.state_dict(), "losses": losses, "bad": bad,
         "diverged": diverged, "done": done, "metrics": metrics, "categories": coco["categories"],
-        "low_quality": low_quality, "box_collapsed": box_collapsed,
+        "box_quality": list(box_quality),
     }
 
 

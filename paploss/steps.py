@@ -678,8 +678,9 @@ def proxy_trial(
     controller state the θ was drawn from (for θ → LossSpec). Exceptions are caught
     and retried ``attempts`` times, then reported as ``failed``; a diverged run
     (SPEC §3) is ``failed`` too. The stored result (``trials/rNNN-sMM.json``) also
-    holds the training loss per iteration; the returned JSON leaves it out (KFP
-    parameters stay small).
+    holds the training loss and the positives' mean box quality u per iteration
+    (``losses``, ``box_quality``); the returned JSON leaves them out (KFP parameters
+    stay small).
     """
     t = _parse_trial(trial)
     r, s = int(t["round"]), int(t["sample"])
@@ -693,6 +694,7 @@ def proxy_trial(
     metric = proxy.pop("reward_metric", "AP")
     functions: Sequence[str] = ()
     losses: list[float] = []
+    quality: list[float] = []
     result: dict[str, Any] = {"round": r, "sample": s, "theta": theta, "seed": int(t["seed"]),
                               "init": init or None, "reward": None, "failed": True, "diverged": False,
                               "error": "", "metrics": {}, "seconds": 0.0, "spec": None}
@@ -713,6 +715,7 @@ def proxy_trial(
             metrics = {k: float(v) for k, v in dict(res.metrics).items()}
             if metric not in metrics:
                 raise StepError(f"reward_metric={metric!r} is not among the metrics {sorted(metrics)}")
+            quality = list(getattr(res, "box_quality", []))
             result.update(metrics=metrics, diverged=bool(res.diverged), error="",
                           box_collapsed=bool(getattr(res, "box_collapsed", False)))
             if res.diverged:
@@ -725,6 +728,7 @@ def proxy_trial(
             _log(f"{_trial_label(t)}: attempt {attempt}/{attempts} failed: {type(exc).__name__}: {exc}")
     result["seconds"] = round(time.monotonic() - start, 3)
     result["losses"] = losses
+    result["box_quality"] = quality
     _keep_aside(out)
     storage.write_json(out, result, indent=None)
     what = "FAILED" if result["failed"] else f"reward {result['reward']:.4f}"
@@ -742,7 +746,7 @@ def _trial_label(t: Mapping[str, Any]) -> str:
 
 
 def _trial_output(result: Mapping[str, Any]) -> str:
-    return json.dumps({k: v for k, v in result.items() if k != "losses"})
+    return json.dumps({k: v for k, v in result.items() if k not in ("losses", "box_quality")})
 
 
 def _spec_of(state: str, theta: list[float]):
@@ -776,7 +780,8 @@ def _ensure_trial_logged(result: Mapping[str, Any], search_name: str, state: str
     tr.log_trial(
         client, parent.info.run_id, search_name=search_name, round=int(result["round"]),
         sample=int(result["sample"]), theta=result["theta"], names=names, spec_json=result.get("spec"),
-        losses=result.get("losses", ()), reward=result["reward"], failed=bool(result["failed"]),
+        losses=result.get("losses", ()), box_quality=result.get("box_quality", ()), reward=result["reward"],
+        failed=bool(result["failed"]),
         diverged=bool(result["diverged"]), error=result.get("error", ""), metrics=result.get("metrics"),
         seconds=result.get("seconds"), box_collapsed=bool(result.get("box_collapsed")),
     )

@@ -215,14 +215,17 @@ def log_trial(
     losses: Sequence[float],
     reward: float | None,
     failed: bool,
+    box_quality: Sequence[float] = (),
     diverged: bool = False,
     error: str = "",
     metrics: Mapping[str, float] | None = None,
     seconds: float | None = None,
     box_collapsed: bool = False,
 ) -> str:
-    """A nested trial run under the search's parent run; returns its id. Tags say whether
-    it failed, diverged, or was stopped early because its boxes collapsed."""
+    """A nested trial run under the search's parent run; returns its id. Its curves: the
+    training ``loss`` and, with the PAP loss, ``box_quality`` (the positives' mean u) per
+    iteration. Tags say whether it failed, diverged, or was stopped early because its
+    boxes collapsed."""
     from mlflow.entities import Param
 
     run_id = _child_run(
@@ -235,7 +238,7 @@ def log_trial(
     params = [Param(n, f"{float(v):.6f}") for n, v in zip(names, theta)]
     for i in range(0, len(params), 100):
         client.log_batch(run_id, params=params[i: i + 100])
-    items = [("loss", v, i) for i, v in enumerate(losses)]
+    items = [("loss", v, i) for i, v in enumerate(losses)] + [("box_quality", v, i) for i, v in enumerate(box_quality)]
     if reward is not None:
         items.append(("reward", reward, round))
     for k, v in (metrics or {}).items():

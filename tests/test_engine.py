@@ -151,6 +151,37 @@ def test_box_collapse_stop_ends_a_run_whose_boxes_the_loss_makes_worse(tiny):
                      progress=False).box_collapsed
 
 
+def test_box_quality_is_recorded_per_iteration_and_survives_a_resume(tiny, tmp_path):
+    """With the PAP loss a run records the positives' mean box quality u of every
+    iteration, as pap_loss saw it (checked against a recording wrapper), and a run resumed
+    from its checkpoint has the same record as an uninterrupted one; other losses record none."""
+    import paploss.loss as L
+
+    cfg = dict(TINY, iterations=6, checkpoint_every=2, max_val_images=4, loss="paploss",
+               spec=LossSpec.handcrafted("square"), box_collapse=0.1)
+    seen, real = [], L.pap_loss
+
+    def recording(logits, targets, qualities, spec, top_k=None, **kw):
+        seen.append(float(qualities.detach()[targets == 1].mean()))
+        return real(logits, targets, qualities, spec, top_k=top_k, **kw)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(L, "pap_loss", recording)
+        full = train(TrainConfig(data=str(tiny), out_dir=str(tmp_path / "full"), **cfg), progress=False)
+    assert full.box_quality == pytest.approx(seen) and len(seen) == 6
+    assert all(0.0 < q < 1.0 for q in full.box_quality)
+
+    def crash(it, loss):
+        if it == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(data=str(tiny), out_dir=str(tmp_path / "cut"), **cfg), on_step=crash, progress=False)
+    resumed = train(TrainConfig(data=str(tiny), out_dir=str(tmp_path / "cut"), **cfg), progress=False)
+    assert resumed.box_quality == full.box_quality and not resumed.box_collapsed
+    assert train(TrainConfig(data=str(tiny), iterations=2, max_val_images=4, **TINY), progress=False).box_quality == []
+
+
 def test_box_collapse_and_detach_i3_need_the_pap_loss():
     for kwargs, message in [({"box_collapse": 1.5, "loss": "paploss", "spec": BOX_COLLAPSING}, "in (0, 1), got 1.5"),
                             ({"box_collapse": 0.5}, "box_collapse needs the PAP loss"),

@@ -434,3 +434,5 @@ def test_a_proxy_trial_whose_boxes_collapse_stops_early_with_its_measured_reward
     assert res["reward"] == res["metrics"]["AP"]
     stored = storage.read_json(steps._trial_uri(str(tmp_path), "collapse", 0, 0))
     assert stored["box_collapsed"] and 3 < len(stored["losses"]) < 40
+    assert len(stored["box_quality"]) == len(stored["losses"]) and stored["box_quality"][-1] < 0.5
+    assert "box_quality" not in res and "losses" not in res  # the step's output stays small

@@ -53,7 +53,8 @@ def test_trial_round_and_final_runs(client):
     ids = [
         tr.log_trial(client, parent, search_name="s1", round=0, sample=i, theta=thetas[i], names=c.parameter_names,
                      spec_json=c.spec_of(thetas[i]).to_json(), losses=[1.0, 0.5, float("nan"), 0.25],
-                     reward=0.1 * (i + 1), failed=False, metrics={"AP50": 0.3}, box_collapsed=i == 0)
+                     box_quality=[0.7, float("nan"), 0.6, 0.5], reward=0.1 * (i + 1), failed=False,
+                     metrics={"AP50": 0.3}, box_collapsed=i == 0)
         for i in range(2)
     ]
     assert [client.get_run(i).data.tags["paploss.box_collapsed"] for i in ids] == ["true", "false"]
@@ -66,6 +67,8 @@ def test_trial_round_and_final_runs(client):
     assert run.data.metrics["reward"] == pytest.approx(0.2)
     losses = client.get_metric_history(ids[1], "loss")
     assert [m.step for m in losses] == [0, 1, 3]  # the NaN step is skipped, not an error
+    quality = client.get_metric_history(ids[1], "box_quality")
+    assert [(m.step, m.value) for m in quality] == [(0, 0.7), (2, 0.6), (3, 0.5)]
     assert {a.path for a in client.list_artifacts(ids[1])} >= {"loss_spec.json", "theta.json"}
 
     rec = c.update(thetas, [0.1, 0.2])
