@@ -463,15 +463,37 @@ def test_bench_collapse_prints_mid_range_h2_and_h1_of_collapsed_and_other_trials
     trials = [(0.0, LossSpec.searched([high] + [identity] * 4)),  # collapsed: H2 0.7, H1 0.5
               (0.2, LossSpec.searched([identity] * 5)),
               (0.3, LossSpec.searched([identity] * 4 + [high]))]  # H2 0.5, H1 0.7
+    quality = [[0.7, 0.6, float("nan"), 0.3, 0.1, 0.2], [0.7, 0.75, 0.8], []]
     for k, (reward, spec) in enumerate(trials):
         storage.write_json(str(tmp_path / "s" / "trials" / f"r000-s{k:02d}.json"),
-                           {"round": 0, "sample": k, "reward": reward, "spec": spec.to_json()})
+                           {"round": 0, "sample": k, "reward": reward, "spec": spec.to_json(),
+                            "box_quality": quality[k], "box_collapsed": k == 0})
     main([str(tmp_path / "s")])
     out = capsys.readouterr().out
     assert "collapsed trials (1), on x in [0.4, 0.6]: mean H2 0.70 (from 0.70 to 0.70), mean H1 0.50, " \
         "mean H2/H1 1.40" in out
     assert "other trials (2), on x in [0.4, 0.6]: mean H2 0.50 (from 0.50 to 0.50), mean H1 0.60, " \
         "mean H2/H1 0.86" in out
+    # the collapsed one: l(u) = 1 - u + 1.4 u, gain 0.4; the others' l(u) falls to u = 1 (1 - u + R u, R <= 1)
+    assert "mean H2/H1 1.40; worse-box gain from 0.40 to 0.40" in out
+    assert "worse-box gain from 0.00 to 0.00" in out
+    assert "r000-s00: u below 0.5 from iteration 3, lowest 0.10, reward 0.0000, stopped early (box collapse)" in out
+    assert "r000-s01:" not in out
+
+
+def test_worse_box_gain_against_a_brute_force_minimum():
+    """worse_box_gain: l(1) - min over u of (1 - I1(u)) + R I3(u), checked against a
+    plain loop over u for the box-collapsing loss of the engine's test; 0 for square."""
+    from bench.collapse import h2_over_h1, worse_box_gain
+    from tests.test_engine import BOX_COLLAPSING
+
+    js = BOX_COLLAPSING.to_json()
+    r = h2_over_h1(js)
+    i1, i3 = BOX_COLLAPSING.function("I1"), BOX_COLLAPSING.function("I3")
+    values = [1 - float(i1(torch.tensor([k / 1000], dtype=torch.float64))) +
+              r * float(i3(torch.tensor([k / 1000], dtype=torch.float64))) for k in range(1001)]
+    assert worse_box_gain(js) == pytest.approx(values[-1] - min(values), abs=1e-9) and worse_box_gain(js) > 1
+    assert worse_box_gain(LossSpec.handcrafted("square").to_json()) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_a_cached_search_is_reused_only_with_its_own_inputs(prepared, tmp_path):
