@@ -16,7 +16,9 @@ seed s trains from the (s mod N)-th warm start (a selection across warm starts);
     python -m bench.reeval --search runs/bench7/digits/searches/bench-digits-searched-shared --top 0 \
         --seeds 1 2 3 4 5 6 --inits WS0 WS1 WS2 --out runs/diag/square_ws3.json
 
-Trainings run ``--jobs`` at a time, each on ``--device`` with ``--threads`` CPU
+``--train`` adds TrainConfig fields to every training (``'{"detach_i3": true}'``: the
+loss without I3's gradient into the boxes; ``'{"box_collapse": 0.5}'``: the box-collapse
+stop). Trainings run ``--jobs`` at a time, each on ``--device`` with ``--threads`` CPU
 threads; a job not started by ``--budget-s`` seconds is left out (the table then
 covers the seeds every loss finished).  Results go to ``--out`` (JSON, rewritten
 after each training, temp name then rename) and the table to stdout.
@@ -67,7 +69,27 @@ def _train(job: dict, deadline: float) -> dict | None:
     r = train(cfg, progress=False)
     return {"loss": job["name"], "seed": int(job["seed"]), "metrics": {k: float(v) for k, v in r.metrics.items()},
             "diverged": bool(r.diverged), "seconds": float(r.seconds), "final_loss": float(r.losses[-1]),
-            "init": job["config"].get("init")}
+            "init": job["config"].get("init"), "iterations": int(r.iterations), "box_collapsed": bool(r.box_collapsed)}
+
+
+def _train_fields(ap: argparse.ArgumentParser, text: str | None) -> dict:
+    """``--train``'s JSON object of TrainConfig fields, refused by name when it is not one."""
+    import dataclasses
+
+    from paploss.engine import TrainConfig
+
+    if not text:
+        return {}
+    try:
+        extra = json.loads(text)
+    except json.JSONDecodeError as exc:
+        ap.error(f"--train {text!r} is not JSON: {exc}")
+    if not isinstance(extra, dict):
+        ap.error(f"--train {text!r} must be a JSON object of TrainConfig fields")
+    unknown = sorted(set(extra) - {f.name for f in dataclasses.fields(TrainConfig)})
+    if unknown:
+        ap.error(f"--train: {unknown} are not TrainConfig fields")
+    return extra
 
 
 def summarize(report: dict, baseline: str) -> tuple[list[dict], str]:
@@ -124,8 +146,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--final-iterations", type=int, default=None,
                     help="train the benchmark's final training instead (train -> val, the 'default' bench preset's "
                          "schedule with this many iterations): does the sample win where the benchmark measures?")
+    ap.add_argument("--train", default=None, metavar="JSON",
+                    help='extra TrainConfig fields of every training, e.g. \'{"detach_i3": true}\' or '
+                         '\'{"box_collapse": 0.5}\' (BENCHMARKS.md, issue 8, finding 26)')
     ap.add_argument("--out", default=None, help="results JSON (rewritten after each training)")
     args = ap.parse_args(argv)
+    extra = _train_fields(ap, args.train)
     if min(args.jobs, args.threads, args.iterations or 1) < 1 or args.top < 0:
         ap.error(f"--jobs {args.jobs}, --threads {args.threads} and --iterations {args.iterations} must be >= 1, "
                  f"--top {args.top} >= 0")
@@ -167,14 +193,14 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         config = {**steps.train_options(inputs["proxy"], inputs.get("detector", "")), "data": inputs["data"],
                   "init": inputs["init"], "train_ann": "search_train", "val_ann": "search_val"}
-    config.update(device=args.device, num_threads=args.threads, out_dir=None)
+    config.update(device=args.device, num_threads=args.threads, out_dir=None, **extra)
     if args.iterations:
         config.update(iterations=args.iterations, epochs=None)
     specs = {trial_name(t): t["spec"] for t in best}
     if args.baseline != "none":
         specs = {args.baseline: LossSpec.handcrafted(args.baseline).to_json(), **specs}
     inits = args.inits or [inputs["init"]]
-    report = {"search": args.search, "inputs": inputs, "inits": inits, "split": f"{config['train_ann']} -> {config['val_ann']}", "baseline": args.baseline, "seeds": args.seeds,
+    report = {"search": args.search, "inputs": inputs, "inits": inits, "train": extra, "split": f"{config['train_ann']} -> {config['val_ann']}", "baseline": args.baseline, "seeds": args.seeds,
               "device": args.device, "jobs": args.jobs, "threads": args.threads,
               "candidates": [trial_name(t) for t in best],
               "search_rewards": {trial_name(t): t["reward"] for t in best},

@@ -108,3 +108,27 @@ def test_bad_options_are_refused_by_name(tmp_path, capsys):
     with pytest.raises(SystemExit):
         reeval.main(["--search", str(folder), "--inits", str(tmp_path / "gone.pt")])
     assert f"--inits ['{tmp_path / 'gone.pt'}']: no such file" in capsys.readouterr().err
+    for text, message in [("{detach", "is not JSON"), ("[1]", "must be a JSON object"),
+                          ('{"detach_u": true}', "['detach_u'] are not TrainConfig fields")]:
+        with pytest.raises(SystemExit):
+            reeval.main(["--search", str(folder), "--train", text])
+        assert message in capsys.readouterr().err
+
+
+def test_extra_training_fields_reach_every_training_and_the_report(learnable, tmp_path):  # noqa: F811
+    """--train '{"detach_i3": true}': every training (sample and baseline) runs with it, the
+    report records it, and the runs differ from the SPEC's loss's (the gradient into the
+    boxes through I3 is gone); each run records its iterations and whether its boxes collapsed."""
+    root, backbone = learnable
+    proxy = {"preset": "smoke", "iterations": 3, "image_size": 64, "eval_batch_size": 16}
+    folder = _search(tmp_path / "bench-shapes-searched", [0.2, 0.6],
+                     inputs={"data": str(root), "init": backbone, "proxy": proxy, "detector": ""})
+    args = ["--search", str(folder), "--top", "1", "--seeds", "1", "--jobs", "1"]
+    spec = reeval.main(args)
+    detached = reeval.main([*args, "--train", '{"detach_i3": true}'])
+    assert detached["train"] == {"detach_i3": True} and spec["train"] == {}
+    losses = {(r["loss"], r["final_loss"], r["iterations"], r["box_collapsed"]) for r in spec["runs"]}
+    assert {r["loss"] for r in detached["runs"]} == {"square", "r001-s00"}
+    assert all(r["iterations"] == 3 and not r["box_collapsed"] for r in detached["runs"])
+    assert losses.isdisjoint({(r["loss"], r["final_loss"], r["iterations"], r["box_collapsed"])
+                              for r in detached["runs"]})
