@@ -17,7 +17,7 @@ seed s trains from the (s mod N)-th warm start (a selection across warm starts);
         --seeds 1 2 3 4 5 6 --inits WS0 WS1 WS2 --out runs/diag/square_ws3.json
 
 ``--train`` adds TrainConfig fields to every training (``'{"detach_i3": true}'``: the
-loss without I3's gradient into the boxes; ``'{"box_collapse": 0.5}'``: the box-collapse
+loss without I3's gradient into the boxes; ``'{"box_collapse": 0.3}'``: the box-collapse
 stop). Trainings run ``--jobs`` at a time, each on ``--device`` with ``--threads`` CPU
 threads; a job not started by ``--budget-s`` seconds is left out (the table then
 covers the seeds every loss finished).  Results go to ``--out`` (JSON, rewritten
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "schedule with this many iterations): does the sample win where the benchmark measures?")
     ap.add_argument("--train", default=None, metavar="JSON",
                     help='extra TrainConfig fields of every training, e.g. \'{"detach_i3": true}\' or '
-                         '\'{"box_collapse": 0.5}\' (BENCHMARKS.md, issue 8, finding 26)')
+                         '\'{"box_collapse": 0.3}\' (BENCHMARKS.md, issue 8, finding 26)')
     ap.add_argument("--out", default=None, help="results JSON (rewritten after each training)")
     args = ap.parse_args(argv)
     extra = _train_fields(ap, args.train)

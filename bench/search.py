@@ -1006,7 +1006,8 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
               help="Stop a proxy trial early, evaluating it as it is, when its positives' mean box quality u "
                    "(GIoU-based, about 0.7 at the start) stays below U for more than 50 iterations: a loss that "
                    "trains the boxes worse finds nothing (a quarter of the separate search's early samples; "
-                   "BENCHMARKS.md, issue 8, finding 26). 0.5 saves most of such a trial's time [off].")
+                   "BENCHMARKS.md, issue 8, finding 26). 0.3 stopped half of those trials after 60-80 iterations and "
+                   "none of 56 others; 0.5 stops more of them, and one trial that trained to 25 AP [off].")
 @click.option("--trial-seeds", type=click.Choice(steps.TRIAL_SEEDS), default="fixed", show_default=True,
               help="Training seed of the proxy trials: the search's seed in every round (fixed), or seed + round "
                    "(per-round, so that no single training trajectory is tuned to; it measured no better, "
