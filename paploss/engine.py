@@ -481,7 +481,12 @@ def _limit(coco: dict, n: int | None) -> dict:
 _VOLATILE = ("out_dir", "resume", "checkpoint_every", "device", "num_threads", "data", "eval_batch_size")
 
 
+# fields added after checkpoints were first written, with the value an older checkpoint's run had
+_ADDED_FIELDS = {"box_collapse": None, "detach_i3": False}
+
+
 def _fingerprint(d: dict) -> str:
+    d = {**_ADDED_FIELDS, **d}  # a checkpoint written before a field existed ran with its default
     return json.dumps({k: v for k, v in d.items() if k not in _VOLATILE}, sort_keys=True, default=str)
 
 

@@ -179,6 +179,16 @@ def test_box_quality_is_recorded_per_iteration_and_survives_a_resume(tiny, tmp_p
         train(TrainConfig(data=str(tiny), out_dir=str(tmp_path / "cut"), **cfg), on_step=crash, progress=False)
     resumed = train(TrainConfig(data=str(tiny), out_dir=str(tmp_path / "cut"), **cfg), progress=False)
     assert resumed.box_quality == full.box_quality and not resumed.box_collapsed
+    # a checkpoint written before box_collapse and detach_i3 existed resumes under their defaults
+    ckpt = tmp_path / "full" / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=False)
+    for name in ("box_collapse", "detach_i3"):
+        del state["config"][name]
+    torch.save(state, ckpt)
+    old = {k: v for k, v in cfg.items() if k != "box_collapse"}
+    assert train(TrainConfig(data=str(tiny), out_dir=str(tmp_path / "full"), **old), progress=False).losses == full.losses
+    with pytest.raises(ValueError, match="different config"):
+        train(TrainConfig(data=str(tiny), out_dir=str(tmp_path / "full"), detach_i3=True, **old), progress=False)
     assert train(TrainConfig(data=str(tiny), iterations=2, max_val_images=4, **TINY), progress=False).box_quality == []
 
 
