@@ -164,6 +164,10 @@ class BenchConfig:
     # proxy trials whose positives' mean box quality u stays below this stop early (TrainConfig.box_collapse:
     # a quarter of the separate search's early samples train their boxes worse and find nothing; finding 26)
     box_collapse: float | None = None
+    # every PAP-loss training (proxies, selection, the finals of the searched and handcrafted losses) without
+    # the gradient into the boxes through I3 (pap_loss's detach_i3; not SPEC §1; finding 26). Its searches
+    # carry "-detach-i3" in their names and its finals their own keys, beside the SPEC's in one --work
+    detach_i3: bool = False
     jobs: int = 2  # trainings run at a time (one CPU thread each)
     work: str = "runs/bench"
     out: str = "docs"
@@ -266,11 +270,11 @@ class BenchConfig:
         return given
 
     def search_name(self, dataset: str, mode: str) -> str:
-        """The search's name in ``work``: ``bench-<dataset>-<mode>``; started from a loss
-        file, ``-start-<first 8 hex digits of the file's sha256>`` after it, so that such a
-        search lives beside the others in one ``--work`` and shares its data, warm starts
-        and the other losses' finals."""
-        name = f"bench-{dataset}-{mode}"
+        """The search's name in ``work``: ``bench-<dataset>-<mode>``, then ``-detach-i3``
+        with ``detach_i3``, and started from a loss file ``-start-<first 8 hex digits of
+        the file's sha256>``, so that such a search lives beside the others in one
+        ``--work`` and shares its data, warm starts and the other losses' finals."""
+        name = f"bench-{dataset}-{mode}" + ("-detach-i3" if self.detach_i3 else "")
         if self.start in START_FORMS:
             return name
         return f"{name}-start-{hashlib.sha256(storage.read_bytes(self.start)).hexdigest()[:8]}"
@@ -293,6 +297,8 @@ class BenchConfig:
             p = p.with_overrides(final={**p.final, "iterations": int(self.final_iterations), "epochs": None})
         if self.box_collapse is not None:
             p = p.with_overrides(proxy={**p.proxy, "box_collapse": float(self.box_collapse)})
+        if self.detach_i3:
+            p = p.with_overrides(proxy={**p.proxy, "detach_i3": True}, final={**p.final, "detach_i3": True})
         if self.sigma is not None:
             p = p.with_overrides(controller={**p.controller, "sigma": float(self.sigma)})
         sizes = {k: int(v) for k, v in (("n_train", self.n_train), ("n_val", self.n_val)) if v}
@@ -437,6 +443,8 @@ def final_config(p: steps.Preset, data: str, init: str, loss: str, spec_json: st
 
     options = steps.train_options(p.final, p.detector)
     spec = LossSpec.from_json(spec_json) if spec_json else None
+    if spec is None:  # focal+l1, focal+giou: no PAP loss to detach anything from
+        options.pop("detach_i3", None)
     return TrainConfig(**{**options, "data": str(storage.localize(data)), "train_ann": "train", "val_ann": "val",
                           "loss": "paploss" if spec is not None else loss, "spec": spec,
                           "init": str(storage.localize(init)), "seed": int(seed), "out_dir": None})
@@ -754,7 +762,8 @@ def _log_mlflow(tracking_uri: str, dataset: str, cfg: BenchConfig, per_loss: Map
                   "n_train": cfg.n_train, "n_val": cfg.n_val, "sigma": cfg.sigma, "select_top": cfg.select_top,
                   "select_seeds": ",".join(map(str, cfg.select_seeds)),
                   "loss_files": ",".join(f"{d}:{m}={f}" for d, m, f in cfg.loss_files) or "none",
-                  "warm_starts": cfg.warm_starts, "select_warm_starts": cfg.select_warm_starts}
+                  "warm_starts": cfg.warm_starts, "select_warm_starts": cfg.select_warm_starts,
+                  "detach_i3": cfg.detach_i3, "box_collapse": cfg.box_collapse}
         client.log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()])
         for loss, metrics in per_loss.items():
             for m, vals in metrics.items():
@@ -1002,6 +1011,11 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
 @click.option("--n-train", type=int, default=None, help="Images of each bundled dataset's train split [preset].")
 @click.option("--n-val", type=int, default=None, help="Images of each bundled dataset's val split [preset].")
 @click.option("--sigma", type=float, default=None, help="Starting spread of the search policy [preset].")
+@click.option("--detach-i3", is_flag=True,
+              help="Train every PAP loss (proxies, selection, the finals of the searched and handcrafted losses) "
+                   "without the gradient into the boxes through I3, so that no sampled loss can train its boxes "
+                   "worse (not SPEC §1; BENCHMARKS.md, issue 8, finding 26). Its searches and finals are cached "
+                   "under their own names beside the SPEC's.")
 @click.option("--box-collapse", type=float, default=None, metavar="U",
               help="Stop a proxy trial early, evaluating it as it is, when its positives' mean box quality u "
                    "(GIoU-based, about 0.7 at the start) stays below U for more than 50 iterations: a loss that "
@@ -1046,7 +1060,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default="sqlite:///mlflow.db", show_default=True,
               help="MLflow store for the results [env MLFLOW_TRACKING_URI]; '' to skip.")
 def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, final_iterations, n_train, n_val, sigma,
-          box_collapse, trial_seeds, start, select_top, select_seeds, loss_files, warm_starts, select_warm_starts, jobs, work, out,
+          detach_i3, box_collapse, trial_seeds, start, select_top, select_seeds, loss_files, warm_starts, select_warm_starts, jobs, work, out,
           report_only, tracking_uri) -> None:
     """The search-quality benchmark: search on the bundled datasets, then train with
     every loss and seed and compare AP on the held-out val split (issue 8)."""
@@ -1067,7 +1081,7 @@ def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, fi
             proxy_iterations=proxy_iterations or base.get("proxy_iterations"),
             final_iterations=final_iterations or base.get("final_iterations"),
             n_train=n_train or base.get("n_train"), n_val=n_val or base.get("n_val"),
-            sigma=sigma or base.get("sigma"), box_collapse=box_collapse, trial_seeds=trial_seeds, start=pick("start", start), jobs=jobs,
+            sigma=sigma or base.get("sigma"), box_collapse=box_collapse, detach_i3=detach_i3, trial_seeds=trial_seeds, start=pick("start", start), jobs=jobs,
             select_top=pick("select_top", select_top), select_seeds=select,
             loss_files=tuple(parse_loss_file(f) for f in loss_files),
             warm_starts=warm_starts, select_warm_starts=select_warm_starts,

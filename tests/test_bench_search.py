@@ -232,6 +232,25 @@ def test_data_sizes_reach_the_bundled_dataset():
     assert "box_collapse" not in BenchConfig().preset("digits").proxy  # off: cached searches keep their inputs
 
 
+def test_detach_i3_reaches_every_pap_loss_training_and_names_its_searches(prepared):
+    """--detach-i3: proxies and the finals of PAP losses train with it, the focal finals
+    without (the engine refuses it there); its searches and finals live beside the
+    SPEC's in one --work (another search name, other final keys)."""
+    from bench.search import _final_key
+
+    _, _, data, init, _ = prepared
+    cfg, spec = BenchConfig(detach_i3=True), BenchConfig()
+    p, p0 = cfg.preset("digits"), spec.preset("digits")
+    assert p.proxy["detach_i3"] is True and "detach_i3" not in p0.proxy
+    square = LossSpec.handcrafted("square").to_json()
+    assert final_config(p, data, init, "square", square, 0).detach_i3
+    assert not final_config(p0, data, init, "square", square, 0).detach_i3
+    assert not final_config(p, data, init, "focal+l1", None, 0).detach_i3
+    assert _final_key(p, data, init, "square", square, 0) != _final_key(p0, data, init, "square", square, 0)
+    assert cfg.search_name("digits", "searched") == "bench-digits-searched-detach-i3"
+    assert spec.search_name("digits", "searched") == "bench-digits-searched"
+
+
 def test_start_sets_the_searches_starting_mean():
     """--start square: both searches start at the piecewise-linear square (41 or 9
     numbers), and the Controller's first mean is that θ; linear leaves the SPEC's
