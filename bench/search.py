@@ -90,6 +90,8 @@ def start_theta(start: str, shared: bool) -> list[float]:
                          f"search starts from {want} loss")
     theta = list(spec.to_theta())
     return theta if spec.form == "searched" or shared else theta[:8] * 5 + theta[8:]
+
+
 # Beyond LOSSES, "<loss>@g<value>" names one of the handcrafted forms or searched losses
 # with its gradient scale (SPEC §2) set to <value>: "square@g1.8", "searched-shared@g1".
 # An ablation: which part of a searched loss's gain is its functions, which its scale.

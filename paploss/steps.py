@@ -715,9 +715,9 @@ def proxy_trial(
             metrics = {k: float(v) for k, v in dict(res.metrics).items()}
             if metric not in metrics:
                 raise StepError(f"reward_metric={metric!r} is not among the metrics {sorted(metrics)}")
-            quality = list(getattr(res, "box_quality", []))
+            quality = list(res.box_quality)
             result.update(metrics=metrics, diverged=bool(res.diverged), error="",
-                          box_collapsed=bool(getattr(res, "box_collapsed", False)))
+                          box_collapsed=bool(res.box_collapsed))
             if res.diverged:
                 result.update(failed=True, error="diverged (SPEC §3: training loss NaN or 1.0 for > 50 iterations)")
             else:
