@@ -16,7 +16,7 @@ trial of the shared searches collapsed (BENCHMARKS.md, issue 8, finding 22). Why
 (finding 26): with the scores near each other, one positive's loss as a function of its
 box quality u is about ``(1 - I1(u)) + R I3(u)``, R = H2/H1 in the middle. Where
 ``R I3'(u) > I1'(u)`` worse boxes lower it: the boxes are trained worse (u falls from
-0.7 to below 0.4 within tens of iterations), I3(u) goes to 0 and takes every
+0.7 to 0.4 or below within tens of iterations), I3(u) goes to 0 and takes every
 classification gradient with it. The shared form has I3 = I1 and R <= 1, so it never
 can. ``TrainConfig.box_collapse`` (``paploss bench --box-collapse``) stops such trials early.
 """
