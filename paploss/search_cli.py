@@ -178,7 +178,8 @@ def preflight(s: RunSettings) -> None:
                 raise steps.StepError(f"{name}={value} must be >= 0 (0: the preset's schedule)")
         steps.check_dataset(p.dataset)
         steps.check_work(s.work)
-        steps.check_train_options(steps.train_options(p.proxy, p.detector, s.proxy_epochs), "proxy options")
+        steps.check_train_options(steps.train_options(p.proxy, p.detector, s.proxy_epochs), "proxy options",
+                                  loss="paploss")
         steps.check_train_options(steps.train_options(p.final, p.detector, s.final_epochs), "final options")
         steps.check_detectors(p.proxy, p.final, p.pretrain, p.detector)
         check_tracking(s.tracking_uri)

@@ -248,8 +248,11 @@ def check_detectors(proxy: Mapping[str, Any], final: Mapping[str, Any], pretrain
         raise StepError(f"the proxy, final and pretrain detectors must agree (the warm start must fit), got {seen}")
 
 
-def check_train_options(options: Mapping[str, Any], where: str) -> None:
-    """Unknown training option names raise ``StepError`` listing the known ones."""
+def check_train_options(options: Mapping[str, Any], where: str, loss: str = "focal+l1") -> None:
+    """Unknown training option names raise ``StepError`` listing the known ones; the
+    engine's range checks run as for a training with ``loss`` (``"paploss"`` for the
+    proxies, which train only the PAP loss and so may take its options, such as
+    ``box_collapse``; a baseline for the finals, which train the baselines too)."""
     try:
         engine = _engine()
     except ImportError as exc:
@@ -261,7 +264,10 @@ def check_train_options(options: Mapping[str, Any], where: str) -> None:
         raise StepError(f"{where} has unknown training option(s) {unknown}; known: {sorted(known)}")
     probe = {k: v for k, v in options.items() if k != "reward_metric"}
     try:  # the engine's own range checks, with a stand-in data path (nothing is read)
-        engine.TrainConfig(**{"data": ".", **probe, "loss": "focal+l1", "spec": None})
+        from paploss.spec import LossSpec
+
+        spec = LossSpec.handcrafted("square") if loss == "paploss" else None
+        engine.TrainConfig(**{"data": ".", **probe, "loss": loss, "spec": spec})
     except (ValueError, TypeError) as exc:
         raise StepError(f"{where}: {exc}") from None
 

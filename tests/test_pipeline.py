@@ -114,6 +114,8 @@ def cli_env(tmp_path, monkeypatch):
         (["--parallelism", "0"], "parallelism=0 is out of range"),
         (["--dataset", "/no/such/dataset"], "dataset='/no/such/dataset' has no annotations/train.json"),
         (["--proxy", '{"iters": 3}'], "unknown training option(s) ['iters']"),
+        # the proxies' PAP-loss options pass; the finals train the baselines too, which have no u
+        (["--proxy", '{"box_collapse": 0.3}', "--final", '{"detach_i3": true}'], "final options: detach_i3 needs"),
         (["--proxy-epochs", "-1"], "--proxy-epochs=-1.0 must be >= 0"),
         (["--search-name", "a/b"], "search_name='a/b'"),
         (["--select-top", "2", "--select-seeds", "0,1"], "holds the search's trial seed 0"),

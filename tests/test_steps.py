@@ -113,6 +113,11 @@ def test_train_options_expand_engine_presets():
         steps.check_train_options({"preset": "smoke", "learning_rate": 1}, "proxy options")
     with pytest.raises(steps.StepError, match="batch_size must be >= 1"):
         steps.check_train_options({"preset": "smoke", "batch_size": 0}, "proxy options")
+    # PAP-loss options pass for the proxies (PAP loss only), not for the finals (baselines too)
+    steps.check_train_options({"preset": "smoke", "box_collapse": 0.3, "detach_i3": True}, "proxy options",
+                              loss="paploss")
+    with pytest.raises(steps.StepError, match="final options: detach_i3 needs the PAP loss"):
+        steps.check_train_options({"preset": "smoke", "detach_i3": True}, "final options")
     for name, p in steps.PRESETS.items():
         steps.check_train_options(p.proxy, f"{name} proxy")
         steps.check_train_options(p.final, f"{name} final")
