@@ -443,21 +443,26 @@ def final_config(p: steps.Preset, data: str, init: str, loss: str, spec_json: st
     from paploss.engine import TrainConfig
     from paploss.spec import LossSpec
 
-    options = steps.train_options(p.final, p.detector)
+    options = steps.train_options(_final_options(p, spec_json), p.detector)
     spec = LossSpec.from_json(spec_json) if spec_json else None
-    if spec is None:  # focal+l1, focal+giou: no PAP loss to detach anything from
-        options.pop("detach_i3", None)
     return TrainConfig(**{**options, "data": str(storage.localize(data)), "train_ann": "train", "val_ann": "val",
                           "loss": "paploss" if spec is not None else loss, "spec": spec,
                           "init": str(storage.localize(init)), "seed": int(seed), "out_dir": None})
+
+
+def _final_options(p: steps.Preset, spec_json: str | None) -> dict:
+    """The final options of one loss: ``p.final``, less ``detach_i3`` for a baseline
+    (``spec_json`` None: focal+l1, focal+giou), which has no PAP loss to take it, so that
+    a ``--detach-i3`` run trains and keys its baselines as the SPEC's run does."""
+    return dict(p.final) if spec_json else {k: v for k, v in p.final.items() if k != "detach_i3"}
 
 
 def _final_key(p: steps.Preset, data: str, init: str, loss: str, spec_json: str | None, seed: int) -> str:
     from paploss.functions import HANDCRAFTED_VERSION
 
     # the handcrafted functions' version: results of an older implementation are not reused
-    return steps.content_key("bench-final", data, init, loss, spec_json, seed, p.final, p.detector,
-                             HANDCRAFTED_VERSION)
+    return steps.content_key("bench-final", data, init, loss, spec_json, seed, _final_options(p, spec_json),
+                             p.detector, HANDCRAFTED_VERSION)
 
 
 def _final_uri(folder: str, loss: str, seed: int, key: str) -> tuple[str, str]:

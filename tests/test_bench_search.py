@@ -247,6 +247,8 @@ def test_detach_i3_reaches_every_pap_loss_training_and_names_its_searches(prepar
     assert not final_config(p0, data, init, "square", square, 0).detach_i3
     assert not final_config(p, data, init, "focal+l1", None, 0).detach_i3
     assert _final_key(p, data, init, "square", square, 0) != _final_key(p0, data, init, "square", square, 0)
+    # a baseline trains as in the SPEC's run, so its cached finals are the same ones
+    assert _final_key(p, data, init, "focal+l1", None, 0) == _final_key(p0, data, init, "focal+l1", None, 0)
     assert cfg.search_name("digits", "searched") == "bench-digits-searched-detach-i3"
     assert spec.search_name("digits", "searched") == "bench-digits-searched"
 
