@@ -1027,8 +1027,9 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
               help="Stop a proxy trial early, evaluating it as it is, when its positives' mean box quality u "
                    "(GIoU-based, about 0.7 at the start) stays below U for more than 50 iterations: a loss that "
                    "trains the boxes worse finds nothing (a quarter of the separate search's early samples; "
-                   "BENCHMARKS.md, issue 8, finding 26). 0.3 stopped half of those trials after 60-80 iterations and "
-                   "none of 56 others; 0.5 stops more of them, and one trial that trained to 25 AP [off].")
+                   "BENCHMARKS.md, issue 8, finding 26). 0.3 stopped 2 of 4 such trials tried, after 62 and 78 iterations; "
+                   "no trial that trained went below it in its first 60. 0.5 stops more of them, but also one that "
+                   "trained to 25 AP [off].")
 @click.option("--trial-seeds", type=click.Choice(steps.TRIAL_SEEDS), default="fixed", show_default=True,
               help="Training seed of the proxy trials: the search's seed in every round (fixed), or seed + round "
                    "(per-round, so that no single training trajectory is tuned to; it measured no better, "
