@@ -29,17 +29,15 @@ import json
 import math
 import contextlib
 import os
-import shutil
-import subprocess
 import tarfile
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
 
 import click
 
 from bench import search as B
+from bench.search import cuda_mps
 from paploss import steps, storage
 
 
@@ -52,37 +50,6 @@ def _complete_seeds(got: dict, specs: dict, seeds) -> dict:
         results[d] = {loss: {m: [float(got[(d, loss, s)].get(m, math.nan)) for s in done] for m in B.METRICS}
                       for loss in losses} if done else {}
     return results
-
-
-@contextlib.contextmanager
-def cuda_mps(enabled: bool = True, folder: str = "/tmp/paploss-mps") -> Iterator[bool]:
-    """CUDA MPS for the processes started inside (the pool's trainings): with it the
-    GPU runs their kernels side by side instead of switching contexts between them
-    (16 concurrent 1200-iteration trainings on an H100: 6-7x the throughput of
-    time-slicing; BENCHMARKS.md, issue 8, finding 16). Yields whether MPS runs: False
-    without CUDA, without ``nvidia-cuda-mps-control``, when disabled, or when
-    ``CUDA_MPS_PIPE_DIRECTORY`` is set already (a daemon someone else runs)."""
-    import torch
-
-    binary = shutil.which("nvidia-cuda-mps-control")
-    if not (enabled and binary and torch.cuda.is_available()) or os.environ.get("CUDA_MPS_PIPE_DIRECTORY"):
-        yield False
-        return
-    env = {"CUDA_MPS_PIPE_DIRECTORY": f"{folder}/pipe", "CUDA_MPS_LOG_DIRECTORY": f"{folder}/log"}
-    for path in env.values():
-        os.makedirs(path, exist_ok=True)
-    started = subprocess.run([binary, "-d"], env={**os.environ, **env}, capture_output=True, text=True)
-    if started.returncode != 0:
-        B._log(f"CUDA MPS did not start ({started.stderr.strip() or started.returncode}); time-slicing instead")
-        yield False
-        return
-    os.environ.update(env)  # children (spawned after this) connect to the daemon
-    try:
-        yield True
-    finally:
-        subprocess.run([binary], input="quit\n", env={**os.environ, **env}, capture_output=True, text=True)
-        for key in env:
-            os.environ.pop(key, None)
 
 
 def _write(out: Path, name: str, text: str) -> None:

@@ -36,10 +36,13 @@ import statistics
 import sys
 import time
 import concurrent.futures as cf
+import contextlib
+import shutil
+import subprocess
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import click
 
@@ -311,6 +314,37 @@ class BenchConfig:
 
 def _log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def cuda_mps(enabled: bool = True, folder: str = "/tmp/paploss-mps") -> Iterator[bool]:
+    """CUDA MPS for the processes started inside (the pool's trainings): with it the
+    GPU runs their kernels side by side instead of switching contexts between them
+    (16 concurrent 1200-iteration trainings on an H100: 6-7x the throughput of
+    time-slicing; BENCHMARKS.md, issue 8, finding 16). Yields whether MPS runs: False
+    without CUDA, without ``nvidia-cuda-mps-control``, when disabled, or when
+    ``CUDA_MPS_PIPE_DIRECTORY`` is set already (a daemon someone else runs)."""
+    import torch
+
+    binary = shutil.which("nvidia-cuda-mps-control")
+    if not (enabled and binary and torch.cuda.is_available()) or os.environ.get("CUDA_MPS_PIPE_DIRECTORY"):
+        yield False
+        return
+    env = {"CUDA_MPS_PIPE_DIRECTORY": f"{folder}/pipe", "CUDA_MPS_LOG_DIRECTORY": f"{folder}/log"}
+    for path in env.values():
+        os.makedirs(path, exist_ok=True)
+    started = subprocess.run([binary, "-d"], env={**os.environ, **env}, capture_output=True, text=True)
+    if started.returncode != 0:
+        _log(f"CUDA MPS did not start ({started.stderr.strip() or started.returncode}); time-slicing instead")
+        yield False
+        return
+    os.environ.update(env)  # children (spawned after this) connect to the daemon
+    try:
+        yield True
+    finally:
+        subprocess.run([binary], input="quit\n", env={**os.environ, **env}, capture_output=True, text=True)
+        for key in env:
+            os.environ.pop(key, None)
 
 
 def _pool(jobs: int) -> ProcessPoolExecutor:
@@ -1061,6 +1095,11 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
                    "from the search's: the loss chosen is the best across warm starts, which the finals measure "
                    "(on digits no gain: BENCHMARKS.md, issue 8, finding 24).")
 @click.option("--jobs", type=int, default=2, show_default=True, help="Trainings at a time (one CPU thread each).")
+@click.option("--mps/--no-mps", default=True, show_default=True,
+              help="On a machine with CUDA, run the --jobs trainings under CUDA MPS (started for the run, stopped "
+                   "after it), so that the GPU runs their kernels side by side: sixteen 1200-iteration trainings at "
+                   "once took about 3 minutes on one H100 or H200 (BENCHMARKS.md, issue 8, findings 16 and 27). "
+                   "Nothing happens without CUDA or when an MPS daemon is already set up (CUDA_MPS_PIPE_DIRECTORY).")
 @click.option("--work", default="runs/bench", show_default=True, help="Cache folder (or s3:// prefix); resumes.")
 @click.option("--out", default="docs", show_default=True, help="Where bench_search.json/.md and figures go.")
 @click.option("--report-only", is_flag=True,
@@ -1068,7 +1107,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default="sqlite:///mlflow.db", show_default=True,
               help="MLflow store for the results [env MLFLOW_TRACKING_URI]; '' to skip.")
 def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, final_iterations, n_train, n_val, sigma,
-          detach_i3, box_collapse, trial_seeds, start, select_top, select_seeds, loss_files, warm_starts, select_warm_starts, jobs, work, out,
+          detach_i3, box_collapse, trial_seeds, start, select_top, select_seeds, loss_files, warm_starts, select_warm_starts, jobs, mps, work, out,
           report_only, tracking_uri) -> None:
     """The search-quality benchmark: search on the bundled datasets, then train with
     every loss and seed and compare AP on the held-out val split (issue 8)."""
@@ -1100,7 +1139,10 @@ def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, fi
         raise click.UsageError(str(exc)) from None
     start = time.monotonic()
     try:
-        results = run_bench(cfg, tracking_uri or None, report_only=report_only)
+        with cuda_mps(mps and not report_only) as on:
+            if on:
+                _log(f"CUDA MPS started for {cfg.jobs} trainings at a time")
+            results = run_bench(cfg, tracking_uri or None, report_only=report_only)
     except steps.StepError as exc:  # a cache made with other settings, options a search refuses: no traceback
         raise click.ClickException(str(exc)) from None
     click.echo(summarize(results))

@@ -65,7 +65,7 @@ def test_cuda_mps_is_off_without_a_gpu_or_when_disabled(monkeypatch):
     environment is left as it was."""
     import os
 
-    from bench.device_search import cuda_mps
+    from bench.search import cuda_mps
 
     before = dict(os.environ)
     with cuda_mps(enabled=False) as on:
