@@ -56,6 +56,10 @@ def pretrain(data, out_file, ann, detector, iterations, image_size, crop_size, b
 @click.option("--spec", default=None, help="LossSpec JSON file (for --loss paploss).")
 @click.option("--form", default=None, type=click.Choice(["sigmoid", "sqrt", "linear", "square"]),
               help="Handcrafted PAP form instead of --spec (implies --loss paploss).")
+@click.option("--detach-i3", is_flag=True,
+              help="PAP loss without the gradient into the boxes through I3 (not SPEC section 1; off by default). "
+                   "It raised square by 1.3 and 2.3 AP in the benchmark's 1200-iteration finals on a GPU, but "
+                   "sqrt from 5 to 1 (BENCHMARKS.md, issue 8, finding 27).")
 @click.option("--train-ann", default=None, help="Training split [default: train].")
 @click.option("--val-ann", default=None, help="Evaluation split [default: val].")
 @click.option("--detector", default=None, help="retinanet_mobilenet_v3 | retinanet_mobilenet_v3_small | retinanet_resnet50")
@@ -74,7 +78,7 @@ def pretrain(data, out_file, ann, detector, iterations, image_size, crop_size, b
 @click.option("--checkpoint-every", type=int, default=None)
 @click.option("--no-resume", is_flag=True, help="Start over even if --out holds a checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def train(data, out_dir, preset, loss, spec, form, train_ann, val_ann, detector, image_size, batch_size, iterations,
+def train(data, out_dir, preset, loss, spec, form, detach_i3, train_ann, val_ann, detector, image_size, batch_size, iterations,
           epochs, lr, optimizer, warmup_iters, init, backbone_weights, seed, device, threads, checkpoint_every,
           no_resume, quiet):
     """Train a detector with a loss and write checkpoint.pt and metrics.json to --out.
@@ -88,7 +92,8 @@ def train(data, out_dir, preset, loss, spec, form, train_ann, val_ann, detector,
     over = dict(loss=loss or ("paploss" if spec_obj is not None else None), spec=spec_obj, train_ann=train_ann,
                 val_ann=val_ann, detector=detector, image_size=image_size, batch_size=batch_size, lr=lr,
                 optimizer=optimizer, warmup_iters=warmup_iters, init=init, backbone_weights=backbone_weights,
-                seed=seed, device=device, num_threads=threads, checkpoint_every=checkpoint_every)
+                seed=seed, device=device, num_threads=threads, checkpoint_every=checkpoint_every,
+                detach_i3=detach_i3 or None)
     cfg = {**base, **{k: v for k, v in over.items() if v is not None}}
     if iterations is not None or epochs is not None:
         cfg["iterations"], cfg["epochs"] = iterations, epochs

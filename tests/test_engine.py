@@ -267,10 +267,13 @@ def test_cli_pretrain_train_evaluate(tiny, tmp_path):
                              "--crop-size", "32", "--image-size", "64", "--threads", "1"])
     assert r.exit_code == 0, r.output
     r = runner.invoke(main, ["train", "--data", str(tiny), "--preset", "smoke", "--form", "square", "--init", str(bb),
-                             "--out", str(tmp_path / "run"), "--iterations", "2", "--quiet"])
+                             "--out", str(tmp_path / "run"), "--iterations", "2", "--quiet", "--detach-i3"])
     assert r.exit_code == 0, r.output
     result = json.loads(r.output.strip().splitlines()[-1])
     assert result["iterations"] == 2 and not result["diverged"]
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["config"]["detach_i3"] is True
+    r = runner.invoke(main, ["train", "--data", str(tiny), "--detach-i3", "--iterations", "1"])  # focal+l1
+    assert r.exit_code != 0 and "detach_i3 needs the PAP loss" in r.output
     r = runner.invoke(main, ["evaluate", str(tmp_path / "run" / "checkpoint.pt"), "--ann", "search_val",
                              "--out", str(tmp_path / "m.json")])
     assert r.exit_code == 0, r.output
