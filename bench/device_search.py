@@ -37,7 +37,6 @@ from pathlib import Path
 import click
 
 from bench import search as B
-from bench.search import cuda_mps
 from paploss import steps, storage
 
 
@@ -102,7 +101,7 @@ def main(work, out_dir, datasets, samples, max_rounds, min_rounds, sigma, proxy_
                  else "cpu", "samples": samples, "sigma": sigma, "proxy_iterations": proxy_iterations,
                  "final_iterations": final_iterations, "seeds": seed_list, "losses": loss_list, "compare": extra}
     stack = contextlib.ExitStack()  # closed by hand before the os._exit at the end
-    run["mps"] = stack.enter_context(cuda_mps(mps))
+    run["mps"] = stack.enter_context(B.cuda_mps(mps))
     B._log(f"device {run['device']}, {jobs} jobs" + (", CUDA MPS" if run["mps"] else ""))
 
     def cfg_for(rounds: int) -> B.BenchConfig:

@@ -323,9 +323,9 @@ def cuda_mps(enabled: bool = True, folder: str = "/tmp/paploss-mps") -> Iterator
     (16 concurrent 1200-iteration trainings on an H100: 6-7x the throughput of
     time-slicing, finding 16; on an H200, 16 at a time kept it 90-98 % busy, finding 27:
     BENCHMARKS.md, issue 8). Used by ``paploss bench --mps`` and ``bench.device_search``.
-    Yields whether MPS runs: False
-    without CUDA, without ``nvidia-cuda-mps-control``, when disabled, or when
-    ``CUDA_MPS_PIPE_DIRECTORY`` is set already (a daemon someone else runs)."""
+    Yields whether MPS runs: False without CUDA, without ``nvidia-cuda-mps-control``,
+    when disabled, or when ``CUDA_MPS_PIPE_DIRECTORY`` is set already (a daemon someone
+    else runs)."""
     import torch
 
     binary = shutil.which("nvidia-cuda-mps-control")

@@ -58,8 +58,8 @@ def pretrain(data, out_file, ann, detector, iterations, image_size, crop_size, b
               help="Handcrafted PAP form instead of --spec (implies --loss paploss).")
 @click.option("--detach-i3", is_flag=True,
               help="PAP loss without the gradient into the boxes through I3 (not SPEC section 1; off by default). "
-                   "It raised square by 1.3 and 2.3 AP in the benchmark's 1200-iteration finals on a GPU, but "
-                   "sqrt from 5 to 1 (BENCHMARKS.md, issue 8, finding 27).")
+                   "In the benchmark's 1200-iteration finals it raised square by 1.3-2.3 AP, but dropped sqrt on "
+                   "digits from about 5 to 1 (BENCHMARKS.md, issue 8, finding 27).")
 @click.option("--train-ann", default=None, help="Training split [default: train].")
 @click.option("--val-ann", default=None, help="Evaluation split [default: val].")
 @click.option("--detector", default=None, help="retinanet_mobilenet_v3 | retinanet_mobilenet_v3_small | retinanet_resnet50")

@@ -58,19 +58,3 @@ def test_device_search_fits_rounds_trains_its_mean_and_skips_short_searches(tmp_
     skipped = _run(work, tmp_path / "out2", "--min-rounds", "99", "--losses", "searched,square")
     assert skipped["skipped"] == "R = 2 < --min-rounds 99" and skipped["searches"] == {"shapes": {}}
     assert sorted(json.loads((tmp_path / "out2" / "results.json").read_text())["shapes"]) == ["square"]
-
-
-def test_cuda_mps_is_off_without_a_gpu_or_when_disabled(monkeypatch):
-    """No CUDA here (or --no-mps): the trainings run as before, nothing is started and the
-    environment is left as it was."""
-    import os
-
-    from bench.search import cuda_mps
-
-    before = dict(os.environ)
-    with cuda_mps(enabled=False) as on:
-        assert on is False
-    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
-    with cuda_mps(enabled=True) as on:
-        assert on is False
-    assert dict(os.environ) == before

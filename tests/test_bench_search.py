@@ -772,3 +772,19 @@ def test_final_seed_k_trains_from_warm_start_k_mod_n_for_every_loss(prepared):
     assert all(args[5] == seed and args[3] == loss for (loss, seed), args in jobs.items())
     partial = final_jobs(cfg, "shapes", (p, data, ("w0.pt", None)), specs, list(specs))
     assert sorted({seed for _, seed in partial}) == [0, 2]
+
+
+def test_cuda_mps_is_off_without_a_gpu_or_when_disabled(monkeypatch):
+    """No CUDA here (or --no-mps): the trainings run as before, nothing is started and the
+    environment is left as it was."""
+    import os
+
+    from bench.search import cuda_mps
+
+    before = dict(os.environ)
+    with cuda_mps(enabled=False) as on:
+        assert on is False
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with cuda_mps(enabled=True) as on:
+        assert on is False
+    assert dict(os.environ) == before
