@@ -32,6 +32,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -173,6 +174,9 @@ class BenchConfig:
     # the gradient into the boxes through I3 (pap_loss's detach_i3; not SPEC §1; finding 26). Its searches
     # carry "-detach-i3" in their names and its finals their own keys, beside the SPEC's in one --work
     detach_i3: bool = False
+    # appended to every search's name ("-<tag>"): a search with other rounds, samples or sigma beside an
+    # earlier one in the same --work (whose data, warm starts and finals it shares) instead of refused
+    search_tag: str = ""
     jobs: int = 2  # trainings run at a time (one CPU thread each)
     work: str = "runs/bench"
     out: str = "docs"
@@ -201,6 +205,9 @@ class BenchConfig:
             start_theta(self.start, shared=mode == "searched-shared")  # a bad start file is named before any training
         if self.warm_starts < 1:
             raise ValueError(f"warm_starts={self.warm_starts} must be >= 1")
+        if self.search_tag and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,39}", self.search_tag):
+            raise ValueError(f"search_tag={self.search_tag!r} must be 1-40 letters, digits, '.', '_' or '-', "
+                             "starting with a letter or digit")
         if self.select_warm_starts and (self.warm_starts < 2 or not self.select_top):
             raise ValueError(f"select_warm_starts needs a selection (select_top={self.select_top}) and more than "
                              f"one warm start (warm_starts={self.warm_starts})")
@@ -277,12 +284,13 @@ class BenchConfig:
     def search_name(self, dataset: str, mode: str) -> str:
         """The search's name in ``work``: ``bench-<dataset>-<mode>``, then ``-detach-i3``
         with ``detach_i3``, and started from a loss file ``-start-<first 8 hex digits of
-        the file's sha256>``, so that such a search lives beside the others in one
-        ``--work`` and shares its data, warm starts and the other losses' finals."""
+        the file's sha256>``, then ``-<search_tag>`` when given, so that such a search
+        lives beside the others in one ``--work`` and shares its data, warm starts and the
+        other losses' finals."""
         name = f"bench-{dataset}-{mode}" + ("-detach-i3" if self.detach_i3 else "")
-        if self.start in START_FORMS:
-            return name
-        return f"{name}-start-{hashlib.sha256(storage.read_bytes(self.start)).hexdigest()[:8]}"
+        if self.start not in START_FORMS:
+            name = f"{name}-start-{hashlib.sha256(storage.read_bytes(self.start)).hexdigest()[:8]}"
+        return f"{name}-{self.search_tag}" if self.search_tag else name
 
     def controller(self, p: steps.Preset, mode: str) -> dict[str, Any]:
         """Controller options of the ``mode`` search (one of ``SEARCH_MODES``) under preset ``p``."""
@@ -380,8 +388,11 @@ def _search(pool: ProcessPoolExecutor, p: steps.Preset, data: str, init: str, wo
             controller: Mapping[str, Any], deadline: float | None = None, trial_seeds: str = "fixed") -> str:
     """One PPO search with :mod:`paploss.steps`; returns the last finished round's
     state URI (earlier than round ``p.rounds`` only when ``deadline`` stopped it)."""
-    out = steps.init_search(work, name, p.rounds, p.samples, seed=p.seed, controller=controller,
-                            trial_seeds=trial_seeds)
+    try:
+        out = steps.init_search(work, name, p.rounds, p.samples, seed=p.seed, controller=controller,
+                                trial_seeds=trial_seeds)
+    except steps.StepError as exc:  # the name is bench's: say how to give this search its own
+        raise steps.StepError(f"{exc} (paploss bench: --search-tag TAG runs this one as {name}-TAG beside it)") from None
     _search_inputs(p, data, init, work, name, write=True)
     for r in range(p.rounds):
         start = time.monotonic()
@@ -1059,6 +1070,10 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
                    "without the gradient into the boxes through I3, so that no sampled loss can train its boxes "
                    "worse (not SPEC §1; BENCHMARKS.md, issue 8, finding 26). Its searches and finals are cached "
                    "under their own names beside the SPEC's.")
+@click.option("--search-tag", default="", metavar="TAG",
+              help="Appended to every search's name: a search with other --rounds, --samples or --sigma in the "
+                   "same --work, beside the earlier one (same data, warm starts and cached finals) instead of "
+                   "refused, e.g. --rounds 6 --search-tag r6.")
 @click.option("--box-collapse", type=float, default=None, metavar="U",
               help="Stop a proxy trial early, evaluating it as it is, when its positives' mean box quality u "
                    "(GIoU-based, about 0.7 at the start) stays below U for more than 50 iterations: a loss that "
@@ -1109,7 +1124,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default="sqlite:///mlflow.db", show_default=True,
               help="MLflow store for the results [env MLFLOW_TRACKING_URI]; '' to skip.")
 def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, final_iterations, n_train, n_val, sigma,
-          detach_i3, box_collapse, trial_seeds, start, select_top, select_seeds, loss_files, warm_starts, select_warm_starts, jobs, mps, work, out,
+          detach_i3, search_tag, box_collapse, trial_seeds, start, select_top, select_seeds, loss_files, warm_starts, select_warm_starts, jobs, mps, work, out,
           report_only, tracking_uri) -> None:
     """The search-quality benchmark: search on the bundled datasets, then train with
     every loss and seed and compare AP on the held-out val split (issue 8)."""
@@ -1130,7 +1145,7 @@ def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, fi
             proxy_iterations=proxy_iterations or base.get("proxy_iterations"),
             final_iterations=final_iterations or base.get("final_iterations"),
             n_train=n_train or base.get("n_train"), n_val=n_val or base.get("n_val"),
-            sigma=sigma or base.get("sigma"), box_collapse=box_collapse, detach_i3=detach_i3, trial_seeds=trial_seeds, start=pick("start", start), jobs=jobs,
+            sigma=sigma or base.get("sigma"), box_collapse=box_collapse, detach_i3=detach_i3, search_tag=search_tag, trial_seeds=trial_seeds, start=pick("start", start), jobs=jobs,
             select_top=pick("select_top", select_top), select_seeds=select,
             loss_files=tuple(parse_loss_file(f) for f in loss_files),
             warm_starts=warm_starts, select_warm_starts=select_warm_starts,

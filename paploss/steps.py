@@ -548,10 +548,15 @@ def init_search(
     if storage.exists(uri):
         doc = storage.read_json(uri)
         existing, fresh = doc["controller"], c.state_dict()
-        if any(existing.get(k) != fresh[k] for k in ("options", "logits", "sigma")):
+        had_options, options_now = existing.get("options", {}), fresh["options"]
+        diff = [f"{k}={had_options.get(k)!r} there, {options_now.get(k)!r} now"
+                for k in sorted(set(had_options) | set(options_now)) if had_options.get(k) != options_now.get(k)]
+        diff += [f"its starting {what} differs" for what, key in (("mean", "logits"), ("sigma", "sigma"))
+                 if existing.get(key) != fresh[key]]
+        if diff:
             raise StepError(
-                f"search {search_name!r} already exists in {work} with other controller options; "
-                "choose another search_name"
+                f"search {search_name!r} already exists in {work} with other controller options "
+                f"({'; '.join(diff)}); choose another search_name"
             )
         had = doc.get("trial_seeds", "fixed")
         if had != trial_seeds:

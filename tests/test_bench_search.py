@@ -49,6 +49,8 @@ def test_summarize_mean_and_std_in_ap_points():
         ({"select_top": 2, "select_seeds": (3, 0)}, "holds the search's trial seed 0"),
         ({"warm_starts": 0}, "warm_starts=0"),
         ({"box_collapse": 1.0}, "box_collapse=1.0 must be a box quality in (0, 1)"),
+        ({"search_tag": "r6/long"}, "search_tag='r6/long' must be 1-40 letters"),
+        ({"search_tag": "-r6"}, "search_tag='-r6'"),
     ],
 )
 def test_config_rejects_bad_values_naming_them(kwargs, message):
@@ -536,6 +538,24 @@ def test_a_cached_search_is_reused_only_with_its_own_inputs(prepared, tmp_path):
     with pytest.raises(steps.StepError, match=r"init: .*other\.pt"):
         _search_inputs(long, data, str(tmp_path / "other.pt"), work, "s", write=False)
     assert storage.read_json(storage.join(steps.search_dir(work, "s"), "bench-inputs.json"))["proxy"]["iterations"] == 400
+
+
+def test_a_search_with_other_rounds_is_refused_naming_them_and_a_tag_sets_it_beside(prepared, tmp_path):
+    """A cached 4-round search is not taken up by a 6-round run of the same name: the
+    refusal names both values and the option that names the new one apart; the tag
+    ends every search's name, after the other parts."""
+    from bench.search import _search
+
+    _, p, data, init, _ = prepared
+    work = str(tmp_path)
+    steps.init_search(work, "s", 4, p.samples, seed=p.seed)
+    with pytest.raises(steps.StepError, match=r"'s' already exists .*rounds=4 there, 6 now.*--search-tag TAG runs this "
+                                              r"one as s-TAG"):
+        _search(None, p.with_overrides(rounds=6), data, init, work, "s", {})
+    assert storage.read_json(steps.state_uri(work, "s", 0))["controller"]["options"]["rounds"] == 4
+    tagged = BenchConfig(detach_i3=True, search_tag="r6")
+    assert tagged.search_name("digits", "searched") == "bench-digits-searched-detach-i3-r6"
+    assert BenchConfig(search_tag="r6").search_name("shapes", "searched-shared") == "bench-shapes-searched-shared-r6"
 
 
 def test_the_selection_of_a_report_only_run_comes_from_cached_trials_only(prepared, tmp_path):

@@ -249,8 +249,10 @@ def test_controller_update_is_idempotent_and_checks_its_inputs(tiny_data):
     with pytest.raises(steps.StepError, match="at round 1"):
         steps.controller_update(first["state"], results, work, "idem")
     # init of an existing search with other options is refused, not overwritten
-    with pytest.raises(steps.StepError, match="other controller options"):
+    with pytest.raises(steps.StepError, match=r"other controller options \(its starting sigma differs\)"):
         steps.init_search(work, "idem", rounds=3, samples=3, seed=1, controller={"sigma": 0.1})
+    with pytest.raises(steps.StepError, match=r"other controller options \(rounds=3 there, 5 now; samples=3 there, 4 now\)"):
+        steps.init_search(work, "idem", rounds=5, samples=4, seed=1)
     assert steps.init_search(work, "idem", rounds=3, samples=3, seed=1)["trials"] == out["trials"]
 
 
