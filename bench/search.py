@@ -391,7 +391,7 @@ def _search(pool: ProcessPoolExecutor, p: steps.Preset, data: str, init: str, wo
     try:
         out = steps.init_search(work, name, p.rounds, p.samples, seed=p.seed, controller=controller,
                                 trial_seeds=trial_seeds)
-    except steps.StepError as exc:  # the name is bench's: say how to give this search its own
+    except steps.SearchExists as exc:  # the name is bench's: say how to give this search its own
         raise steps.StepError(f"{exc} (paploss bench: --search-tag TAG runs this one as {name}-TAG beside it)") from None
     _search_inputs(p, data, init, work, name, write=True)
     for r in range(p.rounds):

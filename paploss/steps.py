@@ -93,6 +93,11 @@ class StepError(ValueError):
     """A step got input it cannot use; the message names the argument and value."""
 
 
+class SearchExists(StepError):
+    """A search of that name already exists in the work folder with other settings (it is
+    not overwritten); the message names what differs."""
+
+
 class SearchFailed(RuntimeError):
     """The search cannot go on (for instance: too many failed trials)."""
 
@@ -554,13 +559,13 @@ def init_search(
         diff += [f"its starting {what} differs" for what, key in (("mean", "logits"), ("sigma", "sigma"))
                  if existing.get(key) != fresh[key]]
         if diff:
-            raise StepError(
+            raise SearchExists(
                 f"search {search_name!r} already exists in {work} with other controller options "
                 f"({'; '.join(diff)}); choose another search_name"
             )
         had = doc.get("trial_seeds", "fixed")
         if had != trial_seeds:
-            raise StepError(f"search {search_name!r} already exists in {work} with trial_seeds={had!r}, "
+            raise SearchExists(f"search {search_name!r} already exists in {work} with trial_seeds={had!r}, "
                             f"not {trial_seeds!r}; choose another search_name")
     else:
         storage.write_json(uri, _state_doc(c, 0, search_name, trial_seeds))
