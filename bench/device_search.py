@@ -132,7 +132,7 @@ def main(work, out_dir, datasets, samples, max_rounds, min_rounds, sigma, proxy_
         def timing_round(d: str) -> None:
             p, name = presets[d], f"timing-{d}-s{samples}"
             first = steps.init_search(works[d], name, max_rounds, samples, seed=p.seed, controller=p.controller)
-            B._round(pool, p, data[d], init[d], works[d], name, first)
+            B._round(pool, p, data[d], (init[d],), works[d], name, first)
 
         start = time.monotonic()
         in_threads(timing_round)
@@ -155,7 +155,7 @@ def main(work, out_dir, datasets, samples, max_rounds, min_rounds, sigma, proxy_
 
         def search(d: str) -> None:
             p = cfg.preset(d)
-            states[d] = B._search(pool, p, data[d], init[d], works[d], search_names[d], p.controller,
+            states[d] = B._search(pool, p, data[d], (init[d],), works[d], search_names[d], p.controller,
                                   deadline=t0 + search_budget_s + 0.5 * t_round)
 
         if searching:

@@ -153,6 +153,9 @@ class BenchConfig:
     n_val: int | None = None  # images of the bundled val split (None: the pipeline preset's)
     sigma: float | None = None  # the policy's starting spread (None: the controller's default, 0.2)
     trial_seeds: str = "fixed"  # the proxy trials' training seed: the same every round, or seed + round
+    # proxy trainings per sampled loss, seeds steps.REWARD_SEED_STRIDE apart; its reward is their mean.
+    # With select_warm_starts, the j-th trains from warm start j mod warm_starts (as selection seed j does)
+    reward_seeds: int = 1
     start: str = "linear"  # the searches' starting mean: the identity (SPEC §2) or another form's θ (form_theta)
     select_top: int = 0  # selection after each search: its best samples trained again (0: off, the loss is μ)
     select_seeds: tuple[int, ...] = (1, 2, 3)  # the selection's training seeds
@@ -198,7 +201,9 @@ class BenchConfig:
             raise ValueError(f"sigma={self.sigma} must be in (0, 1]")
         if self.trial_seeds not in steps.TRIAL_SEEDS:
             raise ValueError(f"trial_seeds={self.trial_seeds!r} must be one of {steps.TRIAL_SEEDS}")
-        steps.check_selection(self.select_top, self.select_seeds, search_seed=0)
+        if not 1 <= self.reward_seeds <= steps.MAX_REWARD_SEEDS:
+            raise ValueError(f"reward_seeds={self.reward_seeds} must be in [1, {steps.MAX_REWARD_SEEDS}]")
+        steps.check_selection(self.select_top, self.select_seeds, search_seed=0, reward_seeds=self.reward_seeds)
         self._check_loss_files()
         given = {(d, m) for d, m, _ in self.loss_files}
         for mode in {m for d, modes in self.searches().items() for m in modes if (d, m) not in given}:
@@ -283,11 +288,12 @@ class BenchConfig:
 
     def search_name(self, dataset: str, mode: str) -> str:
         """The search's name in ``work``: ``bench-<dataset>-<mode>``, then ``-detach-i3``
-        with ``detach_i3``, and started from a loss file ``-start-<first 8 hex digits of
-        the file's sha256>``, then ``-<search_tag>`` when given, so that such a search
-        lives beside the others in one ``--work`` and shares its data, warm starts and the
-        other losses' finals."""
+        with ``detach_i3``, ``-rs<n>`` with ``reward_seeds`` n > 1, and started from a loss
+        file ``-start-<first 8 hex digits of the file's sha256>``, then ``-<search_tag>``
+        when given, so that such a search lives beside the others in one ``--work`` and
+        shares its data, warm starts and the other losses' finals."""
         name = f"bench-{dataset}-{mode}" + ("-detach-i3" if self.detach_i3 else "")
+        name += f"-rs{self.reward_seeds}" if self.reward_seeds > 1 else ""
         if self.start not in START_FORMS:
             name = f"{name}-start-{hashlib.sha256(storage.read_bytes(self.start)).hexdigest()[:8]}"
         return f"{name}-{self.search_tag}" if self.search_tag else name
@@ -367,13 +373,15 @@ def _pool(jobs: int) -> ProcessPoolExecutor:
 # ----------------------------------------------------------------------------------
 
 
-def _round(pool: ProcessPoolExecutor, p: steps.Preset, data: str, init: str, work: str, name: str,
+def _round(pool: ProcessPoolExecutor, p: steps.Preset, data: str, inits: Sequence[str], work: str, name: str,
            out: Mapping[str, Any], deadline: float | None = None) -> dict | None:
     """One round of a search: its proxy trials in ``pool``, then the controller's
-    update. ``None`` if the trials do not finish before ``deadline`` (a
-    ``time.monotonic()`` value; the unstarted trials are cancelled)."""
+    update. A trial's ``repeat`` j (with ``reward_seeds``) trains from warm start
+    ``inits[j mod len(inits)]``. ``None`` if the trials do not finish before
+    ``deadline`` (a ``time.monotonic()`` value; the unstarted trials are cancelled)."""
     proxy = steps.train_options(p.proxy, p.detector)
-    futures = [pool.submit(steps.proxy_trial, data, init, t, proxy, work, name, state=out["state"], attempts=p.attempts)
+    futures = [pool.submit(steps.proxy_trial, data, warm_start(inits, json.loads(t).get("repeat", 0)), t, proxy,
+                           work, name, state=out["state"], attempts=p.attempts)
                for t in out["trials"]]
     _, pending = cf.wait(futures, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
     if pending:
@@ -384,19 +392,22 @@ def _round(pool: ProcessPoolExecutor, p: steps.Preset, data: str, init: str, wor
                                    max_failed_trials=p.max_failed_trials)
 
 
-def _search(pool: ProcessPoolExecutor, p: steps.Preset, data: str, init: str, work: str, name: str,
-            controller: Mapping[str, Any], deadline: float | None = None, trial_seeds: str = "fixed") -> str:
-    """One PPO search with :mod:`paploss.steps`; returns the last finished round's
-    state URI (earlier than round ``p.rounds`` only when ``deadline`` stopped it)."""
+def _search(pool: ProcessPoolExecutor, p: steps.Preset, data: str, inits: Sequence[str], work: str, name: str,
+            controller: Mapping[str, Any], deadline: float | None = None, trial_seeds: str = "fixed",
+            reward_seeds: int = 1) -> str:
+    """One PPO search with :mod:`paploss.steps` from warm start ``inits[0]`` (each
+    sampled loss's j-th reward seed from ``inits[j mod len(inits)]``); returns the last
+    finished round's state URI (earlier than round ``p.rounds`` only when ``deadline``
+    stopped it)."""
     try:
         out = steps.init_search(work, name, p.rounds, p.samples, seed=p.seed, controller=controller,
-                                trial_seeds=trial_seeds)
+                                trial_seeds=trial_seeds, reward_seeds=reward_seeds)
     except steps.SearchExists as exc:  # the name is bench's: say how to give this search its own
         raise steps.StepError(f"{exc} (paploss bench: --search-tag TAG runs this one as {name}-TAG beside it)") from None
-    _search_inputs(p, data, init, work, name, write=True)
+    _search_inputs(p, data, inits, work, name, write=True)
     for r in range(p.rounds):
         start = time.monotonic()
-        nxt = _round(pool, p, data, init, work, name, out, deadline)
+        nxt = _round(pool, p, data, inits, work, name, out, deadline)
         if nxt is None:
             _log(f"{name}: stopped before round {r + 1} finished (budget); its mean is the one after round {r}")
             break
@@ -406,13 +417,16 @@ def _search(pool: ProcessPoolExecutor, p: steps.Preset, data: str, init: str, wo
     return out["state"]
 
 
-def _search_inputs(p: steps.Preset, data: str, init: str, work: str, name: str, write: bool) -> None:
-    """What a cached search was trained on (data, warm start, proxy schedule, detector),
+def _search_inputs(p: steps.Preset, data: str, inits: Sequence[str], work: str, name: str, write: bool) -> None:
+    """What a cached search was trained on (data, warm start(s), proxy schedule, detector),
     kept beside it in ``bench-inputs.json``: a run with another ``--proxy-iterations``
     (say) in the same ``--work`` is refused, naming what differs, instead of reporting
     the old search as its own. A search cached before this file existed adopts it."""
     uri = storage.join(steps.search_dir(work, name), "bench-inputs.json")
-    now = json.loads(json.dumps({"data": data, "init": init, "proxy": steps.plain(dict(p.proxy)), "detector": p.detector}))
+    now = {"data": data, "init": inits[0], "proxy": steps.plain(dict(p.proxy)), "detector": p.detector}
+    if len(inits) > 1:  # reward seeds across warm starts (one warm start: the file as before they existed)
+        now["inits"] = list(inits)
+    now = json.loads(json.dumps(now))
     if storage.exists(uri):
         had = storage.read_json(uri)
         diff = [f"{field}: {had.get(field)!r} there, {now[field]!r} now" for field in now if had.get(field) != now[field]]
@@ -994,6 +1008,8 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
                                      only_cached=report_only) for w in range(cfg.warm_starts)) if data else (None,)
         init = inits[0]  # the searches' warm start
         select_inits = inits[:cfg.selection_warm_starts]  # the selection's seed s: warm_start(select_inits, s)
+        # the search's reward seed j: warm_start(search_inits, j) (one warm start: the search's own)
+        search_inits = select_inits if cfg.reward_seeds > 1 else (init,)
         if not init:  # report_only and nothing cached for this dataset yet
             _log(f"{dataset}: no data or warm start in {cfg.work} yet; left out")
             continue
@@ -1007,7 +1023,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
             if report_only:
                 state = _latest_state(work, name, p.rounds)
                 if state is not None:
-                    _search_inputs(p, data, init, work, name, write=False)
+                    _search_inputs(p, data, search_inits, work, name, write=False)
                     searched[(dataset, mode)] = state
                     if cfg.select_top:
                         selected = _select(None, p, data, select_inits, work, name, state, cfg.select_top,
@@ -1018,8 +1034,8 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
                         else:
                             searched[(dataset, mode)] = selected
                 continue
-            searched[(dataset, mode)] = _search(pool, p, data, init, work, name, cfg.controller(p, mode),
-                                                trial_seeds=cfg.trial_seeds)
+            searched[(dataset, mode)] = _search(pool, p, data, search_inits, work, name, cfg.controller(p, mode),
+                                                trial_seeds=cfg.trial_seeds, reward_seeds=cfg.reward_seeds)
             if cfg.select_top:
                 searched[(dataset, mode)] = _select(pool, p, data, select_inits, work, name,
                                                     searched[(dataset, mode)], cfg.select_top, cfg.select_seeds)
@@ -1085,6 +1101,10 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
               help="Training seed of the proxy trials: the search's seed in every round (fixed), or seed + round "
                    "(per-round, so that no single training trajectory is tuned to; it measured no better, "
                    "BENCHMARKS.md, issue 8, finding 10).")
+@click.option("--reward-seeds", type=int, default=1, show_default=True, metavar="N",
+              help="Proxy trainings per sampled loss, with seeds 1000 apart; its reward is their mean (less of one "
+                   "training's luck in the reward, at N times the search's cost). With --select-warm-starts the j-th "
+                   "trains from warm start j mod --warm-starts. Such a search is named ...-rsN.")
 @click.option("--start", default=None, metavar="FORM|FILE",
               help=f"Starting mean of the searches: the identity (linear, SPEC §2), the piecewise-linear form of "
                    f"another handcrafted loss ({', '.join(START_FORMS)}: does a search improve on square when it "
@@ -1124,7 +1144,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default="sqlite:///mlflow.db", show_default=True,
               help="MLflow store for the results [env MLFLOW_TRACKING_URI]; '' to skip.")
 def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, final_iterations, n_train, n_val, sigma,
-          detach_i3, search_tag, box_collapse, trial_seeds, start, select_top, select_seeds, loss_files, warm_starts, select_warm_starts, jobs, mps, work, out,
+          detach_i3, search_tag, box_collapse, trial_seeds, reward_seeds, start, select_top, select_seeds, loss_files, warm_starts, select_warm_starts, jobs, mps, work, out,
           report_only, tracking_uri) -> None:
     """The search-quality benchmark: search on the bundled datasets, then train with
     every loss and seed and compare AP on the held-out val split (issue 8)."""
@@ -1145,7 +1165,8 @@ def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, fi
             proxy_iterations=proxy_iterations or base.get("proxy_iterations"),
             final_iterations=final_iterations or base.get("final_iterations"),
             n_train=n_train or base.get("n_train"), n_val=n_val or base.get("n_val"),
-            sigma=sigma or base.get("sigma"), box_collapse=box_collapse, detach_i3=detach_i3, search_tag=search_tag, trial_seeds=trial_seeds, start=pick("start", start), jobs=jobs,
+            sigma=sigma or base.get("sigma"), box_collapse=box_collapse, detach_i3=detach_i3, search_tag=search_tag, trial_seeds=trial_seeds,
+            reward_seeds=reward_seeds, start=pick("start", start), jobs=jobs,
             select_top=pick("select_top", select_top), select_seeds=select,
             loss_files=tuple(parse_loss_file(f) for f in loss_files),
             warm_starts=warm_starts, select_warm_starts=select_warm_starts,

@@ -41,10 +41,10 @@ def pretrain(data: str, work: str, config: Dict, seed: int, detector: str, proxy
 def init_search(
     work: str, search_name: str, rounds: int, samples: int, seed: int, controller: Dict,
     tracking_uri: str, experiment: str, params: Dict, dataset: str, detector: str, proxy: Dict, final: Dict,
-    max_failed_trials: int, attempts: int, model_name: str,
+    max_failed_trials: int, attempts: int, model_name: str, reward_seeds: int = 1,
 ) -> NamedTuple("InitOutputs", [("state", str), ("trials", List[str])]):
-    """Controller state v0 and round 0's trials; opens the MLflow parent run (with
-    the pipeline's parameters as its params)."""
+    """Controller state v0 and round 0's trials (``reward_seeds`` trials per sampled
+    loss); opens the MLflow parent run (with the pipeline's parameters as its params)."""
     from collections import namedtuple
 
     from paploss import steps
@@ -53,7 +53,8 @@ def init_search(
               "max_failed_trials": max_failed_trials, "attempts": attempts, "model_name": model_name,
               "work": work, "search_name": search_name}
     out = steps.init_search(work, search_name, rounds, samples, seed=seed, controller=controller,
-                            tracking={"uri": tracking_uri, "experiment": experiment}, params=params)
+                            tracking={"uri": tracking_uri, "experiment": experiment}, params=params,
+                            reward_seeds=reward_seeds)
     return namedtuple("InitOutputs", ["state", "trials"])(out["state"], out["trials"])
 
 

@@ -98,6 +98,9 @@ def search_options(fn: Callable) -> Callable:
                           "policy's final mean, as SPEC §3) [preset: 0]."),
         click.option("--select-seeds", default=None, metavar="S1,S2,...",
                      help="Training seeds of the selection's trials; not the search's own seed [1,2,3]."),
+        click.option("--reward-seeds", type=int, default=None, metavar="N",
+                     help="Proxy trainings per sampled loss, with seeds 1000 apart; its reward is their mean: less "
+                          "of one training's luck in the reward, at N times the trials [1]."),
         click.option("--proxy-epochs", type=float, default=0.0, show_default=True,
                      help="Epochs of a proxy trial (0: the preset's schedule)."),
         click.option("--final-epochs", type=float, default=0.0, show_default=True,
@@ -133,7 +136,7 @@ def settings_from_options(
     preset: str, dataset, work, search_name, rounds, samples, parallelism, max_failed_trials, attempts, seed,
     detector, proxy_epochs, final_epochs, proxy_json, final_json, controller_json, tracking_uri, experiment,
     model_name, promote, select_top: int | None = None, select_seeds: str | None = None,
-    now: _dt.datetime | None = None,
+    reward_seeds: int | None = None, now: _dt.datetime | None = None,
 ) -> RunSettings:
     """Preset + command-line overrides -> :class:`RunSettings` (no checks that touch the network)."""
     base = steps.get_preset(preset)
@@ -142,7 +145,7 @@ def settings_from_options(
     controller = _json_option(controller_json, "--controller")
     p = base.with_overrides(
         select_top=select_top, select_seeds=None if select_seeds is None else int_list(select_seeds, "--select-seeds"),
-        dataset=dataset, rounds=rounds, samples=samples, parallelism=parallelism,
+        dataset=dataset, rounds=rounds, samples=samples, parallelism=parallelism, reward_seeds=reward_seeds,
         max_failed_trials=max_failed_trials, attempts=attempts, seed=seed, detector=detector,
         proxy={**base.proxy, **extra_proxy} if extra_proxy else None,
         final={**base.final, **extra_final} if extra_final else None,
@@ -172,7 +175,8 @@ def preflight(s: RunSettings) -> None:
             rounds=p.rounds, samples=p.samples, parallelism=p.parallelism, max_failed_trials=p.max_failed_trials,
             search_name=s.search_name, model_name=s.model_name, attempts=p.attempts,
         )
-        steps.check_selection(p.select_top, p.select_seeds, search_seed=p.seed)
+        steps.check_reward_seeds(p.reward_seeds)
+        steps.check_selection(p.select_top, p.select_seeds, search_seed=p.seed, reward_seeds=p.reward_seeds)
         for name, value in (("--proxy-epochs", s.proxy_epochs), ("--final-epochs", s.final_epochs)):
             if value < 0:
                 raise steps.StepError(f"{name}={value} must be >= 0 (0: the preset's schedule)")
@@ -198,7 +202,7 @@ def run_inprocess(s: RunSettings, *, progress: bool = True) -> dict:
     params = {**p.to_dict(), "work": s.work, "search_name": s.search_name, "runner": "in-process",
               "proxy_epochs": s.proxy_epochs, "final_epochs": s.final_epochs}
     out = steps.init_search(s.work, s.search_name, p.rounds, p.samples, seed=p.seed, controller=p.controller,
-                            tracking=tracking, params=params)
+                            tracking=tracking, params=params, reward_seeds=p.reward_seeds)
     proxy = steps.train_options(p.proxy, p.detector, s.proxy_epochs)
     for r in range(p.rounds):
         results = [

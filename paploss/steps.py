@@ -499,22 +499,48 @@ def _trial_seed(controller, trial_seeds: str) -> int:
     return controller.config.seed + (controller.round if trial_seeds == "per-round" else 0)
 
 
-def _trials_of(controller, samples: int, trial_seeds: str = "fixed") -> list[str]:
-    """The next round's trials as JSON strings: round, sample index, θ, training seed."""
+#: With ``reward_seeds`` = n > 1 each sampled θ is trained n times, the j-th time with
+#: the round's seed + j × REWARD_SEED_STRIDE; its reward is the mean of the n rewards.
+REWARD_SEED_STRIDE = 1000
+MAX_REWARD_SEEDS = 8
+
+
+def check_reward_seeds(reward_seeds: Any) -> int:
+    if isinstance(reward_seeds, bool) or not isinstance(reward_seeds, int) or not 1 <= reward_seeds <= MAX_REWARD_SEEDS:
+        raise StepError(f"reward_seeds={reward_seeds!r} is out of range: an integer in [1, {MAX_REWARD_SEEDS}] "
+                        "(the proxy trainings, each with its own seed, whose mean reward is a sampled loss's)")
+    return reward_seeds
+
+
+def reward_seeds_of(base: int, reward_seeds: int) -> list[int]:
+    """The training seeds of one sampled θ's trials when the round's seed is ``base``."""
+    return [int(base) + j * REWARD_SEED_STRIDE for j in range(int(reward_seeds))]
+
+
+def _trials_of(controller, samples: int, trial_seeds: str = "fixed", reward_seeds: int = 1) -> list[str]:
+    """The next round's trials as JSON strings: round, sample index, θ, training seed.
+    With ``reward_seeds`` = n, θ number i is trained n times: samples i·n … i·n + n − 1,
+    the j-th with ``repeat`` j and seed + j × REWARD_SEED_STRIDE."""
     if controller.done:
         return []
     thetas = controller.sample(samples).tolist()
-    train_seed = _trial_seed(controller, trial_seeds)
+    seeds = reward_seeds_of(_trial_seed(controller, trial_seeds), reward_seeds)
+    if len(seeds) == 1:  # the trials' JSON as before reward_seeds existed: their cached results still match
+        return [json.dumps({"round": controller.round, "sample": i, "theta": theta, "seed": seeds[0]})
+                for i, theta in enumerate(thetas)]
     return [
-        json.dumps({"round": controller.round, "sample": i, "theta": theta, "seed": train_seed})
-        for i, theta in enumerate(thetas)
+        json.dumps({"round": controller.round, "sample": i * len(seeds) + j, "theta": theta, "seed": seed, "repeat": j})
+        for i, theta in enumerate(thetas) for j, seed in enumerate(seeds)
     ]
 
 
-def _state_doc(c, failed: int, search_name: str, trial_seeds: str) -> dict:
+def _state_doc(c, failed: int, search_name: str, trial_seeds: str, reward_seeds: int = 1) -> dict:
     """A search state file's content (:func:`state_uri`); the search's seed is the controller's."""
-    return {"controller": c.state_dict(), "failed_trials": int(failed), "search_name": search_name,
-            "trial_seeds": trial_seeds}
+    doc = {"controller": c.state_dict(), "failed_trials": int(failed), "search_name": search_name,
+           "trial_seeds": trial_seeds}
+    if reward_seeds != 1:  # state files of one reward seed stay as they were
+        doc["reward_seeds"] = int(reward_seeds)
+    return doc
 
 
 def init_search(
@@ -527,6 +553,7 @@ def init_search(
     tracking: Mapping[str, str] | None = None,
     params: Mapping[str, Any] | None = None,
     trial_seeds: str = "fixed",
+    reward_seeds: int = 1,
 ) -> dict:
     """Controller state before round 0 and round 0's trials.
 
@@ -535,7 +562,10 @@ def init_search(
     ``fixed``, ``min_reward``, ``mu``). Opens (or, on resume, reopens) the
     search's parent run in MLflow with ``params``. ``trial_seeds``: the proxy
     trials' training seed, ``fixed`` (``seed`` for every trial) or ``per-round``
-    (``seed + round``). Returns ``{"state": uri, "trials": [json, …]}``.
+    (``seed + round``). ``reward_seeds``: how many proxy trainings, with seeds
+    REWARD_SEED_STRIDE apart, each sampled θ gets; its reward is their mean (less
+    of one training's luck in the reward, at that many times the cost). Returns
+    ``{"state": uri, "trials": [json, …]}``.
     """
     from paploss.search import Controller
 
@@ -545,6 +575,7 @@ def init_search(
         if bad in options:
             raise StepError(f"controller option {bad!r} is a search parameter: pass it as {bad}=")
     _check_trial_seeds(trial_seeds)
+    check_reward_seeds(reward_seeds)
     try:
         c = Controller(rounds=int(rounds), seed=int(seed), samples=int(samples), **options)
     except TypeError as exc:
@@ -563,21 +594,23 @@ def init_search(
                 f"search {search_name!r} already exists in {work} with other controller options "
                 f"({'; '.join(diff)}); choose another search_name"
             )
-        had = doc.get("trial_seeds", "fixed")
-        if had != trial_seeds:
-            raise SearchExists(f"search {search_name!r} already exists in {work} with trial_seeds={had!r}, "
-                            f"not {trial_seeds!r}; choose another search_name")
+        for option, had, now in (("trial_seeds", doc.get("trial_seeds", "fixed"), trial_seeds),
+                                 ("reward_seeds", doc.get("reward_seeds", 1), reward_seeds)):
+            if had != now:
+                raise SearchExists(f"search {search_name!r} already exists in {work} with {option}={had!r}, "
+                                   f"not {now!r}; choose another search_name")
     else:
-        storage.write_json(uri, _state_doc(c, 0, search_name, trial_seeds))
+        storage.write_json(uri, _state_doc(c, 0, search_name, trial_seeds, reward_seeds))
     if tracking is not None:
         from paploss import tracking as tr
 
         client = _client(tracking)
         tr.start_search(client, tracking["experiment"], search_name,
                         {**dict(params or {}), "rounds": rounds, "samples": samples, "seed": seed,
-                         "trial_seeds": trial_seeds, "controller": options})
-    _log(f"search {search_name}: {rounds} rounds x {samples} samples, D={c.dim}")
-    return {"state": uri, "trials": _trials_of(c, samples, trial_seeds)}
+                         "trial_seeds": trial_seeds, "reward_seeds": reward_seeds, "controller": options})
+    each = f", {reward_seeds} trainings each" if reward_seeds > 1 else ""
+    _log(f"search {search_name}: {rounds} rounds x {samples} samples{each}, D={c.dim}")
+    return {"state": uri, "trials": _trials_of(c, samples, trial_seeds, reward_seeds)}
 
 
 def _parse_trial(trial: str | Mapping[str, Any]) -> dict:
@@ -815,7 +848,9 @@ def controller_update(
     and the next round's trials, ``{"state": uri, "trials": [...], "round": r,
     "mean_reward", "max_reward", "failed_trials"}``.
 
-    Failed and diverged trials get the controller's ``min_reward``. When the
+    With the search's ``reward_seeds`` = n, a sampled θ's reward is the mean of its n
+    trials' rewards. Failed and diverged trials get the controller's ``min_reward``
+    (a θ with any failed trial among its n). When the
     search's failed trials exceed ``max_failed_trials`` it stops with
     ``SearchFailed`` (and no new state is written). Logs the round's metrics and
     figures on the parent MLflow run.
@@ -828,24 +863,31 @@ def controller_update(
     rounds_seen = {int(p["round"]) for p in parsed}
     if rounds_seen != {c.round}:
         raise StepError(f"results are for round(s) {sorted(rounds_seen)} but the state {state} is at round {c.round}")
-    samples = len(parsed)
-    expected = c.sample(samples).tolist()
-    for p, theta in zip(parsed, expected):
-        if any(abs(a - b) > 1e-12 for a, b in zip(p["theta"], theta)):
-            raise StepError(f"result of round {c.round} sample {p['sample']} is for another θ than the controller drew")
     r = c.round
-    out = state_uri(work, search_name, r + 1)
-    # state files written before trial_seeds existed: every trial had the search's seed
+    # state files written before trial_seeds (reward_seeds) existed: one trial of the search's seed per θ
     trial_seeds = _check_trial_seeds(doc.get("trial_seeds", "fixed"))
-    expected_seed = _trial_seed(c, trial_seeds)
-    if any(int(p["seed"]) != expected_seed for p in parsed):
+    reward_seeds = check_reward_seeds(doc.get("reward_seeds", 1))
+    if len(parsed) % reward_seeds:
+        raise StepError(f"round {r} has {len(parsed)} results, not a multiple of the search's reward_seeds={reward_seeds}")
+    samples = len(parsed) // reward_seeds
+    expected = c.sample(samples).tolist()
+    seeds = reward_seeds_of(_trial_seed(c, trial_seeds), reward_seeds)
+    for k, p in enumerate(parsed):
+        if int(p["sample"]) != k:
+            raise StepError(f"round {r} has no result of sample {k} (samples {[int(q['sample']) for q in parsed]})")
+        if any(abs(a - b) > 1e-12 for a, b in zip(p["theta"], expected[k // reward_seeds])):
+            raise StepError(f"result of round {r} sample {p['sample']} is for another θ than the controller drew")
+    if [int(p["seed"]) for p in parsed] != seeds * samples:
+        want = f"{seeds} (trial_seeds={trial_seeds!r}, reward_seeds={reward_seeds})" if reward_seeds > 1 \
+            else f"{seeds[0]} (trial_seeds={trial_seeds!r})"
         raise StepError(f"results of round {r} were trained with seeds {sorted({int(p['seed']) for p in parsed})}, "
-                        f"not the search's {expected_seed} (trial_seeds={trial_seeds!r})")
+                        f"not the search's {want}")
+    out = state_uri(work, search_name, r + 1)
     if storage.exists(out):
         done = storage.read_json(out)
         nxt = Controller.from_state_dict(done["controller"])
-        if nxt.round == r + 1 and [list(t) for t in nxt.history[r].thetas] == [p["theta"] for p in parsed]:
-            return _update_output(out, nxt, done["failed_trials"], samples, trial_seeds)
+        if nxt.round == r + 1 and [list(t) for t in nxt.history[r].thetas] == expected:
+            return _update_output(out, nxt, done["failed_trials"], samples, trial_seeds, reward_seeds)
     failed_now = [p for p in parsed if p["failed"]]
     total_failed = int(doc.get("failed_trials", 0)) + len(failed_now)
     if total_failed > int(max_failed_trials):
@@ -855,13 +897,15 @@ def controller_update(
             f"search {search_name!r}: {total_failed} failed trials exceed max_failed_trials={max_failed_trials} "
             f"(round {r}: {errors})"
         )
-    rewards = [float("nan") if p["failed"] else float(p["reward"]) for p in parsed]
+    groups = [parsed[i * reward_seeds:(i + 1) * reward_seeds] for i in range(samples)]
+    rewards = [float("nan") if any(p["failed"] for p in g) else math.fsum(float(p["reward"]) for p in g) / len(g)
+               for g in groups]
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # failed trials: counted and reported below
-        record = c.update([p["theta"] for p in parsed], rewards)
-    storage.write_json(out, _state_doc(c, total_failed, search_name, trial_seeds))
+        record = c.update(expected, rewards)
+    storage.write_json(out, _state_doc(c, total_failed, search_name, trial_seeds, reward_seeds))
     ok = [x for x in rewards if math.isfinite(x)]
     _log(
         f"round {r + 1}/{c.rounds}: mean reward {record.mean_reward:.4f}, "
@@ -879,15 +923,15 @@ def controller_update(
             client, parent.info.run_id, round=r, rewards=[None if not math.isfinite(x) else x for x in rewards],
             failed=len(failed_now), mu=c.mu.tolist(), names=c.parameter_names, spec=c.spec(), history=history,
         )
-    return _update_output(out, c, total_failed, samples, trial_seeds)
+    return _update_output(out, c, total_failed, samples, trial_seeds, reward_seeds)
 
 
-def _update_output(uri: str, c, failed: int, samples: int, trial_seeds: str) -> dict:
+def _update_output(uri: str, c, failed: int, samples: int, trial_seeds: str, reward_seeds: int) -> dict:
     rec = c.history[-1]
     ok = [v for i, v in enumerate(rec.rewards) if i not in rec.failed]
     return {
         "state": uri,
-        "trials": _trials_of(c, samples, trial_seeds),
+        "trials": _trials_of(c, samples, trial_seeds, reward_seeds),
         "round": c.round,
         "mean_reward": rec.mean_reward,
         "max_reward": max(ok) if ok else None,
@@ -912,10 +956,11 @@ def _update_output(uri: str, c, failed: int, samples: int, trial_seeds: str) -> 
 SELECTED_STATE = "selected-{key}.json"
 
 
-def check_selection(top: int, seeds: Sequence[int], search_seed: int | None = None) -> None:
+def check_selection(top: int, seeds: Sequence[int], search_seed: int | None = None, reward_seeds: int = 1) -> None:
     """Range checks of the selection stage; raises ``StepError`` naming the bad value.
     ``top`` 0 turns the stage off; the ``seeds`` must be distinct and, when
-    ``search_seed`` is given, differ from it (those rewards picked the candidates)."""
+    ``search_seed`` is given, differ from it and from its other ``reward_seeds``
+    (those rewards picked the candidates)."""
     if isinstance(top, bool) or not isinstance(top, int) or top < 0:
         raise StepError(f"select_top={top!r} is out of range: an integer >= 0 (0: no selection, the searched loss "
                         "is the policy's final mean)")
@@ -926,9 +971,11 @@ def check_selection(top: int, seeds: Sequence[int], search_seed: int | None = No
         raise StepError("select_seeds is empty: the selection trains each candidate with at least one new seed")
     if len(set(seeds)) != len(seeds):
         raise StepError(f"select_seeds={seeds} repeats a seed")
-    if search_seed is not None and int(search_seed) in seeds:
-        raise StepError(f"select_seeds={seeds} holds the search's trial seed {search_seed}: the candidates were "
-                        "picked by that seed's rewards, so it would measure them with their own luck")
+    own = [] if search_seed is None else reward_seeds_of(int(search_seed), reward_seeds)
+    for seed in own:
+        if seed in seeds:
+            raise StepError(f"select_seeds={seeds} holds the search's trial seed {seed}: the candidates were "
+                            "picked by that seed's rewards, so it would measure them with their own luck")
 
 
 def selection_trials(state: str, top: int, seeds: Sequence[int]) -> list[str]:
@@ -959,11 +1006,12 @@ def selection_trials(state: str, top: int, seeds: Sequence[int]) -> list[str]:
         raise StepError(f"the search in {state} has no finished trial to select from")
     seeds = [int(x) for x in seeds]
     per_round = _check_trial_seeds(doc.get("trial_seeds", "fixed")) == "per-round"
+    reward_seeds = check_reward_seeds(doc.get("reward_seeds", 1))
     for reward, rnd, i, theta in picked:
-        own = c.config.seed + (rnd if per_round else 0)
-        if own in seeds:
-            raise StepError(f"select_seeds={seeds} holds {own}, the training seed of candidate r{rnd:03d}-s{i:02d}: "
-                            "it was picked by that seed's reward, so it would be measured with its own luck")
+        for own in reward_seeds_of(c.config.seed + (rnd if per_round else 0), reward_seeds):
+            if own in seeds:
+                raise StepError(f"select_seeds={seeds} holds {own}, the training seed of candidate r{rnd:03d}-s{i:02d}: "
+                                "it was picked by that seed's reward, so it would be measured with its own luck")
     return [json.dumps({"round": c.round, "sample": k * len(seeds) + j, "theta": theta, "seed": seed,
                         "candidate": k, "search_round": rnd, "search_sample": i, "search_reward": reward})
             for k, (reward, rnd, i, theta) in enumerate(picked) for j, seed in enumerate(seeds)]
@@ -1200,10 +1248,12 @@ class Preset:
     # each trained again with every seed of select_seeds (0: off, the searched loss is μ)
     select_top: int = 0
     select_seeds: list = field(default_factory=lambda: [1, 2, 3])
+    # proxy trainings per sampled loss, each with its own seed; its reward is their mean (init_search)
+    reward_seeds: int = 1
 
     def __post_init__(self) -> None:
         if self.max_failed_trials == 0:
-            object.__setattr__(self, "max_failed_trials", max(1, self.rounds * self.samples // 4))
+            object.__setattr__(self, "max_failed_trials", max(1, self.rounds * self.samples * self.reward_seeds // 4))
 
     def with_overrides(self, **overrides: Any) -> "Preset":
         known = {f.name for f in fields(self)}
@@ -1211,7 +1261,7 @@ class Preset:
         if unknown:
             raise ValueError(f"unknown preset field(s) {unknown}; known: {sorted(known)}")
         given = {k: v for k, v in overrides.items() if v is not None}
-        if "rounds" in given or "samples" in given:
+        if "rounds" in given or "samples" in given or "reward_seeds" in given:
             if "max_failed_trials" not in given:
                 given["max_failed_trials"] = 0  # recomputed from the new sizes
         return replace(self, **given)

@@ -113,7 +113,8 @@ def build_pipeline(
     ``search_val_fraction``, ``bundled``, ``detector``, ``proxy_epochs`` and
     ``final_epochs`` (0 = the preset's schedule), ``proxy``/``final``/
     ``pretrain_options`` (training options), ``controller`` (PPO options),
-    ``max_failed_trials``, ``attempts``, ``select_seeds``, ``tracking_uri`` ("" = the environment's
+    ``max_failed_trials``, ``attempts``, ``select_seeds``, ``reward_seeds`` (proxy trainings per sampled
+    loss, their mean its reward), ``tracking_uri`` ("" = the environment's
     ``MLFLOW_TRACKING_URI``), ``experiment``, ``model_name``, ``promote``,
     ``node_selector``, ``tolerations``, ``s3_secret``.
     """
@@ -195,6 +196,7 @@ def build_pipeline(
         max_failed_trials: int = p0.max_failed_trials,
         attempts: int = p0.attempts,
         select_seeds: List[int] = list(p0.select_seeds),
+        reward_seeds: int = p0.reward_seeds,
         tracking_uri: str = "",
         experiment: str = "paploss",
         model_name: str = "paploss-retinanet",
@@ -217,7 +219,7 @@ def build_pipeline(
             work=work, search_name=search_name, rounds=rounds, samples=samples, seed=seed,
             controller=controller, params={"rounds": rounds, "parallelism": parallelism, "image": image or components.DEFAULT_IMAGE},
             dataset=dataset, detector=detector, proxy=proxy, final=final, max_failed_trials=max_failed_trials,
-            attempts=attempts, model_name=model_name, **tr,
+            attempts=attempts, model_name=model_name, reward_seeds=reward_seeds, **tr,
         ).set_display_name("init-search")
         _everywhere(init, p, cluster)
         state, trials = init.outputs["state"], init.outputs["trials"]

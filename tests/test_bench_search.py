@@ -51,6 +51,7 @@ def test_summarize_mean_and_std_in_ap_points():
         ({"box_collapse": 1.0}, "box_collapse=1.0 must be a box quality in (0, 1)"),
         ({"search_tag": "r6/long"}, "search_tag='r6/long' must be 1-40 letters"),
         ({"search_tag": "-r6"}, "search_tag='-r6'"),
+        ({"reward_seeds": 0}, "reward_seeds=0 must be in"),
     ],
 )
 def test_config_rejects_bad_values_naming_them(kwargs, message):
@@ -529,15 +530,20 @@ def test_a_cached_search_is_reused_only_with_its_own_inputs(prepared, tmp_path):
     work = str(tmp_path)
     long = p.with_overrides(proxy={**p.proxy, "iterations": 400})
     short = p.with_overrides(proxy={**p.proxy, "iterations": 150})
-    _search_inputs(long, data, init, work, "s", write=False)  # nothing cached: nothing to check, nothing written
+    _search_inputs(long, data, (init,), work, "s", write=False)  # nothing cached: nothing to check, nothing written
     assert not storage.exists(storage.join(steps.search_dir(work, "s"), "bench-inputs.json"))
-    _search_inputs(long, data, init, work, "s", write=True)
-    _search_inputs(long, data, init, work, "s", write=False)  # same inputs: fine
+    _search_inputs(long, data, (init,), work, "s", write=True)
+    _search_inputs(long, data, (init,), work, "s", write=False)  # same inputs: fine
     with pytest.raises(steps.StepError, match=r"search 's'.*proxy: .*'iterations': 400.* there, .*'iterations': 150.* now"):
-        _search_inputs(short, data, init, work, "s", write=True)
+        _search_inputs(short, data, (init,), work, "s", write=True)
     with pytest.raises(steps.StepError, match=r"init: .*other\.pt"):
-        _search_inputs(long, data, str(tmp_path / "other.pt"), work, "s", write=False)
+        _search_inputs(long, data, (str(tmp_path / "other.pt"),), work, "s", write=False)
     assert storage.read_json(storage.join(steps.search_dir(work, "s"), "bench-inputs.json"))["proxy"]["iterations"] == 400
+    # a search whose reward seeds train across warm starts keeps them all: other ones are refused
+    other = str(tmp_path / "other.pt")
+    _search_inputs(long, data, (init, other), work, "rs", write=True)
+    with pytest.raises(steps.StepError, match=r"search 'rs'.*inits: .*other\.pt.* there, .*"):
+        _search_inputs(long, data, (init, init), work, "rs", write=False)
 
 
 def test_a_search_with_other_rounds_is_refused_naming_them_and_a_tag_sets_it_beside(prepared, tmp_path):
@@ -551,11 +557,13 @@ def test_a_search_with_other_rounds_is_refused_naming_them_and_a_tag_sets_it_bes
     steps.init_search(work, "s", 4, p.samples, seed=p.seed)
     with pytest.raises(steps.StepError, match=r"'s' already exists .*rounds=4 there, 6 now.*--search-tag TAG runs this "
                                               r"one as s-TAG"):
-        _search(None, p.with_overrides(rounds=6), data, init, work, "s", {})
+        _search(None, p.with_overrides(rounds=6), data, (init,), work, "s", {})
     assert storage.read_json(steps.state_uri(work, "s", 0))["controller"]["options"]["rounds"] == 4
     tagged = BenchConfig(detach_i3=True, search_tag="r6")
     assert tagged.search_name("digits", "searched") == "bench-digits-searched-detach-i3-r6"
     assert BenchConfig(search_tag="r6").search_name("shapes", "searched-shared") == "bench-shapes-searched-shared-r6"
+    assert BenchConfig(detach_i3=True, reward_seeds=2, search_tag="x").search_name("digits", "searched") == \
+        "bench-digits-searched-detach-i3-rs2-x"
 
 
 def test_the_selection_of_a_report_only_run_comes_from_cached_trials_only(prepared, tmp_path):
@@ -719,14 +727,16 @@ def test_bench_selection_across_warm_starts_trains_seed_s_from_warm_start_s_mod_
     """``--select-warm-starts`` end to end at the smoke size: the selection's seed s
     trains from warm start s mod N (as final seed s does), its trials and choice are
     kept apart from the search's folder, and the loss trained as ``searched-shared``
-    is the candidate with the best mean over those trials."""
+    is the candidate with the best mean over those trials. With ``--reward-seeds 2``
+    each sampled loss's j-th trial trains from warm start j mod N too, and its reward
+    is the mean of its two."""
     import subprocess
     import sys
 
     work, out = tmp_path / "work", tmp_path / "out"
     cmd = [sys.executable, "-m", "bench.search", "--preset", "smoke", "--datasets", "shapes",
            "--losses", "searched-shared", "--seeds", "0,1", "--warm-starts", "2", "--select-top", "2",
-           "--select-seeds", "1,2", "--select-warm-starts", "--proxy-iterations", "2", "--final-iterations", "2",
+           "--select-seeds", "1,2", "--select-warm-starts", "--reward-seeds", "2", "--proxy-iterations", "2", "--final-iterations", "2",
            "--n-train", "24", "--n-val", "8", "--work", str(work), "--out", str(out), "--tracking-uri", "",
            "--jobs", "1"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -735,9 +745,14 @@ def test_bench_selection_across_warm_starts_trains_seed_s_from_warm_start_s_mod_
     finals = {(d["loss"], d["seed"]): d for d in (json.loads(f.read_text()) for f in (work / "shapes" / "final").iterdir())}
     inits = [finals[("searched-shared", k)]["init"] for k in (0, 1)]  # final seed k: warm start k mod 2
     assert inits[0] != inits[1]
-    search_trials = [json.loads(f.read_text()) for f in (searches / "bench-shapes-searched-shared" / "trials").iterdir()]
-    assert len(search_trials) == 4 and {t["init"] for t in search_trials} == {inits[0]}  # the search: warm start 0
-    picked = [json.loads(f.read_text()) for f in (searches / "bench-shapes-searched-shared-select-ws2" / "trials").iterdir()]
+    search = searches / "bench-shapes-searched-shared-rs2"
+    search_trials = [json.loads(f.read_text()) for f in sorted((search / "trials").iterdir())]
+    assert [t["seed"] for t in search_trials] == [0, 1000] * 4  # 2 rounds x 2 samples x 2 reward seeds
+    assert all(t["init"] == inits[t["seed"] // 1000] and not t["failed"] for t in search_trials)
+    c = steps.load_controller(str(search / "state" / "round-002.json"))
+    assert [r for rec in c.history for r in rec.rewards] == pytest.approx(
+        [(a["reward"] + b["reward"]) / 2 for a, b in zip(search_trials[::2], search_trials[1::2])])
+    picked = [json.loads(f.read_text()) for f in (searches / "bench-shapes-searched-shared-rs2-select-ws2" / "trials").iterdir()]
     assert sorted(t["seed"] for t in picked) == [1, 1, 2, 2]
     for t in picked:
         assert t["init"] == inits[t["seed"] % 2] and not t["failed"]
@@ -747,7 +762,7 @@ def test_bench_selection_across_warm_starts_trains_seed_s_from_warm_start_s_mod_
     best = max(means, key=lambda theta: sum(means[theta]) / 2)
     assert LossSpec.from_json(finals[("searched-shared", 0)]["spec"]) == LossSpec.from_json(
         next(t["spec"] for t in picked if tuple(t["theta"]) == best))
-    assert not (searches / "bench-shapes-searched-shared" / "trials" / "r002-s00.json").exists()  # none in the search's
+    assert not (search / "trials" / "r002-s00.json").exists()  # none in the search's
     assert "re-trained with seeds 1, 2 (seed s from warm start s mod 2)" in (out / "bench_search.md").read_text()
     bad = subprocess.run([*cmd, "--warm-starts", "1", "--report-only"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "select_warm_starts needs" in bad.stderr and "warm_starts=1" in bad.stderr

@@ -121,6 +121,8 @@ def cli_env(tmp_path, monkeypatch):
         (["--select-top", "2", "--select-seeds", "0,1"], "holds the search's trial seed 0"),
         (["--select-top", "-1"], "select_top=-1 is out of range"),
         (["--select-top", "2", "--select-seeds", "x"], "'x' is not a comma-separated list of integers"),
+        (["--reward-seeds", "0"], "reward_seeds=0 is out of range"),
+        (["--reward-seeds", "2", "--select-top", "2", "--select-seeds", "1,1000"], "holds the search's trial seed 1000"),
     ],
 )
 @pytest.mark.parametrize("command", ["run", "search"])
@@ -261,11 +263,13 @@ def test_kfp_local_run_with_a_selection_stage(cli_env):
     """`paploss run --select-top 2 --select-seeds 1,2` through kfp.local: after the last
     round the two best samples are trained again with seeds 1 and 2 (a sub-pipeline
     with its own ParallelFor), the best mean is the searched loss, and the final
-    training, the report and MLflow use that loss, not the policy's mean."""
+    training, the report and MLflow use that loss, not the policy's mean. With
+    ``--reward-seeds 2`` every sampled loss is trained twice (seeds 0 and 1000) and
+    the controller is given the mean of the two."""
     from mlflow import MlflowClient
 
     args = ["run", "--preset", "smoke", "--search-name", "kfp-select", "--work", "w", "--root", "runs",
-            "--select-top", "2", "--select-seeds", "1,2"]
+            "--select-top", "2", "--select-seeds", "1,2", "--reward-seeds", "2"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output + (cli_env / "runs" / "logs" / "kfp-select.log").read_text()[-5000:]
     assert "selection candidate 1 seed 2" in result.output and "searched loss: selection candidate" in result.output
@@ -276,6 +280,12 @@ def test_kfp_local_run_with_a_selection_stage(cli_env):
     assert len(cands) == 2 and all(sorted(c["rewards"]) == ["1", "2"] for c in cands)
     trial_files = sorted(p.name for p in (folder / "trials").iterdir())
     assert trial_files[-4:] == [f"r{ROUNDS:03d}-s{s:02d}.json" for s in range(4)]  # after the last round
+    search_trials = [json.loads((folder / "trials" / f"r{r:03d}-s{s:02d}.json").read_text())
+                     for r in range(ROUNDS) for s in range(2 * SAMPLES)]
+    assert [t["seed"] for t in search_trials] == [0, 1000] * (ROUNDS * SAMPLES)
+    c = steps.load_controller(str(folder / "state" / f"round-{ROUNDS:03d}.json"))
+    assert [r for rec in c.history for r in rec.rewards] == pytest.approx(
+        [(a["reward"] + b["reward"]) / 2 for a, b in zip(search_trials[::2], search_trials[1::2])])
     report = json.loads((folder / "report.json").read_text())
     final = json.loads((folder / "final" / "searched.json").read_text())
     assert final["spec"] == report["searched_spec"] == doc["selected"]["spec"]

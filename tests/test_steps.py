@@ -137,6 +137,8 @@ def test_train_options_expand_engine_presets():
 def test_preset_overrides():
     p = steps.get_preset("smoke").with_overrides(rounds=5, samples=4)
     assert (p.rounds, p.samples, p.max_failed_trials) == (5, 4, 5)
+    # max_failed_trials counts trainings: a quarter of rounds x samples x reward_seeds
+    assert p.with_overrides(reward_seeds=2).max_failed_trials == 10
     with pytest.raises(ValueError, match="unknown preset field"):
         p.with_overrides(round=3)
     with pytest.raises(ValueError, match="unknown preset 'fast'"):
@@ -286,6 +288,54 @@ def test_per_round_trial_seeds_move_with_the_round_and_are_kept_in_the_state(tin
     storage.write_json(fixed["state"], old)
     redo = steps.controller_update(fixed["state"], _fake_results(fixed["trials"]), work, "fixed")
     assert redo["trials"] == nxt["trials"]
+
+
+def test_reward_seeds_train_each_theta_n_times_and_reward_it_by_the_mean(tiny_data):
+    """``reward_seeds=n``: each sampled θ is n trials (seeds REWARD_SEED_STRIDE apart,
+    numbered θ-major), its reward the mean of theirs (a failed one fails the θ), and
+    the controller moves as one given those means directly; the choice is kept in the
+    state, results of other seeds are refused, and the selection keeps off every one."""
+    work, _ = tiny_data
+    out = steps.init_search(work, "rs2", rounds=3, samples=3, seed=5, reward_seeds=2, trial_seeds="per-round")
+    trials = [json.loads(t) for t in out["trials"]]
+    assert [(t["sample"], t["seed"], t["repeat"]) for t in trials] == [
+        (0, 5, 0), (1, 1005, 1), (2, 5, 0), (3, 1005, 1), (4, 5, 0), (5, 1005, 1)]
+    twin = Controller(rounds=3, seed=5, samples=3)  # the slow, obvious twin: rewards averaged by hand
+    thetas = twin.sample(3).tolist()
+    assert [t["theta"] for t in trials] == [th for th in thetas for _ in range(2)]
+    rewards = [0.11, 0.31, 0.2, 0.4, 0.05, 0.25]
+    first = [json.dumps({**t, "reward": r, "failed": False, "error": ""}) for t, r in zip(trials, rewards)]
+    nxt = steps.controller_update(out["state"], list(reversed(first)), work, "rs2")
+    twin.update(thetas, [0.21, 0.3, 0.15])
+    c = steps.load_controller(nxt["state"])
+    assert c.history[0].rewards == pytest.approx([0.21, 0.3, 0.15])
+    assert c.mu.tolist() == pytest.approx(twin.mu.tolist(), abs=1e-12)
+    assert nxt["mean_reward"] == pytest.approx(0.22) and nxt["max_reward"] == pytest.approx(0.3)
+    assert storage.read_json(nxt["state"])["reward_seeds"] == 2
+    assert [json.loads(t)["seed"] for t in nxt["trials"]] == [6, 1006] * 3  # per-round: seed + round, then + stride
+    # one failed trial of a θ fails the θ (min_reward); failed_trials counts trainings
+    trials = [json.loads(t) for t in nxt["trials"]]
+    results = [json.dumps({**t, "reward": None if k == 3 else 0.2, "failed": k == 3, "error": "x" if k == 3 else ""})
+               for k, t in enumerate(trials)]
+    last = steps.controller_update(nxt["state"], results, work, "rs2", max_failed_trials=1)
+    assert steps.load_controller(last["state"]).history[1].failed == [1] and last["failed_trials"] == 1
+    # refused: results of one seed only, of the wrong seeds, a reopen with another reward_seeds, bad values
+    with pytest.raises(steps.StepError, match="not a multiple of the search's reward_seeds=2"):
+        steps.controller_update(out["state"], first[:5], work, "rs2")
+    one_seed = [json.dumps({**json.loads(t), "seed": 5, "reward": 0.1, "failed": False, "error": ""})
+                for t in out["trials"]]
+    with pytest.raises(steps.StepError, match=r"not the search's \[5, 1005\] \(trial_seeds='per-round', reward_seeds=2\)"):
+        steps.controller_update(out["state"], one_seed, work, "rs2")
+    with pytest.raises(steps.SearchExists, match="with reward_seeds=2, not 1"):
+        steps.init_search(work, "rs2", rounds=3, samples=3, seed=5, trial_seeds="per-round")
+    for bad in (0, True, 9, 1.5):
+        with pytest.raises(steps.StepError, match=f"reward_seeds={bad!r} is out of range"):
+            steps.init_search(work, "rs-bad", rounds=3, samples=3, reward_seeds=bad)
+    assert not storage.exists(steps.state_uri(work, "rs-bad", 0))
+    # the selection refuses any of a candidate's reward seeds
+    with pytest.raises(steps.StepError, match="holds 1005, the training seed of candidate r000-s01"):
+        steps.selection_trials(last["state"], 1, [1, 1005])
+    assert len(steps.selection_trials(last["state"], 2, [1, 2])) == 4
 
 
 def test_mmdet_detector_gets_no_warm_start(tmp_path):
