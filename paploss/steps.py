@@ -525,11 +525,10 @@ def _trials_of(controller, samples: int, trial_seeds: str = "fixed", reward_seed
         return []
     thetas = controller.sample(samples).tolist()
     seeds = reward_seeds_of(_trial_seed(controller, trial_seeds), reward_seeds)
-    if len(seeds) == 1:  # the trials' JSON as before reward_seeds existed: their cached results still match
-        return [json.dumps({"round": controller.round, "sample": i, "theta": theta, "seed": seeds[0]})
-                for i, theta in enumerate(thetas)]
+    n = len(seeds)  # n = 1: no "repeat", the trials' JSON as before reward_seeds existed (kfp's cache keys)
     return [
-        json.dumps({"round": controller.round, "sample": i * len(seeds) + j, "theta": theta, "seed": seed, "repeat": j})
+        json.dumps({"round": controller.round, "sample": i * n + j, "theta": theta, "seed": seed,
+                    **({"repeat": j} if n > 1 else {})})
         for i, theta in enumerate(thetas) for j, seed in enumerate(seeds)
     ]
 
