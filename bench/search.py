@@ -201,8 +201,7 @@ class BenchConfig:
             raise ValueError(f"sigma={self.sigma} must be in (0, 1]")
         if self.trial_seeds not in steps.TRIAL_SEEDS:
             raise ValueError(f"trial_seeds={self.trial_seeds!r} must be one of {steps.TRIAL_SEEDS}")
-        if not 1 <= self.reward_seeds <= steps.MAX_REWARD_SEEDS:
-            raise ValueError(f"reward_seeds={self.reward_seeds} must be in [1, {steps.MAX_REWARD_SEEDS}]")
+        steps.check_reward_seeds(self.reward_seeds)  # a StepError is a ValueError
         steps.check_selection(self.select_top, self.select_seeds, search_seed=0, reward_seeds=self.reward_seeds)
         self._check_loss_files()
         given = {(d, m) for d, m, _ in self.loss_files}

@@ -51,7 +51,7 @@ def test_summarize_mean_and_std_in_ap_points():
         ({"box_collapse": 1.0}, "box_collapse=1.0 must be a box quality in (0, 1)"),
         ({"search_tag": "r6/long"}, "search_tag='r6/long' must be 1-40 letters"),
         ({"search_tag": "-r6"}, "search_tag='-r6'"),
-        ({"reward_seeds": 0}, "reward_seeds=0 must be in"),
+        ({"reward_seeds": 0}, "reward_seeds=0 is out of range"),
     ],
 )
 def test_config_rejects_bad_values_naming_them(kwargs, message):
