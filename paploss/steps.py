@@ -970,8 +970,7 @@ def check_selection(top: int, seeds: Sequence[int], search_seed: int | None = No
         raise StepError("select_seeds is empty: the selection trains each candidate with at least one new seed")
     if len(set(seeds)) != len(seeds):
         raise StepError(f"select_seeds={seeds} repeats a seed")
-    own = [] if search_seed is None else reward_seeds_of(int(search_seed), reward_seeds)
-    for seed in own:
+    for seed in [] if search_seed is None else reward_seeds_of(int(search_seed), reward_seeds):
         if seed in seeds:
             raise StepError(f"select_seeds={seeds} holds the search's trial seed {seed}: the candidates were "
                             "picked by that seed's rewards, so it would measure them with their own luck")
