@@ -149,12 +149,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--train", default=None, metavar="JSON",
                     help='extra TrainConfig fields of every training, e.g. \'{"detach_i3": true}\' or '
                          '\'{"box_collapse": 0.3}\' (BENCHMARKS.md, issue 8, finding 26)')
+    ap.add_argument("--split", type=int, default=0, metavar="K",
+                    help="train and score on search split K (a search with --search-splits: its selection's split "
+                         "is the number of rounds mod N) [0: search_train -> search_val]")
     ap.add_argument("--out", default=None, help="results JSON (rewritten after each training)")
     args = ap.parse_args(argv)
     extra = _train_fields(ap, args.train)
-    if min(args.jobs, args.threads, args.iterations or 1) < 1 or args.top < 0:
+    if min(args.jobs, args.threads, args.iterations or 1) < 1 or min(args.top, args.split) < 0:
         ap.error(f"--jobs {args.jobs}, --threads {args.threads} and --iterations {args.iterations} must be >= 1, "
-                 f"--top {args.top} >= 0")
+                 f"--top {args.top} and --split {args.split} >= 0")
     if args.top == 0 and args.baseline == "none" and not args.only:
         ap.error("--top 0 with --baseline none trains nothing")
     missing_inits = [p for p in args.inits or () if not Path(p).is_file()]
@@ -191,8 +194,11 @@ def main(argv: list[str] | None = None) -> dict:
         config = final_config(p, inputs["data"], inputs["init"], "paploss", LossSpec.handcrafted("linear").to_json(),
                               0).to_dict()
     else:
+        train_ann, val_ann = steps.search_split_files(args.split)
+        if not (Path(inputs["data"]) / "annotations" / f"{val_ann}.json").is_file():
+            ap.error(f"--split {args.split}: {inputs['data']} has no annotations/{val_ann}.json")
         config = {**steps.train_options(inputs["proxy"], inputs.get("detector", "")), "data": inputs["data"],
-                  "init": inputs["init"], "train_ann": "search_train", "val_ann": "search_val"}
+                  "init": inputs["init"], "train_ann": train_ann, "val_ann": val_ann}
     config.update(device=args.device, num_threads=args.threads, out_dir=None, **extra)
     if args.iterations:
         config.update(iterations=args.iterations, epochs=None)

@@ -156,6 +156,9 @@ class BenchConfig:
     # proxy trainings per sampled loss, seeds steps.REWARD_SEED_STRIDE apart; its reward is their mean.
     # With select_warm_starts, the j-th trains from warm start j mod warm_starts (as selection seed j does)
     reward_seeds: int = 1
+    # search-train/search-val splits drawn from train; search round r trains and scores on split r mod
+    # search_splits, the selection on split rounds mod search_splits (steps.prepare_data, init_search)
+    search_splits: int = 1
     start: str = "linear"  # the searches' starting mean: the identity (SPEC §2) or another form's θ (form_theta)
     select_top: int = 0  # selection after each search: its best samples trained again (0: off, the loss is μ)
     select_seeds: tuple[int, ...] = (1, 2, 3)  # the selection's training seeds
@@ -202,6 +205,7 @@ class BenchConfig:
         if self.trial_seeds not in steps.TRIAL_SEEDS:
             raise ValueError(f"trial_seeds={self.trial_seeds!r} must be one of {steps.TRIAL_SEEDS}")
         steps.check_reward_seeds(self.reward_seeds)  # a StepError is a ValueError
+        steps.check_search_splits(self.search_splits)
         steps.check_selection(self.select_top, self.select_seeds, search_seed=0, reward_seeds=self.reward_seeds)
         self._check_loss_files()
         given = {(d, m) for d, m, _ in self.loss_files}
@@ -287,12 +291,14 @@ class BenchConfig:
 
     def search_name(self, dataset: str, mode: str) -> str:
         """The search's name in ``work``: ``bench-<dataset>-<mode>``, then ``-detach-i3``
-        with ``detach_i3``, ``-rs<n>`` with ``reward_seeds`` n > 1, and started from a loss
+        with ``detach_i3``, ``-rs<n>`` with ``reward_seeds`` n > 1, ``-ss<n>`` with
+        ``search_splits`` n > 1, and started from a loss
         file ``-start-<first 8 hex digits of the file's sha256>``, then ``-<search_tag>``
         when given, so that such a search lives beside the others in one ``--work`` and
         shares its data, warm starts and the other losses' finals."""
         name = f"bench-{dataset}-{mode}" + ("-detach-i3" if self.detach_i3 else "")
         name += f"-rs{self.reward_seeds}" if self.reward_seeds > 1 else ""
+        name += f"-ss{self.search_splits}" if self.search_splits > 1 else ""
         if self.start not in START_FORMS:
             name = f"{name}-start-{hashlib.sha256(storage.read_bytes(self.start)).hexdigest()[:8]}"
         return f"{name}-{self.search_tag}" if self.search_tag else name
@@ -307,7 +313,7 @@ class BenchConfig:
 
     def preset(self, dataset: str) -> steps.Preset:
         p = steps.get_preset(self.pipeline_preset).with_overrides(
-            dataset=f"bundled:{dataset}", rounds=self.rounds, samples=self.samples
+            dataset=f"bundled:{dataset}", rounds=self.rounds, samples=self.samples, search_splits=self.search_splits
         )
         if self.proxy_iterations:
             p = p.with_overrides(proxy={**p.proxy, "iterations": int(self.proxy_iterations), "epochs": None})
@@ -400,7 +406,7 @@ def _search(pool: ProcessPoolExecutor, p: steps.Preset, data: str, inits: Sequen
     stopped it)."""
     try:
         out = steps.init_search(work, name, p.rounds, p.samples, seed=p.seed, controller=controller,
-                                trial_seeds=trial_seeds, reward_seeds=reward_seeds)
+                                trial_seeds=trial_seeds, reward_seeds=reward_seeds, search_splits=p.search_splits)
     except steps.SearchExists as exc:  # the name is bench's: say how to give this search its own
         raise steps.StepError(f"{exc} (paploss bench: --search-tag TAG runs this one as {name}-TAG beside it)") from None
     _search_inputs(p, data, inits, work, name, write=True)
@@ -1002,7 +1008,8 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
     for dataset in cfg.datasets:
         p = cfg.preset(dataset)
         work = storage.join(cfg.work, dataset)
-        data = steps.prepare_data(p.dataset, work, split_seed=p.split_seed, bundled=p.bundled, only_cached=report_only)
+        data = steps.prepare_data(p.dataset, work, split_seed=p.split_seed, bundled=p.bundled, only_cached=report_only,
+                                  search_splits=p.search_splits)
         inits = tuple(steps.pretrain(data, work, config=p.pretrain, seed=p.seed + w, detector=p.detector,
                                      only_cached=report_only) for w in range(cfg.warm_starts)) if data else (None,)
         init = inits[0]  # the searches' warm start
@@ -1104,6 +1111,10 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
               help="Proxy trainings per sampled loss, with seeds 1000 apart; its reward is their mean (less of one "
                    "training's luck in the reward, at N times the search's cost). With --select-warm-starts the j-th "
                    "trains from warm start j mod --warm-starts. Such a search is named ...-rsN.")
+@click.option("--search-splits", type=int, default=1, show_default=True, metavar="N",
+              help="Search-train/search-val splits drawn from train: search round r trains and scores on split r "
+                   "mod N, the selection on split rounds mod N (with N > rounds one no round scored on), so that "
+                   "neither fits one set of search-val images. Such a search is named ...-ssN.")
 @click.option("--start", default=None, metavar="FORM|FILE",
               help=f"Starting mean of the searches: the identity (linear, SPEC §2), the piecewise-linear form of "
                    f"another handcrafted loss ({', '.join(START_FORMS)}: does a search improve on square when it "
@@ -1143,7 +1154,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default="sqlite:///mlflow.db", show_default=True,
               help="MLflow store for the results [env MLFLOW_TRACKING_URI]; '' to skip.")
 def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, final_iterations, n_train, n_val, sigma,
-          detach_i3, search_tag, box_collapse, trial_seeds, reward_seeds, start, select_top, select_seeds, loss_files, warm_starts, select_warm_starts, jobs, mps, work, out,
+          detach_i3, search_tag, box_collapse, trial_seeds, reward_seeds, search_splits, start, select_top, select_seeds, loss_files, warm_starts, select_warm_starts, jobs, mps, work, out,
           report_only, tracking_uri) -> None:
     """The search-quality benchmark: search on the bundled datasets, then train with
     every loss and seed and compare AP on the held-out val split (issue 8)."""
@@ -1165,7 +1176,7 @@ def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, fi
             final_iterations=final_iterations or base.get("final_iterations"),
             n_train=n_train or base.get("n_train"), n_val=n_val or base.get("n_val"),
             sigma=sigma or base.get("sigma"), box_collapse=box_collapse, detach_i3=detach_i3, search_tag=search_tag, trial_seeds=trial_seeds,
-            reward_seeds=reward_seeds, start=pick("start", start), jobs=jobs,
+            reward_seeds=reward_seeds, search_splits=search_splits, start=pick("start", start), jobs=jobs,
             select_top=pick("select_top", select_top), select_seeds=select,
             loss_files=tuple(parse_loss_file(f) for f in loss_files),
             warm_starts=warm_starts, select_warm_starts=select_warm_starts,

@@ -22,12 +22,14 @@ DEFAULT_IMAGE = os.environ.get("PAPLOSS_IMAGE", "paploss:latest")
 __all__ = ["DEFAULT_IMAGE", "build", "STEP_FUNCTIONS"]
 
 
-def prepare_data(dataset: str, work: str, split_seed: int, search_val_fraction: float, bundled: Dict) -> str:
-    """Dataset (``bundled:<name>``, folder or ``s3://``) -> prepared data URI with the search split."""
+def prepare_data(dataset: str, work: str, split_seed: int, search_val_fraction: float, bundled: Dict,
+                 search_splits: int = 1) -> str:
+    """Dataset (``bundled:<name>``, folder or ``s3://``) -> prepared data URI with the
+    search split (``search_splits`` of them)."""
     from paploss import steps
 
-    return steps.prepare_data(dataset, work, split_seed=split_seed,
-                              search_val_fraction=search_val_fraction, bundled=bundled)
+    return steps.prepare_data(dataset, work, split_seed=split_seed, search_val_fraction=search_val_fraction,
+                              bundled=bundled, search_splits=search_splits)
 
 
 def pretrain(data: str, work: str, config: Dict, seed: int, detector: str, proxy: Dict) -> str:
@@ -41,10 +43,11 @@ def pretrain(data: str, work: str, config: Dict, seed: int, detector: str, proxy
 def init_search(
     work: str, search_name: str, rounds: int, samples: int, seed: int, controller: Dict,
     tracking_uri: str, experiment: str, params: Dict, dataset: str, detector: str, proxy: Dict, final: Dict,
-    max_failed_trials: int, attempts: int, model_name: str, reward_seeds: int = 1,
+    max_failed_trials: int, attempts: int, model_name: str, reward_seeds: int = 1, search_splits: int = 1,
 ) -> NamedTuple("InitOutputs", [("state", str), ("trials", List[str])]):
     """Controller state v0 and round 0's trials (``reward_seeds`` trials per sampled
-    loss); opens the MLflow parent run (with the pipeline's parameters as its params)."""
+    loss; round r on search split r mod ``search_splits``); opens the MLflow parent
+    run (with the pipeline's parameters as its params)."""
     from collections import namedtuple
 
     from paploss import steps
@@ -54,7 +57,7 @@ def init_search(
               "work": work, "search_name": search_name}
     out = steps.init_search(work, search_name, rounds, samples, seed=seed, controller=controller,
                             tracking={"uri": tracking_uri, "experiment": experiment}, params=params,
-                            reward_seeds=reward_seeds)
+                            reward_seeds=reward_seeds, search_splits=search_splits)
     return namedtuple("InitOutputs", ["state", "trials"])(out["state"], out["trials"])
 
 

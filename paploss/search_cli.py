@@ -101,6 +101,10 @@ def search_options(fn: Callable) -> Callable:
         click.option("--reward-seeds", type=int, default=None, metavar="N",
                      help="Proxy trainings per sampled loss, with seeds 1000 apart; its reward is their mean: less "
                           "of one training's luck in the reward, at N times the trials [1]."),
+        click.option("--search-splits", type=int, default=None, metavar="N",
+                     help="Search-train/search-val splits drawn from train (split seeds split_seed + k); round r "
+                          "trains and scores on split r mod N, the selection on split rounds mod N: the search "
+                          "cannot fit one set of search-val images [1]."),
         click.option("--proxy-epochs", type=float, default=0.0, show_default=True,
                      help="Epochs of a proxy trial (0: the preset's schedule)."),
         click.option("--final-epochs", type=float, default=0.0, show_default=True,
@@ -136,7 +140,7 @@ def settings_from_options(
     preset: str, dataset, work, search_name, rounds, samples, parallelism, max_failed_trials, attempts, seed,
     detector, proxy_epochs, final_epochs, proxy_json, final_json, controller_json, tracking_uri, experiment,
     model_name, promote, select_top: int | None = None, select_seeds: str | None = None,
-    reward_seeds: int | None = None, now: _dt.datetime | None = None,
+    reward_seeds: int | None = None, search_splits: int | None = None, now: _dt.datetime | None = None,
 ) -> RunSettings:
     """Preset + command-line overrides -> :class:`RunSettings` (no checks that touch the network)."""
     base = steps.get_preset(preset)
@@ -146,7 +150,7 @@ def settings_from_options(
     p = base.with_overrides(
         select_top=select_top, select_seeds=None if select_seeds is None else int_list(select_seeds, "--select-seeds"),
         dataset=dataset, rounds=rounds, samples=samples, parallelism=parallelism, reward_seeds=reward_seeds,
-        max_failed_trials=max_failed_trials, attempts=attempts, seed=seed, detector=detector,
+        search_splits=search_splits, max_failed_trials=max_failed_trials, attempts=attempts, seed=seed, detector=detector,
         proxy={**base.proxy, **extra_proxy} if extra_proxy else None,
         final={**base.final, **extra_final} if extra_final else None,
         controller={**base.controller, **controller} if controller else None,
@@ -176,6 +180,7 @@ def preflight(s: RunSettings) -> None:
             search_name=s.search_name, model_name=s.model_name, attempts=p.attempts,
         )
         steps.check_reward_seeds(p.reward_seeds)
+        steps.check_search_splits(p.search_splits)
         steps.check_selection(p.select_top, p.select_seeds, search_seed=p.seed, reward_seeds=p.reward_seeds)
         for name, value in (("--proxy-epochs", s.proxy_epochs), ("--final-epochs", s.final_epochs)):
             if value < 0:
@@ -197,12 +202,14 @@ def run_inprocess(s: RunSettings, *, progress: bool = True) -> dict:
 
     p = s.preset
     tracking = s.tracking
-    data = steps.prepare_data(p.dataset, s.work, split_seed=p.split_seed, bundled=p.bundled)
+    data = steps.prepare_data(p.dataset, s.work, split_seed=p.split_seed, bundled=p.bundled,
+                              search_splits=p.search_splits)
     init = steps.pretrain(data, s.work, config=p.pretrain, seed=p.seed, detector=p.detector, proxy=p.proxy)
     params = {**p.to_dict(), "work": s.work, "search_name": s.search_name, "runner": "in-process",
               "proxy_epochs": s.proxy_epochs, "final_epochs": s.final_epochs}
     out = steps.init_search(s.work, s.search_name, p.rounds, p.samples, seed=p.seed, controller=p.controller,
-                            tracking=tracking, params=params, reward_seeds=p.reward_seeds)
+                            tracking=tracking, params=params, reward_seeds=p.reward_seeds,
+                            search_splits=p.search_splits)
     proxy = steps.train_options(p.proxy, p.detector, s.proxy_epochs)
     for r in range(p.rounds):
         results = [

@@ -290,6 +290,7 @@ def prepare_data(
     bundled: Mapping[str, Any] | None = None,
     *,
     only_cached: bool = False,
+    search_splits: int = 1,
 ) -> str:
     """Make the dataset a search needs; returns its URI (``{work}/data/<key>``).
     With ``only_cached``, build nothing: return the URI if it is already made, else "".
@@ -300,21 +301,36 @@ def prepare_data(
     ``annotations/{train,val,search_train,search_val}.json`` (SPEC §4: search-train
     and search-val cut out of train, disjoint, every class in both; never the real
     val). A dataset that already has both search files is used as it is.
+
+    ``search_splits`` = n > 1 adds n − 1 more such splits, drawn with split seeds
+    ``split_seed + k``, as ``search_train-<k>.json`` / ``search_val-<k>.json`` (k = 1 …
+    n − 1) beside the first, each pair written whole before the next
+    (:func:`search_split_files`): search round r trains and scores on split r mod n.
+    They are added to a dataset made before (its URI, and so the warm starts and
+    finals keyed by it, stay the same).
     """
     check_dataset(dataset)
     if not 0.0 < float(search_val_fraction) < 1.0:
         raise StepError(f"search_val_fraction={search_val_fraction!r} must be in (0, 1)")
+    check_search_splits(search_splits)
     bundled = plain(dict(bundled or {}))
     name = _bundled_name(dataset)
     if name is None and all(
         storage.exists(storage.join(dataset, "annotations", f"{s}.json")) for s in ("search_train", "search_val")
     ):
+        missing = _missing_splits(dataset, search_splits)
+        if missing:
+            raise StepError(
+                f"dataset {dataset} brings its own search split (annotations/search_train.json, search_val.json) "
+                f"but not {', '.join(search_split_files(k)[1] + '.json' for k in missing)}, which "
+                f"search_splits={search_splits} needs: give those too, or a dataset without search files "
+                "(paploss then draws every split), or search_splits=1")
         return dataset
     key = content_key("data", dataset, bundled if name else None, int(split_seed), float(search_val_fraction))
     out = storage.join(work, "data", f"{name or 'dataset'}-{key}")
     marker = storage.join(out, "annotations", "search_val.json")
     if storage.exists(marker):
-        return out
+        return _add_splits(out, search_splits, float(search_val_fraction), int(split_seed), only_cached)
     if only_cached:
         return ""
     from paploss.data import search_split
@@ -350,6 +366,50 @@ def prepare_data(
         # earlier crash left without its marker): one filesystem, atomic
         with storage.atomic_dir(out, replace=True) as local:
             build(local)
+    return _add_splits(out, search_splits, float(search_val_fraction), int(split_seed))
+
+
+#: How many search splits (:func:`prepare_data`'s ``search_splits``) a search may cycle through.
+MAX_SEARCH_SPLITS = 16
+
+
+def check_search_splits(search_splits: Any) -> int:
+    if isinstance(search_splits, bool) or not isinstance(search_splits, int) \
+            or not 1 <= search_splits <= MAX_SEARCH_SPLITS:
+        raise StepError(f"search_splits={search_splits!r} is out of range: an integer in [1, {MAX_SEARCH_SPLITS}] "
+                        "(how many search-train/search-val splits the search's rounds cycle through)")
+    return search_splits
+
+
+def search_split_files(split: int) -> tuple[str, str]:
+    """The annotation names (``annotations/<name>.json``) of search split ``split``:
+    the proxy's train and val sets."""
+    suffix = _split_suffix(split)
+    return f"search_train{suffix}", f"search_val{suffix}"
+
+
+def _split_suffix(split: int) -> str:
+    return f"-{int(split)}" if int(split) else ""
+
+
+def _missing_splits(data: str, search_splits: int) -> list[int]:
+    return [k for k in range(1, search_splits)
+            if not storage.exists(storage.join(data, "annotations", search_split_files(k)[1] + ".json"))]
+
+
+def _add_splits(out: str, search_splits: int, fraction: float, split_seed: int, only_cached: bool = False) -> str:
+    """Draw the splits 1 … search_splits − 1 that ``out`` lacks (split k with split seed
+    ``split_seed + k``); returns ``out``, or "" with ``only_cached`` when any is lacking."""
+    missing = _missing_splits(out, search_splits)
+    if missing and only_cached:
+        return ""
+    if missing:
+        from paploss.data import search_split
+
+        _log(f"drawing search splits {missing} of {search_splits}")
+        for k in missing:
+            search_split(out if storage.is_s3(out) else Path(out), val_fraction=fraction, seed=split_seed + k,
+                         suffix=_split_suffix(k))
     return out
 
 
@@ -517,28 +577,42 @@ def reward_seeds_of(base: int, reward_seeds: int) -> list[int]:
     return [int(base) + j * REWARD_SEED_STRIDE for j in range(int(reward_seeds))]
 
 
-def _trials_of(controller, samples: int, trial_seeds: str = "fixed", reward_seeds: int = 1) -> list[str]:
+def _split_field(round: int, search_splits: int) -> dict:
+    """The ``split`` a trial of round ``round`` trains and scores on (``round`` mod
+    ``search_splits``), as the trial's field; {} with one split (the trials' JSON as
+    before search_splits existed: kfp's cache keys)."""
+    return {"split": int(round) % search_splits} if search_splits > 1 else {}
+
+
+def _trials_of(controller, samples: int, trial_seeds: str = "fixed", reward_seeds: int = 1,
+               search_splits: int = 1) -> list[str]:
     """The next round's trials as JSON strings: round, sample index, θ, training seed.
     With ``reward_seeds`` = n, θ number i is trained n times: samples i·n … i·n + n − 1,
-    the j-th with ``repeat`` j and seed + j × REWARD_SEED_STRIDE."""
+    the j-th with ``repeat`` j and seed + j × REWARD_SEED_STRIDE. With ``search_splits``
+    > 1, each carries the round's ``split``."""
     if controller.done:
         return []
     thetas = controller.sample(samples).tolist()
     seeds = reward_seeds_of(_trial_seed(controller, trial_seeds), reward_seeds)
     n = len(seeds)  # n = 1: no "repeat", the trials' JSON as before reward_seeds existed (kfp's cache keys)
+    split = _split_field(controller.round, search_splits)
     return [
         json.dumps({"round": controller.round, "sample": i * n + j, "theta": theta, "seed": seed,
-                    **({"repeat": j} if n > 1 else {})})
+                    **({"repeat": j} if n > 1 else {}), **split})
         for i, theta in enumerate(thetas) for j, seed in enumerate(seeds)
     ]
 
 
-def _state_doc(c, failed: int, search_name: str, trial_seeds: str, reward_seeds: int = 1) -> dict:
+def _state_doc(c, failed: int, search_name: str, trial_seeds: str, reward_seeds: int = 1,
+               search_splits: int = 1) -> dict:
     """A search state file's content (:func:`state_uri`); the search's seed is the controller's."""
     doc = {"controller": c.state_dict(), "failed_trials": int(failed), "search_name": search_name,
            "trial_seeds": trial_seeds}
-    if reward_seeds != 1:  # state files of one reward seed stay as they were
+    # state files of one reward seed (one split) stay as they were
+    if reward_seeds != 1:
         doc["reward_seeds"] = int(reward_seeds)
+    if search_splits != 1:
+        doc["search_splits"] = int(search_splits)
     return doc
 
 
@@ -553,6 +627,7 @@ def init_search(
     params: Mapping[str, Any] | None = None,
     trial_seeds: str = "fixed",
     reward_seeds: int = 1,
+    search_splits: int = 1,
 ) -> dict:
     """Controller state before round 0 and round 0's trials.
 
@@ -563,8 +638,11 @@ def init_search(
     trials' training seed, ``fixed`` (``seed`` for every trial) or ``per-round``
     (``seed + round``). ``reward_seeds``: how many proxy trainings, with seeds
     REWARD_SEED_STRIDE apart, each sampled θ gets; its reward is their mean (less
-    of one training's luck in the reward, at that many times the cost). Returns
-    ``{"state": uri, "trials": [json, …]}``.
+    of one training's luck in the reward, at that many times the cost).
+    ``search_splits``: how many search splits (:func:`prepare_data`'s, the same
+    number) the rounds cycle through: round r's trials train on split r mod n and
+    are scored on its search-val, so that the search does not fit one set of
+    search-val images. Returns ``{"state": uri, "trials": [json, …]}``.
     """
     from paploss.search import Controller
 
@@ -575,6 +653,7 @@ def init_search(
             raise StepError(f"controller option {bad!r} is a search parameter: pass it as {bad}=")
     _check_trial_seeds(trial_seeds)
     check_reward_seeds(reward_seeds)
+    check_search_splits(search_splits)
     try:
         c = Controller(rounds=int(rounds), seed=int(seed), samples=int(samples), **options)
     except TypeError as exc:
@@ -594,22 +673,25 @@ def init_search(
                 f"({'; '.join(diff)}); choose another search_name"
             )
         for option, had, now in (("trial_seeds", doc.get("trial_seeds", "fixed"), trial_seeds),
-                                 ("reward_seeds", doc.get("reward_seeds", 1), reward_seeds)):
+                                 ("reward_seeds", doc.get("reward_seeds", 1), reward_seeds),
+                                 ("search_splits", doc.get("search_splits", 1), search_splits)):
             if had != now:
                 raise SearchExists(f"search {search_name!r} already exists in {work} with {option}={had!r}, "
                                    f"not {now!r}; choose another search_name")
     else:
-        storage.write_json(uri, _state_doc(c, 0, search_name, trial_seeds, reward_seeds))
+        storage.write_json(uri, _state_doc(c, 0, search_name, trial_seeds, reward_seeds, search_splits))
     if tracking is not None:
         from paploss import tracking as tr
 
         client = _client(tracking)
         tr.start_search(client, tracking["experiment"], search_name,
                         {**dict(params or {}), "rounds": rounds, "samples": samples, "seed": seed,
-                         "trial_seeds": trial_seeds, "reward_seeds": reward_seeds, "controller": options})
+                         "trial_seeds": trial_seeds, "reward_seeds": reward_seeds, "search_splits": search_splits,
+                         "controller": options})
     each = f", {reward_seeds} trainings each" if reward_seeds > 1 else ""
-    _log(f"search {search_name}: {rounds} rounds x {samples} samples{each}, D={c.dim}")
-    return {"state": uri, "trials": _trials_of(c, samples, trial_seeds, reward_seeds)}
+    cycle = f", {search_splits} search splits" if search_splits > 1 else ""
+    _log(f"search {search_name}: {rounds} rounds x {samples} samples{each}{cycle}, D={c.dim}")
+    return {"state": uri, "trials": _trials_of(c, samples, trial_seeds, reward_seeds, search_splits)}
 
 
 def _parse_trial(trial: str | Mapping[str, Any]) -> dict:
@@ -673,7 +755,8 @@ def stored_trial(work: str, search_name: str, trial: str | Mapping[str, Any], in
 def _same_trial(done: Mapping[str, Any], t: Mapping[str, Any], init: str | None) -> bool:
     """Whether a stored result ``done`` is trial ``t``'s: the same θ and seed, and the
     same warm start where both name one (local paths compared as absolute paths)."""
-    if done.get("theta") != [float(v) for v in t["theta"]] or int(done.get("seed", t["seed"])) != int(t["seed"]):
+    if done.get("theta") != [float(v) for v in t["theta"]] or int(done.get("seed", t["seed"])) != int(t["seed"]) \
+            or int(done.get("split", 0)) != int(t.get("split", 0)):
         return False
     if "init" not in done or init is None:
         return True
@@ -693,7 +776,7 @@ def _keep_aside(out: str) -> None:
     if not storage.exists(out):
         return
     old = storage.read_json(out)
-    key = content_key(old.get("theta"), old.get("seed"), old.get("init"))
+    key = content_key(old.get("theta"), old.get("seed"), old.get("init"), *([old["split"]] if old.get("split") else []))
     storage.copy(out, out[: -len(".json")] + f"-{key}.json")
 
 
@@ -713,9 +796,10 @@ def proxy_trial(
     attempts: int = 1,
 ) -> str:
     """Train one proxy model with the loss of one sampled θ; its reward is the AP on
-    search-val (SPEC §3, §4). Returns the result as JSON text::
+    search-val (SPEC §3, §4), of the trial's ``split`` where it names one
+    (:func:`search_split_files`). Returns the result as JSON text::
 
-        {"round", "sample", "theta", "seed", "init" (the warm start trained from),
+        {"round", "sample", "theta", "seed", "init" (the warm start trained from), "split" (when the trial has one),
          "reward" (null if failed), "failed", "diverged", "error", "metrics", "seconds", "spec",
          "box_collapsed" (stopped early by the proxy's ``box_collapse`` option; its reward is
          the AP of the model as it was then)}
@@ -738,12 +822,19 @@ def proxy_trial(
     if done is not None:
         _ensure_trial_logged(done, search_name, state, tracking)
         return _trial_output(done)
+    split = {"split": int(t["split"])} if "split" in t else {}
+    train_ann, val_ann = search_split_files(split.get("split", 0))
+    lacking = [a for a in (train_ann, val_ann) if not storage.exists(storage.join(data, "annotations", f"{a}.json"))]
+    if lacking:
+        raise StepError(f"{_trial_label(t)} trains on search split {split.get('split', 0)}, but {data} has no "
+                        f"{', '.join(f'annotations/{a}.json' for a in lacking)}: prepare the data with "
+                        "search_splits as large as the search's")
     proxy = plain(dict(proxy or {}))
     metric = proxy.pop("reward_metric", "AP")
     functions: Sequence[str] = ()
     losses: list[float] = []
     quality: list[float] = []
-    result: dict[str, Any] = {"round": r, "sample": s, "theta": theta, "seed": int(t["seed"]),
+    result: dict[str, Any] = {"round": r, "sample": s, "theta": theta, "seed": int(t["seed"]), **split,
                               "init": init or None, "reward": None, "failed": True, "diverged": False,
                               "error": "", "metrics": {}, "seconds": 0.0, "spec": None}
     start = time.monotonic()
@@ -755,7 +846,7 @@ def proxy_trial(
             with tempfile.TemporaryDirectory(prefix="paploss-trial-") as tmp:
                 cfg = _train_config(
                     proxy, "proxy config",
-                    data=str(_local(data)), train_ann="search_train", val_ann="search_val",
+                    data=str(_local(data)), train_ann=train_ann, val_ann=val_ann,
                     loss="paploss", spec=spec, init=str(_local(init)) if init else None,
                     seed=int(t["seed"]), out_dir=tmp,
                 )
@@ -866,6 +957,7 @@ def controller_update(
     # state files written before trial_seeds (reward_seeds) existed: one trial of the search's seed per θ
     trial_seeds = _check_trial_seeds(doc.get("trial_seeds", "fixed"))
     reward_seeds = check_reward_seeds(doc.get("reward_seeds", 1))
+    search_splits = check_search_splits(doc.get("search_splits", 1))
     if len(parsed) % reward_seeds:
         raise StepError(f"round {r} has {len(parsed)} results, not a multiple of the search's reward_seeds={reward_seeds}")
     samples = len(parsed) // reward_seeds
@@ -881,12 +973,16 @@ def controller_update(
             else f"{seeds[0]} (trial_seeds={trial_seeds!r})"
         raise StepError(f"results of round {r} were trained with seeds {sorted({int(p['seed']) for p in parsed})}, "
                         f"not the search's {want}")
+    split = r % search_splits
+    if any(int(p.get("split", 0)) != split for p in parsed):
+        raise StepError(f"results of round {r} were scored on search splits {sorted({int(p.get('split', 0)) for p in parsed})}, "
+                        f"not split {split} (round {r} of a search over search_splits={search_splits})")
     out = state_uri(work, search_name, r + 1)
     if storage.exists(out):
         done = storage.read_json(out)
         nxt = Controller.from_state_dict(done["controller"])
         if nxt.round == r + 1 and [list(t) for t in nxt.history[r].thetas] == expected:
-            return _update_output(out, nxt, done["failed_trials"], samples, trial_seeds, reward_seeds)
+            return _update_output(out, nxt, done["failed_trials"], samples, trial_seeds, reward_seeds, search_splits)
     failed_now = [p for p in parsed if p["failed"]]
     total_failed = int(doc.get("failed_trials", 0)) + len(failed_now)
     if total_failed > int(max_failed_trials):
@@ -904,7 +1000,7 @@ def controller_update(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # failed trials: counted and reported below
         record = c.update(expected, rewards)
-    storage.write_json(out, _state_doc(c, total_failed, search_name, trial_seeds, reward_seeds))
+    storage.write_json(out, _state_doc(c, total_failed, search_name, trial_seeds, reward_seeds, search_splits))
     ok = [x for x in rewards if math.isfinite(x)]
     _log(
         f"round {r + 1}/{c.rounds}: mean reward {record.mean_reward:.4f}, "
@@ -922,15 +1018,16 @@ def controller_update(
             client, parent.info.run_id, round=r, rewards=[None if not math.isfinite(x) else x for x in rewards],
             failed=len(failed_now), mu=c.mu.tolist(), names=c.parameter_names, spec=c.spec(), history=history,
         )
-    return _update_output(out, c, total_failed, samples, trial_seeds, reward_seeds)
+    return _update_output(out, c, total_failed, samples, trial_seeds, reward_seeds, search_splits)
 
 
-def _update_output(uri: str, c, failed: int, samples: int, trial_seeds: str, reward_seeds: int) -> dict:
+def _update_output(uri: str, c, failed: int, samples: int, trial_seeds: str, reward_seeds: int,
+                   search_splits: int) -> dict:
     rec = c.history[-1]
     ok = [v for i, v in enumerate(rec.rewards) if i not in rec.failed]
     return {
         "state": uri,
-        "trials": _trials_of(c, samples, trial_seeds, reward_seeds),
+        "trials": _trials_of(c, samples, trial_seeds, reward_seeds, search_splits),
         "round": c.round,
         "mean_reward": rec.mean_reward,
         "max_reward": max(ok) if ok else None,
@@ -982,7 +1079,9 @@ def selection_trials(state: str, top: int, seeds: Sequence[int]) -> list[str]:
 
     Trials are numbered after the search's last round (``round`` = the number of
     rounds, ``sample`` = candidate × len(seeds) + seed index) and carry
-    ``candidate``, ``search_round``, ``search_sample`` and ``search_reward``."""
+    ``candidate``, ``search_round``, ``search_sample`` and ``search_reward``; in a
+    search over n search splits, also the ``split`` a round numbered so would take
+    (the number of rounds mod n: with n > rounds, one no round scored on)."""
     doc, c = _read_state(state)
     check_selection(int(top), seeds)
     if int(top) == 0:
@@ -1010,8 +1109,9 @@ def selection_trials(state: str, top: int, seeds: Sequence[int]) -> list[str]:
             if own in seeds:
                 raise StepError(f"select_seeds={seeds} holds {own}, the training seed of candidate r{rnd:03d}-s{i:02d}: "
                                 "it was picked by that seed's reward, so it would be measured with its own luck")
+    split = _split_field(c.round, check_search_splits(doc.get("search_splits", 1)))
     return [json.dumps({"round": c.round, "sample": k * len(seeds) + j, "theta": theta, "seed": seed,
-                        "candidate": k, "search_round": rnd, "search_sample": i, "search_reward": reward})
+                        "candidate": k, "search_round": rnd, "search_sample": i, "search_reward": reward, **split})
             for k, (reward, rnd, i, theta) in enumerate(picked) for j, seed in enumerate(seeds)]
 
 
@@ -1248,6 +1348,8 @@ class Preset:
     select_seeds: list = field(default_factory=lambda: [1, 2, 3])
     # proxy trainings per sampled loss, each with its own seed; its reward is their mean (init_search)
     reward_seeds: int = 1
+    # search-train/search-val splits the rounds cycle through (prepare_data, init_search)
+    search_splits: int = 1
 
     def __post_init__(self) -> None:
         if self.max_failed_trials == 0:

@@ -114,7 +114,8 @@ def build_pipeline(
     ``final_epochs`` (0 = the preset's schedule), ``proxy``/``final``/
     ``pretrain_options`` (training options), ``controller`` (PPO options),
     ``max_failed_trials``, ``attempts``, ``select_seeds``, ``reward_seeds`` (proxy trainings per sampled
-    loss, their mean its reward), ``tracking_uri`` ("" = the environment's
+    loss, their mean its reward), ``search_splits`` (search splits the rounds cycle
+    through), ``tracking_uri`` ("" = the environment's
     ``MLFLOW_TRACKING_URI``), ``experiment``, ``model_name``, ``promote``,
     ``node_selector``, ``tolerations``, ``s3_secret``.
     """
@@ -197,6 +198,7 @@ def build_pipeline(
         attempts: int = p0.attempts,
         select_seeds: List[int] = list(p0.select_seeds),
         reward_seeds: int = p0.reward_seeds,
+        search_splits: int = p0.search_splits,
         tracking_uri: str = "",
         experiment: str = "paploss",
         model_name: str = "paploss-retinanet",
@@ -208,7 +210,7 @@ def build_pipeline(
         p = {"node_selector": node_selector, "tolerations": tolerations, "s3_secret": s3_secret}
         tr = {"tracking_uri": tracking_uri, "experiment": experiment}
         prep = c.prepare_data(dataset=dataset, work=work, split_seed=split_seed,
-                              search_val_fraction=search_val_fraction, bundled=bundled)
+                              search_val_fraction=search_val_fraction, bundled=bundled, search_splits=search_splits)
         prep.set_display_name("prepare-data")
         _everywhere(prep, p, cluster)
         warm = c.pretrain(data=prep.output, work=work, config=pretrain_options, seed=seed, detector=detector,
@@ -219,7 +221,8 @@ def build_pipeline(
             work=work, search_name=search_name, rounds=rounds, samples=samples, seed=seed,
             controller=controller, params={"rounds": rounds, "parallelism": parallelism, "image": image or components.DEFAULT_IMAGE},
             dataset=dataset, detector=detector, proxy=proxy, final=final, max_failed_trials=max_failed_trials,
-            attempts=attempts, model_name=model_name, reward_seeds=reward_seeds, **tr,
+            attempts=attempts, model_name=model_name, reward_seeds=reward_seeds,
+            search_splits=search_splits, **tr,
         ).set_display_name("init-search")
         _everywhere(init, p, cluster)
         state, trials = init.outputs["state"], init.outputs["trials"]

@@ -52,6 +52,7 @@ def test_summarize_mean_and_std_in_ap_points():
         ({"search_tag": "r6/long"}, "search_tag='r6/long' must be 1-40 letters"),
         ({"search_tag": "-r6"}, "search_tag='-r6'"),
         ({"reward_seeds": 0}, "reward_seeds=0 is out of range"),
+        ({"search_splits": 17}, "search_splits=17 is out of range"),
     ],
 )
 def test_config_rejects_bad_values_naming_them(kwargs, message):
@@ -564,6 +565,8 @@ def test_a_search_with_other_rounds_is_refused_naming_them_and_a_tag_sets_it_bes
     assert BenchConfig(search_tag="r6").search_name("shapes", "searched-shared") == "bench-shapes-searched-shared-r6"
     assert BenchConfig(detach_i3=True, reward_seeds=2, search_tag="x").search_name("digits", "searched") == \
         "bench-digits-searched-detach-i3-rs2-x"
+    assert BenchConfig(reward_seeds=2, search_splits=5).search_name("digits", "searched") == \
+        "bench-digits-searched-rs2-ss5"
 
 
 def test_the_selection_of_a_report_only_run_comes_from_cached_trials_only(prepared, tmp_path):
@@ -729,14 +732,16 @@ def test_bench_selection_across_warm_starts_trains_seed_s_from_warm_start_s_mod_
     kept apart from the search's folder, and the loss trained as ``searched-shared``
     is the candidate with the best mean over those trials. With ``--reward-seeds 2``
     each sampled loss's j-th trial trains from warm start j mod N too, and its reward
-    is the mean of its two."""
+    is the mean of its two. With ``--search-splits 3`` round r trains and scores on
+    split r, the selection on split 2."""
     import subprocess
     import sys
 
     work, out = tmp_path / "work", tmp_path / "out"
     cmd = [sys.executable, "-m", "bench.search", "--preset", "smoke", "--datasets", "shapes",
            "--losses", "searched-shared", "--seeds", "0,1", "--warm-starts", "2", "--select-top", "2",
-           "--select-seeds", "1,2", "--select-warm-starts", "--reward-seeds", "2", "--proxy-iterations", "2", "--final-iterations", "2",
+           "--select-seeds", "1,2", "--select-warm-starts", "--reward-seeds", "2", "--search-splits", "3", "--proxy-iterations", "2",
+           "--final-iterations", "2",
            "--n-train", "24", "--n-val", "8", "--work", str(work), "--out", str(out), "--tracking-uri", "",
            "--jobs", "1"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -745,15 +750,17 @@ def test_bench_selection_across_warm_starts_trains_seed_s_from_warm_start_s_mod_
     finals = {(d["loss"], d["seed"]): d for d in (json.loads(f.read_text()) for f in (work / "shapes" / "final").iterdir())}
     inits = [finals[("searched-shared", k)]["init"] for k in (0, 1)]  # final seed k: warm start k mod 2
     assert inits[0] != inits[1]
-    search = searches / "bench-shapes-searched-shared-rs2"
+    search = searches / "bench-shapes-searched-shared-rs2-ss3"
     search_trials = [json.loads(f.read_text()) for f in sorted((search / "trials").iterdir())]
     assert [t["seed"] for t in search_trials] == [0, 1000] * 4  # 2 rounds x 2 samples x 2 reward seeds
+    assert [t["split"] for t in search_trials] == [0] * 4 + [1] * 4
     assert all(t["init"] == inits[t["seed"] // 1000] and not t["failed"] for t in search_trials)
     c = steps.load_controller(str(search / "state" / "round-002.json"))
     assert [r for rec in c.history for r in rec.rewards] == pytest.approx(
         [(a["reward"] + b["reward"]) / 2 for a, b in zip(search_trials[::2], search_trials[1::2])])
-    picked = [json.loads(f.read_text()) for f in (searches / "bench-shapes-searched-shared-rs2-select-ws2" / "trials").iterdir()]
-    assert sorted(t["seed"] for t in picked) == [1, 1, 2, 2]
+    picked = [json.loads(f.read_text())
+              for f in (searches / "bench-shapes-searched-shared-rs2-ss3-select-ws2" / "trials").iterdir()]
+    assert sorted(t["seed"] for t in picked) == [1, 1, 2, 2] and {t["split"] for t in picked} == {2}
     for t in picked:
         assert t["init"] == inits[t["seed"] % 2] and not t["failed"]
     means = {}

@@ -123,6 +123,7 @@ def cli_env(tmp_path, monkeypatch):
         (["--select-top", "2", "--select-seeds", "x"], "'x' is not a comma-separated list of integers"),
         (["--reward-seeds", "0"], "reward_seeds=0 is out of range"),
         (["--reward-seeds", "2", "--select-top", "2", "--select-seeds", "1,1000"], "holds the search's trial seed 1000"),
+        (["--search-splits", "0"], "search_splits=0 is out of range"),
     ],
 )
 @pytest.mark.parametrize("command", ["run", "search"])
@@ -265,11 +266,14 @@ def test_kfp_local_run_with_a_selection_stage(cli_env):
     with its own ParallelFor), the best mean is the searched loss, and the final
     training, the report and MLflow use that loss, not the policy's mean. With
     ``--reward-seeds 2`` every sampled loss is trained twice (seeds 0 and 1000) and
-    the controller is given the mean of the two."""
+    the controller is given the mean of the two. With ``--search-splits 3`` the
+    data step draws three search splits, round r trains and scores on split r and the
+    selection on split 2, which no round used."""
     from mlflow import MlflowClient
 
     args = ["run", "--preset", "smoke", "--search-name", "kfp-select", "--work", "w", "--root", "runs",
-            "--select-top", "2", "--select-seeds", "1,2", "--reward-seeds", "2"]
+            "--select-top", "2", "--select-seeds", "1,2", "--reward-seeds", "2",
+            "--search-splits", "3"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output + (cli_env / "runs" / "logs" / "kfp-select.log").read_text()[-5000:]
     assert "selection candidate 1 seed 2" in result.output and "searched loss: selection candidate" in result.output
@@ -283,6 +287,12 @@ def test_kfp_local_run_with_a_selection_stage(cli_env):
     search_trials = [json.loads((folder / "trials" / f"r{r:03d}-s{s:02d}.json").read_text())
                      for r in range(ROUNDS) for s in range(2 * SAMPLES)]
     assert [t["seed"] for t in search_trials] == [0, 1000] * (ROUNDS * SAMPLES)
+    assert [t["split"] for t in search_trials] == [r for r in range(ROUNDS) for _ in range(2 * SAMPLES)]
+    assert {json.loads((folder / "trials" / f"r{ROUNDS:03d}-s{s:02d}.json").read_text())["split"]
+            for s in range(4)} == {ROUNDS % 3}
+    (data,) = (cli_env / "w" / "data").iterdir()
+    assert {p.name for p in (data / "annotations").glob("search_val*.json")} == {
+        "search_val.json", "search_val-1.json", "search_val-2.json"}
     c = steps.load_controller(str(folder / "state" / f"round-{ROUNDS:03d}.json"))
     assert [r for rec in c.history for r in rec.rewards] == pytest.approx(
         [(a["reward"] + b["reward"]) / 2 for a, b in zip(search_trials[::2], search_trials[1::2])])

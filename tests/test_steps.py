@@ -338,6 +338,91 @@ def test_reward_seeds_train_each_theta_n_times_and_reward_it_by_the_mean(tiny_da
     assert len(steps.selection_trials(last["state"], 2, [1, 2])) == 4
 
 
+def test_search_splits_are_drawn_beside_the_first_and_cycled_by_round(tiny_data):
+    """``search_splits=n``: prepare_data adds splits 1 … n − 1 (split seed + k, each a
+    stratified cut of train) to the same data folder, leaving split 0 as it was; round r's
+    trials carry split r mod n, the selection's the number of rounds mod n; results of
+    another split, a reopen with another n and bad values are refused by name."""
+    work, data = tiny_data
+    marker = os.path.join(data, "annotations", "search_val.json")
+    before = open(marker, "rb").read(), os.stat(marker).st_mtime_ns
+    assert steps.prepare_data("bundled:shapes", work, bundled={"n_train": 24, "n_val": 8, "image_size": 64},
+                              search_splits=3) == data
+    assert (open(marker, "rb").read(), os.stat(marker).st_mtime_ns) == before
+    train_ids = {i["id"] for i in storage.read_json(os.path.join(data, "annotations", "train.json"))["images"]}
+    vals = []
+    for k in range(3):
+        tr_name, va_name = steps.search_split_files(k)
+        tr, va = (storage.read_json(os.path.join(data, "annotations", f"{n}.json")) for n in (tr_name, va_name))
+        tr_ids, va_ids = {i["id"] for i in tr["images"]}, {i["id"] for i in va["images"]}
+        assert not tr_ids & va_ids and tr_ids | va_ids == train_ids
+        assert va["info"]["split_seed"] == k and va["info"]["split"] == va_name
+        vals.append(va_ids)
+    assert steps.search_split_files(2) == ("search_train-2", "search_val-2")
+    assert vals[0] != vals[1] and vals[1] != vals[2]
+    # only_cached draws nothing; a dataset with its own splits must bring them all
+    assert steps.prepare_data("bundled:shapes", work, bundled={"n_train": 24, "n_val": 8, "image_size": 64},
+                              search_splits=4, only_cached=True) == ""
+    assert not os.path.exists(os.path.join(data, "annotations", "search_val-3.json"))
+    assert steps.prepare_data(data, work, search_splits=3) == data
+    with pytest.raises(steps.StepError, match=r"brings its own search split .* not search_val-3\.json"):
+        steps.prepare_data(data, work, search_splits=4)
+    # the trials: round r on split r mod 3, refused on another split
+    out = steps.init_search(work, "ss3", rounds=4, samples=2, seed=3, search_splits=3)
+    assert storage.read_json(out["state"])["search_splits"] == 3
+    splits = []
+    for r in range(4):
+        splits.append({json.loads(t)["split"] for t in out["trials"]})
+        if r == 1:
+            wrong = _fake_results([json.dumps({**json.loads(t), "split": 0}) for t in out["trials"]])
+            with pytest.raises(steps.StepError, match=r"scored on search splits \[0\], not split 1"):
+                steps.controller_update(out["state"], wrong, work, "ss3")
+        out = steps.controller_update(out["state"], _fake_results(out["trials"]), work, "ss3")
+    assert splits == [{0}, {1}, {2}, {0}] and out["trials"] == []
+    assert {json.loads(t)["split"] for t in steps.selection_trials(out["state"], 2, [1, 2])} == {1}  # 4 mod 3
+    with pytest.raises(steps.SearchExists, match="with search_splits=3, not 1"):
+        steps.init_search(work, "ss3", rounds=4, samples=2, seed=3)
+    for bad in (0, True, 17, 2.0):
+        with pytest.raises(steps.StepError, match=f"search_splits={bad!r} is out of range"):
+            steps.init_search(work, "ss-bad", rounds=2, samples=2, search_splits=bad)
+        with pytest.raises(steps.StepError, match=f"search_splits={bad!r} is out of range"):
+            steps.prepare_data("bundled:shapes", work, search_splits=bad)
+    # one split: the state and the trials as before search_splits existed (kfp's cache keys)
+    one = steps.init_search(work, "ss1", rounds=2, samples=2, seed=3)
+    assert "search_splits" not in storage.read_json(one["state"])
+    assert all("split" not in json.loads(t) for t in one["trials"])
+
+
+def test_a_proxy_trial_trains_and_scores_on_its_split(tiny_data, tmp_path, monkeypatch):
+    """A trial's ``split`` picks the annotation files of its training and reward (a
+    real smoke training, its config looked at on the way), the result records it, a
+    stored result of another split is not reused, and a split the data lacks is named
+    before anything trains."""
+    work, data = tiny_data
+    steps.prepare_data("bundled:shapes", work, bundled={"n_train": 24, "n_val": 8, "image_size": 64},
+                       search_splits=3)
+    out = steps.init_search(str(tmp_path), "split-trial", 3, 2, seed=0, search_splits=3)
+    seen = []
+    real = steps._run_training
+
+    def spy(cfg, on_step=None):
+        seen.append((cfg.train_ann, cfg.val_ann))
+        return real(cfg, on_step=on_step)
+
+    monkeypatch.setattr(steps, "_run_training", spy)
+    trial = {**json.loads(out["trials"][0]), "split": 2}
+    res = json.loads(steps.proxy_trial(data, "", trial, {"preset": "smoke", "iterations": 4}, str(tmp_path),
+                                       "split-trial", state=out["state"]))
+    assert seen == [("search_train-2", "search_val-2")] and res["split"] == 2 and not res["failed"]
+    assert steps.stored_trial(str(tmp_path), "split-trial", trial) is not None
+    assert steps.stored_trial(str(tmp_path), "split-trial", {**trial, "split": 1}) is None
+    with pytest.raises(steps.StepError, match=r"search split 5, but .* has no annotations/search_train-5\.json, "
+                                              r"annotations/search_val-5\.json"):
+        steps.proxy_trial(data, "", {**trial, "split": 5}, {"preset": "smoke"}, str(tmp_path), "split-trial",
+                          state=out["state"])
+    assert len(seen) == 1
+
+
 def test_mmdet_detector_gets_no_warm_start(tmp_path):
     """An MMDetection config as the search's detector (``mmdet:<config>``) starts as
     its config says: the pretrain step returns no file and trains nothing."""

@@ -99,9 +99,11 @@ def search_split(
     source: str = "train",
     val_fraction: float = 0.2,
     seed: int = 0,
+    suffix: str = "",
 ) -> tuple[Path | str, Path | str]:
-    """Write ``annotations/search_train.json`` and ``annotations/search_val.json`` under
-    ``root`` (a local folder or ``s3://`` prefix) from ``annotations/<source>.json``.
+    """Write ``annotations/search_train<suffix>.json`` and ``annotations/search_val<suffix>.json``
+    under ``root`` (a local folder or ``s3://`` prefix) from ``annotations/<source>.json``,
+    the second last (its presence marks the pair written).
 
     Returns the two written paths (``Path`` locally, URI strings on S3)."""
     src = storage.join(root, "annotations", f"{source}.json")
@@ -109,7 +111,7 @@ def search_split(
     train_ids, val_ids = split_image_ids(coco, val_fraction=val_fraction, seed=seed, source=src)
     info = {"split_of": source, "val_fraction": val_fraction, "split_seed": seed}
     out = []
-    for name, ids in (("search_train", train_ids), ("search_val", val_ids)):
+    for name, ids in ((f"search_train{suffix}", train_ids), (f"search_val{suffix}", val_ids)):
         dst = storage.join(root, "annotations", f"{name}.json")
         storage.write_json(dst, _subset(coco, ids, {**info, "split": name}), indent=None)
         out.append(dst if storage.is_s3(root) else Path(dst))
