@@ -574,6 +574,23 @@ def tree_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def weights_digest(path: str | os.PathLike) -> str:
+    """SHA-256 of a warm start's weights: each tensor of its ``state_dict`` (name,
+    dtype, shape, bytes) in sorted order. Unlike :func:`tree_digest` of the file it
+    leaves out what the file records beside them (the data's path, the accuracy), so
+    the same weights pre-trained under another ``--work`` get the same digest."""
+    import torch
+
+    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().contiguous().cpu()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
 def platform_info() -> dict[str, Any]:
     """What a training ran on, beside its result: the same inputs and seed give the same
     AP to the last bit on one machine, but not across CPUs of another instruction set
@@ -959,10 +976,11 @@ def loss_file(out: str, dataset: str, mode: str) -> str:
 
 def inputs_text(inputs: Mapping[str, Mapping[str, Any]]) -> str:
     """The data and warm start each dataset's trainings shared, with their digests
-    (``tree_digest``), and the platform of this run: what tells whether two runs'
+    (``tree_digest``, ``weights_digest``), and the platform of this run: what tells whether two runs'
     numbers come from the same inputs."""
     lines = [f"- {d}: data `{i['data']}` (sha256 `{i['data_sha256'][:16]}`), "
-             + ", ".join(f"warm start {w} `{uri}` (sha256 `{sha[:16]}`)" for w, (uri, sha) in enumerate(i["inits"]))
+             + ", ".join(f"warm start {w} `{uri}` (weights sha256 `{sha[:16]}`)"
+                         for w, (uri, sha) in enumerate(i["inits"]))
              for d, i in sorted(inputs.items())]
     info = platform_info()
     lines.append(f"- platform of this run: torch {info['torch']}, {info['cpu']} ({info['cpu_capability']}), "
@@ -1021,7 +1039,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
             continue
         prepared[dataset] = (p, data, inits)
         inputs[dataset] = {"data": data, "data_sha256": tree_digest(storage.localize(data)),
-                           "inits": [(uri, tree_digest(storage.localize(uri))) for uri in inits if uri]}
+                           "inits": [(uri, weights_digest(storage.localize(uri))) for uri in inits if uri]}
         for mode in searches[dataset]:
             name = cfg.search_name(dataset, mode)
             if (dataset, mode) in given:

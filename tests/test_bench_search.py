@@ -670,7 +670,7 @@ def test_bench_with_a_loss_file_trains_it_without_searching(tmp_path):
 
     import mlflow
 
-    from bench.search import tree_digest
+    from bench.search import tree_digest, weights_digest
 
     spec = LossSpec.from_theta([0.35] * 8 + [0.7])
     path = _spec_file(tmp_path / "found.json", spec)
@@ -709,7 +709,7 @@ def test_bench_with_a_loss_file_trains_it_without_searching(tmp_path):
     data = next((work / "shapes" / "data").iterdir())
     assert f"- shapes: data `{data}` (sha256 `{tree_digest(data)[:16]}`)" in md
     warm = docs[("square", 1)]["init"]
-    assert f"warm start 1 `{warm}` (sha256 `{tree_digest(warm)[:16]}`)" in md
+    assert f"warm start 1 `{warm}` (weights sha256 `{weights_digest(warm)[:16]}`)" in md
     assert (out / "bench_shapes_searched-shared_functions.png").stat().st_size > 0
     assert not (out / "bench_shapes_searched-shared_rewards.png").exists()  # no search, no rewards
     client = mlflow.MlflowClient(uri)
@@ -798,6 +798,29 @@ def test_tree_digest_names_a_folder_by_its_files_names_and_bytes(tmp_path):
     expected = hashlib.sha256(b"ann.json\0" + b'{"images": []}' + b"\0" + b"images/0.png\0" + b"\x89PNG one" + b"\0")
     assert tree_digest(a) == expected.hexdigest()
     assert tree_digest(a / "ann.json") == hashlib.sha256(b"\0" + b'{"images": []}' + b"\0").hexdigest()
+
+
+def test_weights_digest_names_a_warm_start_by_its_weights_not_its_file(tmp_path):
+    """Two backbone files with the same weights but other recorded data paths: one
+    weights digest, two file digests; one weight changed by its last bit, or one
+    tensor renamed, changes it (0-dim tensors included)."""
+    import torch
+
+    from bench.search import tree_digest, weights_digest
+
+    state = {"conv.weight": torch.randn(4, 3, 3, 3), "bn.num_batches_tracked": torch.tensor(7),
+             "bn.running_mean": torch.zeros(4)}
+    doc = {"format": "paploss-backbone/1", "state_dict": state}
+    torch.save({**doc, "data": "runs/a/data"}, tmp_path / "a.pt")
+    torch.save({**doc, "data": "runs/b/data"}, tmp_path / "b.pt")
+    assert weights_digest(tmp_path / "a.pt") == weights_digest(tmp_path / "b.pt")
+    assert tree_digest(tmp_path / "a.pt") != tree_digest(tmp_path / "b.pt")
+    bumped = {**state, "conv.weight": state["conv.weight"].clone()}
+    bumped["conv.weight"].view(-1)[5] = torch.nextafter(bumped["conv.weight"].view(-1)[5], torch.tensor(10.0))
+    torch.save({**doc, "state_dict": bumped}, tmp_path / "c.pt")
+    renamed = {("bn.tracked" if k == "bn.num_batches_tracked" else k): v for k, v in state.items()}
+    torch.save({**doc, "state_dict": renamed}, tmp_path / "d.pt")
+    assert len({weights_digest(tmp_path / f"{n}.pt") for n in "acd"}) == 3
 
 
 def test_final_seed_k_trains_from_warm_start_k_mod_n_for_every_loss(prepared):
