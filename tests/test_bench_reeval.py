@@ -79,6 +79,31 @@ def test_samples_are_trained_again_on_the_search_split_and_cpu_runs_repeat(learn
     assert final["split"] == "train -> val" and [r["loss"] for r in final["runs"]] == ["r002-s00"]
 
 
+def test_split_k_trains_and_scores_on_that_search_split(learnable, tmp_path, capsys):  # noqa: F811
+    """``--split K`` (a search with --search-splits): the trainings read split K's
+    annotation files, so the baseline's training loss differs from split 0's; a split the data
+    lacks is refused by name before anything trains."""
+    import shutil
+
+    from paploss.data import search_split
+
+    root, backbone = learnable
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    search_split(data, seed=1, suffix="-1")
+    proxy = {"preset": "smoke", "iterations": 2, "image_size": 64, "eval_batch_size": 16}
+    folder = _search(tmp_path / "bench-shapes-searched", [0.2],
+                     inputs={"data": str(data), "init": backbone, "proxy": proxy, "detector": ""})
+    args = ["--search", str(folder), "--top", "0", "--seeds", "1", "--jobs", "1"]
+    zero, one = reeval.main(args), reeval.main([*args, "--split", "1"])
+    assert one["split"] == "search_train-1 -> search_val-1" and zero["split"] == "search_train -> search_val"
+    assert one["runs"][0]["final_loss"] != zero["runs"][0]["final_loss"]  # other training images
+    assert zero["runs"][0]["final_loss"] == reeval.main(args)["runs"][0]["final_loss"]  # not run-to-run noise
+    with pytest.raises(SystemExit):
+        reeval.main([*args, "--split", "2"])
+    assert f"--split 2: {data} has no annotations/search_val-2.json" in capsys.readouterr().err
+
+
 def test_the_baseline_alone_across_warm_starts_trains_seed_s_from_warm_start_s_mod_n(learnable, tmp_path):  # noqa: F811
     root, backbone = learnable
     other = tmp_path / "other-backbone.pt"
@@ -105,6 +130,9 @@ def test_bad_options_are_refused_by_name(tmp_path, capsys):
     with pytest.raises(SystemExit):
         reeval.main(["--search", str(folder), "--top", "0", "--baseline", "none"])
     assert "--top 0 with --baseline none trains nothing" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        reeval.main(["--search", str(folder), "--split", "3"])
+    assert "--split 3: d has no annotations/search_val-3.json" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         reeval.main(["--search", str(folder), "--inits", str(tmp_path / "gone.pt")])
     assert f"--inits ['{tmp_path / 'gone.pt'}']: no such file" in capsys.readouterr().err
