@@ -374,11 +374,8 @@ MAX_SEARCH_SPLITS = 16
 
 
 def check_search_splits(search_splits: Any) -> int:
-    if isinstance(search_splits, bool) or not isinstance(search_splits, int) \
-            or not 1 <= search_splits <= MAX_SEARCH_SPLITS:
-        raise StepError(f"search_splits={search_splits!r} is out of range: an integer in [1, {MAX_SEARCH_SPLITS}] "
-                        "(how many search-train/search-val splits the search's rounds cycle through)")
-    return search_splits
+    return _check_count("search_splits", search_splits, MAX_SEARCH_SPLITS,
+                        "how many search-train/search-val splits the search's rounds cycle through")
 
 
 def search_split_files(split: int) -> tuple[str, str]:
@@ -565,16 +562,47 @@ REWARD_SEED_STRIDE = 1000
 MAX_REWARD_SEEDS = 8
 
 
+def _check_count(name: str, value: Any, maximum: int, meaning: str) -> int:
+    """``value`` if it is an integer (not a bool) in [1, maximum]; else a StepError naming it."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise StepError(f"{name}={value!r} is out of range: an integer in [1, {maximum}] ({meaning})")
+    return value
+
+
 def check_reward_seeds(reward_seeds: Any) -> int:
-    if isinstance(reward_seeds, bool) or not isinstance(reward_seeds, int) or not 1 <= reward_seeds <= MAX_REWARD_SEEDS:
-        raise StepError(f"reward_seeds={reward_seeds!r} is out of range: an integer in [1, {MAX_REWARD_SEEDS}] "
-                        "(the proxy trainings, each with its own seed, whose mean reward is a sampled loss's)")
-    return reward_seeds
+    return _check_count("reward_seeds", reward_seeds, MAX_REWARD_SEEDS,
+                        "the proxy trainings, each with its own seed, whose mean reward is a sampled loss's")
 
 
 def reward_seeds_of(base: int, reward_seeds: int) -> list[int]:
     """The training seeds of one sampled θ's trials when the round's seed is ``base``."""
     return [int(base) + j * REWARD_SEED_STRIDE for j in range(int(reward_seeds))]
+
+
+@dataclass(frozen=True)
+class _SearchOptions:
+    """How a search's trials are made, kept in its state files: the training seed
+    (``trial_seeds``), the trainings per sampled θ (``reward_seeds``), the search
+    splits the rounds cycle through (``search_splits``)."""
+
+    trial_seeds: str = "fixed"
+    reward_seeds: int = 1
+    search_splits: int = 1
+
+    def __post_init__(self) -> None:
+        _check_trial_seeds(self.trial_seeds)
+        check_reward_seeds(self.reward_seeds)
+        check_search_splits(self.search_splits)
+
+    @classmethod
+    def of(cls, doc: Mapping[str, Any]) -> "_SearchOptions":
+        """The options of a state file; one written before an option existed has its default."""
+        return cls(**{f.name: doc[f.name] for f in fields(cls) if f.name in doc})
+
+    def doc_fields(self) -> dict:
+        """The options as a state file keeps them: ``trial_seeds`` always, the others
+        only when not 1 (state files of one reward seed and one split stay as they were)."""
+        return {k: v for k, v in asdict(self).items() if k == "trial_seeds" or v != 1}
 
 
 def _split_field(round: int, search_splits: int) -> dict:
@@ -584,8 +612,7 @@ def _split_field(round: int, search_splits: int) -> dict:
     return {"split": int(round) % search_splits} if search_splits > 1 else {}
 
 
-def _trials_of(controller, samples: int, trial_seeds: str = "fixed", reward_seeds: int = 1,
-               search_splits: int = 1) -> list[str]:
+def _trials_of(controller, samples: int, opts: _SearchOptions) -> list[str]:
     """The next round's trials as JSON strings: round, sample index, θ, training seed.
     With ``reward_seeds`` = n, θ number i is trained n times: samples i·n … i·n + n − 1,
     the j-th with ``repeat`` j and seed + j × REWARD_SEED_STRIDE. With ``search_splits``
@@ -593,9 +620,9 @@ def _trials_of(controller, samples: int, trial_seeds: str = "fixed", reward_seed
     if controller.done:
         return []
     thetas = controller.sample(samples).tolist()
-    seeds = reward_seeds_of(_trial_seed(controller, trial_seeds), reward_seeds)
+    seeds = reward_seeds_of(_trial_seed(controller, opts.trial_seeds), opts.reward_seeds)
     n = len(seeds)  # n = 1: no "repeat", the trials' JSON as before reward_seeds existed (kfp's cache keys)
-    split = _split_field(controller.round, search_splits)
+    split = _split_field(controller.round, opts.search_splits)
     return [
         json.dumps({"round": controller.round, "sample": i * n + j, "theta": theta, "seed": seed,
                     **({"repeat": j} if n > 1 else {}), **split})
@@ -603,17 +630,10 @@ def _trials_of(controller, samples: int, trial_seeds: str = "fixed", reward_seed
     ]
 
 
-def _state_doc(c, failed: int, search_name: str, trial_seeds: str, reward_seeds: int = 1,
-               search_splits: int = 1) -> dict:
+def _state_doc(c, failed: int, search_name: str, opts: _SearchOptions) -> dict:
     """A search state file's content (:func:`state_uri`); the search's seed is the controller's."""
-    doc = {"controller": c.state_dict(), "failed_trials": int(failed), "search_name": search_name,
-           "trial_seeds": trial_seeds}
-    # state files of one reward seed (one split) stay as they were
-    if reward_seeds != 1:
-        doc["reward_seeds"] = int(reward_seeds)
-    if search_splits != 1:
-        doc["search_splits"] = int(search_splits)
-    return doc
+    return {"controller": c.state_dict(), "failed_trials": int(failed), "search_name": search_name,
+            **opts.doc_fields()}
 
 
 def init_search(
@@ -651,9 +671,7 @@ def init_search(
     for bad in ("rounds", "seed", "samples"):
         if bad in options:
             raise StepError(f"controller option {bad!r} is a search parameter: pass it as {bad}=")
-    _check_trial_seeds(trial_seeds)
-    check_reward_seeds(reward_seeds)
-    check_search_splits(search_splits)
+    opts = _SearchOptions(trial_seeds, reward_seeds, search_splits)
     try:
         c = Controller(rounds=int(rounds), seed=int(seed), samples=int(samples), **options)
     except TypeError as exc:
@@ -672,14 +690,14 @@ def init_search(
                 f"search {search_name!r} already exists in {work} with other controller options "
                 f"({'; '.join(diff)}); choose another search_name"
             )
-        for option, had, now in (("trial_seeds", doc.get("trial_seeds", "fixed"), trial_seeds),
-                                 ("reward_seeds", doc.get("reward_seeds", 1), reward_seeds),
-                                 ("search_splits", doc.get("search_splits", 1), search_splits)):
+        had_opts = _SearchOptions.of(doc)
+        for option in (f.name for f in fields(_SearchOptions)):
+            had, now = getattr(had_opts, option), getattr(opts, option)
             if had != now:
                 raise SearchExists(f"search {search_name!r} already exists in {work} with {option}={had!r}, "
                                    f"not {now!r}; choose another search_name")
     else:
-        storage.write_json(uri, _state_doc(c, 0, search_name, trial_seeds, reward_seeds, search_splits))
+        storage.write_json(uri, _state_doc(c, 0, search_name, opts))
     if tracking is not None:
         from paploss import tracking as tr
 
@@ -691,7 +709,7 @@ def init_search(
     each = f", {reward_seeds} trainings each" if reward_seeds > 1 else ""
     cycle = f", {search_splits} search splits" if search_splits > 1 else ""
     _log(f"search {search_name}: {rounds} rounds x {samples} samples{each}{cycle}, D={c.dim}")
-    return {"state": uri, "trials": _trials_of(c, samples, trial_seeds, reward_seeds, search_splits)}
+    return {"state": uri, "trials": _trials_of(c, samples, opts)}
 
 
 def _parse_trial(trial: str | Mapping[str, Any]) -> dict:
@@ -822,11 +840,12 @@ def proxy_trial(
     if done is not None:
         _ensure_trial_logged(done, search_name, state, tracking)
         return _trial_output(done)
-    split = {"split": int(t["split"])} if "split" in t else {}
-    train_ann, val_ann = search_split_files(split.get("split", 0))
+    k = int(t.get("split", 0))
+    split = {"split": k} if "split" in t else {}  # the result records the trial's split where it names one
+    train_ann, val_ann = search_split_files(k)
     lacking = [a for a in (train_ann, val_ann) if not storage.exists(storage.join(data, "annotations", f"{a}.json"))]
     if lacking:
-        raise StepError(f"{_trial_label(t)} trains on search split {split.get('split', 0)}, but {data} has no "
+        raise StepError(f"{_trial_label(t)} trains on search split {k}, but {data} has no "
                         f"{', '.join(f'annotations/{a}.json' for a in lacking)}: prepare the data with "
                         "search_splits as large as the search's")
     proxy = plain(dict(proxy or {}))
@@ -955,9 +974,8 @@ def controller_update(
         raise StepError(f"results are for round(s) {sorted(rounds_seen)} but the state {state} is at round {c.round}")
     r = c.round
     # state files written before trial_seeds (reward_seeds) existed: one trial of the search's seed per θ
-    trial_seeds = _check_trial_seeds(doc.get("trial_seeds", "fixed"))
-    reward_seeds = check_reward_seeds(doc.get("reward_seeds", 1))
-    search_splits = check_search_splits(doc.get("search_splits", 1))
+    opts = _SearchOptions.of(doc)
+    trial_seeds, reward_seeds, search_splits = opts.trial_seeds, opts.reward_seeds, opts.search_splits
     if len(parsed) % reward_seeds:
         raise StepError(f"round {r} has {len(parsed)} results, not a multiple of the search's reward_seeds={reward_seeds}")
     samples = len(parsed) // reward_seeds
@@ -982,7 +1000,7 @@ def controller_update(
         done = storage.read_json(out)
         nxt = Controller.from_state_dict(done["controller"])
         if nxt.round == r + 1 and [list(t) for t in nxt.history[r].thetas] == expected:
-            return _update_output(out, nxt, done["failed_trials"], samples, trial_seeds, reward_seeds, search_splits)
+            return _update_output(out, nxt, done["failed_trials"], samples, opts)
     failed_now = [p for p in parsed if p["failed"]]
     total_failed = int(doc.get("failed_trials", 0)) + len(failed_now)
     if total_failed > int(max_failed_trials):
@@ -1000,7 +1018,7 @@ def controller_update(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # failed trials: counted and reported below
         record = c.update(expected, rewards)
-    storage.write_json(out, _state_doc(c, total_failed, search_name, trial_seeds, reward_seeds, search_splits))
+    storage.write_json(out, _state_doc(c, total_failed, search_name, opts))
     ok = [x for x in rewards if math.isfinite(x)]
     _log(
         f"round {r + 1}/{c.rounds}: mean reward {record.mean_reward:.4f}, "
@@ -1018,16 +1036,15 @@ def controller_update(
             client, parent.info.run_id, round=r, rewards=[None if not math.isfinite(x) else x for x in rewards],
             failed=len(failed_now), mu=c.mu.tolist(), names=c.parameter_names, spec=c.spec(), history=history,
         )
-    return _update_output(out, c, total_failed, samples, trial_seeds, reward_seeds, search_splits)
+    return _update_output(out, c, total_failed, samples, opts)
 
 
-def _update_output(uri: str, c, failed: int, samples: int, trial_seeds: str, reward_seeds: int,
-                   search_splits: int) -> dict:
+def _update_output(uri: str, c, failed: int, samples: int, opts: _SearchOptions) -> dict:
     rec = c.history[-1]
     ok = [v for i, v in enumerate(rec.rewards) if i not in rec.failed]
     return {
         "state": uri,
-        "trials": _trials_of(c, samples, trial_seeds, reward_seeds, search_splits),
+        "trials": _trials_of(c, samples, opts),
         "round": c.round,
         "mean_reward": rec.mean_reward,
         "max_reward": max(ok) if ok else None,
@@ -1102,14 +1119,13 @@ def selection_trials(state: str, top: int, seeds: Sequence[int]) -> list[str]:
     if not picked:
         raise StepError(f"the search in {state} has no finished trial to select from")
     seeds = [int(x) for x in seeds]
-    per_round = _check_trial_seeds(doc.get("trial_seeds", "fixed")) == "per-round"
-    reward_seeds = check_reward_seeds(doc.get("reward_seeds", 1))
+    opts = _SearchOptions.of(doc)
     for reward, rnd, i, theta in picked:
-        for own in reward_seeds_of(c.config.seed + (rnd if per_round else 0), reward_seeds):
+        for own in reward_seeds_of(c.config.seed + (rnd if opts.trial_seeds == "per-round" else 0), opts.reward_seeds):
             if own in seeds:
                 raise StepError(f"select_seeds={seeds} holds {own}, the training seed of candidate r{rnd:03d}-s{i:02d}: "
                                 "it was picked by that seed's reward, so it would be measured with its own luck")
-    split = _split_field(c.round, check_search_splits(doc.get("search_splits", 1)))
+    split = _split_field(c.round, opts.search_splits)
     return [json.dumps({"round": c.round, "sample": k * len(seeds) + j, "theta": theta, "seed": seed,
                         "candidate": k, "search_round": rnd, "search_sample": i, "search_reward": reward, **split})
             for k, (reward, rnd, i, theta) in enumerate(picked) for j, seed in enumerate(seeds)]
