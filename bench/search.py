@@ -760,14 +760,20 @@ COLLAPSED = 1e-3  # a proxy reward (AP) below this: the trial's detector found (
 
 
 def reward_table(histories: Mapping[str, Sequence[Sequence[float]]],
-                 travel: Mapping[str, Sequence[tuple[float, float]]] | None = None) -> str:
+                 travel: Mapping[str, Sequence[tuple[float, float]]] | None = None,
+                 noise: Mapping[str, Sequence[tuple[float, float] | None]] | None = None) -> str:
     """Markdown: per search and round the mean and max reward and how many trials
     collapsed (reward < ``COLLAPSED``), from ``{search name: [[reward per sample] per round]}``.
     With ``travel`` (``{search name: [(moved, to square) per round]}``, see
-    :func:`mu_travel`) two more columns say where the policy's mean went."""
+    :func:`mu_travel`) two more columns say where the policy's mean went; with
+    ``noise`` (``{search name: [(spread, noise) or None per round]}``, see
+    ``paploss.steps.round_noise``) one more says how far the rewards could rank the
+    round's samples ("–" for a round without it)."""
     head = "| search | round | mean reward | max reward | collapsed |"
     if travel is not None:
         head += " ‖μ − μ₀‖ | ‖μ − square‖ |"
+    if noise is not None:
+        head += " spread / seed noise (sd) |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, rounds in histories.items():
         for r, rewards in enumerate(rounds):
@@ -778,6 +784,9 @@ def reward_table(histories: Mapping[str, Sequence[Sequence[float]]],
                 if travel is not None:
                     moved, to_square = travel[name][r]
                     line += f" {moved:.3f} | {to_square:.3f} |"
+                if noise is not None:
+                    got = noise[name][r] if r < len(noise[name]) else None
+                    line += f" {got[0]:.4f} / {got[1]:.4f} |" if got else " – |"
                 lines.append(line)
     return "\n".join(lines)
 
@@ -1008,7 +1017,8 @@ def _write_results(cfg: BenchConfig, results: Mapping, searched: Mapping[tuple[s
                        + summarize(results) + "\n## The goal (issue 8)\n\n" + goal_text(results)
                        + ("\n\n## Searches (reward: COCO AP of the proxy on search-val)\n\n"
                           + reward_table({f"{m} on {d}": _reward_history(s) for (d, m), s in sorted(searched.items())},
-                                         {f"{m} on {d}": mu_travel(s) for (d, m), s in sorted(searched.items())})
+                                         {f"{m} on {d}": mu_travel(s) for (d, m), s in sorted(searched.items())},
+                                         {f"{m} on {d}": steps.round_noise(s) for (d, m), s in sorted(searched.items())})
                           if searched else "")
                        + selection_text(searched, cfg.selection_warm_starts)
                        + "\n\n## Searched losses\n\n" + specs_md + "\n"

@@ -945,6 +945,48 @@ def _ensure_trial_logged(result: Mapping[str, Any], search_name: str, state: str
     )
 
 
+def reward_noise(groups: Sequence[Sequence[float]]) -> tuple[float, float] | None:
+    """How well one round's rewards can rank its samples, from the n trainings behind
+    each (``reward_seeds`` n >= 2): ``(spread, noise)``.
+
+    ``spread`` is the standard deviation of the samples' rewards (each the mean of its
+    n trainings). ``noise`` is the standard deviation of the trainings' luck in one
+    such reward: the residual variance of the table samples × repeats, once each
+    sample's mean and each repeat's mean (its seed and warm start, shared by every
+    sample) are taken out, over (S − 1)(n − 1) degrees of freedom, divided by n. Where
+    ``noise`` comes near ``spread``, the round's ranking of its samples is mostly luck.
+    Samples with a non-finite reward are left out; None when fewer than two remain or
+    they have fewer than two trainings each."""
+    rows = [[float(x) for x in g] for g in groups]
+    rows = [g for g in rows if len(g) >= 2 and all(math.isfinite(x) for x in g)]
+    if len(rows) < 2 or len({len(g) for g in rows}) != 1:
+        return None
+    s, n = len(rows), len(rows[0])
+    means = [math.fsum(g) / n for g in rows]
+    repeat = [math.fsum(g[j] for g in rows) / s for j in range(n)]
+    grand = math.fsum(means) / s
+    resid = math.fsum((g[j] - means[i] - repeat[j] + grand) ** 2 for i, g in enumerate(rows) for j in range(n))
+    spread = math.sqrt(math.fsum((m - grand) ** 2 for m in means) / (s - 1))
+    return spread, math.sqrt(resid / ((s - 1) * (n - 1)) / n)
+
+
+def round_noise(state: str) -> list[tuple[float, float] | None]:
+    """:func:`reward_noise` of each finished round of the search whose state (or
+    selected state) is ``state``, from its stored trial results; all None for a search
+    with ``reward_seeds`` 1 or one whose results are gone."""
+    doc, c = _read_state(state)
+    n = _SearchOptions.of(doc).reward_seeds
+    origin = doc.get("selected", {}).get("from_state", state)
+    table: dict[int, dict[int, dict[int, float]]] = {}
+    for t in trial_results(os.path.dirname(os.path.dirname(origin))) if n > 1 else []:
+        r, k = int(t["round"]), int(t["sample"])
+        if r < c.round and "candidate" not in t:
+            reward = float("nan") if t.get("failed") or t.get("reward") is None else float(t["reward"])
+            table.setdefault(r, {}).setdefault(k // n, {})[k % n] = reward
+    return [reward_noise([[g[j] for j in range(n)] for g in table.get(r, {}).values() if len(g) == n])
+            for r in range(c.round)]
+
+
 def controller_update(
     state: str,
     results: Sequence[str | Mapping[str, Any]],
@@ -1020,9 +1062,11 @@ def controller_update(
         record = c.update(expected, rewards)
     storage.write_json(out, _state_doc(c, total_failed, search_name, opts))
     ok = [x for x in rewards if math.isfinite(x)]
+    noise = reward_noise([[float("nan") if p["failed"] else float(p["reward"]) for p in g] for g in groups])
     _log(
         f"round {r + 1}/{c.rounds}: mean reward {record.mean_reward:.4f}, "
         f"max {max(ok) if ok else float('nan'):.4f}, failed {len(failed_now)} (total {total_failed})"
+        + (f"; rewards' spread (sd) {noise[0]:.4f}, seed noise (sd) {noise[1]:.4f}" if noise else "")
     )
     if tracking is not None:
         from paploss import tracking as tr
@@ -1035,6 +1079,7 @@ def controller_update(
         tr.log_round(
             client, parent.info.run_id, round=r, rewards=[None if not math.isfinite(x) else x for x in rewards],
             failed=len(failed_now), mu=c.mu.tolist(), names=c.parameter_names, spec=c.spec(), history=history,
+            noise=noise,
         )
     return _update_output(out, c, total_failed, samples, opts)
 

@@ -298,12 +298,18 @@ def log_round(
     names: Sequence[str],
     spec,
     history: Sequence[Sequence[float | None]],
+    noise: tuple[float, float] | None = None,
 ) -> None:
-    """Per-round metrics (step = ``round``) and figures on the parent run."""
+    """Per-round metrics (step = ``round``) and figures on the parent run; with
+    ``noise`` (``paploss.steps.reward_noise``: the rewards' spread and the seeds'
+    noise in them, both as standard deviations) also ``reward_spread_sd`` and
+    ``reward_noise_sd``."""
     finite = [r for r in rewards if r is not None and math.isfinite(r)]
     items = [("failed_trials", failed, round)]
     if finite:
         items += [("mean_reward", sum(finite) / len(finite), round), ("max_reward", max(finite), round)]
+    if noise is not None:
+        items += [("reward_spread_sd", noise[0], round), ("reward_noise_sd", noise[1], round)]
     items += [(f"mu.{n}", v, round) for n, v in zip(names, mu)]
     _log_metrics(client, parent_run_id, items)
     with tempfile.TemporaryDirectory() as tmp:

@@ -163,6 +163,11 @@ def test_reward_table_travel_columns():
     assert table.splitlines()[0].endswith("| ‖μ − μ₀‖ | ‖μ − square‖ |")
     assert table.splitlines()[1] == "|---|---|---|---|---|---|---|"
     assert table.splitlines()[2] == "| s | 1 | 0.0200 | 0.0300 | 0/2 | 0.250 | 0.500 |"
+    noisy = reward_table({"s": [[0.01, 0.03], [0.02, 0.02]]}, {"s": [(0.25, 0.5), (0.3, 0.4)]},
+                         {"s": [(0.0141, 0.005), None]})
+    assert noisy.splitlines()[0].endswith("| ‖μ − square‖ | spread / seed noise (sd) |")
+    assert noisy.splitlines()[2:] == ["| s | 1 | 0.0200 | 0.0300 | 0/2 | 0.250 | 0.500 | 0.0141 / 0.0050 |",
+                                      "| s | 2 | 0.0200 | 0.0200 | 0/2 | 0.300 | 0.400 | – |"]
 
 
 @pytest.mark.parametrize("shared", [False, True])

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
+import statistics
 
 import pytest
 from hypothesis import given, settings
@@ -336,6 +339,32 @@ def test_reward_seeds_train_each_theta_n_times_and_reward_it_by_the_mean(tiny_da
     with pytest.raises(steps.StepError, match="holds 1005, the training seed of candidate r000-s01"):
         steps.selection_trials(last["state"], 1, [1, 1005])
     assert len(steps.selection_trials(last["state"], 2, [1, 2])) == 4
+    # round_noise reads the stored trials back: round 0's (0.11, 0.31), (0.2, 0.4), (0.05, 0.25) agree up to
+    # repeat 1's +0.2 on every sample: no noise; round 1 has one failed θ and no stored results
+    for t in first:
+        storage.write_json(steps._trial_uri(work, "rs2", 0, json.loads(t)["sample"]), json.loads(t))
+    noise = steps.round_noise(last["state"])
+    assert len(noise) == 2 and noise[1] is None
+    assert noise[0] == pytest.approx((statistics.stdev([0.21, 0.3, 0.15]), 0.0), abs=1e-12)
+
+
+def test_reward_noise_against_its_definition():
+    """reward_noise: with n = 2 the noise variance is that of the two trainings'
+    differences over 4 (the textbook paired form); a table that is sample + repeat
+    has none; on many samples with Gaussian luck of sd σ it finds σ / sqrt(n)."""
+    rng = random.Random(3)
+    groups = [[rng.random(), rng.random()] for _ in range(7)]
+    spread, noise = steps.reward_noise(groups)
+    assert spread == pytest.approx(statistics.stdev([(a + b) / 2 for a, b in groups]), rel=1e-12)
+    assert noise == pytest.approx(math.sqrt(statistics.variance([a - b for a, b in groups]) / 4), rel=1e-12)
+    additive = [[a, a + 0.3, a - 0.1] for a in (0.1, 0.5, 0.2, 0.9)]
+    assert steps.reward_noise(additive)[1] == pytest.approx(0.0, abs=1e-12)
+    sigma, n = 0.02, 3
+    luck = [[0.3 * i / 2000 + j * 0.05 + rng.gauss(0.0, sigma) for j in range(n)] for i in range(2000)]
+    assert steps.reward_noise(luck)[1] == pytest.approx(sigma / math.sqrt(n), rel=0.05)
+    # a failed sample (nan) is left out; too little to say: None
+    assert steps.reward_noise(groups + [[float("nan"), 0.2]]) == steps.reward_noise(groups)
+    assert steps.reward_noise([[0.1, 0.2]]) is None and steps.reward_noise([[0.1], [0.2]]) is None
 
 
 def test_search_splits_are_drawn_beside_the_first_and_cycled_by_round(tiny_data):

@@ -73,9 +73,10 @@ def test_trial_round_and_final_runs(client):
 
     rec = c.update(thetas, [0.1, 0.2])
     tr.log_round(client, parent, round=0, rewards=[0.1, 0.2], failed=0, mu=c.mu.tolist(), names=c.parameter_names,
-                 spec=c.spec(), history=[rec.rewards])
+                 spec=c.spec(), history=[rec.rewards], noise=(0.03, 0.01))
     data = client.get_run(parent).data
     assert data.metrics["mean_reward"] == pytest.approx(0.15) and data.metrics["max_reward"] == pytest.approx(0.2)
+    assert data.metrics["reward_spread_sd"] == 0.03 and data.metrics["reward_noise_sd"] == 0.01
     assert data.metrics["mu.grad_scale"] == pytest.approx(c.mu[-1].item())
     arts = {a.path for a in client.list_artifacts(parent)}
     assert {"functions.png", "rewards.png", "loss_spec.json", "functions"} <= arts
