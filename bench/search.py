@@ -159,6 +159,8 @@ class BenchConfig:
     # search-train/search-val splits drawn from train; search round r trains and scores on split r mod
     # search_splits, the selection on split rounds mod search_splits (steps.prepare_data, init_search)
     search_splits: int = 1
+    # the share of train each search split holds out as search-val: the images behind each reward
+    search_val_fraction: float = 0.2
     start: str = "linear"  # the searches' starting mean: the identity (SPEC §2) or another form's θ (form_theta)
     select_top: int = 0  # selection after each search: its best samples trained again (0: off, the loss is μ)
     select_seeds: tuple[int, ...] = (1, 2, 3)  # the selection's training seeds
@@ -206,6 +208,7 @@ class BenchConfig:
             raise ValueError(f"trial_seeds={self.trial_seeds!r} must be one of {steps.TRIAL_SEEDS}")
         steps.check_reward_seeds(self.reward_seeds)  # a StepError is a ValueError
         steps.check_search_splits(self.search_splits)
+        steps.check_search_val_fraction(self.search_val_fraction)
         steps.check_selection(self.select_top, self.select_seeds, search_seed=0, reward_seeds=self.reward_seeds)
         self._check_loss_files()
         given = {(d, m) for d, m, _ in self.loss_files}
@@ -313,7 +316,8 @@ class BenchConfig:
 
     def preset(self, dataset: str) -> steps.Preset:
         p = steps.get_preset(self.pipeline_preset).with_overrides(
-            dataset=f"bundled:{dataset}", rounds=self.rounds, samples=self.samples, search_splits=self.search_splits
+            dataset=f"bundled:{dataset}", rounds=self.rounds, samples=self.samples, search_splits=self.search_splits,
+            search_val_fraction=float(self.search_val_fraction),
         )
         if self.proxy_iterations:
             p = p.with_overrides(proxy={**p.proxy, "iterations": int(self.proxy_iterations), "epochs": None})
@@ -1037,7 +1041,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
         p = cfg.preset(dataset)
         work = storage.join(cfg.work, dataset)
         data = steps.prepare_data(p.dataset, work, split_seed=p.split_seed, bundled=p.bundled, only_cached=report_only,
-                                  search_splits=p.search_splits)
+                                  search_splits=p.search_splits, search_val_fraction=p.search_val_fraction)
         inits = tuple(steps.pretrain(data, work, config=p.pretrain, seed=p.seed + w, detector=p.detector,
                                      only_cached=report_only) for w in range(cfg.warm_starts)) if data else (None,)
         init = inits[0]  # the searches' warm start
@@ -1143,6 +1147,9 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
               help="Search-train/search-val splits drawn from train: search round r trains and scores on split r "
                    "mod N, the selection on split rounds mod N (with N > rounds one no round scored on), so that "
                    "neither fits one set of search-val images. Such a search is named ...-ssN.")
+@click.option("--search-val-fraction", type=float, default=0.2, show_default=True, metavar="F",
+              help="Share of train each search split holds out as search-val: more images behind each reward, "
+                   "fewer for the proxies to train on. Other data than the default's: use another --work.")
 @click.option("--start", default=None, metavar="FORM|FILE",
               help=f"Starting mean of the searches: the identity (linear, SPEC §2), the piecewise-linear form of "
                    f"another handcrafted loss ({', '.join(START_FORMS)}: does a search improve on square when it "
@@ -1182,7 +1189,8 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
 @click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default="sqlite:///mlflow.db", show_default=True,
               help="MLflow store for the results [env MLFLOW_TRACKING_URI]; '' to skip.")
 def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, final_iterations, n_train, n_val, sigma,
-          detach_i3, search_tag, box_collapse, trial_seeds, reward_seeds, search_splits, start, select_top, select_seeds, loss_files, warm_starts, select_warm_starts, jobs, mps, work, out,
+          detach_i3, search_tag, box_collapse, trial_seeds, reward_seeds, search_splits, search_val_fraction, start,
+          select_top, select_seeds, loss_files, warm_starts, select_warm_starts, jobs, mps, work, out,
           report_only, tracking_uri) -> None:
     """The search-quality benchmark: search on the bundled datasets, then train with
     every loss and seed and compare AP on the held-out val split (issue 8)."""
@@ -1204,7 +1212,8 @@ def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, fi
             final_iterations=final_iterations or base.get("final_iterations"),
             n_train=n_train or base.get("n_train"), n_val=n_val or base.get("n_val"),
             sigma=sigma or base.get("sigma"), box_collapse=box_collapse, detach_i3=detach_i3, search_tag=search_tag, trial_seeds=trial_seeds,
-            reward_seeds=reward_seeds, search_splits=search_splits, start=pick("start", start), jobs=jobs,
+            reward_seeds=reward_seeds, search_splits=search_splits, search_val_fraction=search_val_fraction,
+            start=pick("start", start), jobs=jobs,
             select_top=pick("select_top", select_top), select_seeds=select,
             loss_files=tuple(parse_loss_file(f) for f in loss_files),
             warm_starts=warm_starts, select_warm_starts=select_warm_starts,

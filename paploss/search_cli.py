@@ -105,6 +105,9 @@ def search_options(fn: Callable) -> Callable:
                      help="Search-train/search-val splits drawn from train (split seeds split_seed + k); round r "
                           "trains and scores on split r mod N, the selection on split rounds mod N: the search "
                           "cannot fit one set of search-val images [1]."),
+        click.option("--search-val-fraction", type=float, default=None, metavar="F",
+                     help="Share of train held out as search-val in each search split: more images behind each "
+                          "reward, fewer for the proxies to train on [0.2]."),
         click.option("--proxy-epochs", type=float, default=0.0, show_default=True,
                      help="Epochs of a proxy trial (0: the preset's schedule)."),
         click.option("--final-epochs", type=float, default=0.0, show_default=True,
@@ -140,7 +143,8 @@ def settings_from_options(
     preset: str, dataset, work, search_name, rounds, samples, parallelism, max_failed_trials, attempts, seed,
     detector, proxy_epochs, final_epochs, proxy_json, final_json, controller_json, tracking_uri, experiment,
     model_name, promote, select_top: int | None = None, select_seeds: str | None = None,
-    reward_seeds: int | None = None, search_splits: int | None = None, now: _dt.datetime | None = None,
+    reward_seeds: int | None = None, search_splits: int | None = None, search_val_fraction: float | None = None,
+    now: _dt.datetime | None = None,
 ) -> RunSettings:
     """Preset + command-line overrides -> :class:`RunSettings` (no checks that touch the network)."""
     base = steps.get_preset(preset)
@@ -150,7 +154,8 @@ def settings_from_options(
     p = base.with_overrides(
         select_top=select_top, select_seeds=None if select_seeds is None else int_list(select_seeds, "--select-seeds"),
         dataset=dataset, rounds=rounds, samples=samples, parallelism=parallelism, reward_seeds=reward_seeds,
-        search_splits=search_splits, max_failed_trials=max_failed_trials, attempts=attempts, seed=seed, detector=detector,
+        search_splits=search_splits, search_val_fraction=search_val_fraction, max_failed_trials=max_failed_trials,
+        attempts=attempts, seed=seed, detector=detector,
         proxy={**base.proxy, **extra_proxy} if extra_proxy else None,
         final={**base.final, **extra_final} if extra_final else None,
         controller={**base.controller, **controller} if controller else None,
@@ -181,6 +186,7 @@ def preflight(s: RunSettings) -> None:
         )
         steps.check_reward_seeds(p.reward_seeds)
         steps.check_search_splits(p.search_splits)
+        steps.check_search_val_fraction(p.search_val_fraction)
         steps.check_selection(p.select_top, p.select_seeds, search_seed=p.seed, reward_seeds=p.reward_seeds)
         for name, value in (("--proxy-epochs", s.proxy_epochs), ("--final-epochs", s.final_epochs)):
             if value < 0:
@@ -203,7 +209,7 @@ def run_inprocess(s: RunSettings, *, progress: bool = True) -> dict:
     p = s.preset
     tracking = s.tracking
     data = steps.prepare_data(p.dataset, s.work, split_seed=p.split_seed, bundled=p.bundled,
-                              search_splits=p.search_splits)
+                              search_splits=p.search_splits, search_val_fraction=p.search_val_fraction)
     init = steps.pretrain(data, s.work, config=p.pretrain, seed=p.seed, detector=p.detector, proxy=p.proxy)
     params = {**p.to_dict(), "work": s.work, "search_name": s.search_name, "runner": "in-process",
               "proxy_epochs": s.proxy_epochs, "final_epochs": s.final_epochs}

@@ -310,8 +310,7 @@ def prepare_data(
     finals keyed by it, stay the same).
     """
     check_dataset(dataset)
-    if not 0.0 < float(search_val_fraction) < 1.0:
-        raise StepError(f"search_val_fraction={search_val_fraction!r} must be in (0, 1)")
+    check_search_val_fraction(search_val_fraction)
     check_search_splits(search_splits)
     bundled = plain(dict(bundled or {}))
     name = _bundled_name(dataset)
@@ -371,6 +370,19 @@ def prepare_data(
 
 #: How many search splits (:func:`prepare_data`'s ``search_splits``) a search may cycle through.
 MAX_SEARCH_SPLITS = 16
+
+
+def check_search_val_fraction(fraction: Any) -> float:
+    """``fraction`` as a float in (0, 1): the share of train that each search split
+    holds out as search-val; else ``StepError`` naming the value."""
+    try:
+        value = float(fraction)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if isinstance(fraction, bool) or not 0.0 < value < 1.0:
+        raise StepError(f"search_val_fraction={fraction!r} must be in (0, 1): the share of train held out as "
+                        "search-val, the images a proxy's reward is measured on")
+    return value
 
 
 def check_search_splits(search_splits: Any) -> int:
@@ -1411,6 +1423,8 @@ class Preset:
     reward_seeds: int = 1
     # search-train/search-val splits the rounds cycle through (prepare_data, init_search)
     search_splits: int = 1
+    # the share of train each search split holds out as search-val (prepare_data)
+    search_val_fraction: float = 0.2
 
     def __post_init__(self) -> None:
         if self.max_failed_trials == 0:

@@ -49,7 +49,7 @@ def pipeline_arguments(s: RunSettings) -> dict[str, Any]:
         "proxy_epochs": s.proxy_epochs, "final_epochs": s.final_epochs, "proxy": p.proxy, "final": p.final,
         "pretrain_options": p.pretrain, "controller": p.controller, "max_failed_trials": p.max_failed_trials,
         "attempts": p.attempts, "select_seeds": list(p.select_seeds), "reward_seeds": p.reward_seeds,
-        "search_splits": p.search_splits, "tracking_uri": s.tracking_uri,
+        "search_splits": p.search_splits, "search_val_fraction": p.search_val_fraction, "tracking_uri": s.tracking_uri,
         "experiment": s.experiment,
         "model_name": s.model_name, "promote": s.promote,
     }

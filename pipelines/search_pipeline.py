@@ -185,7 +185,7 @@ def build_pipeline(
         samples: int = p0.samples,
         seed: int = p0.seed,
         split_seed: int = p0.split_seed,
-        search_val_fraction: float = 0.2,
+        search_val_fraction: float = p0.search_val_fraction,
         bundled: Dict = p0.bundled,
         detector: str = p0.detector,
         proxy_epochs: float = 0.0,

@@ -53,6 +53,7 @@ def test_summarize_mean_and_std_in_ap_points():
         ({"search_tag": "-r6"}, "search_tag='-r6'"),
         ({"reward_seeds": 0}, "reward_seeds=0 is out of range"),
         ({"search_splits": 17}, "search_splits=17 is out of range"),
+        ({"search_val_fraction": 0.0}, "search_val_fraction=0.0 must be in (0, 1)"),
     ],
 )
 def test_config_rejects_bad_values_naming_them(kwargs, message):

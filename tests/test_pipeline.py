@@ -124,6 +124,7 @@ def cli_env(tmp_path, monkeypatch):
         (["--reward-seeds", "0"], "reward_seeds=0 is out of range"),
         (["--reward-seeds", "2", "--select-top", "2", "--select-seeds", "1,1000"], "holds the search's trial seed 1000"),
         (["--search-splits", "0"], "search_splits=0 is out of range"),
+        (["--search-val-fraction", "1"], "search_val_fraction=1.0 must be in (0, 1)"),
     ],
 )
 @pytest.mark.parametrize("command", ["run", "search"])

@@ -180,6 +180,16 @@ def test_prepare_data_is_idempotent_and_splits(tiny_data):
     assert not {i["file_name"] for i in tr["images"]} & {i["file_name"] for i in va["images"]}
     # a dataset that already has its search split is used as it is
     assert steps.prepare_data(data, work) == data
+    # a larger search_val_fraction: another folder, whose search-val holds that share of train
+    half = steps.prepare_data("bundled:shapes", work, search_val_fraction=0.5,
+                              bundled={"n_train": 24, "n_val": 8, "image_size": 64})
+    assert half != data
+    sizes = [len(storage.read_json(storage.join(half, "annotations", f"{n}.json"))["images"])
+             for n in ("search_train", "search_val")]
+    assert sum(sizes) == 24 and abs(sizes[1] - 12) <= 2 and len(va["images"]) < sizes[1]
+    for bad in (0, 1.0, "x", True):
+        with pytest.raises(steps.StepError, match=f"search_val_fraction={bad!r} must be in"):
+            steps.prepare_data("bundled:shapes", work, search_val_fraction=bad)
 
 
 def test_prepare_data_crash_leaves_nothing_and_a_rerun_builds_it(tmp_path, monkeypatch):
