@@ -837,7 +837,7 @@ def _figures(out: str, dataset: str, searched: Mapping[tuple[str, str], str],
         if state is None:
             continue
         path = storage.join(out, f"bench_{dataset}_{mode}_rewards.png")
-        reward_figure(_reward_history(state), Path(path))
+        reward_figure(_reward_history(state), Path(path), steps.round_noise(state))
         written.append(path)
     return written
 

@@ -1091,7 +1091,7 @@ def controller_update(
         tr.log_round(
             client, parent.info.run_id, round=r, rewards=[None if not math.isfinite(x) else x for x in rewards],
             failed=len(failed_now), mu=c.mu.tolist(), names=c.parameter_names, spec=c.spec(), history=history,
-            noise=noise,
+            noise=[*round_noise(state)[:r], noise],
         )
     return _update_output(out, c, total_failed, samples, opts)
 

@@ -255,8 +255,12 @@ def log_trial(
     return run_id
 
 
-def reward_figure(history: Sequence[Sequence[float | None]], path: Path) -> None:
-    """Rewards of every trial per round (dots) and their mean (line), saved to ``path``."""
+def reward_figure(history: Sequence[Sequence[float | None]], path: Path,
+                  noise: Sequence[tuple[float, float] | None] = ()) -> None:
+    """Rewards of every trial per round (dots) and their mean (line), saved to
+    ``path``; with ``noise`` (per round ``paploss.steps.reward_noise`` or None) a band
+    of ± the seeds' noise in one reward around the mean: dots inside it differ by
+    luck as much as by their losses."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -269,10 +273,15 @@ def reward_figure(history: Sequence[Sequence[float | None]], path: Path) -> None
         ax.scatter([r] * len(ok), ok, s=12, color="tab:blue", alpha=0.6)
         means.append(sum(ok) / len(ok) if ok else float("nan"))
     ax.plot(range(len(means)), means, color="tab:red", label="mean reward")
+    band = [(r, noise[r][1]) for r in range(min(len(noise), len(means))) if noise[r] is not None]
+    if band:
+        xs = [r for r, _ in band]
+        ax.fill_between(xs, [means[r] - n for r, n in band], [means[r] + n for r, n in band], color="tab:red",
+                        alpha=0.15, label="± seed noise of one reward")
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_ylabel("reward (search-val AP)")
-    ax.legend(loc="lower right")
+    ax.legend(loc="best", fontsize="small")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -298,23 +307,25 @@ def log_round(
     names: Sequence[str],
     spec,
     history: Sequence[Sequence[float | None]],
-    noise: tuple[float, float] | None = None,
+    noise: Sequence[tuple[float, float] | None] = (),
 ) -> None:
-    """Per-round metrics (step = ``round``) and figures on the parent run; with
-    ``noise`` (``paploss.steps.reward_noise``: the rewards' spread and the seeds'
-    noise in them, both as standard deviations) also ``reward_spread_sd`` and
-    ``reward_noise_sd``."""
+    """Per-round metrics (step = ``round``) and figures on the parent run. ``noise``:
+    per round so far, ``paploss.steps.reward_noise`` (the rewards' spread and the
+    seeds' noise in one reward, both as standard deviations) or None; this round's,
+    when there is one, is logged as ``reward_spread_sd`` and ``reward_noise_sd``, and
+    all of them as the band of ``rewards.png``."""
     finite = [r for r in rewards if r is not None and math.isfinite(r)]
     items = [("failed_trials", failed, round)]
     if finite:
         items += [("mean_reward", sum(finite) / len(finite), round), ("max_reward", max(finite), round)]
-    if noise is not None:
-        items += [("reward_spread_sd", noise[0], round), ("reward_noise_sd", noise[1], round)]
+    now = noise[round] if round < len(noise) else None
+    if now is not None:
+        items += [("reward_spread_sd", now[0], round), ("reward_noise_sd", now[1], round)]
     items += [(f"mu.{n}", v, round) for n, v in zip(names, mu)]
     _log_metrics(client, parent_run_id, items)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        reward_figure(history, tmp / "rewards.png")
+        reward_figure(history, tmp / "rewards.png", noise)
         client.log_artifact(parent_run_id, str(tmp / "rewards.png"))
         if spec is not None:
             _functions_figure(spec, tmp / "functions.png")

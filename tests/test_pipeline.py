@@ -269,12 +269,13 @@ def test_kfp_local_run_with_a_selection_stage(cli_env):
     ``--reward-seeds 2`` every sampled loss is trained twice (seeds 0 and 1000) and
     the controller is given the mean of the two. With ``--search-splits 3`` the
     data step draws three search splits, round r trains and scores on split r and the
-    selection on split 2, which no round used."""
+    selection on split 2, which no round used; with ``--search-val-fraction 0.4`` each
+    holds out 40 % of train. Each round logs the seeds' noise in its rewards."""
     from mlflow import MlflowClient
 
     args = ["run", "--preset", "smoke", "--search-name", "kfp-select", "--work", "w", "--root", "runs",
             "--select-top", "2", "--select-seeds", "1,2", "--reward-seeds", "2",
-            "--search-splits", "3"]
+            "--search-splits", "3", "--search-val-fraction", "0.4"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output + (cli_env / "runs" / "logs" / "kfp-select.log").read_text()[-5000:]
     assert "selection candidate 1 seed 2" in result.output and "searched loss: selection candidate" in result.output
@@ -294,6 +295,9 @@ def test_kfp_local_run_with_a_selection_stage(cli_env):
     (data,) = (cli_env / "w" / "data").iterdir()
     assert {p.name for p in (data / "annotations").glob("search_val*.json")} == {
         "search_val.json", "search_val-1.json", "search_val-2.json"}
+    images = {n: len(json.loads((data / "annotations" / f"{n}.json").read_text())["images"])
+              for n in ("train", "search_val", "search_val-2")}
+    assert abs(images["search_val"] - 0.4 * images["train"]) <= 2 and images["search_val-2"] == images["search_val"]
     c = steps.load_controller(str(folder / "state" / f"round-{ROUNDS:03d}.json"))
     assert [r for rec in c.history for r in rec.rewards] == pytest.approx(
         [(a["reward"] + b["reward"]) / 2 for a, b in zip(search_trials[::2], search_trials[1::2])])
@@ -306,6 +310,9 @@ def test_kfp_local_run_with_a_selection_stage(cli_env):
     parent = client.search_runs([client.get_experiment_by_name("paploss").experiment_id],
                                 "tags.`paploss.kind` = 'search'")[0]
     assert [m.step for m in client.get_metric_history(parent.info.run_id, "selection.mean_reward")] == [0, 1]
+    noise = steps.round_noise(str(folder / "state" / f"round-{ROUNDS:03d}.json"))
+    assert [(m.step, m.value) for m in client.get_metric_history(parent.info.run_id, "reward_noise_sd")] == \
+        pytest.approx([(r, noise[r][1]) for r in range(ROUNDS)])
     assert "selection.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
 
 

@@ -73,7 +73,7 @@ def test_trial_round_and_final_runs(client):
 
     rec = c.update(thetas, [0.1, 0.2])
     tr.log_round(client, parent, round=0, rewards=[0.1, 0.2], failed=0, mu=c.mu.tolist(), names=c.parameter_names,
-                 spec=c.spec(), history=[rec.rewards], noise=(0.03, 0.01))
+                 spec=c.spec(), history=[rec.rewards], noise=[(0.03, 0.01)])
     data = client.get_run(parent).data
     assert data.metrics["mean_reward"] == pytest.approx(0.15) and data.metrics["max_reward"] == pytest.approx(0.2)
     assert data.metrics["reward_spread_sd"] == 0.03 and data.metrics["reward_noise_sd"] == 0.01
@@ -156,3 +156,19 @@ def test_server_stores_artifacts_in_s3_and_registers(mlflow_server, monkeypatch)
                               tracking_uri=mlflow_server.uri)
     assert json.loads(open(path).read()) == {"form": "searched"}
     assert os.environ["AWS_ENDPOINT_URL"] == mlflow_server.s3.endpoint
+
+
+def test_reward_figure_bands_the_seed_noise(tmp_path):
+    """With the rounds' noise the figure adds a band around the mean; rounds without
+    it (None) add nothing, so a figure of no noise is the plain one."""
+    from PIL import Image
+
+    history = [[0.10, 0.14, 0.12], [0.13, 0.18, 0.15]]
+    paths = {k: tmp_path / f"{k}.png" for k in ("plain", "none", "band")}
+    tr.reward_figure(history, paths["plain"])
+    tr.reward_figure(history, paths["none"], [None, None])
+    tr.reward_figure(history, paths["band"], [(0.02, 0.01), (0.025, 0.015)])
+    pixels = {k: list(Image.open(p).convert("RGB").getdata()) for k, p in paths.items()}
+    assert pixels["none"] == pixels["plain"]
+    changed = sum(a != b for a, b in zip(pixels["band"], pixels["plain"]))
+    assert changed > 500  # the band's area (and its legend entry)
