@@ -776,7 +776,11 @@ def test_bench_selection_across_warm_starts_trains_seed_s_from_warm_start_s_mod_
     assert LossSpec.from_json(finals[("searched-shared", 0)]["spec"]) == LossSpec.from_json(
         next(t["spec"] for t in picked if tuple(t["theta"]) == best))
     assert not (search / "trials" / "r002-s00.json").exists()  # none in the search's
-    assert "re-trained with seeds 1, 2 (seed s from warm start s mod 2)" in (out / "bench_search.md").read_text()
+    report = (out / "bench_search.md").read_text()
+    assert "re-trained with seeds 1, 2 (seed s from warm start s mod 2)" in report
+    # the search table's noise column: each round's from its two trainings per sample
+    for r, noise in enumerate(steps.round_noise(str(search / "state" / "round-002.json")), start=1):
+        assert f"| searched-shared on shapes | {r} | " in report and f"| {noise[0]:.4f} / {noise[1]:.4f} |" in report
     bad = subprocess.run([*cmd, "--warm-starts", "1", "--report-only"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "select_warm_starts needs" in bad.stderr and "warm_starts=1" in bad.stderr
 
