@@ -789,7 +789,7 @@ def reward_table(histories: Mapping[str, Sequence[Sequence[float]]],
                     moved, to_square = travel[name][r]
                     line += f" {moved:.3f} | {to_square:.3f} |"
                 if noise is not None:
-                    got = noise[name][r] if r < len(noise[name]) else None
+                    got = noise[name][r]
                     line += f" {got[0]:.4f} / {got[1]:.4f} |" if got else " – |"
                 lines.append(line)
     return "\n".join(lines)

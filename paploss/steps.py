@@ -987,16 +987,24 @@ def round_noise(state: str) -> list[tuple[float, float] | None]:
     selected state) is ``state``, from its stored trial results; all None for a search
     with ``reward_seeds`` 1 or one whose results are gone."""
     doc, c = _read_state(state)
-    n = _SearchOptions.of(doc).reward_seeds
     origin = doc.get("selected", {}).get("from_state", state)
+    return _trials_noise(os.path.dirname(os.path.dirname(origin)), _SearchOptions.of(doc).reward_seeds, c.round)
+
+
+def _trials_noise(folder: str, reward_seeds: int, rounds: int) -> list[tuple[float, float] | None]:
+    """:func:`reward_noise` of rounds 0 … ``rounds`` − 1 from the trial results stored
+    in the search folder ``folder`` (trial sample k is θ k // n's repeat k mod n; the
+    selection's trials, numbered from round ``rounds`` on, are left out). Reads
+    nothing with one reward seed."""
+    n = int(reward_seeds)
     table: dict[int, dict[int, dict[int, float]]] = {}
-    for t in trial_results(os.path.dirname(os.path.dirname(origin))) if n > 1 else []:
+    for t in trial_results(folder) if n > 1 else []:
         r, k = int(t["round"]), int(t["sample"])
-        if r < c.round and "candidate" not in t:
+        if r < rounds:
             reward = float("nan") if t.get("failed") or t.get("reward") is None else float(t["reward"])
             table.setdefault(r, {}).setdefault(k // n, {})[k % n] = reward
     return [reward_noise([[g[j] for j in range(n)] for g in table.get(r, {}).values() if len(g) == n])
-            for r in range(c.round)]
+            for r in range(rounds)]
 
 
 def controller_update(
@@ -1091,7 +1099,7 @@ def controller_update(
         tr.log_round(
             client, parent.info.run_id, round=r, rewards=[None if not math.isfinite(x) else x for x in rewards],
             failed=len(failed_now), mu=c.mu.tolist(), names=c.parameter_names, spec=c.spec(), history=history,
-            noise=[*round_noise(state)[:r], noise],
+            noise=[*_trials_noise(search_dir(work, search_name), reward_seeds, r), noise],
         )
     return _update_output(out, c, total_failed, samples, opts)
 
