@@ -164,6 +164,7 @@ class BenchConfig:
     start: str = "linear"  # the searches' starting mean: the identity (SPEC §2) or another form's θ (form_theta)
     select_top: int = 0  # selection after each search: its best samples trained again (0: off, the loss is μ)
     select_seeds: tuple[int, ...] = (1, 2, 3)  # the selection's training seeds
+    select_rank: str = "reward"  # how the selection picks its candidates (steps.SELECT_RANKS)
     # the selection's seed s trains from warm start s mod warm_starts (as final seed s does) instead of
     # the search's: the loss picked is the one best across warm starts, not on the search's own
     select_warm_starts: bool = False
@@ -210,6 +211,7 @@ class BenchConfig:
         steps.check_search_splits(self.search_splits)
         steps.check_search_val_fraction(self.search_val_fraction)
         steps.check_selection(self.select_top, self.select_seeds, search_seed=0, reward_seeds=self.reward_seeds)
+        steps.check_select_rank(self.select_rank)
         self._check_loss_files()
         given = {(d, m) for d, m, _ in self.loss_files}
         for mode in {m for d, modes in self.searches().items() for m in modes if (d, m) not in given}:
@@ -447,16 +449,16 @@ def _search_inputs(p: steps.Preset, data: str, inits: Sequence[str], work: str, 
 
 
 def _select(pool: ProcessPoolExecutor | None, p: steps.Preset, data: str, inits: Sequence[str], work: str,
-            name: str, state: str, top: int, seeds: Sequence[int]) -> str | None:
+            name: str, state: str, top: int, seeds: Sequence[int], rank: str = "reward") -> str | None:
     """The selection stage after a finished search (``paploss.steps.select_loss``): its
-    ``top`` best samples trained again with each of ``seeds``, ``jobs`` at a time;
-    returns the state holding the choice. Seed s trains from warm start
-    ``inits[s mod len(inits)]``: give the search's warm start alone for the selection
-    on it. Across warm starts, its trials and choice are kept under
+    ``top`` best samples (ranked by ``rank``, ``steps.SELECT_RANKS``) trained again with
+    each of ``seeds``, ``jobs`` at a time; returns the state holding the choice. Seed s
+    trains from warm start ``inits[s mod len(inits)]``: give the search's warm start
+    alone for the selection on it. Across warm starts, its trials and choice are kept under
     :func:`selection_name`, apart from the one-warm-start selection's. Without a
     ``pool`` (report only) nothing is trained: the choice of the cached trials, or None
     when some are missing."""
-    trials = steps.selection_trials(state, top, seeds)
+    trials = steps.selection_trials(state, top, seeds, rank)
     proxy = steps.train_options(p.proxy, p.detector)
     store = selection_name(name, len(inits))
     if pool is None:
@@ -470,7 +472,7 @@ def _select(pool: ProcessPoolExecutor | None, p: steps.Preset, data: str, inits:
                    for t in trials]
         results = [f.result() for f in futures]
         _log(f"{name} selection: {len(trials)} trials ({time.monotonic() - start:.0f}s)")
-    return steps.select_loss(state, results, work, store)
+    return steps.select_loss(state, results, work, store, rank=rank)
 
 
 def warm_start(inits: Sequence[str | None], seed: int) -> str | None:
@@ -863,7 +865,7 @@ def _log_mlflow(tracking_uri: str, dataset: str, cfg: BenchConfig, per_loss: Map
                   "pipeline_preset": cfg.pipeline_preset, "rounds": cfg.rounds, "samples": cfg.samples,
                   "final_iterations": cfg.final_iterations, "proxy_iterations": cfg.proxy_iterations,
                   "n_train": cfg.n_train, "n_val": cfg.n_val, "sigma": cfg.sigma, "select_top": cfg.select_top,
-                  "select_seeds": ",".join(map(str, cfg.select_seeds)),
+                  "select_seeds": ",".join(map(str, cfg.select_seeds)), "select_rank": cfg.select_rank,
                   "loss_files": ",".join(f"{d}:{m}={f}" for d, m, f in cfg.loss_files) or "none",
                   "warm_starts": cfg.warm_starts, "select_warm_starts": cfg.select_warm_starts,
                   "detach_i3": cfg.detach_i3, "box_collapse": cfg.box_collapse}
@@ -954,9 +956,10 @@ def _latest_state(work: str, name: str, rounds: int) -> str | None:
     return None
 
 
-def selection_text(searched: Mapping[tuple[str, str], str], warm_starts: int = 1) -> str:
+def selection_text(searched: Mapping[tuple[str, str], str], warm_starts: int = 1, rank: str = "reward") -> str:
     """The selection stage's candidates per search (mean reward over the new seeds), if
-    any; ``warm_starts`` > 1: the selection trained seed s from warm start s mod it."""
+    any; ``warm_starts`` > 1: the selection trained seed s from warm start s mod it;
+    ``rank``: how the candidates were picked (``steps.SELECT_RANKS``)."""
     lines = []
     for (d, mode), state in sorted(searched.items()):
         sel = _selection(state)
@@ -965,7 +968,8 @@ def selection_text(searched: Mapping[tuple[str, str], str], warm_starts: int = 1
         means = ", ".join(f"{100 * c['mean_reward']:.1f}" for c in sel["candidates"])
         seeds = sorted(sel["candidates"][0]["rewards"], key=int)
         where = f" (seed s from warm start s mod {warm_starts})" if warm_starts > 1 else ""
-        lines.append(f"- `{mode}` on {d}: candidates (best search reward first) re-trained with seeds "
+        order = "best search reward" + (" relative to its round's mean" if rank == "round" else "")
+        lines.append(f"- `{mode}` on {d}: candidates ({order} first) re-trained with seeds "
                      f"{', '.join(seeds)}{where}, mean AP x 100 on search-val {means}; selected candidate "
                      f"{sel['candidate']}")
     return "\n\n## Selection by re-evaluation\n\n" + "\n".join(lines) if lines else ""
@@ -1024,7 +1028,7 @@ def _write_results(cfg: BenchConfig, results: Mapping, searched: Mapping[tuple[s
                                          {f"{m} on {d}": mu_travel(s) for (d, m), s in sorted(searched.items())},
                                          {f"{m} on {d}": steps.round_noise(s) for (d, m), s in sorted(searched.items())})
                           if searched else "")
-                       + selection_text(searched, cfg.selection_warm_starts)
+                       + selection_text(searched, cfg.selection_warm_starts, cfg.select_rank)
                        + "\n\n## Searched losses\n\n" + specs_md + "\n"
                        + (inputs_text(inputs) if inputs else ""))
 
@@ -1065,7 +1069,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
                     searched[(dataset, mode)] = state
                     if cfg.select_top:
                         selected = _select(None, p, data, select_inits, work, name, state, cfg.select_top,
-                                           cfg.select_seeds)
+                                           cfg.select_seeds, cfg.select_rank)
                         if selected is None:
                             _log(f"{name}: the selection's trials are not all cached; its loss left out")
                             del searched[(dataset, mode)]
@@ -1076,7 +1080,8 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
                                                 trial_seeds=cfg.trial_seeds, reward_seeds=cfg.reward_seeds)
             if cfg.select_top:
                 searched[(dataset, mode)] = _select(pool, p, data, select_inits, work, name,
-                                                    searched[(dataset, mode)], cfg.select_top, cfg.select_seeds)
+                                                    searched[(dataset, mode)], cfg.select_top, cfg.select_seeds,
+                                                    cfg.select_rank)
         own = [loss for loss in cfg.losses if loss not in TRANSFERS]
         specs = _loss_specs(cfg, dataset, searched, own, given)
         results[dataset] = {}
@@ -1161,6 +1166,10 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
                    "--select-seeds seed; the best mean becomes the searched loss (0: off, the loss is the policy's "
                    "final mean; BENCHMARKS.md, issue 8, finding 16) [preset; else 0].")
 @click.option("--select-seeds", default=None, help="Training seeds of the selection's trials [preset; else 1,2,3].")
+@click.option("--select-rank", type=click.Choice(steps.SELECT_RANKS), default="reward", show_default=True,
+              help="How the selection picks its candidates: 'reward', the best rewards of the whole search; 'round', "
+                   "the best rewards relative to their round's mean (with --search-splits a round on an easy split "
+                   "otherwise fills the ranking).")
 @click.option("--loss-file", "loss_files", multiple=True, metavar="DATASET:MODE=FILE",
               help="Benchmark this LossSpec file (a run's bench_<dataset>_<mode>_loss.json, or the loss_spec.json "
                    "artifact of a search pipeline's MLflow run) as the searched loss MODE (searched or searched-shared) on DATASET, instead of "
@@ -1190,7 +1199,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
               help="MLflow store for the results [env MLFLOW_TRACKING_URI]; '' to skip.")
 def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, final_iterations, n_train, n_val, sigma,
           detach_i3, search_tag, box_collapse, trial_seeds, reward_seeds, search_splits, search_val_fraction, start,
-          select_top, select_seeds, loss_files, warm_starts, select_warm_starts, jobs, mps, work, out,
+          select_top, select_seeds, select_rank, loss_files, warm_starts, select_warm_starts, jobs, mps, work, out,
           report_only, tracking_uri) -> None:
     """The search-quality benchmark: search on the bundled datasets, then train with
     every loss and seed and compare AP on the held-out val split (issue 8)."""
@@ -1214,7 +1223,7 @@ def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, fi
             sigma=sigma or base.get("sigma"), box_collapse=box_collapse, detach_i3=detach_i3, search_tag=search_tag, trial_seeds=trial_seeds,
             reward_seeds=reward_seeds, search_splits=search_splits, search_val_fraction=search_val_fraction,
             start=pick("start", start), jobs=jobs,
-            select_top=pick("select_top", select_top), select_seeds=select,
+            select_top=pick("select_top", select_top), select_seeds=select, select_rank=select_rank,
             loss_files=tuple(parse_loss_file(f) for f in loss_files),
             warm_starts=warm_starts, select_warm_starts=select_warm_starts,
             work=work, out=out,

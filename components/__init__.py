@@ -87,19 +87,20 @@ def controller_update(
     return namedtuple("UpdateOutputs", ["state", "trials"])(out["state"], out["trials"])
 
 
-def selection_trials(state: str, top: int, seeds: List[int]) -> List[str]:
-    """The selection's trials: the ``top`` best sampled θ of the search, each with every seed."""
+def selection_trials(state: str, top: int, seeds: List[int], rank: str) -> List[str]:
+    """The selection's trials: the ``top`` best sampled θ of the search (ranked by ``rank``), each with every seed."""
     from paploss import steps
 
-    return steps.selection_trials(state, top, seeds)
+    return steps.selection_trials(state, top, seeds, rank)
 
 
 def select_loss(state: str, results: List[str], work: str, search_name: str, tracking_uri: str,
-                experiment: str) -> str:
+                experiment: str, rank: str) -> str:
     """The candidate with the best mean reward -> the search state holding that choice."""
     from paploss import steps
 
-    return steps.select_loss(state, results, work, search_name, tracking={"uri": tracking_uri, "experiment": experiment})
+    return steps.select_loss(state, results, work, search_name, tracking={"uri": tracking_uri, "experiment": experiment},
+                             rank=rank)
 
 
 def final_train(

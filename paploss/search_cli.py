@@ -98,6 +98,10 @@ def search_options(fn: Callable) -> Callable:
                           "policy's final mean, as SPEC §3) [preset: 0]."),
         click.option("--select-seeds", default=None, metavar="S1,S2,...",
                      help="Training seeds of the selection's trials; not the search's own seed [1,2,3]."),
+        click.option("--select-rank", type=click.Choice(steps.SELECT_RANKS), default=None,
+                     help="How the selection picks its candidates: 'reward', the best rewards of the whole search; "
+                          "'round', the best rewards relative to their round's mean (with --search-splits each "
+                          "round is scored on its own images, some easier than others) [reward]."),
         click.option("--reward-seeds", type=int, default=None, metavar="N",
                      help="Proxy trainings per sampled loss, with seeds 1000 apart; its reward is their mean: less "
                           "of one training's luck in the reward, at N times the trials [1]."),
@@ -142,7 +146,7 @@ def int_list(text: str, option: str) -> list[int]:
 def settings_from_options(
     preset: str, dataset, work, search_name, rounds, samples, parallelism, max_failed_trials, attempts, seed,
     detector, proxy_epochs, final_epochs, proxy_json, final_json, controller_json, tracking_uri, experiment,
-    model_name, promote, select_top: int | None = None, select_seeds: str | None = None,
+    model_name, promote, select_top: int | None = None, select_seeds: str | None = None, select_rank: str | None = None,
     reward_seeds: int | None = None, search_splits: int | None = None, search_val_fraction: float | None = None,
     now: _dt.datetime | None = None,
 ) -> RunSettings:
@@ -153,6 +157,7 @@ def settings_from_options(
     controller = _json_option(controller_json, "--controller")
     p = base.with_overrides(
         select_top=select_top, select_seeds=None if select_seeds is None else int_list(select_seeds, "--select-seeds"),
+        select_rank=select_rank,
         dataset=dataset, rounds=rounds, samples=samples, parallelism=parallelism, reward_seeds=reward_seeds,
         search_splits=search_splits, search_val_fraction=search_val_fraction, max_failed_trials=max_failed_trials,
         attempts=attempts, seed=seed, detector=detector,
@@ -188,6 +193,7 @@ def preflight(s: RunSettings) -> None:
         steps.check_search_splits(p.search_splits)
         steps.check_search_val_fraction(p.search_val_fraction)
         steps.check_selection(p.select_top, p.select_seeds, search_seed=p.seed, reward_seeds=p.reward_seeds)
+        steps.check_select_rank(p.select_rank)
         for name, value in (("--proxy-epochs", s.proxy_epochs), ("--final-epochs", s.final_epochs)):
             if value < 0:
                 raise steps.StepError(f"{name}={value} must be >= 0 (0: the preset's schedule)")
@@ -226,13 +232,14 @@ def run_inprocess(s: RunSettings, *, progress: bool = True) -> dict:
         out = steps.controller_update(out["state"], results, s.work, s.search_name,
                                       max_failed_trials=p.max_failed_trials, tracking=tracking)
     if p.select_top:
-        trials = steps.selection_trials(out["state"], p.select_top, p.select_seeds)
+        trials = steps.selection_trials(out["state"], p.select_top, p.select_seeds, p.select_rank)
         results = [
             steps.proxy_trial(data, init, t, proxy, s.work, s.search_name, state=out["state"], tracking=tracking,
                               attempts=p.attempts)
             for t in tqdm(trials, desc="selection", disable=not progress, leave=False)
         ]
-        out = {**out, "state": steps.select_loss(out["state"], results, s.work, s.search_name, tracking=tracking)}
+        out = {**out, "state": steps.select_loss(out["state"], results, s.work, s.search_name, tracking=tracking,
+                                                      rank=p.select_rank)}
     final = steps.train_options(p.final, p.detector, s.final_epochs)
     finals = [
         steps.final_train(data, init, loss, final, s.work, s.search_name,

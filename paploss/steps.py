@@ -1155,9 +1155,27 @@ def check_selection(top: int, seeds: Sequence[int], search_seed: int | None = No
                             "picked by that seed's rewards, so it would measure them with their own luck")
 
 
-def selection_trials(state: str, top: int, seeds: Sequence[int]) -> list[str]:
+#: How the selection ranks the search's samples to pick its candidates
+#: (:func:`selection_trials`): ``reward``, the reward itself; ``round``, the reward
+#: minus the mean reward of its round's finished samples. With one search-val split
+#: the rewards of all rounds are measured on the same images and ``reward`` compares
+#: them; with ``search_splits`` > 1 each round is scored on its own split, whose
+#: difficulty moves every reward of that round alike, and ``round`` takes it out.
+SELECT_RANKS = ("reward", "round")
+
+
+def check_select_rank(rank: Any) -> str:
+    """``rank`` when it is one of :data:`SELECT_RANKS`; else ``StepError`` naming it."""
+    if rank not in SELECT_RANKS:
+        raise StepError(f"select_rank={rank!r} is not one of {list(SELECT_RANKS)}: 'reward' ranks the search's "
+                        "samples by their reward, 'round' by their reward minus their round's mean reward")
+    return rank
+
+
+def selection_trials(state: str, top: int, seeds: Sequence[int], rank: str = "reward") -> list[str]:
     """The re-evaluation trials: the ``top`` distinct θ of the whole search with the
-    highest rewards (failed trials left out), each with every seed of ``seeds``.
+    highest rewards (failed trials left out; ``rank`` ``round``: the highest rewards
+    relative to their round's mean, :data:`SELECT_RANKS`), each with every seed of ``seeds``.
 
     Trials are numbered after the search's last round (``round`` = the number of
     rounds, ``sample`` = candidate × len(seeds) + seed index) and carry
@@ -1166,15 +1184,19 @@ def selection_trials(state: str, top: int, seeds: Sequence[int]) -> list[str]:
     (the number of rounds mod n: with n > rounds, one no round scored on)."""
     doc, c = _read_state(state)
     check_selection(int(top), seeds)
+    check_select_rank(rank)
     if int(top) == 0:
         return []
     if not c.history:
         raise StepError(f"the state {state} has no finished round: nothing to select from")
-    ranked = sorted(
-        ((reward, rec.round, i, [float(v) for v in theta]) for rec in c.history
-         for i, (theta, reward) in enumerate(zip(rec.thetas, rec.rewards)) if i not in rec.failed),
-        key=lambda x: (-x[0], x[1], x[2]),
-    )
+    finished = [(reward, rec.round, i, [float(v) for v in theta]) for rec in c.history
+                for i, (theta, reward) in enumerate(zip(rec.thetas, rec.rewards)) if i not in rec.failed]
+    offset = {rnd: 0.0 for rnd in {x[1] for x in finished}}
+    if rank == "round":
+        for rnd in offset:
+            own = [x[0] for x in finished if x[1] == rnd]
+            offset[rnd] = sum(own) / len(own)
+    ranked = sorted(finished, key=lambda x: (-(x[0] - offset[x[1]]), x[1], x[2]))
     picked: list[tuple] = []
     for item in ranked:
         if len(picked) == int(top):
@@ -1202,10 +1224,12 @@ def select_loss(
     work: str,
     search_name: str,
     tracking: Mapping[str, str] | None = None,
+    rank: str = "reward",
 ) -> str:
     """The candidate with the best mean reward over its re-evaluation trials
     (a failed one counts as reward 0, SPEC §3); writes the search state with that
-    choice under ``"selected"`` to ``state/selected-<key>.json`` and returns its URI.
+    choice (and ``rank``, how :func:`selection_trials` picked the candidates) under
+    ``"selected"`` to ``state/selected-<key>.json`` and returns its URI.
     :func:`searched_spec` of that state is the selected loss. Logs the candidates'
     mean rewards and ``selection.json`` on the parent MLflow run."""
     doc, c = _read_state(state)
@@ -1229,9 +1253,11 @@ def select_loss(
         cand["mean_reward"] = sum(cand["rewards"].values()) / len(cand["rewards"])
     pick = max(range(len(candidates)), key=lambda k: candidates[k]["mean_reward"])  # the first on ties
     best = candidates[pick]
+    check_select_rank(rank)
     doc["selected"] = {"theta": best["theta"], "spec": c.spec_of(best["theta"]).to_json(), "candidate": pick,
-                       "mean_reward": best["mean_reward"], "from_state": state, "candidates": candidates}
-    key = content_key(state, [[c["theta"], c["rewards"]] for c in candidates])
+                       "mean_reward": best["mean_reward"], "from_state": state, "candidates": candidates, "rank": rank}
+    # the default's key as before (the finals of earlier selections are keyed by it)
+    key = content_key(state, [[c["theta"], c["rewards"]] for c in candidates], *([rank] if rank != "reward" else []))
     out = storage.join(search_dir(work, search_name), "state", SELECTED_STATE.format(key=key))
     storage.write_json(out, doc)
     _log(f"selection: candidate {pick} of {len(candidates)}, mean reward "
@@ -1427,6 +1453,8 @@ class Preset:
     # each trained again with every seed of select_seeds (0: off, the searched loss is μ)
     select_top: int = 0
     select_seeds: list = field(default_factory=lambda: [1, 2, 3])
+    # how the selection ranks the samples to pick its candidates (SELECT_RANKS)
+    select_rank: str = "reward"
     # proxy trainings per sampled loss, each with its own seed; its reward is their mean (init_search)
     reward_seeds: int = 1
     # search-train/search-val splits the rounds cycle through (prepare_data, init_search)

@@ -38,7 +38,7 @@ from kfp import dsl
 from kfp import kubernetes
 
 import components
-from paploss.steps import Preset, check_selection, get_preset
+from paploss.steps import Preset, check_select_rank, check_selection, get_preset
 
 __all__ = ["ClusterOptions", "build_pipeline", "PIPELINE_NAME", "SECRET_KEYS"]
 
@@ -113,7 +113,8 @@ def build_pipeline(
     ``search_val_fraction``, ``bundled``, ``detector``, ``proxy_epochs`` and
     ``final_epochs`` (0 = the preset's schedule), ``proxy``/``final``/
     ``pretrain_options`` (training options), ``controller`` (PPO options),
-    ``max_failed_trials``, ``attempts``, ``select_seeds``, ``reward_seeds`` (proxy trainings per sampled
+    ``max_failed_trials``, ``attempts``, ``select_seeds``, ``select_rank`` (how the selection ranks the
+    samples, ``paploss.steps.SELECT_RANKS``), ``reward_seeds`` (proxy trainings per sampled
     loss, their mean its reward), ``search_splits`` (search splits the rounds cycle
     through), ``tracking_uri`` ("" = the environment's
     ``MLFLOW_TRACKING_URI``), ``experiment``, ``model_name``, ``promote``,
@@ -128,6 +129,7 @@ def build_pipeline(
         raise ValueError(f"parallelism={parallelism} is out of range: must be >= 1")
     select_top = p0.select_top if select_top is None else int(select_top)
     check_selection(select_top, p0.select_seeds)  # a StepError is a ValueError
+    check_select_rank(p0.select_rank)
     cluster = cluster or ClusterOptions()
     c = components.build(image)
 
@@ -160,17 +162,20 @@ def build_pipeline(
 
     @dsl.pipeline(name="selection", description="Train the best sampled losses again with new seeds; pick the best mean.")
     def selection(
-        data: str, init: str, state: str, select_seeds: List[int], proxy: Dict, detector: str, proxy_epochs: float,
+        data: str, init: str, state: str, select_seeds: List[int], select_rank: str, proxy: Dict, detector: str,
+        proxy_epochs: float,
         work: str, search_name: str, tracking_uri: str, experiment: str, attempts: int,
         node_selector: Dict, tolerations: List[Dict], s3_secret: str,
     ) -> str:
         p = {"node_selector": node_selector, "tolerations": tolerations, "s3_secret": s3_secret}
-        sel = c.selection_trials(state=state, top=select_top, seeds=select_seeds).set_display_name("selection-trials")
+        sel = c.selection_trials(state=state, top=select_top, seeds=select_seeds, rank=select_rank)
+        sel.set_display_name("selection-trials")
         _everywhere(sel, p, cluster)
         t = _trial_loop(data, init, state, sel.output, proxy, detector, proxy_epochs, work, search_name,
                         tracking_uri, experiment, attempts, p)
         s = c.select_loss(state=state, results=dsl.Collected(t.output), work=work, search_name=search_name,
-                          tracking_uri=tracking_uri, experiment=experiment).set_display_name("select-loss")
+                          tracking_uri=tracking_uri, experiment=experiment, rank=select_rank)
+        s.set_display_name("select-loss")
         _everywhere(s, p, cluster)
         return s.output
 
@@ -197,6 +202,7 @@ def build_pipeline(
         max_failed_trials: int = p0.max_failed_trials,
         attempts: int = p0.attempts,
         select_seeds: List[int] = list(p0.select_seeds),
+        select_rank: str = p0.select_rank,
         reward_seeds: int = p0.reward_seeds,
         search_splits: int = p0.search_splits,
         tracking_uri: str = "",
@@ -236,9 +242,9 @@ def build_pipeline(
             state, trials = rd.outputs["state"], rd.outputs["trials"]
         if select_top > 0:
             state = selection(
-                data=prep.output, init=warm.output, state=state, select_seeds=select_seeds, proxy=proxy,
-                detector=detector, proxy_epochs=proxy_epochs, work=work, search_name=search_name, attempts=attempts,
-                node_selector=node_selector, tolerations=tolerations, s3_secret=s3_secret, **tr,
+                data=prep.output, init=warm.output, state=state, select_seeds=select_seeds, select_rank=select_rank,
+                proxy=proxy, detector=detector, proxy_epochs=proxy_epochs, work=work, search_name=search_name,
+                attempts=attempts, node_selector=node_selector, tolerations=tolerations, s3_secret=s3_secret, **tr,
             ).set_display_name("selection").output
         finals = []
         for loss in ("searched", "focal+l1", "focal+giou"):

@@ -47,6 +47,7 @@ def test_summarize_mean_and_std_in_ap_points():
         ({"losses": ("square@gbig",)}, "'square@gbig'"),
         ({"select_top": -2}, "select_top=-2"),
         ({"select_top": 2, "select_seeds": (3, 0)}, "holds the search's trial seed 0"),
+        ({"select_top": 2, "select_rank": "best"}, "select_rank='best' is not one of"),
         ({"warm_starts": 0}, "warm_starts=0"),
         ({"box_collapse": 1.0}, "box_collapse=1.0 must be a box quality in (0, 1)"),
         ({"search_tag": "r6/long"}, "search_tag='r6/long' must be 1-40 letters"),
@@ -739,7 +740,8 @@ def test_bench_selection_across_warm_starts_trains_seed_s_from_warm_start_s_mod_
     is the candidate with the best mean over those trials. With ``--reward-seeds 2``
     each sampled loss's j-th trial trains from warm start j mod N too, and its reward
     is the mean of its two. With ``--search-splits 3`` round r trains and scores on
-    split r, the selection on split 2."""
+    split r, the selection on split 2; with ``--select-rank round`` its candidates are
+    the best rewards relative to their round's mean."""
     import subprocess
     import sys
 
@@ -747,7 +749,7 @@ def test_bench_selection_across_warm_starts_trains_seed_s_from_warm_start_s_mod_
     cmd = [sys.executable, "-m", "bench.search", "--preset", "smoke", "--datasets", "shapes",
            "--losses", "searched-shared", "--seeds", "0,1", "--warm-starts", "2", "--select-top", "2",
            "--select-seeds", "1,2", "--select-warm-starts", "--reward-seeds", "2", "--search-splits", "3", "--proxy-iterations", "2",
-           "--final-iterations", "2",
+           "--final-iterations", "2", "--select-rank", "round",
            "--n-train", "24", "--n-val", "8", "--work", str(work), "--out", str(out), "--tracking-uri", "",
            "--jobs", "1"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -767,6 +769,10 @@ def test_bench_selection_across_warm_starts_trains_seed_s_from_warm_start_s_mod_
     picked = [json.loads(f.read_text())
               for f in (searches / "bench-shapes-searched-shared-rs2-ss3-select-ws2" / "trials").iterdir()]
     assert sorted(t["seed"] for t in picked) == [1, 1, 2, 2] and {t["split"] for t in picked} == {2}
+    relative = sorted(((r - sum(rec.rewards) / len(rec.rewards), [float(v) for v in theta]) for rec in c.history
+                       for r, theta in zip(rec.rewards, rec.thetas)), key=lambda x: -x[0])
+    assert sorted(t["theta"] for t in picked) == sorted([theta for _, theta in relative[:2]] * 2)
+    assert "candidates (best search reward relative to its round's mean first)" in (out / "bench_search.md").read_text()
     for t in picked:
         assert t["init"] == inits[t["seed"] % 2] and not t["failed"]
     means = {}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 from pathlib import Path
 
 import pytest
@@ -48,8 +49,9 @@ def test_compiled_yaml_is_a_pipeline_spec_with_cluster_settings(tmp_path):
     assert spec.pipeline_info.name == "paploss-search"
     params = spec.root.input_definitions.parameters
     for name in ("dataset", "search_name", "model_name", "promote", "samples", "max_failed_trials",
-                 "node_selector", "tolerations", "s3_secret", "tracking_uri", "experiment"):
+                 "node_selector", "tolerations", "s3_secret", "tracking_uri", "experiment", "select_rank"):
         assert name in params, name
+    assert params["select_rank"].default_value.string_value == "reward"
     assert params["model_name"].default_value.string_value == "paploss-retinanet"
     assert params["promote"].default_value.bool_value is True
 
@@ -125,6 +127,7 @@ def cli_env(tmp_path, monkeypatch):
         (["--reward-seeds", "2", "--select-top", "2", "--select-seeds", "1,1000"], "holds the search's trial seed 1000"),
         (["--search-splits", "0"], "search_splits=0 is out of range"),
         (["--search-val-fraction", "1"], "search_val_fraction=1.0 must be in (0, 1)"),
+        (["--select-top", "2", "--select-rank", "best"], "'best' is not one of 'reward', 'round'"),
     ],
 )
 @pytest.mark.parametrize("command", ["run", "search"])
@@ -270,12 +273,14 @@ def test_kfp_local_run_with_a_selection_stage(cli_env):
     the controller is given the mean of the two. With ``--search-splits 3`` the
     data step draws three search splits, round r trains and scores on split r and the
     selection on split 2, which no round used; with ``--search-val-fraction 0.4`` each
-    holds out 40 % of train. Each round logs the seeds' noise in its rewards."""
+    holds out 40 % of train. Each round logs the seeds' noise in its rewards. With
+    ``--select-rank round`` the candidates are the best rewards relative to their
+    round's mean (each round scored on its own split)."""
     from mlflow import MlflowClient
 
     args = ["run", "--preset", "smoke", "--search-name", "kfp-select", "--work", "w", "--root", "runs",
             "--select-top", "2", "--select-seeds", "1,2", "--reward-seeds", "2",
-            "--search-splits", "3", "--search-val-fraction", "0.4"]
+            "--search-splits", "3", "--search-val-fraction", "0.4", "--select-rank", "round"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output + (cli_env / "runs" / "logs" / "kfp-select.log").read_text()[-5000:]
     assert "selection candidate 1 seed 2" in result.output and "searched loss: selection candidate" in result.output
@@ -301,6 +306,11 @@ def test_kfp_local_run_with_a_selection_stage(cli_env):
     c = steps.load_controller(str(folder / "state" / f"round-{ROUNDS:03d}.json"))
     assert [r for rec in c.history for r in rec.rewards] == pytest.approx(
         [(a["reward"] + b["reward"]) / 2 for a, b in zip(search_trials[::2], search_trials[1::2])])
+    assert not any(rec.failed for rec in c.history)
+    relative = sorted(((r - statistics.fmean(rec.rewards), [float(v) for v in theta]) for rec in c.history
+                       for r, theta in zip(rec.rewards, rec.thetas)), key=lambda x: -x[0])
+    assert [cand["theta"] for cand in cands] == [theta for _, theta in relative[:2]]
+    assert doc["selected"]["rank"] == "round"
     report = json.loads((folder / "report.json").read_text())
     final = json.loads((folder / "final" / "searched.json").read_text())
     assert final["spec"] == report["searched_spec"] == doc["selected"]["spec"]

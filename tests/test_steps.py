@@ -475,13 +475,15 @@ def test_mmdet_detector_gets_no_warm_start(tmp_path):
 # ----------------------------------------------------------------------------- selection by re-evaluation
 
 
-def _finished_search(work, name, rounds=2, samples=3, seed=0, trial_seeds="fixed"):
-    """A search run to its end on made-up rewards (0.1 * sample index, + 0.05 * round)."""
+def _finished_search(work, name, rounds=2, samples=3, seed=0, trial_seeds="fixed", rewards=None):
+    """A search run to its end on made-up rewards (``rewards[round][sample]``, None: a
+    failed trial; default 0.1 * sample index, + 0.05 * round)."""
     out = steps.init_search(work, name, rounds=rounds, samples=samples, seed=seed, trial_seeds=trial_seeds)
     for r in range(rounds):
-        results = [json.dumps({**json.loads(t), "reward": 0.1 * i + 0.05 * r, "failed": False, "error": ""})
+        got = rewards[r] if rewards is not None else [0.1 * i + 0.05 * r for i in range(samples)]
+        results = [json.dumps({**json.loads(t), "reward": got[i], "failed": got[i] is None, "error": ""})
                    for i, t in enumerate(out["trials"])]
-        out = steps.controller_update(out["state"], results, work, name)
+        out = steps.controller_update(out["state"], results, work, name, max_failed_trials=rounds * samples)
     return out["state"]
 
 
@@ -498,6 +500,29 @@ def test_selection_trials_are_the_best_distinct_samples_with_each_new_seed(tiny_
     assert [t["search_reward"] for t in trials[::2]] == pytest.approx([0.25, 0.2])
     assert steps.selection_trials(state, 0, [4]) == []  # off
     assert len(steps.selection_trials(state, 50, [4])) == 6  # no more candidates than samples
+
+
+def test_selection_ranked_by_round_takes_each_rounds_mean_out(tiny_data):
+    """``rank="round"``: the best rewards relative to their round's mean over its
+    finished samples. Round 1 (on an easier split, say) beats every sample of round 0
+    on the reward; relative to its round, round 0's best sample comes first, and round
+    1's failed sample (reward 0 in the history) does not lower round 1's mean."""
+    work, _ = tiny_data
+    rewards = [[0.10, 0.30, 0.11], [0.40, 0.45, None]]
+    state = _finished_search(work, "sel-rank", rewards=rewards)
+
+    def picked(rank, top):
+        trials = map(json.loads, steps.selection_trials(state, top, [4], rank))
+        return [(t["search_round"], t["search_sample"]) for t in trials]
+
+    assert picked("reward", 2) == [(1, 1), (1, 0)]
+    assert picked("round", 3) == [(0, 1), (1, 1), (1, 0)]  # +0.13, +0.025, -0.025 (round means 0.17 and 0.425)
+    # the slow twin: every sample's reward minus its round's mean, ranked by hand
+    rel = sorted(((r, i) for r in range(2) for i in range(3) if rewards[r][i] is not None),
+                 key=lambda ri: -(rewards[ri[0]][ri[1]] - statistics.fmean(x for x in rewards[ri[0]] if x is not None)))
+    assert picked("round", 5) == rel
+    with pytest.raises(steps.StepError, match=r"select_rank='best' is not one of \['reward', 'round'\]"):
+        steps.selection_trials(state, 2, [4], "best")
 
 
 @pytest.mark.parametrize("top, seeds, message", [
@@ -538,6 +563,11 @@ def test_select_loss_takes_the_best_mean_and_the_final_training_uses_it(tiny_dat
     assert steps.searched_spec(uri) == c.spec_of(trials[4]["theta"]) != c.spec()
     assert steps.searched_spec(state) == c.spec()  # no selection: the policy's mean μ
     assert steps.select_loss(state, list(reversed(results)), work, "sel-pick") == uri  # same inputs, same file
+    assert doc["selected"]["rank"] == "reward"
+    # the same trials picked by rank "round" are another selection: another file, which says so
+    by_round = steps.select_loss(state, results, work, "sel-pick", rank="round")
+    assert by_round != uri and storage.read_json(by_round)["selected"]["rank"] == "round"
+    assert storage.read_json(uri)["selected"]["rank"] == "reward"
     other = [json.dumps({**json.loads(r), "reward": 0.9 if json.loads(r)["candidate"] == 0 else 0.1}) for r in results]
     assert steps.select_loss(state, other, work, "sel-pick") != uri  # another choice never overwrites this one
     with pytest.raises(steps.StepError, match="results are for round"):
