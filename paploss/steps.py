@@ -1232,6 +1232,7 @@ def select_loss(
     ``"selected"`` to ``state/selected-<key>.json`` and returns its URI.
     :func:`searched_spec` of that state is the selected loss. Logs the candidates'
     mean rewards and ``selection.json`` on the parent MLflow run."""
+    check_select_rank(rank)
     doc, c = _read_state(state)
     parsed = [json.loads(x) if isinstance(x, str) else dict(x) for x in results]
     if not parsed:
@@ -1253,7 +1254,6 @@ def select_loss(
         cand["mean_reward"] = sum(cand["rewards"].values()) / len(cand["rewards"])
     pick = max(range(len(candidates)), key=lambda k: candidates[k]["mean_reward"])  # the first on ties
     best = candidates[pick]
-    check_select_rank(rank)
     doc["selected"] = {"theta": best["theta"], "spec": c.spec_of(best["theta"]).to_json(), "candidate": pick,
                        "mean_reward": best["mean_reward"], "from_state": state, "candidates": candidates, "rank": rank}
     # the default's key as before (the finals of earlier selections are keyed by it)
