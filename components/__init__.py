@@ -99,8 +99,8 @@ def select_loss(state: str, results: List[str], work: str, search_name: str, tra
     """The candidate with the best mean reward -> the search state holding that choice."""
     from paploss import steps
 
-    return steps.select_loss(state, results, work, search_name, tracking={"uri": tracking_uri, "experiment": experiment},
-                             rank=rank)
+    tracking = {"uri": tracking_uri, "experiment": experiment}
+    return steps.select_loss(state, results, work, search_name, tracking=tracking, rank=rank)
 
 
 def final_train(

@@ -238,8 +238,9 @@ def run_inprocess(s: RunSettings, *, progress: bool = True) -> dict:
                               attempts=p.attempts)
             for t in tqdm(trials, desc="selection", disable=not progress, leave=False)
         ]
-        out = {**out, "state": steps.select_loss(out["state"], results, s.work, s.search_name, tracking=tracking,
-                                                      rank=p.select_rank)}
+        selected = steps.select_loss(out["state"], results, s.work, s.search_name, tracking=tracking,
+                                     rank=p.select_rank)
+        out = {**out, "state": selected}
     final = steps.train_options(p.final, p.detector, s.final_epochs)
     finals = [
         steps.final_train(data, init, loss, final, s.work, s.search_name,

@@ -1191,11 +1191,10 @@ def selection_trials(state: str, top: int, seeds: Sequence[int], rank: str = "re
         raise StepError(f"the state {state} has no finished round: nothing to select from")
     finished = [(reward, rec.round, i, [float(v) for v in theta]) for rec in c.history
                 for i, (theta, reward) in enumerate(zip(rec.thetas, rec.rewards)) if i not in rec.failed]
-    offset = {rnd: 0.0 for rnd in {x[1] for x in finished}}
-    if rank == "round":
-        for rnd in offset:
-            own = [x[0] for x in finished if x[1] == rnd]
-            offset[rnd] = sum(own) / len(own)
+    by_round: dict[int, list[float]] = {}
+    for reward, rnd, _, _ in finished:
+        by_round.setdefault(rnd, []).append(reward)
+    offset = {rnd: sum(own) / len(own) if rank == "round" else 0.0 for rnd, own in by_round.items()}
     ranked = sorted(finished, key=lambda x: (-(x[0] - offset[x[1]]), x[1], x[2]))
     picked: list[tuple] = []
     for item in ranked:
