@@ -432,7 +432,9 @@ def _search_inputs(p: steps.Preset, data: str, inits: Sequence[str], work: str, 
     """What a cached search was trained on (data, warm start(s), proxy schedule, detector),
     kept beside it in ``bench-inputs.json``: a run with another ``--proxy-iterations``
     (say) in the same ``--work`` is refused, naming what differs, instead of reporting
-    the old search as its own. A search cached before this file existed adopts it."""
+    the old search as its own. A search cached before this file existed adopts it. The data
+    and warm starts are compared as places in ``work`` (``storage.location_id``), so a
+    ``--work`` spelled another way is not refused."""
     uri = storage.join(steps.search_dir(work, name), "bench-inputs.json")
     now = {"data": data, "init": inits[0], "proxy": steps.plain(dict(p.proxy)), "detector": p.detector}
     if len(inits) > 1:  # reward seeds across warm starts (one warm start: the file as before they existed)
@@ -440,7 +442,13 @@ def _search_inputs(p: steps.Preset, data: str, inits: Sequence[str], work: str, 
     now = json.loads(json.dumps(now))
     if storage.exists(uri):
         had = storage.read_json(uri)
-        diff = [f"{field}: {had.get(field)!r} there, {now[field]!r} now" for field in now if had.get(field) != now[field]]
+        def place(field: str, value: Any) -> Any:
+            if field == "inits" and isinstance(value, list):
+                return [storage.location_id(v, work) for v in value]
+            return storage.location_id(value, work) if field in ("data", "init") else value
+
+        diff = [f"{field}: {had.get(field)!r} there, {now[field]!r} now" for field in now
+                if place(field, had.get(field)) != place(field, now[field])]
         if diff:
             raise steps.StepError(f"search {name!r} in {work} was run on other inputs ({uri}): " + "; ".join(diff)
                                   + ". Use another --work for these settings.")
@@ -529,12 +537,15 @@ def _final_options(p: steps.Preset, spec_json: str | None) -> dict:
     return dict(p.final) if spec_json else {k: v for k, v in p.final.items() if k != "detach_i3"}
 
 
-def _final_key(p: steps.Preset, data: str, init: str, loss: str, spec_json: str | None, seed: int) -> str:
+def _final_keys(p: steps.Preset, data: str, init: str, loss: str, spec_json: str | None, seed: int,
+                work: str) -> tuple[str, str]:
+    """(key, legacy key) of one final training of the dataset whose folder is ``work``
+    (``steps.cache_keys``: the data and warm start as places in ``work``; as spelled)."""
     from paploss.functions import HANDCRAFTED_VERSION
 
     # the handcrafted functions' version: results of an older implementation are not reused
-    return steps.content_key("bench-final", data, init, loss, spec_json, seed, _final_options(p, spec_json),
-                             p.detector, HANDCRAFTED_VERSION)
+    return steps.cache_keys(work, "bench-final", steps.At(data), steps.At(init), loss, spec_json, seed,
+                            _final_options(p, spec_json), p.detector, HANDCRAFTED_VERSION)
 
 
 def _final_uri(folder: str, loss: str, seed: int, key: str) -> tuple[str, str]:
@@ -545,23 +556,25 @@ def _final_uri(folder: str, loss: str, seed: int, key: str) -> tuple[str, str]:
     return storage.join(folder, f"{loss}-seed{seed}-{key}.json"), storage.join(folder, f"{loss}-seed{seed}.json")
 
 
-def _cached_final(out: str, key: str, legacy: str | None = None) -> dict | None:
-    """The cached result of one final training, if ``out`` (or the older cache's
-    ``legacy`` name) holds it for the inputs ``key`` names."""
-    for uri in (out, legacy):
-        if uri and storage.exists(uri):
+def _cached_final(uris: Sequence[str], keys: Sequence[str]) -> dict | None:
+    """The cached result of one final training: the first of the files ``uris`` that holds
+    it for the inputs one of ``keys`` names."""
+    for uri in uris:
+        if storage.exists(uri):
             done = storage.read_json(uri)
-            if done.get("key") == key:
+            if done.get("key") in keys:
                 return done
     return None
 
 
 def _final_cache(p: steps.Preset, data: str, init: str, loss: str, spec_json: str | None, seed: int,
-                 folder: str) -> tuple[str, str, dict | None]:
-    """(key, file, cached result or None) of one final training cached in ``folder``."""
-    key = _final_key(p, data, init, loss, spec_json, seed)
-    out, legacy = _final_uri(folder, loss, seed, key)
-    return key, out, _cached_final(out, key, legacy)
+                 work: str) -> tuple[str, str, dict | None]:
+    """(key, file, cached result or None) of one final training cached in ``work``'s
+    ``final/``; looked up under its key, its legacy key and the older unkeyed name."""
+    keys = _final_keys(p, data, init, loss, spec_json, seed, work)
+    folder = storage.join(work, "final")
+    (out, unkeyed), (legacy, _) = (_final_uri(folder, loss, seed, k) for k in keys)
+    return keys[0], out, _cached_final((out, legacy, unkeyed), keys)
 
 
 def tree_digest(path: str | os.PathLike) -> str:
@@ -614,13 +627,13 @@ def platform_info() -> dict[str, Any]:
 
 
 def _final_job(p: steps.Preset, data: str, init: str, loss: str, spec_json: str | None, seed: int,
-               folder: str) -> dict:
-    """Train on ``train``, evaluate on ``val`` (never search-val); cached in ``folder``
-    under a name of its inputs' key (an older cache's unkeyed result is used too,
+               work: str) -> dict:
+    """Train on ``train``, evaluate on ``val`` (never search-val); cached in ``work``'s
+    ``final/`` under a name of its inputs' key (an older cache's result is used too,
     never overwritten)."""
     from paploss.engine import train
 
-    key, out, done = _final_cache(p, data, init, loss, spec_json, seed, folder)
+    key, out, done = _final_cache(p, data, init, loss, spec_json, seed, work)
     if done is not None:
         return done
     res = train(final_config(p, data, init, loss, spec_json, seed), progress=False)
@@ -927,8 +940,8 @@ def final_jobs(cfg: BenchConfig, dataset: str, prepared, specs: Mapping[str, str
     """``{(loss, seed): _final_job's arguments}``: seed k of every loss trains from warm
     start k mod ``len(inits)`` (a warm start not cached in a report-only run: left out)."""
     p, data, inits = prepared
-    folder = storage.join(cfg.work, dataset, "final")
-    return {(loss, seed): (p, data, warm_start(inits, seed), loss, specs[loss], seed, folder)
+    work = storage.join(cfg.work, dataset)
+    return {(loss, seed): (p, data, warm_start(inits, seed), loss, specs[loss], seed, work)
             for seed in cfg.seeds for loss in losses if loss in specs and warm_start(inits, seed)}
 
 

@@ -113,6 +113,30 @@ def content_key(*parts: Any) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+class At(str):
+    """A URI (data, warm start, state) among :func:`cache_keys`' parts (``At(None)`` is None:
+    a missing one stays as it was in the key)."""
+
+    def __new__(cls, uri: str | None):
+        return None if uri is None else super().__new__(cls, uri)
+
+
+def cache_keys(work: str, *parts: Any) -> tuple[str, str]:
+    """(key, legacy key) naming an output in ``work`` by its inputs ``parts``
+    (:func:`content_key`'s). The parts wrapped in :class:`At` are URIs: in the key they are
+    :func:`storage.location_id`, relative to ``work``, so the key is the same however
+    ``work`` is spelled (``runs/b`` or ``/home/me/runs/b``) and wherever the folder lies.
+    The legacy key has them as spelled, as every key did before (BENCHMARKS.md, issue 8,
+    finding 33): look an output up under both, write a new one under the first."""
+    key = content_key(*(storage.location_id(p, work) if isinstance(p, At) else p for p in parts))
+    return key, content_key(*parts)
+
+
+def first_existing(uris: Sequence[str]) -> str | None:
+    """The first of ``uris`` that exists, or None."""
+    return next((u for u in uris if storage.exists(u)), None)
+
+
 def plain(value: Any) -> Any:
     """JSON-like options with integral floats made ints, recursively.
 
@@ -507,9 +531,12 @@ def pretrain(data: str, work: str, config: Mapping[str, Any] | None = None, seed
     if str(config.get("detector", "")).startswith(_engine().MMDET_PREFIX):
         _log(f"no warm start for {config['detector']}: the MMDetection config's own init_cfg/load_from applies")
         return ""
-    out = storage.join(work, "pretrain", content_key("pretrain", data, config, int(seed)), "backbone.pt")
-    if storage.exists(out):
-        return out
+    outs = [storage.join(work, "pretrain", key, "backbone.pt")
+            for key in cache_keys(work, "pretrain", At(data), config, int(seed))]
+    found = first_existing(outs)
+    if found:
+        return found
+    out = outs[0]
     if only_cached:
         return ""
     engine = _engine()
@@ -765,7 +792,7 @@ def stored_trial(work: str, search_name: str, trial: str | Mapping[str, Any], in
     out = _trial_uri(work, search_name, r, s)
     if storage.exists(out):
         done = storage.read_json(out)
-        if _same_trial(done, t, init):
+        if _same_trial(done, t, init, work):
             return done
     folder = storage.join(search_dir(work, search_name), "trials")
     if not storage.exists(folder):
@@ -777,26 +804,20 @@ def stored_trial(work: str, search_name: str, trial: str | Mapping[str, Any], in
             if uri == out:
                 continue
             done = storage.read_json(uri)
-            if _same_trial(done, t, init):
+            if _same_trial(done, t, init, work):
                 return {**done, "round": r, "sample": s}
     return None
 
 
-def _same_trial(done: Mapping[str, Any], t: Mapping[str, Any], init: str | None) -> bool:
+def _same_trial(done: Mapping[str, Any], t: Mapping[str, Any], init: str | None, work: str) -> bool:
     """Whether a stored result ``done`` is trial ``t``'s: the same θ and seed, and the
-    same warm start where both name one (local paths compared as absolute paths)."""
+    same warm start where both name one (compared as :func:`storage.location_id` in ``work``)."""
     if done.get("theta") != [float(v) for v in t["theta"]] or int(done.get("seed", t["seed"])) != int(t["seed"]) \
             or int(done.get("split", 0)) != int(t.get("split", 0)):
         return False
     if "init" not in done or init is None:
         return True
-    return _init_id(done["init"]) == _init_id(init)
-
-
-def _init_id(init: str | None) -> str:
-    if not init:
-        return ""
-    return str(init) if storage.is_s3(init) else os.path.abspath(str(init))
+    return storage.location_id(done["init"], work) == storage.location_id(init, work)
 
 
 def _keep_aside(out: str) -> None:
@@ -1255,9 +1276,12 @@ def select_loss(
     best = candidates[pick]
     doc["selected"] = {"theta": best["theta"], "spec": c.spec_of(best["theta"]).to_json(), "candidate": pick,
                        "mean_reward": best["mean_reward"], "from_state": state, "candidates": candidates, "rank": rank}
-    # the default's key as before (the finals of earlier selections are keyed by it)
-    key = content_key(state, [[c["theta"], c["rewards"]] for c in candidates], *([rank] if rank != "reward" else []))
-    out = storage.join(search_dir(work, search_name), "state", SELECTED_STATE.format(key=key))
+    # the default's key as before (the finals of earlier selections are keyed by it); a
+    # selection written under its legacy key keeps that name
+    outs = [storage.join(search_dir(work, search_name), "state", SELECTED_STATE.format(key=key))
+            for key in cache_keys(work, At(state), [[c["theta"], c["rewards"]] for c in candidates],
+                                  *([rank] if rank != "reward" else []))]
+    out = first_existing(outs) or outs[0]
     storage.write_json(out, doc)
     _log(f"selection: candidate {pick} of {len(candidates)}, mean reward "
          f"{best['mean_reward']:.4f} over seeds {sorted(best['rewards'], key=int)}")
@@ -1325,10 +1349,11 @@ def final_train(
         spec = searched_spec(state)
     out = storage.join(search_dir(work, search_name), "final", f"{loss}.json")
     final = plain(dict(final or {}))
-    key = content_key(data, init, loss, final, state, int(seed))
+    keys = cache_keys(work, At(data), At(init), loss, final, At(state), int(seed))
+    key = keys[0]
     if storage.exists(out):
         done = storage.read_json(out)
-        if done.get("key") == key:
+        if done.get("key") in keys:
             return json.dumps(done)
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="paploss-final-") as tmp:

@@ -40,6 +40,8 @@ __all__ = [
     "download_dir",
     "localize",
     "copy",
+    "WORK_MARK",
+    "location_id",
 ]
 
 
@@ -314,6 +316,30 @@ def localize(uri: str | os.PathLike) -> Path:
         write_bytes(target, read_bytes(uri))
         return target
     return download_dir(uri, target)
+
+
+WORK_MARK = "<work>/"
+
+
+def location_id(uri: str | os.PathLike | None, work: str | os.PathLike) -> str | None:
+    """``uri`` as a cache key sees it: where it lies inside the folder ``work``, its path
+    relative to ``work`` after :data:`WORK_MARK` (``<work>/data/shapes-1f2e``); elsewhere
+    the absolute, normalised path (local) or the URI as given (S3). So the same file gets
+    the same key however ``work`` is spelled (relative, absolute, through a symlink) and
+    wherever the work folder is moved or mounted. An empty ``uri`` (no warm start, no
+    state) and one that is an id already come back as they are."""
+    if not uri:
+        return uri
+    uri, work = str(uri), str(work)
+    if uri.startswith(WORK_MARK):
+        return uri
+    if is_s3(uri) or is_s3(work):
+        base = work.rstrip("/") + "/"
+        return WORK_MARK + uri[len(base):] if is_s3(work) and uri.startswith(base) else uri
+    path, top = os.path.realpath(uri), os.path.realpath(work)
+    if path.startswith(top.rstrip(os.sep) + os.sep):
+        return WORK_MARK + Path(os.path.relpath(path, top)).as_posix()
+    return path
 
 
 def copy(src: str | os.PathLike, dst: str | os.PathLike) -> str:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -247,7 +249,7 @@ def test_detach_i3_reaches_every_pap_loss_training_and_names_its_searches(prepar
     """--detach-i3: proxies and the finals of PAP losses train with it, the focal finals
     without (the engine refuses it there); its searches and finals live beside the
     SPEC's in one --work (another search name, other final keys)."""
-    from bench.search import _final_key
+    from bench.search import _final_keys
 
     _, _, data, init, _ = prepared
     cfg, spec = BenchConfig(detach_i3=True), BenchConfig()
@@ -257,9 +259,10 @@ def test_detach_i3_reaches_every_pap_loss_training_and_names_its_searches(prepar
     assert final_config(p, data, init, "square", square, 0).detach_i3
     assert not final_config(p0, data, init, "square", square, 0).detach_i3
     assert not final_config(p, data, init, "focal+l1", None, 0).detach_i3
-    assert _final_key(p, data, init, "square", square, 0) != _final_key(p0, data, init, "square", square, 0)
+    key = lambda q, loss, spec: _final_keys(q, data, init, loss, spec, 0, "w")  # noqa: E731
+    assert key(p, "square", square) != key(p0, "square", square)
     # a baseline trains as in the SPEC's run, so its cached finals are the same ones
-    assert _final_key(p, data, init, "focal+l1", None, 0) == _final_key(p0, data, init, "focal+l1", None, 0)
+    assert key(p, "focal+l1", None) == key(p0, "focal+l1", None)
     assert cfg.search_name("digits", "searched") == "bench-digits-searched-detach-i3"
     assert spec.search_name("digits", "searched") == "bench-digits-searched"
 
@@ -440,38 +443,39 @@ def test_report_only_trains_and_builds_nothing(tmp_path):
 
 
 def test_cached_final_is_used_only_for_the_same_inputs(prepared, tmp_path):
-    from bench.search import _cached_final, _final_key
+    from bench.search import _cached_final, _final_keys
 
     _, p, data, init, _ = prepared
-    out = str(tmp_path / "final.json")
-    key = lambda loss, seed: _final_key(p, data, init, loss, None, seed)  # noqa: E731
-    assert _cached_final(out, key("square", 0)) is None
-    storage.write_json(out, {"key": key("square", 0), "metrics": {"AP": 0.1}})
-    assert _cached_final(out, key("square", 0))["metrics"] == {"AP": 0.1}
-    assert _cached_final(out, key("square", 1)) is None  # another seed
-    assert _cached_final(out, key("linear", 0)) is None  # another loss
+    out = [str(tmp_path / "final.json")]
+    keys = lambda loss, seed: _final_keys(p, data, init, loss, None, seed, str(tmp_path))  # noqa: E731
+    assert _cached_final(out, keys("square", 0)) is None
+    for k in keys("square", 0):  # under the key or the legacy one
+        storage.write_json(out[0], {"key": k, "metrics": {"AP": 0.1}})
+        assert _cached_final(out, keys("square", 0))["metrics"] == {"AP": 0.1}
+    assert _cached_final(out, keys("square", 1)) is None  # another seed
+    assert _cached_final(out, keys("linear", 0)) is None  # another loss
 
 
 def test_finals_of_another_schedule_are_kept_beside_each_other(prepared, tmp_path):
     """``--final-iterations`` in a work folder that holds finals of another schedule:
     each result gets its own file, neither overwrites the other, and an older cache's
     unkeyed file is read when (and only when) its key matches."""
-    from bench.search import _cached_final, _final_key, _final_uri
+    from bench.search import _cached_final, _final_keys, _final_uri
 
     _, p, data, init, _ = prepared
     longer = p.with_overrides(final={**p.final, "iterations": 3 * int(p.final["iterations"])})
-    keys = [_final_key(q, data, init, "square", None, 0) for q in (p, longer)]
-    assert keys[0] != keys[1]
-    uris = [_final_uri(str(tmp_path / "shapes" / "final"), "square", 0, k) for k in keys]
+    keys = [_final_keys(q, data, init, "square", None, 0, str(tmp_path)) for q in (p, longer)]
+    assert keys[0][0] != keys[1][0]
+    uris = [_final_uri(str(tmp_path / "shapes" / "final"), "square", 0, k[0]) for k in keys]
     assert uris[0][0] != uris[1][0] and uris[0][1] == uris[1][1]  # own files; one legacy name
     for (out, _), k, ap in zip(uris, keys, (0.1, 0.2)):
-        storage.write_json(out, {"key": k, "metrics": {"AP": ap}})
-    assert [_cached_final(out, k, legacy)["metrics"]["AP"] for (out, legacy), k in zip(uris, keys)] == [0.1, 0.2]
+        storage.write_json(out, {"key": k[0], "metrics": {"AP": ap}})
+    assert [_cached_final(u, k)["metrics"]["AP"] for u, k in zip(uris, keys)] == [0.1, 0.2]
 
-    (out, legacy) = _final_uri(str(tmp_path / "old" / "shapes" / "final"), "square", 0, keys[0])
-    storage.write_json(legacy, {"key": keys[0], "metrics": {"AP": 0.3}})
-    assert _cached_final(out, keys[0], legacy)["metrics"]["AP"] == 0.3
-    assert _cached_final(out, keys[1], legacy) is None  # the older file holds the other schedule
+    uri = _final_uri(str(tmp_path / "old" / "shapes" / "final"), "square", 0, keys[0][0])
+    storage.write_json(uri[1], {"key": keys[0][1], "metrics": {"AP": 0.3}})
+    assert _cached_final(uri, keys[0])["metrics"]["AP"] == 0.3
+    assert _cached_final(uri, keys[1]) is None  # the older file holds the other schedule
 
 
 def test_h2_over_h1_ratio_of_bench_collapse():
@@ -789,6 +793,15 @@ def test_bench_selection_across_warm_starts_trains_seed_s_from_warm_start_s_mod_
         assert f"| searched-shared on shapes | {r} | " in report and f"| {noise[0]:.4f} / {noise[1]:.4f} |" in report
     bad = subprocess.run([*cmd, "--warm-starts", "1", "--report-only"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "select_warm_starts needs" in bad.stderr and "warm_starts=1" in bad.stderr
+    # the work folder given relative (absolute above): every warm start, search, selection
+    # and final is found under its key (a report-only run trains nothing, so a miss would
+    # leave a result out)
+    at = cmd.index("--work")
+    relative = [*cmd[:at], "--work", "work/../work", "--out", "out2", *cmd[at + 4:], "--report-only"]
+    again = subprocess.run(relative, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (tmp_path / "out2" / "bench_search.json").read_text() == (out / "bench_search.json").read_text()
 
 
 def test_tree_digest_names_a_folder_by_its_files_names_and_bytes(tmp_path):

@@ -581,6 +581,43 @@ def test_select_loss_takes_the_best_mean_and_the_final_training_uses_it(tiny_dat
     assert report["searched_spec"] == final["spec"] and report["selection"]["theta"] == trials[4]["theta"]
 
 
+def test_outputs_are_found_however_work_is_spelled_and_under_the_keys_of_before(tiny_data, monkeypatch):
+    """Warm start, selection and final training are named by keys in which the data,
+    warm start and state are places in the work folder (``storage.location_id``): a run
+    that spells the folder another way (relative here, absolute before) finds them, and
+    outputs cached under the keys of before (the paths as spelled) are still found
+    (BENCHMARKS.md, issue 8, finding 33)."""
+    work, data = tiny_data
+    monkeypatch.chdir(os.path.dirname(work))
+    rel = os.path.basename(work)
+    rel_data = os.path.join(rel, os.path.relpath(data, work))
+    config = {"iterations": 1, "batch_size": 4, "num_threads": 1}
+    init = steps.pretrain(data, work, config=config)
+    assert os.path.realpath(steps.pretrain(rel_data, rel, config=config, only_cached=True)) == init
+    other = {**config, "lr": 0.01}  # a warm start cached under the key of before, spelled relative
+    old = steps.content_key("pretrain", rel_data, steps.pretrain_options(other), 0)
+    legacy = storage.write_bytes(os.path.join(rel, "pretrain", old, "backbone.pt"), b"cached before")
+    assert steps.pretrain(rel_data, rel, config=other, only_cached=True) == legacy
+    assert steps.pretrain(data, work, config=other, only_cached=True) == ""  # that key held the spelling
+
+    state = _finished_search(work, "spelled")
+    trials = [json.loads(t) for t in steps.selection_trials(state, 2, [1])]
+    results = [json.dumps({**t, "reward": 0.1 * t["candidate"], "failed": False}) for t in trials]
+    chosen = steps.select_loss(state, results, work, "spelled")
+    rel_state = os.path.join(rel, os.path.relpath(state, work))
+    assert os.path.realpath(steps.select_loss(rel_state, results, rel, "spelled")) == chosen
+
+    final = {"preset": "smoke", "iterations": 2}
+    first = json.loads(steps.final_train(data, init, "focal+l1", final, work, "spelled"))
+    rel_init = os.path.join(rel, os.path.relpath(init, work))
+    again = json.loads(steps.final_train(rel_data, rel_init, "focal+l1", final, rel, "spelled"))
+    assert again["seconds"] == first["seconds"] and again["metrics"] == first["metrics"]  # read back, not retrained
+    out = os.path.join(steps.search_dir(work, "spelled"), "final", "focal+l1.json")
+    before = steps.content_key(rel_data, rel_init, "focal+l1", final, "", 0)  # the key of before, spelled relative
+    storage.write_json(out, {**storage.read_json(out), "key": before, "seconds": -1.0})
+    assert json.loads(steps.final_train(rel_data, rel_init, "focal+l1", final, rel, "spelled"))["seconds"] == -1.0
+
+
 def test_a_stored_trial_of_another_seed_is_not_reused(tiny_data, tmp_path):
     """The same θ trained with another seed (a selection run again with other seeds)
     is trained anew, not read back from the file of the first seed."""

@@ -133,3 +133,27 @@ def test_download_dir_of_nothing_creates_nothing(tmp_path):
     with pytest.raises(FileNotFoundError, match="no files under"):
         storage.download_dir(str(tmp_path / "empty"), tmp_path / "out" / "data")
     assert _entries(tmp_path) == ["empty"]
+
+
+# ----------------------------------------------------------------------------- location_id
+def test_location_id_is_the_place_in_work_however_work_is_spelled(tmp_path, monkeypatch):
+    """A file inside the work folder gets one id whether the folder is given relative,
+    absolute, with ``..`` or through a symlink, and keeps it when the folder is moved;
+    a file elsewhere gets its absolute path; S3 URIs are placed in an S3 work folder
+    and kept as given otherwise."""
+    work = tmp_path / "runs" / "b"
+    (work / "data").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "runs")
+    monkeypatch.chdir(tmp_path)
+    spellings = [("runs/b", "runs/b/data/x"), (str(work), str(work / "data" / "x")),
+                 ("runs/../runs/b/", "runs/b/data/x"), ("link/b", str(tmp_path / "link" / "b" / "data" / "x"))]
+    assert {storage.location_id(uri, w) for w, uri in spellings} == {"<work>/data/x"}
+    (tmp_path / "runs").rename(tmp_path / "moved")
+    assert storage.location_id("moved/b/data/x", "moved/b") == "<work>/data/x"
+    assert storage.location_id("<work>/data/x", "anywhere") == "<work>/data/x"  # an id already
+    assert storage.location_id("other/y", "moved/b") == str(tmp_path / "other" / "y")
+    assert storage.location_id("moved/bb/x", "moved/b") == str(tmp_path / "moved" / "bb" / "x")  # not inside b
+    assert storage.location_id("s3://k/w/data/x", "s3://k/w/") == "<work>/data/x"
+    assert storage.location_id("s3://k/w2/x", "s3://k/w") == "s3://k/w2/x"
+    assert storage.location_id("s3://k/w/x", "runs/b") == "s3://k/w/x"
+    assert storage.location_id("", "runs/b") == "" and storage.location_id(None, "runs/b") is None
