@@ -41,6 +41,7 @@ def test_summarize_mean_and_std_in_ap_points():
         ({"seeds": ()}, "seeds=()"),
         ({"n_train": 0}, "n_train=0"),
         ({"final_iterations": -5}, "final_iterations=-5"),
+        ({"pretrain_iterations": 0}, "pretrain_iterations=0 must be >= 1"),
         ({"sigma": 0.0}, "sigma=0.0"),
         ({"trial_seeds": "random"}, "trial_seeds='random'"),
         ({"start": "sigmoid"}, "start 'sigmoid' is neither a form"),
@@ -243,6 +244,25 @@ def test_data_sizes_reach_the_bundled_dataset():
     assert "sigma" not in BenchConfig().preset("shapes").controller
     assert BenchConfig(box_collapse=0.5).preset("digits").proxy["box_collapse"] == 0.5
     assert "box_collapse" not in BenchConfig().preset("digits").proxy  # off: cached searches keep their inputs
+
+
+def test_pretrain_iterations_reach_the_warm_starts_and_name_the_searches(tmp_path):
+    """--pretrain-iterations: the warm starts' pre-training runs that long (its other
+    options the preset's), they are other warm starts than the preset's (the preset's
+    cached one is not taken for them), and the searches from them carry ``-pt<n>``."""
+    quick = steps.get_preset("quick").pretrain
+    p = BenchConfig(pretrain_iterations=3000).preset("digits")
+    assert p.pretrain == {**quick, "iterations": 3000} and quick["iterations"] != 3000
+    assert BenchConfig().preset("digits").pretrain == quick
+    names = [BenchConfig(pretrain_iterations=n, detach_i3=True).search_name("digits", "searched") for n in (None, 3000)]
+    assert names == ["bench-digits-searched-detach-i3", "bench-digits-searched-detach-i3-pt3000"]
+    # the preset's warm start cached, the longer one is not found in its place
+    config = BenchConfig().preset("digits").pretrain
+    short = steps.cache_keys(str(tmp_path), "pretrain", steps.At(str(tmp_path / "data")),
+                             steps.pretrain_options(config), 0)[0]
+    storage.write_bytes(str(tmp_path / "pretrain" / short / "backbone.pt"), b"200 iterations")
+    assert steps.pretrain(str(tmp_path / "data"), str(tmp_path), config=config, only_cached=True)
+    assert steps.pretrain(str(tmp_path / "data"), str(tmp_path), config=p.pretrain, only_cached=True) == ""
 
 
 def test_detach_i3_reaches_every_pap_loss_training_and_names_its_searches(prepared):
