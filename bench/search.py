@@ -601,6 +601,17 @@ def tree_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
+def warm_start_accuracy(uri: str) -> tuple[int | None, float | None]:
+    """(pre-training iterations, share of its training crops classified right over its last
+    20 iterations) that a warm start's file records (``paploss.engine.pretrain``): how much
+    of the classes the backbone knows before any detection training; (None, None) if the
+    file records neither."""
+    import torch
+
+    doc = torch.load(storage.localize(uri), map_location="cpu", weights_only=False)
+    return doc.get("iterations"), doc.get("train_accuracy")
+
+
 def weights_digest(path: str | os.PathLike) -> str:
     """SHA-256 of a warm start's weights: each tensor of its ``state_dict`` (name,
     dtype, shape, bytes) in sorted order. Unlike :func:`tree_digest` of the file it
@@ -1018,8 +1029,9 @@ def inputs_text(inputs: Mapping[str, Mapping[str, Any]]) -> str:
     (``tree_digest``, ``weights_digest``), and the platform of this run: what tells whether two runs'
     numbers come from the same inputs."""
     lines = [f"- {d}: data `{i['data']}` (sha256 `{i['data_sha256'][:16]}`), "
-             + ", ".join(f"warm start {w} `{uri}` (weights sha256 `{sha[:16]}`)"
-                         for w, (uri, sha) in enumerate(i["inits"]))
+             + ", ".join(f"warm start {w} `{uri}` (weights sha256 `{sha[:16]}`"
+                         + (f", crop accuracy {100 * acc:.0f} % after {n} iterations)" if acc is not None else ")")
+                         for w, (uri, sha, (n, acc)) in enumerate(i["inits"]))
              for d, i in sorted(inputs.items())]
     info = platform_info()
     lines.append(f"- platform of this run: torch {info['torch']}, {info['cpu']} ({info['cpu_capability']}), "
@@ -1079,7 +1091,8 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
             continue
         prepared[dataset] = (p, data, inits)
         inputs[dataset] = {"data": data, "data_sha256": tree_digest(storage.localize(data)),
-                           "inits": [(uri, weights_digest(storage.localize(uri))) for uri in inits if uri]}
+                           "inits": [(uri, weights_digest(storage.localize(uri)), warm_start_accuracy(uri))
+                                     for uri in inits if uri]}
         for mode in searches[dataset]:
             name = cfg.search_name(dataset, mode)
             if (dataset, mode) in given:

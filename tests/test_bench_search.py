@@ -740,7 +740,9 @@ def test_bench_with_a_loss_file_trains_it_without_searching(tmp_path):
     data = next((work / "shapes" / "data").iterdir())
     assert f"- shapes: data `{data}` (sha256 `{tree_digest(data)[:16]}`)" in md
     warm = docs[("square", 1)]["init"]
-    assert f"warm start 1 `{warm}` (weights sha256 `{weights_digest(warm)[:16]}`)" in md
+    accuracy = torch.load(warm, weights_only=False)["train_accuracy"]
+    assert f"warm start 1 `{warm}` (weights sha256 `{weights_digest(warm)[:16]}`, crop accuracy " \
+        f"{100 * accuracy:.0f} % after 10 iterations)" in md
     assert (out / "bench_shapes_searched-shared_functions.png").stat().st_size > 0
     assert not (out / "bench_shapes_searched-shared_rewards.png").exists()  # no search, no rewards
     client = mlflow.MlflowClient(uri)
