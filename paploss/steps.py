@@ -1276,8 +1276,8 @@ def select_loss(
     best = candidates[pick]
     doc["selected"] = {"theta": best["theta"], "spec": c.spec_of(best["theta"]).to_json(), "candidate": pick,
                        "mean_reward": best["mean_reward"], "from_state": state, "candidates": candidates, "rank": rank}
-    # the default's key as before (the finals of earlier selections are keyed by it); a
-    # selection written under its legacy key keeps that name
+    # rank "reward" (the default) adds nothing to the key, as before ranks existed; a
+    # selection written under its legacy key keeps that name (earlier finals are keyed by it)
     outs = [storage.join(search_dir(work, search_name), "state", SELECTED_STATE.format(key=key))
             for key in cache_keys(work, At(state), [[c["theta"], c["rewards"]] for c in candidates],
                                   *([rank] if rank != "reward" else []))]
