@@ -182,9 +182,8 @@ def main(work, out_dir, datasets, samples, max_rounds, min_rounds, sigma, proxy_
         for seed in seed_list:
             for d in names:
                 for loss, spec in specs[d].items():
-                    target = storage.join(works[d], "final-device")
-                    futures[pool.submit(B._final_job, cfg.preset(d), data[d], init[d], loss, spec, seed, target)] = (
-                        d, loss, seed)
+                    futures[pool.submit(B._final_job, cfg.preset(d), data[d], init[d], loss, spec, seed, works[d],
+                                        "final-device")] = (d, loss, seed)
         results: dict = {d: {} for d in names}
         got: dict = {}
         try:

@@ -576,11 +576,12 @@ def _cached_final(uris: Sequence[str], keys: Sequence[str]) -> dict | None:
 
 
 def _final_cache(p: steps.Preset, data: str, init: str, loss: str, spec_json: str | None, seed: int,
-                 work: str) -> tuple[str, str, dict | None]:
-    """(key, file, cached result or None) of one final training cached in ``work``'s
-    ``final/``; looked up under its key, its legacy key and the older unkeyed name."""
+                 work: str, folder: str = "final") -> tuple[str, str, dict | None]:
+    """(key, file, cached result or None) of one final training of the dataset whose
+    folder is ``work``, cached in its ``folder``; looked up under its key, its legacy key
+    and the older unkeyed name."""
     keys = _final_keys(p, data, init, loss, spec_json, seed, work)
-    folder = storage.join(work, "final")
+    folder = storage.join(work, folder)
     (out, unkeyed), (legacy, _) = (_final_uri(folder, loss, seed, k) for k in keys)
     return keys[0], out, _cached_final((out, legacy, unkeyed), keys)
 
@@ -646,13 +647,13 @@ def platform_info() -> dict[str, Any]:
 
 
 def _final_job(p: steps.Preset, data: str, init: str, loss: str, spec_json: str | None, seed: int,
-               work: str) -> dict:
+               work: str, folder: str = "final") -> dict:
     """Train on ``train``, evaluate on ``val`` (never search-val); cached in ``work``'s
-    ``final/`` under a name of its inputs' key (an older cache's result is used too,
+    ``folder`` under a name of its inputs' key (an older cache's result is used too,
     never overwritten)."""
     from paploss.engine import train
 
-    key, out, done = _final_cache(p, data, init, loss, spec_json, seed, work)
+    key, out, done = _final_cache(p, data, init, loss, spec_json, seed, work, folder)
     if done is not None:
         return done
     res = train(final_config(p, data, init, loss, spec_json, seed), progress=False)
