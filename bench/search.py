@@ -602,15 +602,15 @@ def tree_digest(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-def warm_start_accuracy(uri: str) -> tuple[int | None, float | None]:
-    """(pre-training iterations, share of its training crops classified right over its last
-    20 iterations) that a warm start's file records (``paploss.engine.pretrain``): how much
-    of the classes the backbone knows before any detection training; (None, None) if the
-    file records neither."""
+def warm_start_info(uri: str) -> tuple[str, tuple[int | None, float | None]]:
+    """(:func:`weights_digest`, (pre-training iterations, share of its training crops
+    classified right over its last 20 iterations)) of a warm start, its file read once.
+    The pair says how much of the classes the backbone knows before any detection
+    training (``paploss.engine.pretrain`` records it); (None, None) if the file does not."""
     import torch
 
     doc = torch.load(storage.localize(uri), map_location="cpu", weights_only=False)
-    return doc.get("iterations"), doc.get("train_accuracy")
+    return _state_digest(doc["state_dict"]), (doc.get("iterations"), doc.get("train_accuracy"))
 
 
 def weights_digest(path: str | os.PathLike) -> str:
@@ -620,7 +620,12 @@ def weights_digest(path: str | os.PathLike) -> str:
     the same weights pre-trained under another ``--work`` get the same digest."""
     import torch
 
-    state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+    return _state_digest(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
+
+
+def _state_digest(state: Mapping[str, Any]) -> str:
+    import torch
+
     h = hashlib.sha256()
     for name in sorted(state):
         t = state[name].detach().contiguous().cpu()
@@ -1092,8 +1097,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
             continue
         prepared[dataset] = (p, data, inits)
         inputs[dataset] = {"data": data, "data_sha256": tree_digest(storage.localize(data)),
-                           "inits": [(uri, weights_digest(storage.localize(uri)), warm_start_accuracy(uri))
-                                     for uri in inits if uri]}
+                           "inits": [(uri, *warm_start_info(uri)) for uri in inits if uri]}
         for mode in searches[dataset]:
             name = cfg.search_name(dataset, mode)
             if (dataset, mode) in given:
