@@ -172,6 +172,9 @@ class BenchConfig:
     # the selection's seed s trains from warm start s mod warm_starts (as final seed s does) instead of
     # the search's: the loss picked is the one best across warm starts, not on the search's own
     select_warm_starts: bool = False
+    # a handcrafted form (HANDCRAFTED_FORMS) trained as each search round's samples and the selection's
+    # candidates were, so that the report and MLflow set their rewards against it (bench.baseline; "" off)
+    reward_baseline: str = ""
     # (dataset, mode, LossSpec file): that loss is the searched loss `mode` on `dataset`, and
     # that search is not run (a loss found earlier, elsewhere, or on a GPU, benchmarked here)
     loss_files: tuple[tuple[str, str, str], ...] = ()
@@ -222,6 +225,9 @@ class BenchConfig:
             start_theta(self.start, shared=mode == "searched-shared")  # a bad start file is named before any training
         if self.warm_starts < 1:
             raise ValueError(f"warm_starts={self.warm_starts} must be >= 1")
+        if self.reward_baseline and self.reward_baseline not in HANDCRAFTED_FORMS:
+            raise ValueError(f"reward_baseline={self.reward_baseline!r} is not a handcrafted form; known: "
+                             f"{list(HANDCRAFTED_FORMS)}")
         if self.search_tag and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,39}", self.search_tag):
             raise ValueError(f"search_tag={self.search_tag!r} must be 1-40 letters, digits, '.', '_' or '-', "
                              "starting with a letter or digit")
@@ -884,10 +890,14 @@ def _figures(out: str, dataset: str, searched: Mapping[tuple[str, str], str],
 
 def _log_mlflow(tracking_uri: str, dataset: str, cfg: BenchConfig, per_loss: Mapping[str, Mapping[str, list]],
                 figures: Sequence[str], searched: Mapping[tuple[str, str], str],
-                given: Mapping[tuple[str, str], str] | None = None) -> None:
+                given: Mapping[tuple[str, str], str] | None = None,
+                against: Mapping[tuple[str, str], Mapping[str, Any]] | None = None) -> None:
     """One run per dataset in the ``paploss-bench`` experiment, through a client of
     its own (no process-wide MLflow state is set: code run after this, a test
-    or a pipeline, keeps its own tracking URI and experiment)."""
+    or a pipeline, keeps its own tracking URI and experiment). With ``against``
+    (``_against``), per search round ``<mode>.<form>_reward``, ``<mode>.mean_reward_minus_<form>``
+    and ``<mode>.max_reward_minus_<form>`` (step: the round), and per selection candidate k
+    ``<mode>.selection_minus_<form>`` (step: k)."""
     from mlflow.entities import Param
 
     from paploss.tracking import make_client
@@ -907,7 +917,8 @@ def _log_mlflow(tracking_uri: str, dataset: str, cfg: BenchConfig, per_loss: Map
                   "select_seeds": ",".join(map(str, cfg.select_seeds)), "select_rank": cfg.select_rank,
                   "loss_files": ",".join(f"{d}:{m}={f}" for d, m, f in cfg.loss_files) or "none",
                   "warm_starts": cfg.warm_starts, "select_warm_starts": cfg.select_warm_starts,
-                  "detach_i3": cfg.detach_i3, "box_collapse": cfg.box_collapse}
+                  "detach_i3": cfg.detach_i3, "box_collapse": cfg.box_collapse,
+                  "reward_baseline": cfg.reward_baseline or "none"}
         client.log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()])
         for loss, metrics in per_loss.items():
             for m, vals in metrics.items():
@@ -922,6 +933,15 @@ def _log_mlflow(tracking_uri: str, dataset: str, cfg: BenchConfig, per_loss: Map
                 for r, (moved, to_square) in enumerate(mu_travel(state)):
                     client.log_metric(run_id, f"{mode}.mu_moved", moved, step=r)
                     client.log_metric(run_id, f"{mode}.mu_to_square", to_square, step=r)
+                g, form = (against or {}).get((dataset, mode)), cfg.reward_baseline
+                for r, row in enumerate(g["rounds"] if g else []):
+                    if row is not None:
+                        client.log_metric(run_id, f"{mode}.{form}_reward", row["baseline"], step=r)
+                        client.log_metric(run_id, f"{mode}.mean_reward_minus_{form}", row["mean"], step=r)
+                        client.log_metric(run_id, f"{mode}.max_reward_minus_{form}", row["best"], step=r)
+                for k, gap in enumerate(g["candidates"] if g else []):
+                    if gap is not None:
+                        client.log_metric(run_id, f"{mode}.selection_minus_{form}", gap, step=k)
         for (d, mode), spec in _found_specs(searched, given).items():
             if d == dataset:
                 client.log_text(run_id, spec, f"{mode}_loss_spec.json")
@@ -1047,7 +1067,10 @@ def inputs_text(inputs: Mapping[str, Mapping[str, Any]]) -> str:
 
 def _write_results(cfg: BenchConfig, results: Mapping, searched: Mapping[tuple[str, str], str], done: bool,
                    given: Mapping[tuple[str, str], str] | None = None,
-                   inputs: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+                   inputs: Mapping[str, Mapping[str, Any]] | None = None,
+                   against: Mapping[tuple[str, str], Mapping[str, Any]] | None = None) -> None:
+    from bench.baseline import gaps_text
+
     storage.write_json(storage.join(cfg.out, "bench_search.json"), results)
     found = _found_specs(searched, given)
     for (d, mode), spec in found.items():
@@ -1069,6 +1092,7 @@ def _write_results(cfg: BenchConfig, results: Mapping, searched: Mapping[tuple[s
                                          {f"{m} on {d}": steps.round_noise(s) for (d, m), s in sorted(searched.items())})
                           if searched else "")
                        + selection_text(searched, cfg.selection_warm_starts, cfg.select_rank)
+                       + gaps_text(cfg.reward_baseline, {f"{m} on {d}": g for (d, m), g in sorted((against or {}).items())})
                        + "\n\n## Searched losses\n\n" + specs_md + "\n"
                        + (inputs_text(inputs) if inputs else ""))
 
@@ -1081,6 +1105,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
     prepared: dict[str, tuple[steps.Preset, str, tuple[str | None, ...]]] = {}
     inputs: dict[str, dict[str, Any]] = {}
     results: dict[str, dict[str, dict[str, list[float]]]] = {}
+    against: dict[tuple[str, str], dict[str, Any]] = {}  # each search against cfg.reward_baseline (bench.baseline)
     for dataset in cfg.datasets:
         p = cfg.preset(dataset)
         work = storage.join(cfg.work, dataset)
@@ -1122,11 +1147,16 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
                 searched[(dataset, mode)] = _select(pool, p, data, select_inits, work, name,
                                                     searched[(dataset, mode)], cfg.select_top, cfg.select_seeds,
                                                     cfg.select_rank)
+        if cfg.reward_baseline:
+            for mode in searches[dataset]:
+                if (dataset, mode) in searched and (dataset, mode) not in given:
+                    against[(dataset, mode)] = _against(cfg, pool, p, data, work, searched[(dataset, mode)],
+                                                        search_inits, select_inits)
         own = [loss for loss in cfg.losses if loss not in TRANSFERS]
         specs = _loss_specs(cfg, dataset, searched, own, given)
         results[dataset] = {}
         _finals(cfg, pool, dataset, prepared[dataset], specs, own, results[dataset])
-        _write_results(cfg, results, searched, done=False, given=given, inputs=inputs)
+        _write_results(cfg, results, searched, done=False, given=given, inputs=inputs, against=against)
     transfers = [loss for loss in cfg.losses if loss in TRANSFERS]
     if transfers:
         for dataset in prepared:
@@ -1135,11 +1165,24 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
     for dataset in prepared:
         figures = _figures(cfg.out, dataset, searched, given)
         if tracking_uri:
-            _log_mlflow(tracking_uri, dataset, cfg, results[dataset], figures, searched, given)
+            _log_mlflow(tracking_uri, dataset, cfg, results[dataset], figures, searched, given, against)
     complete = len(prepared) == len(cfg.datasets) and all(
         len(results[d].get(loss, {}).get("AP", [])) == len(cfg.seeds) for d in cfg.datasets for loss in cfg.losses)
-    _write_results(cfg, results, searched, done=complete, given=given, inputs=inputs)
+    _write_results(cfg, results, searched, done=complete, given=given, inputs=inputs, against=against)
     return results
+
+
+def _against(cfg: BenchConfig, pool: ProcessPoolExecutor | None, p: steps.Preset, data: str, work: str,
+             state: str, search_inits: Sequence[str], select_inits: Sequence[str]) -> dict[str, Any]:
+    """The search (and selection) in ``state`` against ``cfg.reward_baseline`` trained as its
+    trials were (``bench.baseline.gaps``); without a ``pool``, from the cached trainings."""
+    from bench import baseline
+
+    rounds = baseline.round_runs(state, search_inits)
+    selection = baseline.selection_runs(state, select_inits, cfg.select_seeds) if _selection(state) else {}
+    rewards = baseline.measure(pool, p, data, work, cfg.reward_baseline,
+                               [run for runs in rounds for run in runs] + list(selection.values()))
+    return baseline.gaps(state, rounds, selection, rewards)
 
 
 @click.command("bench")
@@ -1229,6 +1272,11 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
               help="The selection's seed s trains from warm start s mod --warm-starts (as final seed s does), not "
                    "from the search's: the loss chosen is the best across warm starts, which the finals measure "
                    "(on digits no gain: BENCHMARKS.md, issue 8, finding 24).")
+@click.option("--reward-baseline", type=click.Choice(HANDCRAFTED_FORMS), default=None,
+              help="Also train this handcrafted form as each search round's samples were trained (the round's "
+                   "seeds, search split and warm starts; one training per distinct one) and as the selection's "
+                   "candidates were, and give each round's mean and best reward, and each candidate's, minus its "
+                   "(report and MLflow): did the search find a better loss than it where it looked? E.g. square.")
 @click.option("--jobs", type=int, default=2, show_default=True, help="Trainings at a time (one CPU thread each).")
 @click.option("--mps/--no-mps", default=True, show_default=True,
               help="On a machine with CUDA, run the --jobs trainings under CUDA MPS (started for the run, stopped "
@@ -1244,7 +1292,8 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
 def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, final_iterations, pretrain_iterations,
           n_train, n_val, sigma,
           detach_i3, search_tag, box_collapse, trial_seeds, reward_seeds, search_splits, search_val_fraction, start,
-          select_top, select_seeds, select_rank, loss_files, warm_starts, select_warm_starts, jobs, mps, work, out,
+          select_top, select_seeds, select_rank, loss_files, warm_starts, select_warm_starts, reward_baseline, jobs, mps,
+          work, out,
           report_only, tracking_uri) -> None:
     """The search-quality benchmark: search on the bundled datasets, then train with
     every loss and seed and compare AP on the held-out val split (issue 8)."""
@@ -1271,7 +1320,7 @@ def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, fi
             start=pick("start", start), jobs=jobs,
             select_top=pick("select_top", select_top), select_seeds=select, select_rank=select_rank,
             loss_files=tuple(parse_loss_file(f) for f in loss_files),
-            warm_starts=warm_starts, select_warm_starts=select_warm_starts,
+            warm_starts=warm_starts, select_warm_starts=select_warm_starts, reward_baseline=reward_baseline or "",
             work=work, out=out,
         )
         cfg.given_specs()  # each file read and checked before anything is trained

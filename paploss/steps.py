@@ -59,6 +59,9 @@ __all__ = [
     "pretrain",
     "init_search",
     "proxy_trial",
+    "proxy_config",
+    "round_trainings",
+    "selection_split",
     "controller_update",
     "final_train",
     "report",
@@ -586,15 +589,6 @@ def _check_trial_seeds(trial_seeds: str) -> str:
     return trial_seeds
 
 
-def _trial_seed(controller, trial_seeds: str) -> int:
-    """The training seed of the controller's next round of proxy trials. Every trial
-    of a round shares it (the round's rewards compare losses, not seeds): the
-    search's seed, or with ``per-round`` seed + round, so that the search does not
-    tune its losses to one training trajectory (on the benchmark it measured no
-    better than ``fixed``: BENCHMARKS.md, issue 8, finding 10)."""
-    return controller.config.seed + (controller.round if trial_seeds == "per-round" else 0)
-
-
 #: With ``reward_seeds`` = n > 1 each sampled θ is trained n times, the j-th time with
 #: the round's seed + j × REWARD_SEED_STRIDE; its reward is the mean of the n rewards.
 REWARD_SEED_STRIDE = 1000
@@ -651,6 +645,39 @@ def _split_field(round: int, search_splits: int) -> dict:
     return {"split": int(round) % search_splits} if search_splits > 1 else {}
 
 
+def _round_runs(controller, rnd: int, opts: _SearchOptions) -> tuple[list[int], dict]:
+    """The training seeds each sampled θ of round ``rnd`` gets (one per reward seed) and
+    the round's ``split`` field (:func:`_split_field`). Every trial of a round shares the
+    round's seed (its rewards compare losses, not seeds): the search's seed, or with
+    ``per-round`` seed + round, so that the search does not tune its losses to one
+    training trajectory (on the benchmark it measured no better than ``fixed``:
+    BENCHMARKS.md, issue 8, finding 10)."""
+    base = controller.config.seed + (int(rnd) if opts.trial_seeds == "per-round" else 0)
+    return reward_seeds_of(base, opts.reward_seeds), _split_field(rnd, opts.search_splits)
+
+
+def round_trainings(state: str) -> list[list[dict]]:
+    """Per finished round of the search in ``state``: the proxy trainings that each of
+    its sampled θ had, as ``{"seed", "split", "repeat"}`` (the j-th reward seed has
+    ``repeat`` j; the benchmark trains it from warm start j mod its warm starts). A
+    handcrafted loss trained with these is measured as the round's samples were
+    (``paploss bench --reward-baseline``)."""
+    doc, c = _read_state(state)
+    opts = _SearchOptions.of(doc)
+    out = []
+    for rec in c.history:
+        seeds, split = _round_runs(c, rec.round, opts)
+        out.append([{"seed": seed, "split": split.get("split", 0), "repeat": j} for j, seed in enumerate(seeds)])
+    return out
+
+
+def selection_split(state: str) -> int:
+    """The search split a selection after the search in ``state`` trains and scores on
+    (:func:`selection_trials`: the number of rounds mod the search's splits)."""
+    doc, c = _read_state(state)
+    return int(c.round) % _SearchOptions.of(doc).search_splits
+
+
 def _trials_of(controller, samples: int, opts: _SearchOptions) -> list[str]:
     """The next round's trials as JSON strings: round, sample index, θ, training seed.
     With ``reward_seeds`` = n, θ number i is trained n times: samples i·n … i·n + n − 1,
@@ -659,9 +686,8 @@ def _trials_of(controller, samples: int, opts: _SearchOptions) -> list[str]:
     if controller.done:
         return []
     thetas = controller.sample(samples).tolist()
-    seeds = reward_seeds_of(_trial_seed(controller, opts.trial_seeds), opts.reward_seeds)
+    seeds, split = _round_runs(controller, controller.round, opts)
     n = len(seeds)  # n = 1: no "repeat", the trials' JSON as before reward_seeds existed (kfp's cache keys)
-    split = _split_field(controller.round, opts.search_splits)
     return [
         json.dumps({"round": controller.round, "sample": i * n + j, "theta": theta, "seed": seed,
                     **({"repeat": j} if n > 1 else {}), **split})
@@ -835,6 +861,20 @@ def _run_training(cfg, on_step=None):
     return _engine().train(cfg, on_step=on_step, progress=False)
 
 
+def proxy_config(proxy: Mapping[str, Any] | None, data: str, split: int, spec, init: str | None, seed: int,
+                 out_dir: str | None = None):
+    """``(TrainConfig, reward metric)`` of one proxy training (SPEC §3): ``proxy``'s
+    options (``reward_metric``, default ``AP``, names the metric that is the reward),
+    trained on search split ``split``'s search-train and evaluated on its search-val
+    (:func:`search_split_files`), with the PAP loss of ``spec`` from warm start ``init``."""
+    options = plain(dict(proxy or {}))
+    metric = options.pop("reward_metric", "AP")
+    train_ann, val_ann = search_split_files(split)
+    return _train_config(options, "proxy config", data=str(_local(data)), train_ann=train_ann, val_ann=val_ann,
+                         loss="paploss", spec=spec, init=str(_local(init)) if init else None, seed=int(seed),
+                         out_dir=out_dir), metric
+
+
 def proxy_trial(
     data: str,
     init: str,
@@ -881,8 +921,6 @@ def proxy_trial(
         raise StepError(f"{_trial_label(t)} trains on search split {k}, but {data} has no "
                         f"{', '.join(f'annotations/{a}.json' for a in lacking)}: prepare the data with "
                         "search_splits as large as the search's")
-    proxy = plain(dict(proxy or {}))
-    metric = proxy.pop("reward_metric", "AP")
     functions: Sequence[str] = ()
     losses: list[float] = []
     quality: list[float] = []
@@ -896,12 +934,7 @@ def proxy_trial(
             spec = _spec_of(state, theta)
             result["spec"] = spec.to_json() if spec is not None else None
             with tempfile.TemporaryDirectory(prefix="paploss-trial-") as tmp:
-                cfg = _train_config(
-                    proxy, "proxy config",
-                    data=str(_local(data)), train_ann=train_ann, val_ann=val_ann,
-                    loss="paploss", spec=spec, init=str(_local(init)) if init else None,
-                    seed=int(t["seed"]), out_dir=tmp,
-                )
+                cfg, metric = proxy_config(proxy, data, k, spec, init, int(t["seed"]), out_dir=tmp)
                 res = _run_training(cfg, on_step=lambda it, loss: losses.append(float(loss)))
             metrics = {k: float(v) for k, v in dict(res.metrics).items()}
             if metric not in metrics:
@@ -1063,7 +1096,7 @@ def controller_update(
         raise StepError(f"round {r} has {len(parsed)} results, not a multiple of the search's reward_seeds={reward_seeds}")
     samples = len(parsed) // reward_seeds
     expected = c.sample(samples).tolist()
-    seeds = reward_seeds_of(_trial_seed(c, trial_seeds), reward_seeds)
+    seeds = _round_runs(c, r, opts)[0]
     for k, p in enumerate(parsed):
         if int(p["sample"]) != k:
             raise StepError(f"round {r} has no result of sample {k} (samples {[int(q['sample']) for q in parsed]})")
@@ -1228,7 +1261,7 @@ def selection_trials(state: str, top: int, seeds: Sequence[int], rank: str = "re
     seeds = [int(x) for x in seeds]
     opts = _SearchOptions.of(doc)
     for reward, rnd, i, theta in picked:
-        for own in reward_seeds_of(c.config.seed + (rnd if opts.trial_seeds == "per-round" else 0), opts.reward_seeds):
+        for own in _round_runs(c, rnd, opts)[0]:
             if own in seeds:
                 raise StepError(f"select_seeds={seeds} holds {own}, the training seed of candidate r{rnd:03d}-s{i:02d}: "
                                 "it was picked by that seed's reward, so it would be measured with its own luck")

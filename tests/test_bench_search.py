@@ -432,7 +432,10 @@ def test_mlflow_run_holds_table_rewards_and_goal(prepared, tmp_path):
                 "focal+l1": {"AP": [0.12, 0.13, 0.14]}, "square@g1.7": {"AP": [0.2]},
                 **{f: {"AP": [0.10, 0.11, 0.12]} for f in ("sigmoid", "sqrt", "linear", "square")}}
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    _log_mlflow(uri, "shapes", cfg, per_loss, [], states)
+    against = {("shapes", "searched"): {"rounds": [{"baseline": 0.2, "mean": 0.05, "best": 0.2, "above": 3,
+                                                    "samples": 4}], "candidates": [0.01, None]}}
+    _log_mlflow(uri, "shapes", dataclasses.replace(cfg, reward_baseline="square"), per_loss, [], states,
+                against=against)
     run = mlflow.MlflowClient(uri).search_runs(
         [mlflow.MlflowClient(uri).get_experiment_by_name("paploss-bench").experiment_id])[0]
     assert run.data.metrics["searched.AP.mean"] == pytest.approx(0.16)
@@ -447,6 +450,13 @@ def test_mlflow_run_holds_table_rewards_and_goal(prepared, tmp_path):
     assert run.data.tags["goal.shared.beats_handcrafted"] == "True"
     assert run.data.metrics["searched.mean_reward"] == pytest.approx(0.25)  # the one PPO round of the fixture
     assert run.data.params["sigma"] == str(cfg.sigma)
+    # the search against --reward-baseline: per round, and per selection candidate (one lacking its baseline)
+    assert run.data.params["reward_baseline"] == "square"
+    assert (run.data.metrics["searched.square_reward"], run.data.metrics["searched.mean_reward_minus_square"],
+            run.data.metrics["searched.max_reward_minus_square"]) == pytest.approx((0.2, 0.05, 0.2))
+    history = mlflow.MlflowClient(uri).get_metric_history(run.info.run_id, "searched.selection_minus_square")
+    assert [(m.step, m.value) for m in history] == [(0, pytest.approx(0.01))]
+    assert "searched-shared.square_reward" not in run.data.metrics
 
 
 def test_report_only_trains_and_builds_nothing(tmp_path):
@@ -777,7 +787,7 @@ def test_bench_selection_across_warm_starts_trains_seed_s_from_warm_start_s_mod_
            "--select-seeds", "1,2", "--select-warm-starts", "--reward-seeds", "2", "--search-splits", "3", "--proxy-iterations", "2",
            "--final-iterations", "2", "--select-rank", "round",
            "--n-train", "24", "--n-val", "8", "--work", str(work), "--out", str(out), "--tracking-uri", "",
-           "--jobs", "1"]
+           "--jobs", "1", "--reward-baseline", "square"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     searches = work / "shapes" / "searches"
@@ -813,6 +823,22 @@ def test_bench_selection_across_warm_starts_trains_seed_s_from_warm_start_s_mod_
     # the search table's noise column: each round's from its two trainings per sample
     for r, noise in enumerate(steps.round_noise(str(search / "state" / "round-002.json")), start=1):
         assert f"| searched-shared on shapes | {r} | " in report and f"| {noise[0]:.4f} / {noise[1]:.4f} |" in report
+    # --reward-baseline square: trained once per distinct (warm start, seed, split) of the rounds' and the
+    # selection's trials, each the training bench.reeval gives (its twin), and the rounds set against it
+    base = {(d["init"], d["seed"], d["split"]): d["reward"]
+            for d in (json.loads(f.read_text()) for f in (work / "shapes" / "baseline").iterdir())}
+    assert set(base) == {(t["init"], t["seed"], t["split"]) for t in search_trials + picked} and len(base) == 6
+    twin = subprocess.run([sys.executable, "-m", "bench.reeval", "--search", str(search), "--top", "0", "--seeds", "1",
+                           "2", "--inits", *inits, "--split", "2", "--jobs", "1", "--out", str(tmp_path / "twin.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert twin.returncode == 0, twin.stderr[-3000:]
+    assert {r["seed"]: r["metrics"]["AP"] for r in json.loads((tmp_path / "twin.json").read_text())["runs"]} == {
+        s: base[(inits[s % 2], s, 2)] for s in (1, 2)}
+    section = report[report.index("## Rewards against `square`"):]
+    for r, rec in enumerate(c.history):
+        b = (base[(inits[0], 0, r)] + base[(inits[1], 1000, r)]) / 2
+        assert (f"| searched-shared on shapes | {r + 1} | {100 * b:.2f} | {100 * (sum(rec.rewards) / 2 - b):+.2f} | "
+                f"{100 * (max(rec.rewards) - b):+.2f} | {sum(x > b for x in rec.rewards)}/2 |") in section
     bad = subprocess.run([*cmd, "--warm-starts", "1", "--report-only"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "select_warm_starts needs" in bad.stderr and "warm_starts=1" in bad.stderr
     # the work folder given relative (absolute above): every warm start, search, selection
@@ -824,6 +850,9 @@ def test_bench_selection_across_warm_starts_trains_seed_s_from_warm_start_s_mod_
                            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     assert again.returncode == 0, again.stderr[-3000:]
     assert (tmp_path / "out2" / "bench_search.json").read_text() == (out / "bench_search.json").read_text()
+    again_md = (tmp_path / "out2" / "bench_search.md").read_text()
+    assert again_md[again_md.index("## Rewards against `square`"):again_md.index("## Searched losses")] == \
+        section[:section.index("## Searched losses")]  # the baselines found in their cache
 
 
 def test_tree_digest_names_a_folder_by_its_files_names_and_bytes(tmp_path):

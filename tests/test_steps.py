@@ -432,6 +432,29 @@ def test_search_splits_are_drawn_beside_the_first_and_cycled_by_round(tiny_data)
     assert all("split" not in json.loads(t) for t in one["trials"])
 
 
+@pytest.mark.parametrize("trial_seeds, reward_seeds, search_splits", [
+    ("fixed", 1, 1), ("per-round", 2, 3), ("fixed", 3, 2), ("per-round", 1, 1)])
+def test_round_trainings_are_the_trainings_each_round_s_trials_had(tiny_data, trial_seeds, reward_seeds,
+                                                                   search_splits):
+    """``round_trainings``: per finished round, the (seed, split, repeat) of the trials
+    the round actually handed out (read off its trials' JSON, the obvious twin), one
+    entry per reward seed; ``selection_split``: the split ``selection_trials`` gives."""
+    work, _ = tiny_data
+    name = f"rt-{trial_seeds}-{reward_seeds}-{search_splits}"
+    out = steps.init_search(work, name, rounds=4, samples=2, seed=7, trial_seeds=trial_seeds,
+                            reward_seeds=reward_seeds, search_splits=search_splits)
+    handed = []
+    for _ in range(4):
+        trials = [json.loads(t) for t in out["trials"]]
+        handed.append(sorted({(t["seed"], t.get("split", 0), t.get("repeat", 0)) for t in trials}))
+        out = steps.controller_update(out["state"], _fake_results(out["trials"]), work, name)
+        got = steps.round_trainings(out["state"])
+        assert [sorted((x["seed"], x["split"], x["repeat"]) for x in rnd) for rnd in got] == handed
+    assert all(len(rnd) == reward_seeds for rnd in handed)
+    picked = {json.loads(t).get("split", 0) for t in steps.selection_trials(out["state"], 2, [1, 2])}
+    assert picked == {steps.selection_split(out["state"])} == {4 % search_splits}
+
+
 def test_a_proxy_trial_trains_and_scores_on_its_split(tiny_data, tmp_path, monkeypatch):
     """A trial's ``split`` picks the annotation files of its training and reward (a
     real smoke training, its config looked at on the way), the result records it, a
