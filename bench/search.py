@@ -1149,7 +1149,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
                                                     cfg.select_rank)
         if cfg.reward_baseline:
             for mode in searches[dataset]:
-                if (dataset, mode) in searched and (dataset, mode) not in given:
+                if (dataset, mode) in searched:  # searched here (a loss given as a file has no rounds)
                     against[(dataset, mode)] = _against(cfg, pool, p, data, work, searched[(dataset, mode)],
                                                         search_inits, select_inits)
         own = [loss for loss in cfg.losses if loss not in TRANSFERS]
