@@ -92,8 +92,9 @@ def measure(pool: Executor | None, p: steps.Preset, data: str, work: str, form: 
         docs = {run: cached(p, data, run, form, work)[2] for run in runs}
     else:
         futures = {run: pool.submit(train, p, data, run, form, work) for run in runs}
-        docs = {run: fut.result() for run, fut in futures.items()}
-        for (init, seed, split), doc in docs.items():
+        docs = {}
+        for (init, seed, split), fut in futures.items():  # logged as each one finishes, in order
+            docs[(init, seed, split)] = doc = fut.result()
             _log(f"baseline {form} on split {split}, seed {seed}, warm start {init}: reward "
                  f"{doc['reward'] if doc['reward'] is None else round(doc['reward'], 4)} ({doc['seconds']:.0f}s)")
     return {run: doc.get("reward") if doc else None for run, doc in docs.items()}
