@@ -862,9 +862,11 @@ def _reward_history(state: str) -> list[list[float]]:
 
 
 def _figures(out: str, dataset: str, searched: Mapping[tuple[str, str], str],
-             given: Mapping[tuple[str, str], str] | None = None) -> list[str]:
+             given: Mapping[tuple[str, str], str] | None = None, form: str = "",
+             against: Mapping[tuple[str, str], Mapping[str, Any]] | None = None) -> list[str]:
     """The searched functions of each searched loss of ``dataset`` and, for those
-    that were searched here (not given as a file), the reward per round."""
+    that were searched here (not given as a file), the reward per round, with the
+    reward baseline ``form``'s per round where ``against`` (``_against``) has it."""
     from paploss.functions import plot_functions
     from paploss.spec import LossSpec
     from paploss.tracking import reward_figure  # the pipeline's figure, same look
@@ -883,7 +885,9 @@ def _figures(out: str, dataset: str, searched: Mapping[tuple[str, str], str],
         if state is None:
             continue
         path = storage.join(out, f"bench_{dataset}_{mode}_rewards.png")
-        reward_figure(_reward_history(state), Path(path), steps.round_noise(state))
+        rows = (against or {}).get((dataset, mode), {}).get("rounds", [])
+        reward_figure(_reward_history(state), Path(path), steps.round_noise(state),
+                      [row["baseline"] if row else None for row in rows], f"{form} trained as the round's samples")
         written.append(path)
     return written
 
@@ -1163,7 +1167,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
             specs = _loss_specs(cfg, dataset, searched, transfers, given)
             _finals(cfg, pool, dataset, prepared[dataset], specs, transfers, results[dataset])
     for dataset in prepared:
-        figures = _figures(cfg.out, dataset, searched, given)
+        figures = _figures(cfg.out, dataset, searched, given, cfg.reward_baseline, against)
         if tracking_uri:
             _log_mlflow(tracking_uri, dataset, cfg, results[dataset], figures, searched, given, against)
     complete = len(prepared) == len(cfg.datasets) and all(

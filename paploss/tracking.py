@@ -256,11 +256,14 @@ def log_trial(
 
 
 def reward_figure(history: Sequence[Sequence[float | None]], path: Path,
-                  noise: Sequence[tuple[float, float] | None] = ()) -> None:
+                  noise: Sequence[tuple[float, float] | None] = (),
+                  baseline: Sequence[float | None] = (), baseline_label: str = "baseline") -> None:
     """Rewards of every trial per round (dots) and their mean (line), saved to
     ``path``; with ``noise`` (per round ``paploss.steps.reward_noise`` or None) a band
     of ± the seeds' noise in one reward around the mean: dots inside it differ by
-    luck as much as by their losses."""
+    luck as much as by their losses. With ``baseline`` (per round the reward of a loss
+    trained as the round's samples were, or None; ``paploss bench --reward-baseline``)
+    a black cross per round, labelled ``baseline_label``: the dots above it beat it."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -278,6 +281,10 @@ def reward_figure(history: Sequence[Sequence[float | None]], path: Path,
         xs = [r for r, _ in band]
         ax.fill_between(xs, [means[r] - n for r, n in band], [means[r] + n for r, n in band], color="tab:red",
                         alpha=0.15, label="± seed noise of one reward")
+    marks = [(r, b) for r, b in enumerate(baseline) if b is not None]
+    if marks:
+        ax.scatter([r for r, _ in marks], [b for _, b in marks], s=60, marker="x", color="black", zorder=3,
+                   label=baseline_label)
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
     ax.set_ylabel("reward (search-val AP)")
