@@ -20,7 +20,7 @@ import statistics
 from concurrent.futures import Executor
 from typing import Any, Iterable, Mapping, Sequence
 
-from bench.search import _cached_final, _log, _selection, platform_info, warm_start
+from bench.search import _cached_final, _log, platform_info, warm_start
 from paploss import steps, storage
 
 __all__ = ["Run", "round_runs", "selection_runs", "cached", "train", "measure", "gaps", "gaps_text"]
@@ -125,8 +125,7 @@ def gaps(state: str, rounds: Sequence[Sequence[Run]], selection: Mapping[int, Ru
         b = statistics.mean(base)
         out["rounds"].append({"baseline": b, "mean": statistics.mean(got) - b, "best": max(got) - b,
                               "above": sum(x > b for x in got), "samples": len(got)})
-    sel = _selection(state)
-    for c in (sel or {}).get("candidates", []):
+    for c in (doc.get("selected") or {}).get("candidates", []):
         pairs = [(float(r), rewards.get(selection.get(int(s)))) for s, r in c["rewards"].items()]
         out["candidates"].append(None if not pairs or any(b is None for _, b in pairs)
                                  else statistics.mean(r - b for r, b in pairs))
