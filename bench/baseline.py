@@ -100,10 +100,11 @@ def measure(pool: Executor | None, p: steps.Preset, data: str, work: str, form: 
     return {run: doc.get("reward") if doc else None for run, doc in docs.items()}
 
 
-def gaps(state: str, rounds: Sequence[Sequence[Run]], selection: Mapping[int, Run],
+def gaps(state: Mapping[str, Any], rounds: Sequence[Sequence[Run]], selection: Mapping[int, Run],
          rewards: Mapping[Run, float | None]) -> dict[str, Any]:
-    """The search in ``state`` against the baseline whose ``rewards`` (``measure``) were
-    trained as its rounds (``round_runs``) and its selection (``selection_runs``) were::
+    """The search whose state file holds ``state`` (its content) against the baseline whose
+    ``rewards`` (``measure``) were trained as its rounds (``round_runs``) and its selection
+    (``selection_runs``) were::
 
         {"rounds": [per round {"baseline", "mean", "best", "above", "samples"}, or None where
                     a training of the baseline is missing or diverged],
@@ -113,8 +114,7 @@ def gaps(state: str, rounds: Sequence[Sequence[Run]], selection: Mapping[int, Ru
     ``baseline``: the baseline's reward, the mean over the round's trainings, as a
     sample's reward is the mean over its reward seeds; ``mean``, ``best``: the round's
     mean and best reward minus it; ``above``: how many samples beat it."""
-    doc = storage.read_json(state)
-    history = doc["controller"]["history"]
+    history = state["controller"]["history"]
     out: dict[str, Any] = {"rounds": [], "candidates": []}
     for rec, runs in zip(history, rounds):
         base = [rewards.get(run) for run in runs]
@@ -125,7 +125,7 @@ def gaps(state: str, rounds: Sequence[Sequence[Run]], selection: Mapping[int, Ru
         b = statistics.mean(base)
         out["rounds"].append({"baseline": b, "mean": statistics.mean(got) - b, "best": max(got) - b,
                               "above": sum(x > b for x in got), "samples": len(got)})
-    for c in (doc.get("selected") or {}).get("candidates", []):
+    for c in (state.get("selected") or {}).get("candidates", []):
         pairs = [(float(r), rewards.get(selection.get(int(s)))) for s, r in c["rewards"].items()]
         out["candidates"].append(None if not pairs or any(b is None for _, b in pairs)
                                  else statistics.mean(r - b for r, b in pairs))

@@ -1182,11 +1182,12 @@ def _against(cfg: BenchConfig, pool: ProcessPoolExecutor | None, p: steps.Preset
     trials were (``bench.baseline.gaps``); without a ``pool``, from the cached trainings."""
     from bench import baseline
 
+    doc = storage.read_json(state)
     rounds = baseline.round_runs(state, search_inits)
-    selection = baseline.selection_runs(state, select_inits, cfg.select_seeds) if _selection(state) else {}
+    selection = baseline.selection_runs(state, select_inits, cfg.select_seeds) if doc.get("selected") else {}
     rewards = baseline.measure(pool, p, data, work, cfg.reward_baseline,
                                [run for runs in rounds for run in runs] + list(selection.values()))
-    return baseline.gaps(state, rounds, selection, rewards)
+    return baseline.gaps(doc, rounds, selection, rewards)
 
 
 @click.command("bench")

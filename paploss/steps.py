@@ -675,7 +675,7 @@ def selection_split(state: str) -> int:
     """The search split a selection after the search in ``state`` trains and scores on
     (:func:`selection_trials`: the number of rounds mod the search's splits)."""
     doc, c = _read_state(state)
-    return int(c.round) % _SearchOptions.of(doc).search_splits
+    return _split_field(c.round, _SearchOptions.of(doc).search_splits).get("split", 0)
 
 
 def _trials_of(controller, samples: int, opts: _SearchOptions) -> list[str]:
@@ -1096,7 +1096,7 @@ def controller_update(
         raise StepError(f"round {r} has {len(parsed)} results, not a multiple of the search's reward_seeds={reward_seeds}")
     samples = len(parsed) // reward_seeds
     expected = c.sample(samples).tolist()
-    seeds = _round_runs(c, r, opts)[0]
+    seeds, split_field = _round_runs(c, r, opts)
     for k, p in enumerate(parsed):
         if int(p["sample"]) != k:
             raise StepError(f"round {r} has no result of sample {k} (samples {[int(q['sample']) for q in parsed]})")
@@ -1107,7 +1107,7 @@ def controller_update(
             else f"{seeds[0]} (trial_seeds={trial_seeds!r})"
         raise StepError(f"results of round {r} were trained with seeds {sorted({int(p['seed']) for p in parsed})}, "
                         f"not the search's {want}")
-    split = r % search_splits
+    split = split_field.get("split", 0)
     if any(int(p.get("split", 0)) != split for p in parsed):
         raise StepError(f"results of round {r} were scored on search splits {sorted({int(p.get('split', 0)) for p in parsed})}, "
                         f"not split {split} (round {r} of a search over search_splits={search_splits})")
