@@ -45,12 +45,27 @@ def load_trials(search: str) -> tuple[dict, list[dict]]:
     if not inputs_file.exists():
         raise SystemExit(f"{inputs_file} does not exist: --search must be a benchmark search folder "
                          "(with bench-inputs.json and trials/)")
-    inputs = json.loads(inputs_file.read_text())
+    inputs = read_inputs(inputs_file)
     trials = trial_results(folder)
     done = [t for t in trials if not t.get("failed") and t.get("reward") is not None and t.get("spec")]
     if not done:
         raise SystemExit(f"{folder / 'trials'} holds no finished trial")
     return inputs, sorted(done, key=lambda t: -t["reward"])
+
+
+def read_inputs(file: Path) -> dict:
+    """A search's ``bench-inputs.json`` with its data and warm starts as paths: the file
+    names those inside the work folder by their place in it (``storage.location_id``),
+    and the search folder lies in ``<work>/searches/``, wherever the work folder is now."""
+    from paploss import storage
+
+    inputs = json.loads(file.read_text())
+    work = str(file.resolve().parent.parent.parent)
+    for field in ("data", "init"):
+        inputs[field] = storage.at_location(inputs.get(field), work)
+    if "inits" in inputs:
+        inputs["inits"] = [storage.at_location(i, work) for i in inputs["inits"]]
+    return inputs
 
 
 def trial_name(t: dict) -> str:
@@ -175,7 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.inputs:
         if not Path(args.inputs).is_file():
             ap.error(f"--inputs {args.inputs} does not exist")
-        inputs = json.loads(Path(args.inputs).read_text())
+        inputs = read_inputs(Path(args.inputs))
     if args.only:
         by_name = {trial_name(t): t for t in trials}
         missing = sorted(set(args.only) - set(by_name))

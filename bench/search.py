@@ -447,12 +447,15 @@ def _search_inputs(p: steps.Preset, data: str, inits: Sequence[str], work: str, 
     kept beside it in ``bench-inputs.json``: a run with another ``--proxy-iterations``
     (say) in the same ``--work`` is refused, naming what differs, instead of reporting
     the old search as its own. A search cached before this file existed adopts it. The data
-    and warm starts are compared as places in ``work`` (``storage.location_id``), so a
-    ``--work`` spelled another way is not refused."""
+    and warm starts are written and compared as places in ``work`` (``storage.location_id``),
+    so a ``--work`` spelled another way, or the work folder moved, is not refused (a file
+    written before they were, with the paths as given, is still compared so)."""
     uri = storage.join(steps.search_dir(work, name), "bench-inputs.json")
-    now = {"data": data, "init": inits[0], "proxy": steps.plain(dict(p.proxy)), "detector": p.detector}
+    at = [storage.location_id(i, work) for i in inits]
+    now = {"data": storage.location_id(data, work), "init": at[0], "proxy": steps.plain(dict(p.proxy)),
+           "detector": p.detector}
     if len(inits) > 1:  # reward seeds across warm starts (one warm start: the file as before they existed)
-        now["inits"] = list(inits)
+        now["inits"] = at
     now = json.loads(json.dumps(now))
     if storage.exists(uri):
         had = storage.read_json(uri)
@@ -670,7 +673,7 @@ def _final_job(p: steps.Preset, data: str, init: str, loss: str, spec_json: str 
     res = train(final_config(p, data, init, loss, spec_json, seed), progress=False)
     doc = {"key": key, "loss": loss, "seed": seed,
            "metrics": dict(res.metrics), "diverged": res.diverged, "seconds": res.seconds, "spec": spec_json,
-           "init": init, "platform": platform_info()}
+           "init": storage.location_id(init, work), "platform": platform_info()}
     storage.write_json(out, doc)
     return doc
 

@@ -890,7 +890,9 @@ def proxy_trial(
     search-val (SPEC §3, §4), of the trial's ``split`` where it names one
     (:func:`search_split_files`). Returns the result as JSON text::
 
-        {"round", "sample", "theta", "seed", "init" (the warm start trained from), "split" (when the trial has one),
+        {"round", "sample", "theta", "seed", "init" (the warm start trained from, as a place in ``work``:
+         ``storage.location_id``, so the result is found again after the work folder moved),
+         "split" (when the trial has one),
          "reward" (null if failed), "failed", "diverged", "error", "metrics", "seconds", "spec",
          "box_collapsed" (stopped early by the proxy's ``box_collapse`` option; its reward is
          the AP of the model as it was then)}
@@ -925,7 +927,7 @@ def proxy_trial(
     losses: list[float] = []
     quality: list[float] = []
     result: dict[str, Any] = {"round": r, "sample": s, "theta": theta, "seed": int(t["seed"]), **split,
-                              "init": init or None, "reward": None, "failed": True, "diverged": False,
+                              "init": storage.location_id(init, work) or None, "reward": None, "failed": True, "diverged": False,
                               "error": "", "metrics": {}, "seconds": 0.0, "spec": None}
     start = time.monotonic()
     for attempt in range(1, int(attempts) + 1):

@@ -42,6 +42,7 @@ __all__ = [
     "copy",
     "WORK_MARK",
     "location_id",
+    "at_location",
 ]
 
 
@@ -340,6 +341,15 @@ def location_id(uri: str | os.PathLike | None, work: str | os.PathLike) -> str |
     if path.startswith(top.rstrip(os.sep) + os.sep):
         return WORK_MARK + Path(os.path.relpath(path, top)).as_posix()
     return path
+
+
+def at_location(location: str | None, work: str | os.PathLike) -> str | None:
+    """Where :func:`location_id`'s ``location`` lies now: one inside the work folder
+    (``<work>/data/shapes-1f2e``) under ``work``, any other as it is. So a record that
+    names its inputs by location ids still finds them after the work folder moved."""
+    if not location or not str(location).startswith(WORK_MARK):
+        return location
+    return join(str(work), str(location)[len(WORK_MARK):])
 
 
 def copy(src: str | os.PathLike, dst: str | os.PathLike) -> str:

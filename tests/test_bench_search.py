@@ -588,6 +588,43 @@ def test_a_cached_search_is_reused_only_with_its_own_inputs(prepared, tmp_path):
         _search_inputs(long, data, (init, init), work, "rs", write=False)
 
 
+def test_a_moved_work_folder_keeps_its_searches_trials_and_inputs(tmp_path):
+    """A work folder moved elsewhere (copied off a GPU machine, say): its search's inputs
+    are not refused, its trained trial is read back rather than trained again, and
+    ``bench.reeval`` finds the data and warm start where they lie now. Other inputs are
+    still refused."""
+    import shutil
+
+    from bench.reeval import load_trials
+    from bench.search import _search_inputs
+
+    def inputs(work):
+        data = steps.prepare_data("bundled:shapes", work, bundled={"n_train": 24, "n_val": 8, "image_size": 64})
+        return data, steps.pretrain(data, work, config={"iterations": 1, "batch_size": 4, "num_threads": 1})
+
+    p = BenchConfig().preset("shapes")
+    work = str(tmp_path / "a" / "shapes")
+    data, init = inputs(work)
+    out = steps.init_search(work, "s", rounds=1, samples=2, seed=0)
+    proxy = {"preset": "smoke", "iterations": 2}
+    first = json.loads(steps.proxy_trial(data, init, out["trials"][0], proxy, work, "s", state=out["state"]))
+    assert not first["failed"], first["error"]
+    _search_inputs(p, data, (init,), work, "s", write=True)
+
+    shutil.move(str(tmp_path / "a"), str(tmp_path / "b"))
+    work = str(tmp_path / "b" / "shapes")
+    data, init = inputs(work)  # found there, not made again
+    assert data.startswith(work) and init.startswith(work)
+    _search_inputs(p, data, (init,), work, "s", write=False)
+    state = storage.join(work, os.path.relpath(out["state"], str(tmp_path / "a" / "shapes")))
+    again = json.loads(steps.proxy_trial(data, init, out["trials"][0], proxy, work, "s", state=state))
+    assert again["seconds"] == first["seconds"] and again["reward"] == first["reward"]  # read back, not retrained
+    found, trials = load_trials(steps.search_dir(work, "s"))
+    assert (found["data"], found["init"]) == (data, init) and trials[0]["reward"] == first["reward"]
+    with pytest.raises(steps.StepError, match=r"init: '<work>/.*' there, .*other\.pt.* now"):
+        _search_inputs(p, data, (str(tmp_path / "other.pt"),), work, "s", write=False)
+
+
 def test_a_search_with_other_rounds_is_refused_naming_them_and_a_tag_sets_it_beside(prepared, tmp_path):
     """A cached 4-round search is not taken up by a 6-round run of the same name: the
     refusal names both values and the option that names the new one apart; the tag
@@ -749,7 +786,7 @@ def test_bench_with_a_loss_file_trains_it_without_searching(tmp_path):
     assert "## Searches" not in md  # none was run: no empty reward table
     data = next((work / "shapes" / "data").iterdir())
     assert f"- shapes: data `{data}` (sha256 `{tree_digest(data)[:16]}`)" in md
-    warm = docs[("square", 1)]["init"]
+    warm = storage.at_location(docs[("square", 1)]["init"], str(work / "shapes"))  # a place in the work folder
     accuracy = torch.load(warm, weights_only=False)["train_accuracy"]
     assert f"warm start 1 `{warm}` (weights sha256 `{weights_digest(warm)[:16]}`, crop accuracy " \
         f"{100 * accuracy:.0f} % after 10 iterations)" in md
@@ -829,7 +866,7 @@ def test_bench_selection_across_warm_starts_trains_seed_s_from_warm_start_s_mod_
             for d in (json.loads(f.read_text()) for f in (work / "shapes" / "baseline").iterdir())}
     assert set(base) == {(t["init"], t["seed"], t["split"]) for t in search_trials + picked} and len(base) == 6
     twin = subprocess.run([sys.executable, "-m", "bench.reeval", "--search", str(search), "--top", "0", "--seeds", "1",
-                           "2", "--inits", *inits, "--split", "2", "--jobs", "1", "--out", str(tmp_path / "twin.json")],
+                           "2", "--inits", *(storage.at_location(i, str(work / "shapes")) for i in inits), "--split", "2", "--jobs", "1", "--out", str(tmp_path / "twin.json")],
                           capture_output=True, text=True, timeout=300)
     assert twin.returncode == 0, twin.stderr[-3000:]
     assert {r["seed"]: r["metrics"]["AP"] for r in json.loads((tmp_path / "twin.json").read_text())["runs"]} == {

@@ -157,3 +157,14 @@ def test_location_id_is_the_place_in_work_however_work_is_spelled(tmp_path, monk
     assert storage.location_id("s3://k/w2/x", "s3://k/w") == "s3://k/w2/x"
     assert storage.location_id("s3://k/w/x", "runs/b") == "s3://k/w/x"
     assert storage.location_id("", "runs/b") == "" and storage.location_id(None, "runs/b") is None
+
+
+def test_at_location_places_an_id_in_the_work_folder_it_is_given():
+    """:func:`storage.at_location` undoes :func:`storage.location_id` in whichever work
+    folder the id is read: ids of places inside it land under it, others come back as given."""
+    assert storage.at_location("<work>/data/x", "moved/b") == str(Path("moved/b/data/x"))
+    assert storage.at_location("<work>/data/x", "s3://k/w/") == "s3://k/w/data/x"
+    for other in ("/abs/y", "s3://k/w2/x", "", None):
+        assert storage.at_location(other, "moved/b") == other
+    for work, uri in (("/r/b", "/r/b/pretrain/k/backbone.pt"), ("s3://k/w", "s3://k/w/data/x")):
+        assert storage.at_location(storage.location_id(uri, work), work) == uri
