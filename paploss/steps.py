@@ -927,8 +927,8 @@ def proxy_trial(
     losses: list[float] = []
     quality: list[float] = []
     result: dict[str, Any] = {"round": r, "sample": s, "theta": theta, "seed": int(t["seed"]), **split,
-                              "init": storage.location_id(init, work) or None, "reward": None, "failed": True, "diverged": False,
-                              "error": "", "metrics": {}, "seconds": 0.0, "spec": None}
+                              "init": storage.location_id(init, work) or None, "reward": None, "failed": True,
+                              "diverged": False, "error": "", "metrics": {}, "seconds": 0.0, "spec": None}
     start = time.monotonic()
     for attempt in range(1, int(attempts) + 1):
         losses = []
