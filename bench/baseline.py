@@ -77,8 +77,8 @@ def train(p: steps.Preset, data: str, run: Run, form: str, work: str) -> dict:
     res = run_training(cfg, progress=False)
     metrics = {k: float(v) for k, v in res.metrics.items()}
     doc = {"key": key, "form": form, "seed": seed, "split": split, "init": storage.location_id(init, work),
-           "metric": metric, "reward": None if res.diverged else metrics[metric], "metrics": metrics, "diverged": bool(res.diverged),
-           "seconds": float(res.seconds), "platform": platform_info()}
+           "metric": metric, "reward": None if res.diverged else metrics[metric], "metrics": metrics,
+           "diverged": bool(res.diverged), "seconds": float(res.seconds), "platform": platform_info()}
     storage.write_json(out, doc)
     return doc
 
