@@ -57,15 +57,11 @@ def read_inputs(file: Path) -> dict:
     """A search's ``bench-inputs.json`` with its data and warm starts as paths: the file
     names those inside the work folder by their place in it (``storage.location_id``),
     and the search folder lies in ``<work>/searches/``, wherever the work folder is now."""
+    from bench.search import input_places
     from paploss import storage
 
-    inputs = json.loads(file.read_text())
     work = str(file.resolve().parent.parent.parent)
-    for field in ("data", "init"):
-        inputs[field] = storage.at_location(inputs.get(field), work)
-    if "inits" in inputs:
-        inputs["inits"] = [storage.at_location(i, work) for i in inputs["inits"]]
-    return inputs
+    return input_places(json.loads(file.read_text()), lambda v: storage.at_location(v, work))
 
 
 def trial_name(t: dict) -> str:

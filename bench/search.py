@@ -43,7 +43,7 @@ import subprocess
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import click
 
@@ -451,26 +451,36 @@ def _search_inputs(p: steps.Preset, data: str, inits: Sequence[str], work: str, 
     so a ``--work`` spelled another way, or the work folder moved, is not refused (a file
     written before they were, with the paths as given, is still compared so)."""
     uri = storage.join(steps.search_dir(work, name), "bench-inputs.json")
-    at = [storage.location_id(i, work) for i in inits]
-    now = {"data": storage.location_id(data, work), "init": at[0], "proxy": steps.plain(dict(p.proxy)),
-           "detector": p.detector}
-    if len(inits) > 1:  # reward seeds across warm starts (one warm start: the file as before they existed)
-        now["inits"] = at
-    now = json.loads(json.dumps(now))
-    if storage.exists(uri):
-        had = storage.read_json(uri)
-        def place(field: str, value: Any) -> Any:
-            if field == "inits" and isinstance(value, list):
-                return [storage.location_id(v, work) for v in value]
-            return storage.location_id(value, work) if field in ("data", "init") else value
 
+    def ids(doc: Mapping[str, Any]) -> dict:
+        return input_places(doc, lambda v: storage.location_id(v, work))
+
+    now = {"data": data, "init": inits[0], "proxy": steps.plain(dict(p.proxy)), "detector": p.detector}
+    if len(inits) > 1:  # reward seeds across warm starts (one warm start: the file as before they existed)
+        now["inits"] = list(inits)
+    now = ids(json.loads(json.dumps(now)))
+    if storage.exists(uri):
+        had = ids(storage.read_json(uri))
         diff = [f"{field}: {had.get(field)!r} there, {now[field]!r} now" for field in now
-                if place(field, had.get(field)) != place(field, now[field])]
+                if had.get(field) != now[field]]
         if diff:
             raise steps.StepError(f"search {name!r} in {work} was run on other inputs ({uri}): " + "; ".join(diff)
                                   + ". Use another --work for these settings.")
     elif write:
         storage.write_json(uri, now)
+
+
+def input_places(inputs: Mapping[str, Any], where: Callable[[Any], Any]) -> dict:
+    """A search's ``bench-inputs.json`` (``_search_inputs``) with ``where`` applied to its
+    data and warm starts: ``storage.location_id`` to write or compare them as places in
+    the work folder, ``storage.at_location`` to read them back as paths (``bench.reeval``)."""
+    out = dict(inputs)
+    for field in ("data", "init"):
+        if field in out:
+            out[field] = where(out[field])
+    if isinstance(out.get("inits"), list):
+        out["inits"] = [where(v) for v in out["inits"]]
+    return out
 
 
 def _select(pool: ProcessPoolExecutor | None, p: steps.Preset, data: str, inits: Sequence[str], work: str,

@@ -55,16 +55,18 @@ def test_gaps_set_each_round_and_candidate_against_the_baseline_trained_as_they_
                                                      "failed": False}) for t in trials], work, "g")
     selection = baseline.selection_runs(selected, ["w0"], [1, 2])
     base = {("w0", 3, 0): 0.18, ("w0", 3, 1): 0.30, ("w0", 1, 0): 0.33, ("w0", 2, 0): 0.37}
-    got = baseline.gaps(storage.read_json(selected), rounds, selection, base)
+    doc = storage.read_json(selected)
+    got = baseline.gaps(doc, rounds, selection, base)
     r1, r2 = got["rounds"]
     assert r1 == pytest.approx({"baseline": 0.18, "mean": 0.20 - 0.18, "best": 0.30 - 0.18, "above": 2, "samples": 3})
     assert r2 == pytest.approx({"baseline": 0.30, "mean": statistics.mean(rewards[1]) - 0.30, "best": 0.10,
                                 "above": 1, "samples": 3})
     # candidate 0 trained 0.42 and 0.38 against 0.33 and 0.37; candidate 1 0.30 and 0.34
     assert got["candidates"] == pytest.approx([(0.09 + 0.01) / 2, (-0.03 - 0.03) / 2])
-    partial = baseline.gaps(storage.read_json(selected), rounds, selection, {**base, ("w0", 3, 1): None, ("w0", 2, 0): None})
+    partial = baseline.gaps(doc, rounds, selection, {**base, ("w0", 3, 1): None, ("w0", 2, 0): None})
     assert partial["rounds"][0] == r1 and partial["rounds"][1] is None and partial["candidates"] == [None, None]
-    assert baseline.gaps(storage.read_json(state), rounds, {}, base)["candidates"] == []  # no selection in the search's own state
+    own = storage.read_json(state)  # the search's own state: no selection in it
+    assert baseline.gaps(own, rounds, {}, base)["candidates"] == []
 
     text = baseline.gaps_text("square", {"searched on digits": got})
     assert "| searched on digits | 1 | 18.00 | +2.00 | +12.00 | 2/3 |" in text

@@ -866,7 +866,8 @@ def test_bench_selection_across_warm_starts_trains_seed_s_from_warm_start_s_mod_
             for d in (json.loads(f.read_text()) for f in (work / "shapes" / "baseline").iterdir())}
     assert set(base) == {(t["init"], t["seed"], t["split"]) for t in search_trials + picked} and len(base) == 6
     twin = subprocess.run([sys.executable, "-m", "bench.reeval", "--search", str(search), "--top", "0", "--seeds", "1",
-                           "2", "--inits", *(storage.at_location(i, str(work / "shapes")) for i in inits), "--split", "2", "--jobs", "1", "--out", str(tmp_path / "twin.json")],
+                           "2", "--inits", *(storage.at_location(i, str(work / "shapes")) for i in inits),
+                           "--split", "2", "--jobs", "1", "--out", str(tmp_path / "twin.json")],
                           capture_output=True, text=True, timeout=300)
     assert twin.returncode == 0, twin.stderr[-3000:]
     assert {r["seed"]: r["metrics"]["AP"] for r in json.loads((tmp_path / "twin.json").read_text())["runs"]} == {
