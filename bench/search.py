@@ -135,6 +135,18 @@ BENCH_PRESETS["long-proxy"] = {**BENCH_PRESETS["default"], "proxy_iterations": 4
 # CPU cores for the shared search, its selection and two losses' 3 seeds; each further loss adds about 6 min.
 BENCH_PRESETS["select-1200"] = {**BENCH_PRESETS["default"], "rounds": 6, "proxy_iterations": 1200,
                                 "final_iterations": 1200, "start": "square", "select_top": 4, "select_seeds": (1, 2)}
+# select-1200 from strong warm starts (3000 pre-training iterations: the digits backbone then classifies
+# 88-91 % of its crops, as the paper's ImageNet backbone knows its classes), the procedure of BENCHMARKS.md,
+# issue 8, findings 34-36 on digits: 3 warm starts, every PAP loss with detach_i3, 4 rounds x 8 samples at
+# sigma 0.2 on 5 search splits of 1000 search-val images, the selection across the warm starts, each round
+# set against square, the searched loss against square over 9 paired seeds. Its search tag is finding 35's,
+# so a --work holding that search takes it up. About 2 h 30 min on 2 idle CPU cores (19 min of warm starts,
+# about 70 of search, 15 of selection, 45 of finals); --final-iterations 3000 for finding 36's finals.
+BENCH_PRESETS["strong-start"] = {
+    **BENCH_PRESETS["select-1200"], "datasets": ("digits",), "losses": ("searched", "square"),
+    "seeds": tuple(range(9)), "rounds": 4, "samples": 8, "sigma": 0.2, "pretrain_iterations": 3000,
+    "warm_starts": 3, "select_warm_starts": True, "detach_i3": True, "search_splits": 5, "n_train": 2000,
+    "search_val_fraction": 0.5, "reward_baseline": "square", "search_tag": "s2x8"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1210,13 +1222,17 @@ def _against(cfg: BenchConfig, pool: ProcessPoolExecutor | None, p: steps.Preset
                    "select-1200 (1200-iteration proxies and finals, the search started at square, 6 rounds, "
                    "--select-top 4 --select-seeds 1,2: the procedure whose searched loss is first on 3 seeds from one "
                    "warm start, though less than 2 AP ahead of square across warm starts, about "
-                   "1 h 20 min per dataset for --losses searched-shared,square, 6 min more per further loss) or "
+                   "1 h 20 min per dataset for --losses searched-shared,square, 6 min more per further loss), "
+                   "strong-start (select-1200 on digits from 3 warm starts of 3000 pre-training iterations, "
+                   "--detach-i3, 4 rounds x 8 samples at sigma 0.2 on 5 search splits, each round set against "
+                   "square, the searched loss against square over seeds 0-8: findings 34-36, about 2 h 30 min) or "
                    "smoke (the plumbing, minutes). Options given override the preset's.")
-@click.option("--datasets", default="shapes,digits", show_default=True, help="Comma-separated bundled datasets.")
-@click.option("--losses", default=",".join(LOSSES), show_default=True,
+@click.option("--datasets", default=None, help="Comma-separated bundled datasets [preset; else shapes,digits].")
+@click.option("--losses", default=None,
               help="Comma-separated losses to compare; also transfer-shared (the shared search's loss of the other "
                    "dataset). '<loss>@g<scale>' is a handcrafted form or a searched loss "
-                   "with its gradient scale set to <scale> (an ablation), e.g. square@g1.8.")
+                   f"with its gradient scale set to <scale> (an ablation), e.g. square@g1.8 [preset; else "
+                   f"{','.join(LOSSES)}].")
 @click.option("--seeds", default=None, help="Comma-separated seeds of the final trainings [preset].")
 @click.option("--rounds", type=int, default=None, help="PPO rounds per search [preset].")
 @click.option("--samples", type=int, default=None, help="Losses sampled per round [preset].")
@@ -1229,15 +1245,15 @@ def _against(cfg: BenchConfig, pool: ProcessPoolExecutor | None, p: steps.Preset
 @click.option("--n-train", type=int, default=None, help="Images of each bundled dataset's train split [preset].")
 @click.option("--n-val", type=int, default=None, help="Images of each bundled dataset's val split [preset].")
 @click.option("--sigma", type=float, default=None, help="Starting spread of the search policy [preset].")
-@click.option("--detach-i3", is_flag=True,
+@click.option("--detach-i3/--no-detach-i3", default=None,
               help="Train every PAP loss (proxies, selection, the finals of the searched and handcrafted losses) "
                    "without the gradient into the boxes through I3, so that no sampled loss can train its boxes "
                    "worse (not SPEC §1; BENCHMARKS.md, issue 8, finding 26). Its searches and finals are cached "
-                   "under their own names beside the SPEC's.")
-@click.option("--search-tag", default="", metavar="TAG",
+                   "under their own names beside the SPEC's [preset; else off].")
+@click.option("--search-tag", default=None, metavar="TAG",
               help="Appended to every search's name: a search with other --rounds, --samples or --sigma in the "
                    "same --work, beside the earlier one (same data, warm starts and cached finals) instead of "
-                   "refused, e.g. --rounds 6 --search-tag r6.")
+                   "refused, e.g. --rounds 6 --search-tag r6 [preset; else none].")
 @click.option("--box-collapse", type=float, default=None, metavar="U",
               help="Stop a proxy trial early, evaluating it as it is, when its positives' mean box quality u "
                    "(GIoU-based, about 0.7 at the start) stays below U for more than 50 iterations: a loss that "
@@ -1245,21 +1261,21 @@ def _against(cfg: BenchConfig, pool: ProcessPoolExecutor | None, p: steps.Preset
                    "BENCHMARKS.md, issue 8, finding 26). 0.3 stopped 2 of 4 such trials tried, after 62 and 78 iterations; "
                    "no trial that trained went below it in its first 60. 0.5 stops more of them, but also one that "
                    "trained to 25 AP [off].")
-@click.option("--trial-seeds", type=click.Choice(steps.TRIAL_SEEDS), default="fixed", show_default=True,
+@click.option("--trial-seeds", type=click.Choice(steps.TRIAL_SEEDS), default=None,
               help="Training seed of the proxy trials: the search's seed in every round (fixed), or seed + round "
                    "(per-round, so that no single training trajectory is tuned to; it measured no better, "
-                   "BENCHMARKS.md, issue 8, finding 10).")
-@click.option("--reward-seeds", type=int, default=1, show_default=True, metavar="N",
+                   "BENCHMARKS.md, issue 8, finding 10) [preset; else fixed].")
+@click.option("--reward-seeds", type=int, default=None, metavar="N",
               help="Proxy trainings per sampled loss, with seeds 1000 apart; its reward is their mean (less of one "
                    "training's luck in the reward, at N times the search's cost). With --select-warm-starts the j-th "
-                   "trains from warm start j mod --warm-starts. Such a search is named ...-rsN.")
-@click.option("--search-splits", type=int, default=1, show_default=True, metavar="N",
+                   "trains from warm start j mod --warm-starts. Such a search is named ...-rsN [preset; else 1].")
+@click.option("--search-splits", type=int, default=None, metavar="N",
               help="Search-train/search-val splits drawn from train: search round r trains and scores on split r "
                    "mod N, the selection on split rounds mod N (with N > rounds one no round scored on), so that "
-                   "neither fits one set of search-val images. Such a search is named ...-ssN.")
-@click.option("--search-val-fraction", type=float, default=0.2, show_default=True, metavar="F",
+                   "neither fits one set of search-val images. Such a search is named ...-ssN [preset; else 1].")
+@click.option("--search-val-fraction", type=float, default=None, metavar="F",
               help="Share of train each search split holds out as search-val: more images behind each reward, "
-                   "fewer for the proxies to train on. Other data than the default's: use another --work.")
+                   "fewer for the proxies to train on. Other data than the default's: use another --work [preset; else 0.2].")
 @click.option("--start", default=None, metavar="FORM|FILE",
               help=f"Starting mean of the searches: the identity (linear, SPEC §2), the piecewise-linear form of "
                    f"another handcrafted loss ({', '.join(START_FORMS)}: does a search improve on square when it "
@@ -1271,10 +1287,10 @@ def _against(cfg: BenchConfig, pool: ProcessPoolExecutor | None, p: steps.Preset
                    "--select-seeds seed; the best mean becomes the searched loss (0: off, the loss is the policy's "
                    "final mean; BENCHMARKS.md, issue 8, finding 16) [preset; else 0].")
 @click.option("--select-seeds", default=None, help="Training seeds of the selection's trials [preset; else 1,2,3].")
-@click.option("--select-rank", type=click.Choice(steps.SELECT_RANKS), default="reward", show_default=True,
+@click.option("--select-rank", type=click.Choice(steps.SELECT_RANKS), default=None,
               help="How the selection picks its candidates: 'reward', the best rewards of the whole search; 'round', "
                    "the best rewards relative to their round's mean (with --search-splits a round on an easy split "
-                   "otherwise fills the ranking).")
+                   "otherwise fills the ranking) [preset; else reward].")
 @click.option("--loss-file", "loss_files", multiple=True, metavar="DATASET:MODE=FILE",
               help="Benchmark this LossSpec file (a run's bench_<dataset>_<mode>_loss.json, or the loss_spec.json "
                    "artifact of a search pipeline's MLflow run) as the searched loss MODE (searched or searched-shared) on DATASET, instead of "
@@ -1282,20 +1298,21 @@ def _against(cfg: BenchConfig, pool: ProcessPoolExecutor | None, p: steps.Preset
                    "train on the one benchmarked (--datasets digits --losses transfer,square --loss-file "
                    "shapes:searched=FILE). Repeatable, e.g. "
                    "--loss-file shapes:searched-shared=docs/bench_shapes_select_searched-shared_loss.json.")
-@click.option("--warm-starts", type=int, default=1, show_default=True,
+@click.option("--warm-starts", type=int, default=None,
               help="Warm starts pre-trained (seeds seed, seed+1, ...); final seed k trains from warm start k mod N, "
                    "the searches from the first. The finals move by several AP with the warm start (BENCHMARKS.md, "
-                   "issue 8, finding 19): N > 1 measures the losses across warm starts.")
-@click.option("--select-warm-starts", is_flag=True,
+                   "issue 8, finding 19): N > 1 measures the losses across warm starts [preset; else 1].")
+@click.option("--select-warm-starts/--no-select-warm-starts", default=None,
               help="The selection's seed s trains from warm start s mod --warm-starts (as final seed s does), not "
                    "from the search's: the loss chosen is the best across warm starts, which the finals measure "
-                   "(on digits no gain: BENCHMARKS.md, issue 8, finding 24).")
+                   "(on digits no gain: BENCHMARKS.md, issue 8, finding 24) [preset; else off].")
 @click.option("--reward-baseline", type=click.Choice(HANDCRAFTED_FORMS), default=None,
               help="Also train this handcrafted form as each search round's samples were trained (the round's "
                    "seeds, search split and warm starts; one training per distinct one) and as the selection's "
                    "candidates were, and give each round's mean and best reward, and each candidate's, minus its "
-                   "(report and MLflow): did the search find a better loss than it where it looked? E.g. square.")
-@click.option("--jobs", type=int, default=2, show_default=True, help="Trainings at a time (one CPU thread each).")
+                   "(report and MLflow): did the search find a better loss than it where it looked? E.g. square "
+                   "[preset; else none].")
+@click.option("--jobs", type=int, default=None, help="Trainings at a time (one CPU thread each) [preset; else 2].")
 @click.option("--mps/--no-mps", default=True, show_default=True,
               help="On a machine with CUDA, run the --jobs trainings under CUDA MPS (started for the run, stopped "
                    "after it), so that the GPU runs their kernels side by side: sixteen 1200-iteration trainings at "
@@ -1321,26 +1338,23 @@ def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, fi
     def pick(name: str, given: Any) -> Any:  # the option as given, else the preset's, else BenchConfig's default
         return given if given is not None else base.get(name, fallback[name])
 
-    select = pick("select_seeds", tuple(int_list(select_seeds, "--select-seeds")) if select_seeds else None)
+    def names(text: str | None) -> tuple[str, ...] | None:
+        return None if text is None else tuple(x for x in text.split(",") if x)
+
+    def numbers(text: str | None, option: str) -> tuple[int, ...] | None:
+        return None if text is None else tuple(int_list(text, option))
+
+    given = dict(datasets=names(datasets), losses=names(losses), seeds=numbers(seeds, "--seeds"), rounds=rounds,
+                 samples=samples, proxy_iterations=proxy_iterations, final_iterations=final_iterations,
+                 pretrain_iterations=pretrain_iterations, n_train=n_train, n_val=n_val, sigma=sigma,
+                 box_collapse=box_collapse, detach_i3=detach_i3, search_tag=search_tag, trial_seeds=trial_seeds,
+                 reward_seeds=reward_seeds, search_splits=search_splits, search_val_fraction=search_val_fraction,
+                 start=start, select_top=select_top, select_seeds=numbers(select_seeds, "--select-seeds"),
+                 select_rank=select_rank, warm_starts=warm_starts, select_warm_starts=select_warm_starts,
+                 reward_baseline=reward_baseline, jobs=jobs)
     try:
-        cfg = BenchConfig(
-            datasets=tuple(d for d in datasets.split(",") if d),
-            losses=tuple(x for x in losses.split(",") if x),
-            seeds=tuple(int(s) for s in seeds.split(",")) if seeds else tuple(base["seeds"]),
-            pipeline_preset=base["pipeline_preset"],
-            rounds=rounds or base["rounds"], samples=samples or base["samples"],
-            proxy_iterations=proxy_iterations or base.get("proxy_iterations"),
-            final_iterations=final_iterations or base.get("final_iterations"),
-            pretrain_iterations=pretrain_iterations,
-            n_train=n_train or base.get("n_train"), n_val=n_val or base.get("n_val"),
-            sigma=sigma or base.get("sigma"), box_collapse=box_collapse, detach_i3=detach_i3, search_tag=search_tag, trial_seeds=trial_seeds,
-            reward_seeds=reward_seeds, search_splits=search_splits, search_val_fraction=search_val_fraction,
-            start=pick("start", start), jobs=jobs,
-            select_top=pick("select_top", select_top), select_seeds=select, select_rank=select_rank,
-            loss_files=tuple(parse_loss_file(f) for f in loss_files),
-            warm_starts=warm_starts, select_warm_starts=select_warm_starts, reward_baseline=reward_baseline or "",
-            work=work, out=out,
-        )
+        cfg = BenchConfig(pipeline_preset=base["pipeline_preset"], **{k: pick(k, v) for k, v in given.items()},
+                          loss_files=tuple(parse_loss_file(f) for f in loss_files), work=work, out=out)
         cfg.given_specs()  # each file read and checked before anything is trained
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None

@@ -235,6 +235,45 @@ def test_select_1200_preset_sets_the_procedure_and_options_override_it(tmp_path,
     assert not {"start", "select_top", "select_seeds"} & set(BENCH_PRESETS["default"])
 
 
+def _report_config(args: list[str], tmp_path, name: str) -> dict:
+    """The config a ``paploss bench --report-only`` run with ``args`` writes in its report."""
+    from click.testing import CliRunner
+
+    from bench.search import bench
+
+    out = tmp_path / name
+    res = CliRunner().invoke(bench, [*args, "--work", str(tmp_path / "w"), "--out", str(out), "--report-only",
+                                     "--tracking-uri", ""])
+    assert res.exit_code == 0, res.output
+    line = next(x for x in (out / "bench_search.md").read_text().splitlines() if x.startswith("Config: `"))
+    return {k: v for k, v in json.loads(line.removeprefix("Config: `").removesuffix("`")).items() if k != "out"}
+
+
+def test_strong_start_preset_is_finding_35s_command_and_every_option_overrides_it(tmp_path):
+    """The preset is the command of BENCHMARKS.md's finding 35 (so it takes up that search's
+    cache), and each option, flags included, still overrides a preset that sets it."""
+    finding_35 = ["--preset", "select-1200", "--datasets", "digits", "--losses", "searched,square",
+                  "--seeds", "0,1,2,3,4,5,6,7,8", "--warm-starts", "3", "--select-warm-starts", "--select-seeds", "1,2",
+                  "--detach-i3", "--search-splits", "5", "--rounds", "4", "--samples", "8", "--sigma", "0.2",
+                  "--search-tag", "s2x8", "--n-train", "2000", "--search-val-fraction", "0.5",
+                  "--pretrain-iterations", "3000", "--reward-baseline", "square"]
+    preset = _report_config(["--preset", "strong-start"], tmp_path, "preset")
+    assert preset == _report_config(finding_35, tmp_path, "command")
+    assert preset["detach_i3"] and preset["select_warm_starts"] and preset["search_tag"] == "s2x8"
+    over = _report_config(["--preset", "strong-start", "--no-detach-i3", "--no-select-warm-starts",
+                           "--warm-starts", "1", "--search-tag", "", "--datasets", "shapes,digits", "--seeds", "4",
+                           "--reward-baseline", "linear", "--search-splits", "2", "--jobs", "1"], tmp_path, "over")
+    changed = {k: (preset[k], v) for k, v in over.items() if v != preset[k]}
+    assert changed == {"detach_i3": (True, False), "select_warm_starts": (True, False), "warm_starts": (3, 1),
+                       "search_tag": ("s2x8", ""), "datasets": (["digits"], ["shapes", "digits"]),
+                       "seeds": (list(range(9)), [4]), "reward_baseline": ("square", "linear"),
+                       "search_splits": (5, 2), "jobs": (2, 1)}
+    # a preset that does not set an option leaves the CLI's own default
+    default = _report_config([], tmp_path, "default")
+    assert (default["detach_i3"], default["warm_starts"], default["search_tag"], default["datasets"]) == \
+        (False, 1, "", ["shapes", "digits"])
+
+
 def test_data_sizes_reach_the_bundled_dataset():
     p = BenchConfig(n_train=300, n_val=60).preset("digits")
     assert p.dataset == "bundled:digits"
