@@ -1,12 +1,15 @@
 """The paired gap between two losses' final trainings, each read from a benchmark's
 ``bench_search.json`` (BENCHMARKS.md, issue 8, from finding 27 on):
 
-    python -m bench.paired A.json:DATASET:LOSS B.json:DATASET:LOSS
+    python -m bench.paired A.json:DATASET:LOSS B.json:DATASET:LOSS [--metric AP75] [--minus C D]
 
 Seed k of A is set against seed k of B (the same data, warm start and seed when both
 come from runs with the same ``--seeds``); over the first n seeds both have, it prints
 the means, the mean gap ± its standard error (``bench.search.paired_se``), how many
-seeds A won, and A's AP per seed (AP × 100).
+seeds A won, and A's AP per seed (AP × 100; ``--metric`` AP50 or AP75 instead).
+``--minus C D`` sets the gap A − B against the gap C − D seed by seed (how much a
+gap grew, e.g. from 1200- to 3000-iteration finals): it prints that change's mean ±
+its standard error and in how many seeds it is positive.
 """
 
 from __future__ import annotations
@@ -18,8 +21,12 @@ import statistics
 from bench.search import paired_se
 
 
-def read_ap(arg: str) -> list[float]:
-    """AP × 100 per seed of ``PATH:DATASET:LOSS``; a ``ValueError`` naming what is missing."""
+METRICS = ("AP", "AP50", "AP75")
+
+
+def read_ap(arg: str, metric: str = "AP") -> list[float]:
+    """``metric`` (AP, AP50 or AP75) × 100 per seed of ``PATH:DATASET:LOSS``; a
+    ``ValueError`` naming what is missing."""
     parts = arg.rsplit(":", 2)
     if len(parts) != 3 or not all(parts):
         raise ValueError(f"{arg!r}: expected PATH:DATASET:LOSS, e.g. docs/bench_search.json:digits:searched")
@@ -31,9 +38,10 @@ def read_ap(arg: str) -> list[float]:
             raise ValueError(f"{path}: not a bench_search.json ({e})") from None
     if dataset not in doc:
         raise ValueError(f"{path}: no dataset {dataset!r} (it has {sorted(doc)})")
-    if loss not in doc[dataset] or not doc[dataset][loss].get("AP"):
-        raise ValueError(f"{path}: dataset {dataset!r} has no AP for loss {loss!r} (it has {sorted(doc[dataset])})")
-    return [100 * v for v in doc[dataset][loss]["AP"]]
+    if loss not in doc[dataset] or not doc[dataset][loss].get(metric):
+        raise ValueError(f"{path}: dataset {dataset!r} has no {metric} for loss {loss!r} "
+                         f"(it has {sorted(doc[dataset])})")
+    return [100 * v for v in doc[dataset][loss][metric]]
 
 
 def report(a: list[float], b: list[float]) -> str:
@@ -48,13 +56,31 @@ def report(a: list[float], b: list[float]) -> str:
             "A per seed: " + ", ".join(f"{v:.2f}" for v in a))
 
 
+def change(a: list[float], b: list[float], c: list[float], d: list[float]) -> str:
+    """The line ``--minus C D`` adds: the per-seed change of the gap A − B from C − D."""
+    n = min(map(len, (a, b, c, d)))
+    diffs = [(w - x) - (y - z) for w, x, y, z in zip(a[:n], b[:n], c[:n], d[:n])]
+    if n < 2:
+        raise ValueError(f"a change of paired gaps needs 2 seeds or more in all four; the fewest has {n}")
+    se = statistics.stdev(diffs) / n ** 0.5
+    return (f"(A - B) - (C - D) over {n} seeds: {statistics.mean(diffs):+.2f} ± {se:.2f}, "
+            f"{sum(x > 0 for x in diffs)} larger")
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.paired", description=__doc__.split("\n\n")[0])
     ap.add_argument("a", metavar="A.json:DATASET:LOSS")
     ap.add_argument("b", metavar="B.json:DATASET:LOSS")
+    ap.add_argument("--metric", choices=METRICS, default="AP", help="Which COCO metric (default: AP).")
+    ap.add_argument("--minus", nargs=2, metavar=("C.json:DATASET:LOSS", "D.json:DATASET:LOSS"),
+                    help="Also print how the gap A - B changed from the gap C - D, seed by seed.")
     args = ap.parse_args(argv)
     try:
-        print(report(read_ap(args.a), read_ap(args.b)))
+        a, b = read_ap(args.a, args.metric), read_ap(args.b, args.metric)
+        lines = [report(a, b)]
+        if args.minus:
+            lines.append(change(a, b, *(read_ap(x, args.metric) for x in args.minus)))
+        print("\n".join(lines))
     except (OSError, ValueError) as e:
         ap.error(str(e))
 
