@@ -1307,12 +1307,12 @@ def _against(cfg: BenchConfig, pool: ProcessPoolExecutor | None, p: steps.Preset
               help="The selection's seed s trains from warm start s mod --warm-starts (as final seed s does), not "
                    "from the search's: the loss chosen is the best across warm starts, which the finals measure "
                    "(on digits no gain: BENCHMARKS.md, issue 8, finding 24) [preset; else off].")
-@click.option("--reward-baseline", type=click.Choice(HANDCRAFTED_FORMS), default=None,
+@click.option("--reward-baseline", type=click.Choice([*HANDCRAFTED_FORMS, "none"]), default=None,
               help="Also train this handcrafted form as each search round's samples were trained (the round's "
                    "seeds, search split and warm starts; one training per distinct one) and as the selection's "
                    "candidates were, and give each round's mean and best reward, and each candidate's, minus its "
-                   "(report and MLflow): did the search find a better loss than it where it looked? E.g. square "
-                   "[preset; else none].")
+                   "(report and MLflow): did the search find a better loss than it where it looked? E.g. square; "
+                   "none: no baseline [preset; else none].")
 @click.option("--jobs", type=int, default=None, help="Trainings at a time (one CPU thread each) [preset; else 2].")
 @click.option("--mps/--no-mps", default=True, show_default=True,
               help="On a machine with CUDA, run the --jobs trainings under CUDA MPS (started for the run, stopped "
@@ -1352,7 +1352,7 @@ def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, fi
                  reward_seeds=reward_seeds, search_splits=search_splits, search_val_fraction=search_val_fraction,
                  start=start, select_top=select_top, select_seeds=numbers(select_seeds, "--select-seeds"),
                  select_rank=select_rank, warm_starts=warm_starts, select_warm_starts=select_warm_starts,
-                 reward_baseline=reward_baseline, jobs=jobs)
+                 reward_baseline="" if reward_baseline == "none" else reward_baseline, jobs=jobs)
     try:
         cfg = BenchConfig(pipeline_preset=base["pipeline_preset"], **{k: pick(k, v) for k, v in given.items()},
                           loss_files=tuple(parse_loss_file(f) for f in loss_files), work=work, out=out)

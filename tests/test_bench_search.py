@@ -268,6 +268,7 @@ def test_strong_start_preset_is_finding_35s_command_and_every_option_overrides_i
                        "search_tag": ("s2x8", ""), "datasets": (["digits"], ["shapes", "digits"]),
                        "seeds": (list(range(9)), [4]), "reward_baseline": ("square", "linear"),
                        "search_splits": (5, 2), "jobs": (2, 1)}
+    assert _report_config(["--preset", "strong-start", "--reward-baseline", "none"], tmp_path, "off")["reward_baseline"] == ""
     # a preset that does not set an option leaves the CLI's own default
     default = _report_config([], tmp_path, "default")
     assert (default["detach_i3"], default["warm_starts"], default["search_tag"], default["datasets"]) == \
