@@ -80,9 +80,9 @@ def main(argv: list[str] | None = None) -> None:
         lines = [report(a, b)]
         if args.minus:
             lines.append(change(a, b, *(read_ap(x, args.metric) for x in args.minus)))
-        print("\n".join(lines))
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError) as e:  # a file that cannot be read, or lacks what was asked for
         ap.error(str(e))
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":
