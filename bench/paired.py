@@ -59,11 +59,11 @@ def report(a: list[float], b: list[float]) -> str:
 def change(a: list[float], b: list[float], c: list[float], d: list[float]) -> str:
     """The line ``--minus C D`` adds: the per-seed change of the gap A − B from C − D."""
     n = min(map(len, (a, b, c, d)))
-    diffs = [(w - x) - (y - z) for w, x, y, z in zip(a[:n], b[:n], c[:n], d[:n])]
     if n < 2:
         raise ValueError(f"a change of paired gaps needs 2 seeds or more in all four; the fewest has {n}")
-    se = statistics.stdev(diffs) / n ** 0.5
-    return (f"(A - B) - (C - D) over {n} seeds: {statistics.mean(diffs):+.2f} ± {se:.2f}, "
+    ab, cd = ([x - y for x, y in zip(p[:n], q[:n])] for p, q in ((a, b), (c, d)))
+    diffs = [x - y for x, y in zip(ab, cd)]  # the two gaps are themselves paired seed by seed
+    return (f"(A - B) - (C - D) over {n} seeds: {statistics.mean(diffs):+.2f} ± {paired_se(ab, cd):.2f}, "
             f"{sum(x > 0 for x in diffs)} larger")
 
 
