@@ -140,9 +140,9 @@ BENCH_PRESETS["select-1200"] = {**BENCH_PRESETS["default"], "rounds": 6, "proxy_
 # issue 8, findings 34-36 on digits: 3 warm starts, every PAP loss with detach_i3, 4 rounds x 8 samples at
 # sigma 0.2 on 5 search splits of 1000 search-val images, the selection across the warm starts, each round
 # set against square, the searched loss against square over 9 paired seeds. Its search tag is finding 35's,
-# so a --work holding that search takes it up. About 2 h 45 min on 2 idle CPU cores (19 min of warm starts,
-# about 70 of search, 15 of selection, 12 of square trainings for the baseline, 45 of finals);
-# --final-iterations 3000 for finding 36's finals.
+# so a --work holding that search takes it up. About 2 h 45 min on 2 idle CPU cores, estimated from its
+# parts (never run whole): 19 min of warm starts, about 70 of search, 15 of selection, 12 of square
+# trainings for the baseline, 45 of finals. --final-iterations 3000 for finding 36's finals.
 BENCH_PRESETS["strong-start"] = {
     **BENCH_PRESETS["select-1200"], "datasets": ("digits",), "losses": ("searched", "square"),
     "seeds": tuple(range(9)), "rounds": 4, "samples": 8, "sigma": 0.2, "pretrain_iterations": 3000,
@@ -1226,7 +1226,7 @@ def _against(cfg: BenchConfig, pool: ProcessPoolExecutor | None, p: steps.Preset
                    "1 h 20 min per dataset for --losses searched-shared,square, 6 min more per further loss), "
                    "strong-start (select-1200 on digits from 3 warm starts of 3000 pre-training iterations, "
                    "--detach-i3, 4 rounds x 8 samples at sigma 0.2 on 5 search splits, each round set against "
-                   "square, the searched loss against square over seeds 0-8: findings 34-36, about 2 h 45 min) or "
+                   "square, the searched loss against square over seeds 0-8: findings 34-36, about 2 h 45 min, estimated) or "
                    "smoke (the plumbing, minutes). Options given override the preset's.")
 @click.option("--datasets", default=None, help="Comma-separated bundled datasets [preset; else shapes,digits].")
 @click.option("--losses", default=None,
