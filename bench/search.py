@@ -639,9 +639,9 @@ def warm_start_info(uri: str) -> tuple[str, tuple[int | None, float | None]]:
     classified right over its last 20 iterations)) of a warm start, its file read once.
     The pair says how much of the classes the backbone knows before any detection
     training (``paploss.engine.pretrain`` records it); (None, None) if the file does not."""
-    import torch
+    from paploss import checkpoints
 
-    doc = torch.load(storage.localize(uri), map_location="cpu", weights_only=False)
+    doc = checkpoints.load(uri, checkpoints.BACKBONE, keys=("state_dict",))
     return _state_digest(doc["state_dict"]), (doc.get("iterations"), doc.get("train_accuracy"))
 
 
@@ -650,9 +650,9 @@ def weights_digest(path: str | os.PathLike) -> str:
     dtype, shape, bytes) in sorted order. Unlike :func:`tree_digest` of the file it
     leaves out what the file records beside them (the data's path, the accuracy), so
     the same weights pre-trained under another ``--work`` get the same digest."""
-    import torch
+    from paploss import checkpoints
 
-    return _state_digest(torch.load(path, map_location="cpu", weights_only=False)["state_dict"])
+    return _state_digest(checkpoints.load(str(path), checkpoints.BACKBONE, keys=("state_dict",))["state_dict"])
 
 
 def _state_digest(state: Mapping[str, Any]) -> str:

@@ -9,8 +9,11 @@ attribute is a ``click.Command``.
 from __future__ import annotations
 
 import importlib
+import os
 
 import click
+
+from paploss.errors import PaplossError, one_line
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: ("module:attribute", one-line help shown by `paploss --help`)
@@ -45,6 +48,18 @@ class LazyGroup(click.Group):
                 f"command {name!r} needs module {module_name!r}, which is not installed: {exc}"
             ) from exc
         return getattr(module, attr)
+
+    def invoke(self, ctx: click.Context):
+        """Expected failures (:class:`~paploss.errors.PaplossError`) as one line on
+        stderr with their exit code; ``PAPLOSS_DEBUG=1`` keeps the traceback."""
+        try:
+            return super().invoke(ctx)
+        except PaplossError as exc:
+            if os.environ.get("PAPLOSS_DEBUG") == "1":
+                raise
+            error = click.ClickException(one_line(exc))
+            error.exit_code = exc.exit_code
+            raise error from None
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
         rows = [(name, COMMANDS[name][1]) for name in self.list_commands(ctx)]

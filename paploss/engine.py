@@ -33,7 +33,6 @@ prefix in COCO layout), evaluates COCO AP on ``cfg.val_ann`` and returns a
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -45,7 +44,7 @@ from typing import Any, Callable
 import torch
 from tqdm.auto import tqdm
 
-from paploss import storage
+from paploss import checkpoints, storage
 from paploss.data.coco import load_coco
 from paploss.data.dataset import CocoDetection
 from paploss.evaluate import METRICS, evaluate_model
@@ -282,9 +281,7 @@ def build_model(cfg: TrainConfig, num_classes: int) -> torch.nn.Module:
 
 def load_backbone(model: torch.nn.Module, init: str, cfg: TrainConfig) -> dict:
     """Load the backbone body saved by :func:`pretrain` into ``model.backbone.body``."""
-    blob = torch.load(io.BytesIO(storage.read_bytes(init)), map_location="cpu", weights_only=False)
-    if not isinstance(blob, dict) or blob.get("format") != "paploss-backbone/1":
-        raise ValueError(f"{init}: not a backbone file written by `paploss pretrain`")
+    blob = checkpoints.load(init, checkpoints.BACKBONE, keys=("backbone", "state_dict"))
     want = DETECTORS[cfg.detector][1]
     if blob["backbone"] != want or float(blob.get("width_mult", 1.0)) != float(cfg.width_mult):
         raise ValueError(
@@ -293,16 +290,6 @@ def load_backbone(model: torch.nn.Module, init: str, cfg: TrainConfig) -> dict:
         )
     model.backbone.body.load_state_dict(blob["state_dict"])
     return blob
-
-
-def _save(uri: str, obj: Any) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    storage.write_bytes(uri, buf.getvalue())
-
-
-def _load(uri: str) -> Any:
-    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=False)
 
 
 def _is_bad(loss: float) -> bool:
@@ -369,7 +356,7 @@ def _train(cfg, device, rank, world, on_step, progress, t0) -> TrainResult:
     qualities: list[float] = []  # the positives' mean box quality u per iteration (PAP loss only)
     low, collapsed = 0, False  # box-collapse stop: iterations with u below cfg.box_collapse, and the stop
     if ckpt_uri and cfg.resume and storage.exists(ckpt_uri):
-        state = _load(ckpt_uri)
+        state = checkpoints.load(ckpt_uri, checkpoints.CHECKPOINT, keys=_STATE_KEYS)
         if _fingerprint(state["config"]) != _fingerprint(cfg.to_dict()):
             raise ValueError(f"{ckpt_uri} holds a run of a different config; use another out_dir or resume=False")
         model.load_state_dict(state["model"])
@@ -430,7 +417,7 @@ def _train(cfg, device, rank, world, on_step, progress, t0) -> TrainResult:
             on_step(it, value)
         bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2g}")
         if ckpt_uri and rank == 0 and cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < total:
-            _save(ckpt_uri, _state(cfg, model, opt, it + 1, losses, bad, diverged, train_coco, done=False,
+            checkpoints.save(ckpt_uri, _state(cfg, model, opt, it + 1, losses, bad, diverged, train_coco, done=False,
                                    box_quality=qualities))
     bar.close()
 
@@ -447,7 +434,7 @@ def _train(cfg, device, rank, world, on_step, progress, t0) -> TrainResult:
         metrics = box[0]
     iterations = len(losses)
     if ckpt_uri and rank == 0:
-        _save(ckpt_uri, _state(cfg, model, opt, iterations, losses, bad, diverged, train_coco, done=True, metrics=metrics,
+        checkpoints.save(ckpt_uri, _state(cfg, model, opt, iterations, losses, bad, diverged, train_coco, done=True, metrics=metrics,
                                box_quality=qualities))
         storage.write_json(storage.join(cfg.out_dir, METRICS_FILE),
                            {"metrics": metrics, "diverged": diverged, "box_collapsed": collapsed, "iterations": iterations,
@@ -490,9 +477,12 @@ def _fingerprint(d: dict) -> str:
     return json.dumps({k: v for k, v in d.items() if k not in _VOLATILE}, sort_keys=True, default=str)
 
 
+_STATE_KEYS = ("config", "iteration", "model", "optimizer", "losses", "bad", "diverged", "done", "categories")
+
+
 def _state(cfg, model, opt, iteration, losses, bad, diverged, coco, done, metrics=None, box_quality=()) -> dict:
     return {
-        "format": "paploss-checkpoint/1", "config": cfg.to_dict(), "iteration": iteration,
+        "format": checkpoints.CHECKPOINT, "config": cfg.to_dict(), "iteration": iteration,
         "model": model.state_dict(), "optimizer": opt.state_dict(), "losses": losses, "bad": bad,
         "diverged": diverged, "done": done, "metrics": metrics, "categories": coco["categories"],
         "box_quality": list(box_quality),
@@ -500,11 +490,9 @@ def _state(cfg, model, opt, iteration, losses, bad, diverged, coco, done, metric
 
 
 # ----------------------------------------------------------------------------- evaluate
-def load_checkpoint(checkpoint: str) -> tuple[torch.nn.Module, TrainConfig, dict]:
+def load_checkpoint(uri: str) -> tuple[torch.nn.Module, TrainConfig, dict]:
     """Rebuild the model of a checkpoint; returns ``(model, config, raw state)``."""
-    state = _load(checkpoint)
-    if not isinstance(state, dict) or state.get("format") != "paploss-checkpoint/1":
-        raise ValueError(f"{checkpoint}: not a checkpoint written by paploss train")
+    state = checkpoints.load(uri, checkpoints.CHECKPOINT, keys=_STATE_KEYS)
     cfg = TrainConfig.from_dict(state["config"])
     model = build_model(replace(cfg, init=None, backbone_weights=None), len(state["categories"]))
     model.load_state_dict(state["model"])
@@ -635,7 +623,7 @@ def pretrain(
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{correct / seen:.2f}")
             last_acc, correct, seen = correct / max(seen, 1), 0, 0
     backbone = DETECTORS[detector][1]
-    _save(out_file, {"format": "paploss-backbone/1", "backbone": backbone, "width_mult": width_mult,
+    checkpoints.save(out_file, {"format": checkpoints.BACKBONE, "backbone": backbone, "width_mult": width_mult,
                      "state_dict": body.state_dict(), "train_accuracy": last_acc, "iterations": iterations,
                      "classes": [c["name"] for c in sorted(coco["categories"], key=lambda c: c["id"])],
                      "data": str(data), "ann": ann, "seed": seed})

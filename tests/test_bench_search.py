@@ -827,7 +827,7 @@ def test_bench_with_a_loss_file_trains_it_without_searching(tmp_path):
     data = next((work / "shapes" / "data").iterdir())
     assert f"- shapes: data `{data}` (sha256 `{tree_digest(data)[:16]}`)" in md
     warm = storage.at_location(docs[("square", 1)]["init"], str(work / "shapes"))  # a place in the work folder
-    accuracy = torch.load(warm, weights_only=False)["train_accuracy"]
+    accuracy = torch.load(warm, weights_only=True)["train_accuracy"]
     assert f"warm start 1 `{warm}` (weights sha256 `{weights_digest(warm)[:16]}`, crop accuracy " \
         f"{100 * accuracy:.0f} % after 10 iterations)" in md
     assert (out / "bench_shapes_searched-shared_functions.png").stat().st_size > 0

@@ -48,7 +48,7 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     # both ranks saw the all-reduced loss of every iteration and the metrics of rank 0
     assert r0["losses"] == r1["losses"] and len(r0["losses"]) == 4
     assert r0["metrics"] == r1["metrics"] and set(r0["metrics"]) >= {"AP", "AP50"}
-    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)
     assert state["iteration"] == 4 and state["done"]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["iterations"] == 4

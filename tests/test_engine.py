@@ -88,7 +88,7 @@ def test_resume_gives_the_same_final_weights(tiny, tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         train(TrainConfig(data=str(tiny), out_dir=str(tmp_path / "cut"), **cfg), on_step=crash, progress=False)
-    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["iteration"] == 2
+    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=True)["iteration"] == 2
     resumed = train(TrainConfig(data=str(tiny), out_dir=str(tmp_path / "cut"), **cfg), progress=False)
     a, b = (load_checkpoint(str(p / "checkpoint.pt"))[0].state_dict() for p in (tmp_path / "full", tmp_path / "cut"))
     assert a.keys() == b.keys()
@@ -181,7 +181,7 @@ def test_box_quality_is_recorded_per_iteration_and_survives_a_resume(tiny, tmp_p
     assert resumed.box_quality == full.box_quality and not resumed.box_collapsed
     # a checkpoint written before box_collapse and detach_i3 existed resumes under their defaults
     ckpt = tmp_path / "full" / "checkpoint.pt"
-    state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, weights_only=True)
     for name in ("box_collapse", "detach_i3"):
         del state["config"][name]
     torch.save(state, ckpt)
@@ -271,7 +271,7 @@ def test_cli_pretrain_train_evaluate(tiny, tmp_path):
     assert r.exit_code == 0, r.output
     result = json.loads(r.output.strip().splitlines()[-1])
     assert result["iterations"] == 2 and not result["diverged"]
-    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["config"]["detach_i3"] is True
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["config"]["detach_i3"] is True
     r = runner.invoke(main, ["train", "--data", str(tiny), "--detach-i3", "--iterations", "1"])  # focal+l1
     assert r.exit_code != 0 and "detach_i3 needs the PAP loss" in r.output
     r = runner.invoke(main, ["evaluate", str(tmp_path / "run" / "checkpoint.pt"), "--ann", "search_val",
