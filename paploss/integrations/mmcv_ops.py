@@ -1,4 +1,4 @@
-"""``mmcv.ops`` for ``mmcv-lite``: the few operations a RetinaNet needs, from torchvision.
+"""``mmcv.ops`` for ``mmcv-lite``: the few operations our detectors need, from torchvision and torch.
 
 MMDetection 3.3 imports ``mmcv.ops`` as soon as ``mmdet.models`` is imported
 (``mmdet/models/layers/bbox_nms.py`` does ``from mmcv.ops.nms import batched_nms``).
@@ -15,6 +15,10 @@ name                      implementation
 ``batched_nms``           mmcv's own algorithm (class offsets, ``split_thr``) on top of ``nms``
 ``roi_align``/``RoIAlign``  ``torchvision.ops.roi_align`` (``pool_mode='avg'`` only)
 ``sigmoid_focal_loss``    plain torch, the same maths as mmcv's kernel
+``MultiScaleDeformableAttention``  Deformable DETR's attention layer (mmcv's parameters,
+                          initialisation and forward), sampling through
+``multi_scale_deformable_attn_pytorch``  ``F.grid_sample`` (bilinear, zero padding,
+                          ``align_corners=False``), on CPU and GPU alike
 ``get_compiler_version``  a string saying that ops come from torchvision
 ========================  ===============================================
 
@@ -48,6 +52,8 @@ __all__ = [
     "roi_align",
     "RoIAlign",
     "sigmoid_focal_loss",
+    "multi_scale_deformable_attn_pytorch",
+    "MultiScaleDeformableAttention",
 ]
 
 _PACKAGE = "mmcv.ops"
@@ -253,6 +259,206 @@ def sigmoid_focal_loss(
     raise ValueError(f"sigmoid_focal_loss: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
 
 
+# ------------------------------------------------ multi-scale deformable attention
+def _level_shapes(value_spatial_shapes: Tensor | Any) -> list[tuple[int, int]]:
+    shapes = torch.as_tensor(value_spatial_shapes).tolist()
+    if not shapes or any(len(hw) != 2 or min(hw) < 1 for hw in shapes):
+        raise ValueError(f"multi_scale_deformable_attn: value_spatial_shapes must be [L, 2] of positive (h, w), got {shapes}")
+    return [(int(h), int(w)) for h, w in shapes]
+
+
+def multi_scale_deformable_attn_pytorch(
+    value: Tensor,
+    value_spatial_shapes: Tensor,
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Multi-scale deformable attention (Deformable DETR, eq. 3), mmcv's formula in torch.
+
+    Shapes: ``value`` [B, S, M, D] (S = sum over levels of h_l w_l, the levels'
+    pixels flattened row-major and concatenated; M heads of D channels);
+    ``value_spatial_shapes`` [L, 2] of (h_l, w_l); ``sampling_locations``
+    [B, Q, M, L, P, 2] of (x, y) in [0, 1] of each level (0 and 1 are the outer
+    edges of its first and last pixel); ``attention_weights`` [B, Q, M, L, P].
+    Returns [B, Q, M·D]::
+
+        out[b, q, m·D:(m+1)·D] = sum_{l, p} a[b, q, m, l, p] · V_{b,m,l}(loc[b, q, m, l, p])
+
+    where ``V_{b,m,l}(x, y)`` [D] samples head m's channels of level l bilinearly at
+    pixel coordinates ``(x w_l - 1/2, y h_l - 1/2)`` (pixel centres at integers),
+    reading 0 outside the map: ``F.grid_sample(mode='bilinear', padding_mode='zeros',
+    align_corners=False)`` on ``2 loc - 1``. Differentiable in ``value``,
+    ``sampling_locations`` and ``attention_weights``. The compiled mmcv uses a CUDA
+    kernel on GPU; this runs the same maths on every device.
+    """
+    if value.dim() != 4 or sampling_locations.dim() != 6 or attention_weights.dim() != 5:
+        raise ValueError(
+            "multi_scale_deformable_attn: expected value [B, S, M, D], sampling_locations [B, Q, M, L, P, 2] and "
+            f"attention_weights [B, Q, M, L, P], got {tuple(value.shape)}, {tuple(sampling_locations.shape)} "
+            f"and {tuple(attention_weights.shape)}"
+        )
+    bs, num_keys, num_heads, dims = value.shape
+    _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
+    shapes = _level_shapes(value_spatial_shapes)
+    if (
+        sampling_locations.shape[0] != bs
+        or sampling_locations.shape[2] != num_heads
+        or sampling_locations.shape[-1] != 2
+        or attention_weights.shape != sampling_locations.shape[:-1]
+        or len(shapes) != num_levels
+    ):
+        raise ValueError(
+            f"multi_scale_deformable_attn: shapes do not agree: value {tuple(value.shape)}, "
+            f"{len(shapes)} levels, sampling_locations {tuple(sampling_locations.shape)}, "
+            f"attention_weights {tuple(attention_weights.shape)}"
+        )
+    if sum(h * w for h, w in shapes) != num_keys:
+        raise ValueError(
+            f"multi_scale_deformable_attn: value has {num_keys} keys but the levels {shapes} hold "
+            f"{sum(h * w for h, w in shapes)} pixels"
+        )
+    value_list = value.split([h * w for h, w in shapes], dim=1)
+    grids = 2 * sampling_locations - 1                                     # [B, Q, M, L, P, 2] in [-1, 1]
+    sampled = []
+    for level, (h, w) in enumerate(shapes):
+        v = value_list[level].flatten(2).transpose(1, 2).reshape(bs * num_heads, dims, h, w)
+        g = grids[:, :, :, level].transpose(1, 2).flatten(0, 1)            # [B·M, Q, P, 2]
+        sampled.append(torch.nn.functional.grid_sample(
+            v, g, mode="bilinear", padding_mode="zeros", align_corners=False))  # [B·M, D, Q, P]
+    weights = attention_weights.transpose(1, 2).reshape(bs * num_heads, 1, num_queries, num_levels * num_points)
+    out = (torch.stack(sampled, dim=-2).flatten(-2) * weights).sum(-1)     # [B·M, D, Q]
+    return out.view(bs, num_heads * dims, num_queries).transpose(1, 2).contiguous()
+
+
+def _base_module() -> type:
+    try:
+        from mmengine.model import BaseModule
+    except ImportError:  # mmengine is part of every MMDetection install; plain torch keeps this file importable
+        return torch.nn.Module
+    return BaseModule
+
+
+class MultiScaleDeformableAttention(_base_module()):
+    """``mmcv.ops.MultiScaleDeformableAttention`` on :func:`multi_scale_deformable_attn_pytorch`.
+
+    The same constructor, parameters (``sampling_offsets``, ``attention_weights``,
+    ``value_proj``, ``output_proj``: checkpoints load either way), initialisation and
+    forward as mmcv 2.1. For a query q with reference point r (``[..., 2]``: a
+    point (x, y); ``[..., 4]``: a box (x, y, w, h)), every head m, level l and
+    point p samples at::
+
+        loc = r + offset_{m,l,p}(q) / (w_l, h_l)                  (points)
+        loc = r_xy + offset_{m,l,p}(q) / P · r_wh / 2             (boxes)
+
+    with weights ``softmax over (l, p) of attention_weights(q)`` per head; the
+    output is ``dropout(output_proj(sum)) + identity``. Tensors are
+    ``(n, batch, dims)``, or ``(batch, n, dims)`` with ``batch_first=True``.
+    """
+
+    def __init__(
+        self,
+        embed_dims: int = 256,
+        num_heads: int = 8,
+        num_levels: int = 4,
+        num_points: int = 4,
+        im2col_step: int = 64,
+        dropout: float = 0.1,
+        batch_first: bool = False,
+        norm_cfg: dict | None = None,
+        init_cfg: dict | None = None,
+        value_proj_ratio: float = 1.0,
+    ) -> None:
+        if _base_module() is torch.nn.Module:
+            super().__init__()
+        else:
+            super().__init__(init_cfg)
+        if embed_dims % num_heads != 0:
+            raise ValueError(f"MultiScaleDeformableAttention: embed_dims {embed_dims} must be divisible by num_heads {num_heads}")
+        self.norm_cfg = norm_cfg
+        self.dropout = torch.nn.Dropout(dropout)
+        self.batch_first = batch_first
+        self.im2col_step = im2col_step  # kept for mmcv's signature; the torch path needs no column step
+        self.embed_dims = embed_dims
+        self.num_levels = num_levels
+        self.num_heads = num_heads
+        self.num_points = num_points
+        self.sampling_offsets = torch.nn.Linear(embed_dims, num_heads * num_levels * num_points * 2)
+        self.attention_weights = torch.nn.Linear(embed_dims, num_heads * num_levels * num_points)
+        value_proj_size = int(embed_dims * value_proj_ratio)
+        self.value_proj = torch.nn.Linear(embed_dims, value_proj_size)
+        self.output_proj = torch.nn.Linear(value_proj_size, embed_dims)
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """mmcv's: zero offsets but a bias pointing head m at angle 2πm/M, point p at distance
+        p + 1 (in pixels of each level); uniform attention; Xavier projections."""
+        torch.nn.init.zeros_(self.sampling_offsets.weight)
+        device = self.sampling_offsets.weight.device
+        thetas = torch.arange(self.num_heads, dtype=torch.float32, device=device) * (2.0 * torch.pi / self.num_heads)
+        grid = torch.stack([thetas.cos(), thetas.sin()], -1)
+        grid = (grid / grid.abs().max(-1, keepdim=True)[0]).view(self.num_heads, 1, 1, 2)
+        grid = grid.repeat(1, self.num_levels, self.num_points, 1)
+        grid = grid * torch.arange(1, self.num_points + 1, dtype=torch.float32, device=device).view(1, 1, -1, 1)
+        self.sampling_offsets.bias.data = grid.view(-1)
+        torch.nn.init.zeros_(self.attention_weights.weight)
+        torch.nn.init.zeros_(self.attention_weights.bias)
+        for layer in (self.value_proj, self.output_proj):
+            torch.nn.init.xavier_uniform_(layer.weight)
+            torch.nn.init.zeros_(layer.bias)
+        self._is_init = True
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor | None = None,
+        value: Tensor | None = None,
+        identity: Tensor | None = None,
+        query_pos: Tensor | None = None,
+        key_padding_mask: Tensor | None = None,
+        reference_points: Tensor | None = None,
+        spatial_shapes: Tensor | None = None,
+        level_start_index: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
+        """query [Q, B, E] (or [B, Q, E]); value [S, B, E] (default: query);
+        key_padding_mask [B, S] (True: padding, read as 0); reference_points
+        [B, Q, L, 2 or 4] in [0, 1]; spatial_shapes [L, 2] (h, w). Returns query's shape."""
+        if value is None:
+            value = query
+        if identity is None:
+            identity = query
+        if query_pos is not None:
+            query = query + query_pos
+        if not self.batch_first:
+            query = query.permute(1, 0, 2)
+            value = value.permute(1, 0, 2)
+        if reference_points is None or spatial_shapes is None:
+            raise ValueError("MultiScaleDeformableAttention: reference_points and spatial_shapes are required")
+        bs, num_query, _ = query.shape
+        _, num_value, _ = value.shape
+        value = self.value_proj(value)
+        if key_padding_mask is not None:
+            value = value.masked_fill(key_padding_mask[..., None], 0.0)
+        value = value.view(bs, num_value, self.num_heads, -1)
+        offsets = self.sampling_offsets(query).view(bs, num_query, self.num_heads, self.num_levels, self.num_points, 2)
+        weights = self.attention_weights(query).view(bs, num_query, self.num_heads, self.num_levels * self.num_points)
+        weights = weights.softmax(-1).view(bs, num_query, self.num_heads, self.num_levels, self.num_points)
+        if reference_points.shape[-1] == 2:
+            normalizer = torch.stack([spatial_shapes[..., 1], spatial_shapes[..., 0]], -1)   # (w, h)
+            locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
+        elif reference_points.shape[-1] == 4:
+            locations = (reference_points[:, :, None, :, None, :2]
+                         + offsets / self.num_points * reference_points[:, :, None, :, None, 2:] * 0.5)
+        else:
+            raise ValueError(
+                f"MultiScaleDeformableAttention: reference_points must end in 2 or 4 numbers, got {tuple(reference_points.shape)}"
+            )
+        output = self.output_proj(multi_scale_deformable_attn_pytorch(value, spatial_shapes, locations, weights))
+        if not self.batch_first:
+            output = output.permute(1, 0, 2)
+        return self.dropout(output) + identity
+
+
 def get_compiler_version() -> str:
     return "none: mmcv-lite, ops from torchvision via paploss.integrations.mmcv_ops"
 
@@ -267,6 +473,8 @@ _PROVIDED: dict[str, Any] = {
     "roi_align": roi_align,
     "RoIAlign": RoIAlign,
     "sigmoid_focal_loss": sigmoid_focal_loss,
+    "multi_scale_deformable_attn_pytorch": multi_scale_deformable_attn_pytorch,
+    "MultiScaleDeformableAttention": MultiScaleDeformableAttention,
     "get_compiler_version": get_compiler_version,
     "get_compiling_cuda_version": get_compiling_cuda_version,
 }
@@ -340,4 +548,16 @@ def install() -> bool:
     if _PACKAGE in sys.modules and not isinstance(sys.modules[_PACKAGE], _OpsModule):
         return False  # a working mmcv.ops was already imported by someone else
     sys.meta_path.insert(0, _OpsFinder())
+    _register_attention()
     return True
+
+
+def _register_attention() -> None:
+    """Put :class:`MultiScaleDeformableAttention` in mmengine's ``MODELS`` registry, as
+    mmcv's own module does on import (configs may build it by type name)."""
+    try:
+        from mmengine.registry import MODELS
+    except ImportError:
+        return
+    if "MultiScaleDeformableAttention" not in MODELS.module_dict:
+        MODELS.register_module(name="MultiScaleDeformableAttention", module=MultiScaleDeformableAttention)
