@@ -122,13 +122,14 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         from paploss.spec import LossSpec
+        from paploss.spec_set import SpecSet, check_spec, read_spec
 
         if isinstance(self.spec, dict):
-            self.spec = LossSpec.from_dict(self.spec)
+            self.spec = read_spec(self.spec)
         elif isinstance(self.spec, str):
-            self.spec = LossSpec.from_json(storage.read_text(self.spec) if not self.spec.lstrip().startswith("{") else self.spec)
-        if self.spec is not None and not isinstance(self.spec, LossSpec):
-            raise ValueError(f"spec must be a LossSpec, a dict or JSON, got {type(self.spec).__name__}")
+            self.spec = read_spec(storage.read_text(self.spec) if not self.spec.lstrip().startswith("{") else self.spec)
+        if self.spec is not None and not isinstance(self.spec, (LossSpec, SpecSet)):
+            raise ValueError(f"spec must be a LossSpec, a SpecSet, a dict or JSON, got {type(self.spec).__name__}")
         check_loss(self.loss, self.spec)
         if self.detector.startswith(MMDET_PREFIX):
             if not self.detector[len(MMDET_PREFIX):]:
@@ -137,6 +138,8 @@ class TrainConfig:
             raise ValueError(
                 f"unknown detector {self.detector!r}; known: {sorted(DETECTORS)} or {MMDET_PREFIX}<config file>"
             )
+        else:
+            check_spec(self.detector, self.spec)
         if (self.iterations is None) == (self.epochs is None):
             raise ValueError(f"give exactly one of iterations and epochs (got iterations={self.iterations}, epochs={self.epochs})")
         if self.iterations is not None and self.iterations < 1:

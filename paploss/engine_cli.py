@@ -11,6 +11,7 @@ from paploss import storage
 
 def _spec(spec: str | None, form: str | None):
     from paploss.spec import LossSpec
+    from paploss.spec_set import read_spec
 
     if spec and form:
         raise click.BadParameter("give --spec or --form, not both", param_hint="--spec/--form")
@@ -18,7 +19,7 @@ def _spec(spec: str | None, form: str | None):
         return LossSpec.handcrafted(form)
     if spec:
         try:
-            return LossSpec.from_json(storage.read_text(spec))
+            return read_spec(storage.read_text(spec))
         except (FileNotFoundError, ValueError) as exc:
             raise click.BadParameter(f"{spec}: {exc}", param_hint="--spec") from None
     return None
@@ -53,7 +54,8 @@ def pretrain(data, out_file, ann, detector, iterations, image_size, crop_size, b
 @click.option("--preset", default=None, type=click.Choice(["smoke", "quick", "paper"]),
               help="Start from a proxy preset (its splits, model and schedule); other options override it.")
 @click.option("--loss", default=None, help="focal+l1 | focal+giou | paploss  [default: focal+l1]")
-@click.option("--spec", default=None, help="LossSpec JSON file (for --loss paploss).")
+@click.option("--spec", default=None,
+              help="Loss spec JSON file (for --loss paploss): one LossSpec, or a spec set with one per head.")
 @click.option("--form", default=None, type=click.Choice(["sigmoid", "sqrt", "linear", "square"]),
               help="Handcrafted PAP form instead of --spec (implies --loss paploss).")
 @click.option("--detach-i3", is_flag=True,
@@ -62,7 +64,8 @@ def pretrain(data, out_file, ann, detector, iterations, image_size, crop_size, b
                    "digits from about 5 to 1 (BENCHMARKS.md, issue 8, finding 27).")
 @click.option("--train-ann", default=None, help="Training split [default: train].")
 @click.option("--val-ann", default=None, help="Evaluation split [default: val].")
-@click.option("--detector", default=None, help="retinanet_mobilenet_v3 | retinanet_mobilenet_v3_small | retinanet_resnet50")
+@click.option("--detector", default=None, help="retinanet_mobilenet_v3 | retinanet_mobilenet_v3_small | retinanet_resnet50 "
+              "| faster_rcnn_mobilenet_v3 | faster_rcnn_mobilenet_v3_small")
 @click.option("--image-size", type=int, default=None)
 @click.option("--batch-size", type=int, default=None)
 @click.option("--iterations", type=int, default=None)
