@@ -21,7 +21,7 @@ from concurrent.futures import Executor
 from typing import Any, Iterable, Mapping, Sequence
 
 from bench.search import _cached_final, _log, platform_info, warm_start
-from paploss import steps, storage
+from paploss import presets, steps, storage
 
 __all__ = ["Run", "round_runs", "selection_runs", "cached", "train", "measure", "gaps", "gaps_text"]
 
@@ -45,7 +45,7 @@ def selection_runs(state: str, inits: Sequence[str], seeds: Sequence[int]) -> di
     return {int(s): (warm_start(inits, int(s)), int(s), split) for s in seeds}
 
 
-def _keys(p: steps.Preset, data: str, run: Run, form: str, work: str) -> tuple[str, str]:
+def _keys(p: presets.Preset, data: str, run: Run, form: str, work: str) -> tuple[str, str]:
     from paploss.functions import HANDCRAFTED_VERSION
 
     init, seed, split = run
@@ -53,7 +53,7 @@ def _keys(p: steps.Preset, data: str, run: Run, form: str, work: str) -> tuple[s
                             steps.plain(dict(p.proxy)), p.detector, HANDCRAFTED_VERSION)
 
 
-def cached(p: steps.Preset, data: str, run: Run, form: str, work: str) -> tuple[str, str, dict | None]:
+def cached(p: presets.Preset, data: str, run: Run, form: str, work: str) -> tuple[str, str, dict | None]:
     """(key, file, cached result or None) of ``form`` trained as ``run`` on the proxy
     of preset ``p``, in the dataset folder ``work``'s ``baseline/``."""
     keys = _keys(p, data, run, form, work)
@@ -61,7 +61,7 @@ def cached(p: steps.Preset, data: str, run: Run, form: str, work: str) -> tuple[
     return keys[0], uris[0], _cached_final(uris, keys)
 
 
-def train(p: steps.Preset, data: str, run: Run, form: str, work: str) -> dict:
+def train(p: presets.Preset, data: str, run: Run, form: str, work: str) -> dict:
     """``form`` trained as ``run`` on the proxy of ``p`` (``steps.proxy_config``: search
     split ``run[2]``'s search-train, scored on its search-val); its result, cached
     (written under a temporary name, then renamed)."""
@@ -83,7 +83,7 @@ def train(p: steps.Preset, data: str, run: Run, form: str, work: str) -> dict:
     return doc
 
 
-def measure(pool: Executor | None, p: steps.Preset, data: str, work: str, form: str,
+def measure(pool: Executor | None, p: presets.Preset, data: str, work: str, form: str,
             runs: Iterable[Run]) -> dict[Run, float | None]:
     """``form``'s reward for each of ``runs`` (None: diverged, or not cached when ``pool``
     is None, a report-only run); the trainings not cached yet run in ``pool``."""

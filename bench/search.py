@@ -47,7 +47,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import click
 
-from paploss import steps, storage
+from paploss import presets, steps, storage
 from paploss.search_cli import int_list
 from paploss.spec import HANDCRAFTED_FORMS, grad_scale_from_theta
 
@@ -333,7 +333,7 @@ class BenchConfig:
             name = f"{name}-start-{hashlib.sha256(storage.read_bytes(self.start)).hexdigest()[:8]}"
         return f"{name}-{self.search_tag}" if self.search_tag else name
 
-    def controller(self, p: steps.Preset, mode: str) -> dict[str, Any]:
+    def controller(self, p: presets.Preset, mode: str) -> dict[str, Any]:
         """Controller options of the ``mode`` search (one of ``SEARCH_MODES``) under preset ``p``."""
         shared = mode == "searched-shared"
         options = {**p.controller, **({"shared": True} if shared else {})}
@@ -341,8 +341,8 @@ class BenchConfig:
             options["mu"] = start_theta(self.start, shared)
         return options
 
-    def preset(self, dataset: str) -> steps.Preset:
-        p = steps.get_preset(self.pipeline_preset).with_overrides(
+    def preset(self, dataset: str) -> presets.Preset:
+        p = presets.get_preset(self.pipeline_preset).with_overrides(
             dataset=f"bundled:{dataset}", rounds=self.rounds, samples=self.samples, search_splits=self.search_splits,
             search_val_fraction=float(self.search_val_fraction),
         )
@@ -411,7 +411,7 @@ def _pool(jobs: int) -> ProcessPoolExecutor:
 # ----------------------------------------------------------------------------------
 
 
-def _round(pool: ProcessPoolExecutor, p: steps.Preset, data: str, inits: Sequence[str], work: str, name: str,
+def _round(pool: ProcessPoolExecutor, p: presets.Preset, data: str, inits: Sequence[str], work: str, name: str,
            out: Mapping[str, Any], deadline: float | None = None) -> dict | None:
     """One round of a search: its proxy trials in ``pool``, then the controller's
     update. A trial's ``repeat`` j (with ``reward_seeds``) trains from warm start
@@ -430,7 +430,7 @@ def _round(pool: ProcessPoolExecutor, p: steps.Preset, data: str, inits: Sequenc
                                    max_failed_trials=p.max_failed_trials)
 
 
-def _search(pool: ProcessPoolExecutor, p: steps.Preset, data: str, inits: Sequence[str], work: str, name: str,
+def _search(pool: ProcessPoolExecutor, p: presets.Preset, data: str, inits: Sequence[str], work: str, name: str,
             controller: Mapping[str, Any], deadline: float | None = None, trial_seeds: str = "fixed",
             reward_seeds: int = 1) -> str:
     """One PPO search with :mod:`paploss.steps` from warm start ``inits[0]`` (each
@@ -455,7 +455,7 @@ def _search(pool: ProcessPoolExecutor, p: steps.Preset, data: str, inits: Sequen
     return out["state"]
 
 
-def _search_inputs(p: steps.Preset, data: str, inits: Sequence[str], work: str, name: str, write: bool) -> None:
+def _search_inputs(p: presets.Preset, data: str, inits: Sequence[str], work: str, name: str, write: bool) -> None:
     """What a cached search was trained on (data, warm start(s), proxy schedule, detector),
     kept beside it in ``bench-inputs.json``: a run with another ``--proxy-iterations``
     (say) in the same ``--work`` is refused, naming what differs, instead of reporting
@@ -496,7 +496,7 @@ def input_places(inputs: Mapping[str, Any], where: Callable[[Any], Any]) -> dict
     return out
 
 
-def _select(pool: ProcessPoolExecutor | None, p: steps.Preset, data: str, inits: Sequence[str], work: str,
+def _select(pool: ProcessPoolExecutor | None, p: presets.Preset, data: str, inits: Sequence[str], work: str,
             name: str, state: str, top: int, seeds: Sequence[int], rank: str = "reward") -> str | None:
     """The selection stage after a finished search (``paploss.steps.select_loss``): its
     ``top`` best samples (ranked by ``rank``, ``steps.SELECT_RANKS``) trained again with
@@ -556,7 +556,7 @@ def _selection(state: str) -> dict | None:
 # ----------------------------------------------------------------------------------
 
 
-def final_config(p: steps.Preset, data: str, init: str, loss: str, spec_json: str | None, seed: int):
+def final_config(p: presets.Preset, data: str, init: str, loss: str, spec_json: str | None, seed: int):
     """The ``TrainConfig`` of one final training. Only ``loss``/``spec`` depend on
     the loss compared: detector, schedule, data, warm start and seed are shared, and
     the model is evaluated on ``val``, never on search-val (tests check both)."""
@@ -570,14 +570,14 @@ def final_config(p: steps.Preset, data: str, init: str, loss: str, spec_json: st
                           "init": str(storage.localize(init)), "seed": int(seed), "out_dir": None})
 
 
-def _final_options(p: steps.Preset, spec_json: str | None) -> dict:
+def _final_options(p: presets.Preset, spec_json: str | None) -> dict:
     """The final options of one loss: ``p.final``, less ``detach_i3`` for a baseline
     (``spec_json`` None: focal+l1, focal+giou), which has no PAP loss to take it, so that
     a ``--detach-i3`` run trains and keys its baselines as the SPEC's run does."""
     return dict(p.final) if spec_json else {k: v for k, v in p.final.items() if k != "detach_i3"}
 
 
-def _final_keys(p: steps.Preset, data: str, init: str, loss: str, spec_json: str | None, seed: int,
+def _final_keys(p: presets.Preset, data: str, init: str, loss: str, spec_json: str | None, seed: int,
                 work: str) -> tuple[str, str]:
     """(key, legacy key) of one final training of the dataset whose folder is ``work``
     (``steps.cache_keys``: the data and warm start as places in ``work``; as spelled)."""
@@ -607,7 +607,7 @@ def _cached_final(uris: Sequence[str], keys: Sequence[str]) -> dict | None:
     return None
 
 
-def _final_cache(p: steps.Preset, data: str, init: str, loss: str, spec_json: str | None, seed: int,
+def _final_cache(p: presets.Preset, data: str, init: str, loss: str, spec_json: str | None, seed: int,
                  work: str, folder: str = "final") -> tuple[str, str, dict | None]:
     """(key, file, cached result or None) of one final training of the dataset whose
     folder is ``work``, cached in its ``folder``; looked up under its key, its legacy key
@@ -683,7 +683,7 @@ def platform_info() -> dict[str, Any]:
             "threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
 
 
-def _final_job(p: steps.Preset, data: str, init: str, loss: str, spec_json: str | None, seed: int,
+def _final_job(p: presets.Preset, data: str, init: str, loss: str, spec_json: str | None, seed: int,
                work: str, folder: str = "final") -> dict:
     """Train on ``train``, evaluate on ``val`` (never search-val); cached in ``work``'s
     ``folder`` under a name of its inputs' key (an older cache's result is used too,
@@ -1132,7 +1132,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
     searches = cfg.searches()
     searched: dict[tuple[str, str], str] = {}
     given = cfg.given_specs()  # searched losses given as files: their searches are not run
-    prepared: dict[str, tuple[steps.Preset, str, tuple[str | None, ...]]] = {}
+    prepared: dict[str, tuple[presets.Preset, str, tuple[str | None, ...]]] = {}
     inputs: dict[str, dict[str, Any]] = {}
     results: dict[str, dict[str, dict[str, list[float]]]] = {}
     against: dict[tuple[str, str], dict[str, Any]] = {}  # each search against cfg.reward_baseline (bench.baseline)
@@ -1202,7 +1202,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
     return results
 
 
-def _against(cfg: BenchConfig, pool: ProcessPoolExecutor | None, p: steps.Preset, data: str, work: str,
+def _against(cfg: BenchConfig, pool: ProcessPoolExecutor | None, p: presets.Preset, data: str, work: str,
              state: str, search_inits: Sequence[str], select_inits: Sequence[str]) -> dict[str, Any]:
     """The search (and selection) in ``state`` against ``cfg.reward_baseline`` trained as its
     trials were (``bench.baseline.gaps``); without a ``pool``, from the cached trainings."""

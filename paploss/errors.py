@@ -17,13 +17,13 @@ __all__ = ["PaplossError", "InputError", "RunError", "one_line"]
 
 
 class PaplossError(Exception):
-    """An expected failure; ``where`` names the file, option or field at fault."""
+    """An expected failure: ``PaplossError(where, what)``, where ``where`` names the
+    file, option or field at fault, or ``PaplossError(message)`` whose message names it."""
 
     exit_code = 1
 
-    def __init__(self, where: str, what: str):
-        self.where = str(where)
-        self.what = str(what)
+    def __init__(self, where: str, what: str | None = None):
+        self.where, self.what = ("", str(where)) if what is None else (str(where), str(what))
         super().__init__(f"{self.where}: {self.what}" if self.where else self.what)
 
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, Mapping
 
 import click
 
-from paploss import steps, storage
+from paploss import presets, steps, storage
 
 __all__ = ["RunSettings", "search", "search_options", "settings_from_options", "preflight", "run_inprocess",
            "format_table", "absolute_tracking_uri"]
@@ -33,7 +33,7 @@ __all__ = ["RunSettings", "search", "search_options", "settings_from_options", "
 class RunSettings:
     """Everything a search needs beyond its preset."""
 
-    preset: steps.Preset
+    preset: presets.Preset
     preset_name: str
     work: str
     search_name: str
@@ -73,7 +73,7 @@ def _json_option(value: str | None, name: str) -> dict | None:
 def search_options(fn: Callable) -> Callable:
     """The options shared by ``paploss search`` and ``paploss run``."""
     opts = [
-        click.option("--preset", type=click.Choice(sorted(steps.PRESETS)), default="quick", show_default=True,
+        click.option("--preset", type=click.Choice(sorted(presets.PRESETS)), default="quick", show_default=True,
                      help="Sizes of the search: smoke (plumbing, ~3 min), quick (~10 min on 2 CPU cores), "
                           "paper (40 rounds x 8 samples)."),
         click.option("--dataset", default=None,
@@ -151,7 +151,7 @@ def settings_from_options(
     now: _dt.datetime | None = None,
 ) -> RunSettings:
     """Preset + command-line overrides -> :class:`RunSettings` (no checks that touch the network)."""
-    base = steps.get_preset(preset)
+    base = presets.get_preset(preset)
     extra_proxy = _json_option(proxy_json, "--proxy")
     extra_final = _json_option(final_json, "--final")
     controller = _json_option(controller_json, "--controller")

@@ -38,7 +38,8 @@ from kfp import dsl
 from kfp import kubernetes
 
 import components
-from paploss.steps import Preset, check_select_rank, check_selection, get_preset
+from paploss.presets import Preset, get_preset
+from paploss.steps.options import check_select_rank, check_selection
 
 __all__ = ["ClusterOptions", "build_pipeline", "PIPELINE_NAME", "SECRET_KEYS"]
 

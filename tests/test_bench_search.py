@@ -14,7 +14,7 @@ import torch
 
 from bench.search import (LOSSES, BenchConfig, _loss_specs, _select, final_config, selection_text, goal_check, goal_lines, goal_text, mu_travel,
                           reward_table, split_scale, summarize)
-from paploss import steps, storage
+from paploss import presets, steps, storage
 from paploss.search import Controller
 from paploss.spec import LossSpec, form_theta
 
@@ -279,7 +279,7 @@ def test_data_sizes_reach_the_bundled_dataset():
     p = BenchConfig(n_train=300, n_val=60).preset("digits")
     assert p.dataset == "bundled:digits"
     assert p.bundled["n_train"] == 300 and p.bundled["n_val"] == 60
-    assert BenchConfig().preset("digits").bundled == steps.get_preset("quick").bundled
+    assert BenchConfig().preset("digits").bundled == presets.get_preset("quick").bundled
     assert BenchConfig(sigma=0.1).preset("shapes").controller["sigma"] == 0.1
     assert "sigma" not in BenchConfig().preset("shapes").controller
     assert BenchConfig(box_collapse=0.5).preset("digits").proxy["box_collapse"] == 0.5
@@ -290,7 +290,7 @@ def test_pretrain_iterations_reach_the_warm_starts_and_name_the_searches(tmp_pat
     """--pretrain-iterations: the warm starts' pre-training runs that long (its other
     options the preset's), they are other warm starts than the preset's (the preset's
     cached one is not taken for them), and the searches from them carry ``-pt<n>``."""
-    quick = steps.get_preset("quick").pretrain
+    quick = presets.get_preset("quick").pretrain
     p = BenchConfig(pretrain_iterations=3000).preset("digits")
     assert p.pretrain == {**quick, "iterations": 3000} and quick["iterations"] != 3000
     assert BenchConfig().preset("digits").pretrain == quick

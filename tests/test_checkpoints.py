@@ -17,7 +17,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from paploss import checkpoints, steps
+from paploss import checkpoints, presets, steps
 from paploss.cli import main
 from paploss.data import make_dataset, search_split
 from paploss.errors import InputError
@@ -125,7 +125,7 @@ def test_a_pipeline_trial_with_a_planted_warm_start_runs_no_code(tiny, tmp_path)
     work = tmp_path / "work"
     evil = _crafted(tmp_path / "warm.pt", marker, checkpoints.BACKBONE)
     out = steps.init_search(str(work), "s", rounds=1, samples=2, seed=0)
-    proxy = steps.train_options(dict(steps.get_preset("smoke").proxy), "retinanet_mobilenet_v3_small")
+    proxy = steps.train_options(dict(presets.get_preset("smoke").proxy), "retinanet_mobilenet_v3_small")
     result = json.loads(steps.proxy_trial(str(tiny), str(evil), out["trials"][0], proxy, str(work), "s",
                                           state=out["state"], attempts=1))
     assert not marker.exists()

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from paploss import steps, storage
+from paploss import presets, steps, storage
 from paploss.search import Controller
 from tests._servers import free_port
 
@@ -121,7 +121,7 @@ def test_train_options_expand_engine_presets():
                               loss="paploss")
     with pytest.raises(steps.StepError, match="final options: detach_i3 needs the PAP loss"):
         steps.check_train_options({"preset": "smoke", "detach_i3": True}, "final options")
-    for name, p in steps.PRESETS.items():
+    for name, p in presets.PRESETS.items():
         steps.check_train_options(p.proxy, f"{name} proxy")
         steps.check_train_options(p.final, f"{name} final")
         steps.check_detectors(p.proxy, p.final, p.pretrain, p.detector)
@@ -138,14 +138,14 @@ def test_train_options_expand_engine_presets():
 
 
 def test_preset_overrides():
-    p = steps.get_preset("smoke").with_overrides(rounds=5, samples=4)
+    p = presets.get_preset("smoke").with_overrides(rounds=5, samples=4)
     assert (p.rounds, p.samples, p.max_failed_trials) == (5, 4, 5)
     # max_failed_trials counts trainings: a quarter of rounds x samples x reward_seeds
     assert p.with_overrides(reward_seeds=2).max_failed_trials == 10
     with pytest.raises(ValueError, match="unknown preset field"):
         p.with_overrides(round=3)
     with pytest.raises(ValueError, match="unknown preset 'fast'"):
-        steps.get_preset("fast")
+        presets.get_preset("fast")
 
 
 # ----------------------------------------------------------------------------- the search steps
@@ -222,7 +222,7 @@ def test_failed_trials_count_and_stop_the_search(tiny_data, tmp_path):
                                  state=out["state"], attempts=2) for t in out["trials"]]
     parsed = [json.loads(r) for r in results]
     assert all(p["failed"] and p["reward"] is None for p in parsed)
-    assert all("attempt 2/2" in p["error"] and "not a backbone file" in p["error"] for p in parsed)
+    assert all("attempt 2/2" in p["error"] and "expected a backbone written by" in p["error"] for p in parsed)
     # the trial is idempotent: its stored result comes back
     assert json.loads(steps.proxy_trial(data, _bad_init(tmp_path), out["trials"][0], {"preset": "smoke"}, work,
                                         "fails", state=out["state"])) == parsed[0]
@@ -465,13 +465,15 @@ def test_a_proxy_trial_trains_and_scores_on_its_split(tiny_data, tmp_path, monke
                        search_splits=3)
     out = steps.init_search(str(tmp_path), "split-trial", 3, 2, seed=0, search_splits=3)
     seen = []
-    real = steps._run_training
+    from paploss.steps import trials
+
+    real = trials._run_training
 
     def spy(cfg, on_step=None):
         seen.append((cfg.train_ann, cfg.val_ann))
         return real(cfg, on_step=on_step)
 
-    monkeypatch.setattr(steps, "_run_training", spy)
+    monkeypatch.setattr(trials, "_run_training", spy)
     trial = {**json.loads(out["trials"][0]), "split": 2}
     res = json.loads(steps.proxy_trial(data, "", trial, {"preset": "smoke", "iterations": 4}, str(tmp_path),
                                        "split-trial", state=out["state"]))
@@ -653,7 +655,7 @@ def test_a_stored_trial_of_another_seed_is_not_reused(tiny_data, tmp_path):
                                         state=state))["reward"] == 0.5  # its own seed: the stored result
     again = json.loads(steps.proxy_trial(data, _bad_init(tmp_path), second, {"preset": "smoke"}, work, "sel-seed",
                                          state=state))
-    assert again["failed"] and "not a backbone file" in again["error"] and again["seed"] == 2
+    assert again["failed"] and "expected a backbone written by" in again["error"] and again["seed"] == 2
 
 
 def test_a_selection_run_again_with_more_seeds_reuses_and_keeps_the_first_ones_trials(tiny_data, tmp_path):

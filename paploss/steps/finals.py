@@ -1,0 +1,107 @@
+"""Stage 5, the final trainings: the searched loss and the baselines on train, scored on val (SPEC §4)."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from paploss import storage
+from paploss.steps.errors import SearchFailed, StepError
+from paploss.steps.options import _train_config
+from paploss.steps.state import searched_spec
+from paploss.steps.trials import _run_training
+from paploss.steps.work import At, _client, _local, _log, cache_keys, plain, search_dir
+
+#: The baselines trained beside the searched loss (SPEC §4, RetinaNet).
+BASELINES = ("focal+l1", "focal+giou")
+
+
+#: The name of the searched loss in results and MLflow.
+SEARCHED = "searched"
+
+
+def final_train(
+    data: str,
+    init: str,
+    loss: str,
+    final: Mapping[str, Any],
+    work: str,
+    search_name: str,
+    state: str = "",
+    seed: int = 0,
+    tracking: Mapping[str, str] | None = None,
+    model_name: str = "paploss-retinanet",
+    promote: bool = True,
+) -> str:
+    """Train the detector on train and evaluate it on the real val set (SPEC §4).
+
+    ``loss``: ``searched`` (:func:`searched_spec` of ``state``: the controller's final
+    mean μ, or the selected candidate after a selection stage) or
+    a baseline (``focal+l1``, ``focal+giou``). Logs a nested ``paploss.kind=final``
+    run; the searched one registers a version of ``model_name`` (and becomes
+    ``champion`` when ``promote`` and it is at least as good). Returns JSON
+    ``{"loss", "metrics", "checkpoint", "diverged", "seconds", "model_version", "promoted"}``.
+    """
+    if loss != SEARCHED and loss not in BASELINES:
+        raise StepError(f"loss={loss!r}: expected {SEARCHED!r} or one of {list(BASELINES)}")
+    spec = None
+    if loss == SEARCHED:
+        if not state:
+            raise StepError("final_train(loss='searched') needs the final controller state")
+        spec = searched_spec(state)
+    out = storage.join(search_dir(work, search_name), "final", f"{loss}.json")
+    final = plain(dict(final or {}))
+    keys = cache_keys(work, At(data), At(init), loss, final, At(state), int(seed))
+    key = keys[0]
+    if storage.exists(out):
+        done = storage.read_json(out)
+        if done.get("key") in keys:
+            return json.dumps(done)
+    start = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="paploss-final-") as tmp:
+        losses: list[float] = []
+        cfg = _train_config(
+            final, "final config",
+            data=str(_local(data)), train_ann="train", val_ann="val",
+            loss="paploss" if loss == SEARCHED else loss, spec=spec,
+            init=str(_local(init)) if init else None, seed=int(seed), out_dir=tmp,
+        )
+        _log(f"final training with {loss}")
+        res = _run_training(cfg, on_step=lambda it, value: losses.append(float(value)))
+        ckpt_uri = storage.join(search_dir(work, search_name), "final", loss, "checkpoint.pt")
+        if res.checkpoint:
+            storage.write_bytes(ckpt_uri, Path(res.checkpoint).read_bytes())
+        else:
+            ckpt_uri = ""
+    result = {
+        "loss": loss, "key": key, "metrics": {k: float(v) for k, v in dict(res.metrics).items()},
+        "checkpoint": ckpt_uri, "diverged": bool(res.diverged), "seconds": round(time.monotonic() - start, 3),
+        "spec": spec.to_json() if spec is not None else None, "model_version": None, "promoted": False,
+    }
+    if tracking is not None:
+        from paploss import tracking as tr
+
+        client = _client(tracking)
+        parent = tr.find_search_run(client, tracking["experiment"], search_name)
+        if parent is None:
+            raise SearchFailed(f"no MLflow parent run for search {search_name!r}")
+        run_id = tr.log_final(
+            client, parent.info.run_id, search_name=search_name, loss=loss, metrics=result["metrics"],
+            losses=losses, checkpoint=ckpt_uri or None, spec_json=result["spec"],
+            params={**{k: v for k, v in dict(final).items()}, "seed": seed},
+        )
+        result["run_id"] = run_id
+        if loss == SEARCHED:
+            version, promoted = tr.register_detector(
+                client, model_name, run_id, search_name=search_name,
+                ap=result["metrics"].get("AP", 0.0), promote=bool(promote),
+            )
+            result.update(model_version=version, promoted=promoted)
+    storage.write_json(out, result)
+    ap = result["metrics"].get("AP", float("nan"))
+    _log(f"final {loss}: AP {ap:.4f}" + (f", model version {result['model_version']}" if result["model_version"] else ""))
+    return json.dumps(result)
+

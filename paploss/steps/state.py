@@ -1,0 +1,103 @@
+"""A search's state file: the controller (as plain data) and how its trials are made.
+
+The controller (:class:`paploss.search.Controller`) takes and returns plain dicts;
+this module reads and writes them (:func:`~paploss.steps.work.state_uri`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Mapping
+
+from paploss import storage
+from paploss.steps.options import _SearchOptions, reward_seeds_of
+
+def load_controller(state: str):
+    """The :class:`paploss.search.Controller` a search state file (:func:`state_uri`) holds."""
+    return _read_state(state)[1]
+
+
+def _read_state(state: str) -> tuple[dict, Any]:
+    """A search state file's content and the controller it holds (one read)."""
+    from paploss.search import Controller
+
+    doc = storage.read_json(state)
+    return doc, Controller.from_state_dict(doc["controller"])
+
+
+def _split_field(round: int, search_splits: int) -> dict:
+    """The ``split`` a trial of round ``round`` trains and scores on (``round`` mod
+    ``search_splits``), as the trial's field; {} with one split (the trials' JSON as
+    before search_splits existed: kfp's cache keys)."""
+    return {"split": int(round) % search_splits} if search_splits > 1 else {}
+
+
+def _round_runs(controller, rnd: int, opts: _SearchOptions) -> tuple[list[int], dict]:
+    """The training seeds each sampled θ of round ``rnd`` gets (one per reward seed) and
+    the round's ``split`` field (:func:`_split_field`). Every trial of a round shares the
+    round's seed (its rewards compare losses, not seeds): the search's seed, or with
+    ``per-round`` seed + round, so that the search does not tune its losses to one
+    training trajectory (on the benchmark it measured no better than ``fixed``:
+    BENCHMARKS.md, issue 8, finding 10)."""
+    base = controller.config.seed + (int(rnd) if opts.trial_seeds == "per-round" else 0)
+    return reward_seeds_of(base, opts.reward_seeds), _split_field(rnd, opts.search_splits)
+
+
+def round_trainings(state: str) -> list[list[dict]]:
+    """Per finished round of the search in ``state``: the proxy trainings that each of
+    its sampled θ had, as ``{"seed", "split", "repeat"}`` (the j-th reward seed has
+    ``repeat`` j; the benchmark trains it from warm start j mod its warm starts). A
+    handcrafted loss trained with these is measured as the round's samples were
+    (``paploss bench --reward-baseline``)."""
+    doc, c = _read_state(state)
+    opts = _SearchOptions.of(doc)
+    out = []
+    for rec in c.history:
+        seeds, split = _round_runs(c, rec.round, opts)
+        out.append([{"seed": seed, "split": split.get("split", 0), "repeat": j} for j, seed in enumerate(seeds)])
+    return out
+
+
+def selection_split(state: str) -> int:
+    """The search split a selection after the search in ``state`` trains and scores on
+    (:func:`selection_trials`: the number of rounds mod the search's splits)."""
+    doc, c = _read_state(state)
+    return _split_field(c.round, _SearchOptions.of(doc).search_splits).get("split", 0)
+
+
+def _trials_of(controller, samples: int, opts: _SearchOptions) -> list[str]:
+    """The next round's trials as JSON strings: round, sample index, θ, training seed.
+    With ``reward_seeds`` = n, θ number i is trained n times: samples i·n … i·n + n − 1,
+    the j-th with ``repeat`` j and seed + j × REWARD_SEED_STRIDE. With ``search_splits``
+    > 1, each carries the round's ``split``."""
+    if controller.done:
+        return []
+    thetas = controller.sample(samples).tolist()
+    seeds, split = _round_runs(controller, controller.round, opts)
+    n = len(seeds)  # n = 1: no "repeat", the trials' JSON as before reward_seeds existed (kfp's cache keys)
+    return [
+        json.dumps({"round": controller.round, "sample": i * n + j, "theta": theta, "seed": seed,
+                    **({"repeat": j} if n > 1 else {}), **split})
+        for i, theta in enumerate(thetas) for j, seed in enumerate(seeds)
+    ]
+
+
+def _state_doc(c, failed: int, search_name: str, opts: _SearchOptions) -> dict:
+    """A search state file's content (:func:`state_uri`); the search's seed is the controller's."""
+    return {"controller": c.state_dict(), "failed_trials": int(failed), "search_name": search_name,
+            **opts.doc_fields()}
+
+
+def searched_spec(state: str):
+    """The searched loss of a search state: the selected candidate when the state
+    holds a selection (:func:`select_loss`), else the policy's final mean μ (SPEC §3)."""
+    return _searched_spec_of(*_read_state(state))
+
+
+def _searched_spec_of(doc: Mapping[str, Any], controller):
+    from paploss.spec import LossSpec
+
+    if doc.get("selected"):
+        return LossSpec.from_json(doc["selected"]["spec"])
+    return controller.spec()
+
