@@ -1,10 +1,10 @@
 """``paploss search``: the search pipeline run in-process, without Kubeflow.
 
-The same steps as the KFP pipeline (:mod:`paploss.steps`), called one after the
-other in this process: prepare the data, pre-train the warm start, then for each
-round the proxy trials (one after another) and the controller update, then the
-final trainings of the searched loss and the baselines and the AP table. Useful
-for debugging a step with a debugger, and for the search-quality benchmark.
+The search flow of :mod:`paploss.flow` walked in this process, the same tasks as
+the KFP pipeline: prepare the data, pre-train the warm start, then for each round
+the proxy trials (one after another) and the controller update, then the final
+trainings of the searched loss and the baselines and the AP table. Useful for
+debugging a step with a debugger.
 
 It shares its options, presets, input checks and result table with ``paploss
 run`` (:mod:`pipelines.run_local`), which runs the same search through
@@ -47,6 +47,14 @@ class RunSettings:
     @property
     def tracking(self) -> dict:
         return steps.tracking_config(self.tracking_uri, self.experiment)
+
+    def search(self, runner: str = "in-process"):
+        """The :class:`paploss.flow.Search` these settings describe."""
+        from paploss.flow import Search
+
+        return Search(preset=self.preset, work=self.work, search_name=self.search_name, tracking=self.tracking,
+                      model_name=self.model_name, promote=self.promote, proxy_epochs=self.proxy_epochs,
+                      final_epochs=self.final_epochs, params={"runner": runner})
 
 
 def absolute_tracking_uri(uri: str | None) -> str:
@@ -209,46 +217,16 @@ def preflight(s: RunSettings) -> None:
 
 
 def run_inprocess(s: RunSettings, *, progress: bool = True) -> dict:
-    """The whole search in this process; returns the report (the AP table)."""
+    """The whole search in this process (:func:`paploss.flow.run`); returns the report (the AP table)."""
     from tqdm.auto import tqdm
 
-    p = s.preset
-    tracking = s.tracking
-    data = steps.prepare_data(p.dataset, s.work, split_seed=p.split_seed, bundled=p.bundled,
-                              search_splits=p.search_splits, search_val_fraction=p.search_val_fraction)
-    init = steps.pretrain(data, s.work, config=p.pretrain, seed=p.seed, detector=p.detector, proxy=p.proxy)
-    params = {**p.to_dict(), "work": s.work, "search_name": s.search_name, "runner": "in-process",
-              "proxy_epochs": s.proxy_epochs, "final_epochs": s.final_epochs}
-    out = steps.init_search(s.work, s.search_name, p.rounds, p.samples, seed=p.seed, controller=p.controller,
-                            tracking=tracking, params=params, reward_seeds=p.reward_seeds,
-                            search_splits=p.search_splits)
-    proxy = steps.train_options(p.proxy, p.detector, s.proxy_epochs)
-    for r in range(p.rounds):
-        results = [
-            steps.proxy_trial(data, init, t, proxy, s.work, s.search_name, state=out["state"], tracking=tracking,
-                              attempts=p.attempts)
-            for t in tqdm(out["trials"], desc=f"round {r + 1}/{p.rounds}", disable=not progress, leave=False)
-        ]
-        out = steps.controller_update(out["state"], results, s.work, s.search_name,
-                                      max_failed_trials=p.max_failed_trials, tracking=tracking)
-    if p.select_top:
-        trials = steps.selection_trials(out["state"], p.select_top, p.select_seeds, p.select_rank)
-        results = [
-            steps.proxy_trial(data, init, t, proxy, s.work, s.search_name, state=out["state"], tracking=tracking,
-                              attempts=p.attempts)
-            for t in tqdm(trials, desc="selection", disable=not progress, leave=False)
-        ]
-        selected = steps.select_loss(out["state"], results, s.work, s.search_name, tracking=tracking,
-                                     rank=p.select_rank)
-        out = {**out, "state": selected}
-    final = steps.train_options(p.final, p.detector, s.final_epochs)
-    finals = [
-        steps.final_train(data, init, loss, final, s.work, s.search_name,
-                          state=out["state"] if loss == steps.SEARCHED else "", seed=p.seed, tracking=tracking,
-                          model_name=s.model_name, promote=s.promote)
-        for loss in (steps.SEARCHED, *steps.BASELINES)
-    ]
-    return json.loads(steps.report(finals, out["state"], s.work, s.search_name, tracking=tracking))
+    from paploss import flow
+
+    bar = tqdm(total=s.preset.rounds, desc="rounds", disable=not progress, leave=False)
+    try:
+        return flow.run(s.search(), on_round=lambda out: bar.update(1))
+    finally:
+        bar.close()
 
 
 def format_table(report: Mapping[str, Any], s: RunSettings | None = None) -> str:

@@ -1,0 +1,146 @@
+"""The search flow, written once.
+
+::
+
+    prepare-data ─► pretrain ─► init-search ─► round 1 … R ─► [selection] ─► final-train × losses ─► report
+                                               round r: proxy-trial × S (side by side) ─► controller-update
+                                               selection: selection-trials ─► proxy-trial × (top × seeds) ─► select-loss
+
+:data:`STAGES` names every task of a search, in order; each is one function of
+:mod:`paploss.steps`. Three runners walk the same flow:
+
+- the KFP pipeline (``pipelines/search_pipeline.py``) mirrors it task for task, each
+  a component (a test holds the compiled pipeline's tasks to :data:`STAGES`);
+- :func:`run` walks it in this process (``paploss search``), trials one after
+  another or side by side through the ``map`` it is given;
+- the benchmark (``bench/``) calls :func:`search` and :func:`finals` with its
+  own ``map`` (a process pool) and its own losses and seeds.
+
+Nothing here trains, logs or stores by itself: the steps do, and they find a
+finished output instead of redoing it, so any runner resumes any other's search.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from paploss import steps
+from paploss.presets import Preset
+
+__all__ = ["STAGES", "Search", "Map", "in_order", "prepare", "search", "finals", "run"]
+
+#: The tasks of a search, in the order they first run (the KFP pipeline's component names).
+STAGES = ("prepare-data", "pretrain", "init-search", "proxy-trial", "controller-update", "selection-trials",
+          "select-loss", "final-train", "report")
+
+#: How a runner trains a batch of independent tasks (a round's trials, the finals):
+#: ``map(fn, items)`` returns ``[fn(item) for item in items]`` in that order, computed
+#: one after another or side by side.
+Map = Callable[[Callable[[Any], Any], Sequence[Any]], list]
+
+
+def in_order(fn: Callable[[Any], Any], items: Sequence[Any]) -> list:
+    """The plain :data:`Map`: one task after another in this process."""
+    return [fn(item) for item in items]
+
+
+@dataclass(frozen=True)
+class Search:
+    """One search: its sizes (``preset``), where it keeps things and what it is called.
+
+    ``tracking``: ``{"uri", "experiment"}`` of MLflow, or None to log nothing.
+    ``params``: extra parameters recorded on the search's MLflow run.
+    ``proxy_epochs`` / ``final_epochs``: 0 keeps the preset's schedule."""
+
+    preset: Preset
+    work: str
+    search_name: str
+    tracking: Mapping[str, str] | None = None
+    model_name: str = "paploss-retinanet"
+    promote: bool = True
+    proxy_epochs: float = 0.0
+    final_epochs: float = 0.0
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def proxy(self) -> dict:
+        """The proxy trials' training options (preset expanded, detector and epochs folded in)."""
+        return steps.train_options(self.preset.proxy, self.preset.detector, self.proxy_epochs)
+
+    @property
+    def final(self) -> dict:
+        """The final trainings' options."""
+        return steps.train_options(self.preset.final, self.preset.detector, self.final_epochs)
+
+
+def prepare(s: Search) -> tuple[str, str]:
+    """Stages prepare-data and pretrain: ``(data URI, warm start URI)``."""
+    p = s.preset
+    data = steps.prepare_data(p.dataset, s.work, split_seed=p.split_seed, bundled=p.bundled,
+                              search_splits=p.search_splits, search_val_fraction=p.search_val_fraction)
+    init = steps.pretrain(data, s.work, config=p.pretrain, seed=p.seed, detector=p.detector, proxy=p.proxy)
+    return data, init
+
+
+def _trials(s: Search, data: str, init: str, state: str, trials: Sequence[str], map: Map) -> list[str]:
+    """One batch of proxy-trial tasks (a round's samples, or the selection's candidates)."""
+    trial = partial(_proxy_trial, data, init, s.proxy, s.work, s.search_name, state, s.tracking, s.preset.attempts)
+    return map(trial, list(trials))
+
+
+def _proxy_trial(data, init, proxy, work, search_name, state, tracking, attempts, trial: str) -> str:
+    # a module-level function of the trial alone, so that a process pool can send it
+    return steps.proxy_trial(data, init, trial, proxy, work, search_name, state=state, tracking=tracking,
+                             attempts=attempts)
+
+
+def search(s: Search, data: str, init: str, *, map: Map = in_order,
+           on_round: Callable[[dict], None] | None = None) -> str:
+    """Stages init-search, R × (proxy-trial × S, controller-update) and, with the
+    preset's ``select_top`` > 0, selection-trials, proxy-trial × candidates,
+    select-loss. Returns the URI of the final search state (the one holding the
+    selection's choice when there is one). ``on_round`` gets each update's output."""
+    p = s.preset
+    params = {**p.to_dict(), "work": s.work, "search_name": s.search_name, "proxy_epochs": s.proxy_epochs,
+              "final_epochs": s.final_epochs, **dict(s.params)}
+    out = steps.init_search(s.work, s.search_name, p.rounds, p.samples, seed=p.seed, controller=p.controller,
+                            tracking=s.tracking, params=params, reward_seeds=p.reward_seeds,
+                            search_splits=p.search_splits)
+    for _ in range(p.rounds):
+        results = _trials(s, data, init, out["state"], out["trials"], map)
+        out = steps.controller_update(out["state"], results, s.work, s.search_name,
+                                      max_failed_trials=p.max_failed_trials, tracking=s.tracking)
+        if on_round is not None:
+            on_round(out)
+    if not p.select_top:
+        return out["state"]
+    candidates = steps.selection_trials(out["state"], p.select_top, p.select_seeds, p.select_rank)
+    results = _trials(s, data, init, out["state"], candidates, map)
+    return steps.select_loss(out["state"], results, s.work, s.search_name, tracking=s.tracking, rank=p.select_rank)
+
+
+def finals(s: Search, data: str, init: str, state: str, losses: Iterable[str] | None = None, *,
+           map: Map = in_order) -> list[str]:
+    """Stage final-train for each of ``losses`` (default: the searched loss and the
+    baselines), side by side through ``map``; returns their result JSONs in order."""
+    losses = list(losses or (steps.SEARCHED, *steps.BASELINES))
+    train = partial(_final_train, data, init, s.final, s.work, s.search_name, state, s.preset.seed, s.tracking,
+                    s.model_name, s.promote)
+    return map(train, losses)
+
+
+def _final_train(data, init, final, work, search_name, state, seed, tracking, model_name, promote, loss: str) -> str:
+    return steps.final_train(data, init, loss, final, work, search_name,
+                             state=state if loss == steps.SEARCHED else "", seed=seed, tracking=tracking,
+                             model_name=model_name, promote=promote)
+
+
+def run(s: Search, *, map: Map = in_order, on_round: Callable[[dict], None] | None = None) -> dict:
+    """The whole flow in this process; returns the report (the AP table)."""
+    data, init = prepare(s)
+    state = search(s, data, init, map=map, on_round=on_round)
+    results = finals(s, data, init, state, map=map)
+    return json.loads(steps.report(results, state, s.work, s.search_name, tracking=s.tracking))
