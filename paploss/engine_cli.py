@@ -81,11 +81,36 @@ def pretrain(data, out_file, ann, detector, iterations, image_size, crop_size, b
 @click.option("--checkpoint-every", type=int, default=None)
 @click.option("--no-resume", is_flag=True, help="Start over even if --out holds a checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Nodes of a distributed training (with --trainjob).")
+@click.option("--gpus-per-node", type=click.IntRange(min=0), default=1, show_default=True,
+              help="GPUs (torchrun processes) per node (with --trainjob; 0: CPU nodes).")
+@click.option("--trainjob", is_flag=True,
+              help="Run this training as a Kubeflow Trainer TrainJob on the cluster (torchrun on --nodes x "
+                   "--gpus-per-node; --data/--out/--init/--spec must be s3://) and wait for it.")
+@click.option("--dry-run", is_flag=True, help="With --trainjob: print the TrainJob as YAML, contact nothing.")
+@click.option("--image", envvar="PAPLOSS_IMAGE", default=None, help="TrainJob: the image [env PAPLOSS_IMAGE].")
+@click.option("--namespace", default=None, help="TrainJob: its namespace [the pod's own].")
+@click.option("--k8s-api", default=None, help="TrainJob: Kubernetes API URL [in a pod: its service account's].")
+@click.option("--runtime", default="torch-distributed", show_default=True,
+              help="TrainJob: the ClusterTrainingRuntime it runs on.")
+@click.option("--s3-secret", default="paploss-s3", show_default=True,
+              help="TrainJob: secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY.")
+@click.option("--mlflow-secret", default=None,
+              help="TrainJob: secret with MLFLOW_TRACKING_USERNAME / _PASSWORD or _TOKEN (each optional).")
+@click.option("--service-account", default=None, help="TrainJob: service account of its pods.")
 def train(data, out_dir, preset, loss, spec, form, detach_i3, train_ann, val_ann, detector, image_size, batch_size, iterations,
           epochs, lr, optimizer, warmup_iters, init, backbone_weights, seed, device, threads, checkpoint_every,
-          no_resume, quiet):
+          no_resume, quiet, **placement):
     """Train a detector with a loss and write checkpoint.pt and metrics.json to --out.
-    Prints the metrics (COCO AP on --val-ann) as JSON."""
+    Prints the metrics (COCO AP on --val-ann) as JSON. With --trainjob, the same
+    training runs on the cluster as a Kubeflow Trainer TrainJob (docs/deployment.md)."""
+    if placement["trainjob"] or placement["dry_run"] or placement["nodes"] > 1 or placement["gpus_per_node"] > 1:
+        from pipelines import trainjob  # kfp-free, but not part of the library: imported only here
+
+        ctx = click.get_current_context()
+        if trainjob.wants_trainjob(ctx.params):
+            return trainjob.train_command(ctx, ctx.params)
     from paploss.engine import PROXY_PRESETS, TrainConfig, train as run
 
     base = dict(PROXY_PRESETS[preset]) if preset else {}
