@@ -330,3 +330,16 @@ def test_without_trainjob_the_options_are_refused_or_ignored():
     # one GPU, no --trainjob: the local training path (it refuses a bad option the same way as before)
     result = CliRunner().invoke(main, ["train", "--data", "d", "--form", "square", "--loss", "focal+l1"])
     assert result.exit_code == 2 and "--form needs --loss paploss" in result.output
+
+
+def test_the_library_does_not_import_the_pipelines_and_a_dry_run_not_kfp():
+    import subprocess
+    import sys
+
+    code = ("import sys; import paploss.engine_cli; assert 'pipelines' not in sys.modules, 'pipelines imported'\n"
+            "from click.testing import CliRunner; from paploss.cli import main\n"
+            "r = CliRunner().invoke(main, ['train', '--data', 's3://a', '--out', 's3://b', '--trainjob', '--dry-run',"
+            " '--image', 'i'])\n"
+            "assert r.exit_code == 0, r.output; assert 'kfp' not in sys.modules and 'torch' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
