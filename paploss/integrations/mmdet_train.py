@@ -15,10 +15,11 @@ runtime. What the TrainConfig overrides: the datasets (``CocoDataset`` on
 ``cfg.data``, classes from the annotation file), ``num_classes``, the head's loss
 (``paploss`` -> :class:`~paploss.integrations.mmdet.PAPLossRetinaHead` with
 ``cfg.spec``; ``focal+l1`` / ``focal+giou`` -> MMDetection's ``RetinaHead`` with
-Focal Loss and L1 / GIoU (weight 2, as MMDetection's ATSS/GFL configs)), the
+Focal Loss and L1 / GIoU (weight 2, as MMDetection's ATSS/GFL configs); a Deformable
+DETR head switches through :func:`paploss.integrations.mmdet_detr.switch_head`), the
 schedule (iterations, SGD/AdamW, linear warm-up from ``warmup_factor`` over
 ``warmup_iters``, steps by ``lr_gamma`` at the fractions ``lr_steps``, gradient
-clipping), the seed and the work folder. Divergence (SPEC §3): an iteration whose
+clipping; the config's ``optim_wrapper.paramwise_cfg`` is kept), the seed and the work folder. Divergence (SPEC §3): an iteration whose
 loss is not finite or equals 1.0 to 1e-6 is bad; after more than
 ``diverge_patience`` bad iterations the run stops with ``diverged=True`` and all
 metrics 0.
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from paploss.integrations import mmdet as _mmdet  # noqa: F401  (registers the head, supplies mmcv.ops: first)
+from paploss.integrations import mmdet_detr as _mmdet_detr  # registers PAPLossDeformableDETRHead
 
 from mmengine.hooks import Hook  # noqa: E402
 
@@ -129,6 +131,8 @@ def _dataset(base: Any, where: str, data_root: str, ann: str, classes, test_mode
 
 
 def _head(head: dict, cfg) -> dict:
+    if head.get("type") in _mmdet_detr.HEAD_TYPES:  # a Deformable DETR: its own loss switch
+        return _mmdet_detr.switch_head(head, cfg)
     head = dict(head)
     for key in ("spec", "top_k", "quality"):
         head.pop(key, None)
@@ -165,7 +169,10 @@ def build_config(config_file: str | os.PathLike, cfg, work_dir: str):
         raise ValueError("loss 'paploss' needs a spec")
     mm = Config.fromfile(str(config_file))
     if "model" not in mm or "bbox_head" not in mm.model:
-        raise ValueError(f"{config_file}: the MMDetection config has no model.bbox_head (a RetinaNet-style detector is needed)")
+        raise ValueError(
+            f"{config_file}: the MMDetection config has no model.bbox_head (a RetinaNet-style or Deformable DETR "
+            "detector is needed)"
+        )
     data = storage.localize(cfg.data)
     train_json = data / "annotations" / f"{cfg.train_ann}.json"
     val_json = data / "annotations" / f"{cfg.val_ann}.json"
@@ -201,7 +208,10 @@ def build_config(config_file: str | os.PathLike, cfg, work_dir: str):
         if cfg.optimizer == "sgd"
         else dict(type="AdamW", lr=cfg.lr, weight_decay=cfg.weight_decay)
     )
+    paramwise = (mm.get("optim_wrapper") or {}).get("paramwise_cfg")
     mm.optim_wrapper = dict(type="OptimWrapper", optimizer=optimizer)
+    if paramwise:  # the config's per-parameter multipliers (e.g. Deformable DETR's sampling offsets) stay
+        mm.optim_wrapper["paramwise_cfg"] = paramwise
     if cfg.grad_clip:
         mm.optim_wrapper["clip_grad"] = dict(max_norm=float(cfg.grad_clip), norm_type=2)
     schedulers = []

@@ -1,0 +1,411 @@
+"""Deformable DETR with the PAP loss in MMDetection 3.3: the deformable attention op in
+plain torch, PAPLossDeformableDETRHead, the tiny shapes config.
+
+These run the real MMDetection (``pip install -e '.[mmdet]'``); without it they are
+skipped with the reason. ``pytest -k deformable_detr`` selects them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("mmdet", reason="MMDetection is an optional extra: pip install -e '.[mmdet]'")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import Phase, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import paploss.integrations.mmdet_detr as pd  # noqa: E402  (installs the mmcv.ops replacement first)
+from paploss import LossSpec, pap_loss  # noqa: E402
+from paploss.integrations import mmcv_ops  # noqa: E402
+
+from mmengine.config import Config  # noqa: E402
+from mmengine.dataset import pseudo_collate  # noqa: E402
+from mmengine.registry import init_default_scope  # noqa: E402
+from mmengine.structures import InstanceData  # noqa: E402
+from mmdet.registry import DATASETS, MODELS  # noqa: E402
+
+pytestmark = pytest.mark.mmdet
+
+ROOT = Path(__file__).resolve().parents[1]
+DETR_CFG = ROOT / "configs" / "mmdet" / "paploss_deformable_detr_tiny_shapes.py"
+
+init_default_scope("mmdet")
+
+
+@pytest.fixture(scope="module")
+def shapes_root(tmp_path_factory) -> Path:
+    from paploss.data import make_dataset
+
+    return make_dataset("shapes", tmp_path_factory.mktemp("shapes"), n_train=8, n_val=4, image_size=128, seed=0, progress=False)
+
+
+def detr_cfg(root: Path | None = None) -> Config:
+    cfg = Config.fromfile(str(DETR_CFG))
+    if root is not None:
+        for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
+            cfg[loader].dataset.data_root = str(root) + "/"
+    return cfg
+
+
+def head_cfg(**overrides) -> dict:
+    cfg = detr_cfg()
+    head = cfg.model.bbox_head.to_dict()
+    head.update(train_cfg=cfg.model.train_cfg.to_dict(), test_cfg=cfg.model.test_cfg.to_dict(), num_pred_layer=2,
+                share_pred_layer=True, as_two_stage=False)
+    head.update(overrides)
+    return head
+
+
+# ------------------------------------------------- multi-scale deformable attention
+def slow_msda(value, shapes, locations, weights):
+    """The twin of ``multi_scale_deformable_attn_pytorch``: one sample at a time, bilinear
+    interpolation written out (pixel centres at integers, 0 outside the map).
+
+    value [B, S, M, D]; shapes list of (h, w); locations [B, Q, M, L, P, 2] (x, y in [0, 1]
+    of the map); weights [B, Q, M, L, P]. Returns [B, Q, M·D]."""
+    B, _, M, D = value.shape
+    _, Q, _, L, P, _ = locations.shape
+    starts = np.cumsum([0] + [h * w for h, w in shapes]).tolist()
+    rows = []
+    for b in range(B):
+        per_query = []
+        for q in range(Q):
+            heads = []
+            for m in range(M):
+                acc = value.new_zeros(D)
+                for lvl, (h, w) in enumerate(shapes):
+                    for p in range(P):
+                        x = locations[b, q, m, lvl, p, 0] * w - 0.5
+                        y = locations[b, q, m, lvl, p, 1] * h - 0.5
+                        x0, y0 = math.floor(float(x)), math.floor(float(y))
+                        fx, fy = x - x0, y - y0
+                        sample = value.new_zeros(D)
+                        for xi, yi, c in ((x0, y0, (1 - fx) * (1 - fy)), (x0 + 1, y0, fx * (1 - fy)),
+                                          (x0, y0 + 1, (1 - fx) * fy), (x0 + 1, y0 + 1, fx * fy)):
+                            if 0 <= xi < w and 0 <= yi < h:
+                                sample = sample + c * value[b, starts[lvl] + yi * w + xi, m]
+                        acc = acc + weights[b, q, m, lvl, p] * sample
+                heads.append(acc)
+            per_query.append(torch.cat(heads))
+        rows.append(torch.stack(per_query))
+    return torch.stack(rows)
+
+
+@settings(max_examples=12, deadline=None, phases=[Phase.explicit, Phase.reuse, Phase.generate])
+@given(
+    seed=st.integers(0, 10_000),
+    batch=st.integers(1, 2),
+    heads=st.integers(1, 3),
+    dims=st.integers(1, 3),
+    queries=st.integers(1, 3),
+    points=st.integers(1, 3),
+    shapes=st.lists(st.tuples(st.integers(1, 5), st.integers(1, 5)), min_size=1, max_size=3),
+)
+def test_deformable_detr_attention_op_equals_slow_twin(seed, batch, heads, dims, queries, points, shapes):
+    """Value and gradient (value, sampling locations, attention weights), locations
+    also outside the maps (zero padding), float64."""
+    gen = torch.Generator().manual_seed(seed)
+    levels = len(shapes)
+    keys = sum(h * w for h, w in shapes)
+    value = torch.randn(batch, keys, heads, dims, generator=gen, dtype=torch.float64, requires_grad=True)
+    loc = (torch.rand(batch, queries, heads, levels, points, 2, generator=gen, dtype=torch.float64) * 1.4 - 0.2)
+    loc.requires_grad_()
+    weights = torch.rand(batch, queries, heads, levels, points, generator=gen, dtype=torch.float64, requires_grad=True)
+    cot = torch.randn(batch, queries, heads * dims, generator=gen, dtype=torch.float64)
+
+    fast = mmcv_ops.multi_scale_deformable_attn_pytorch(value, torch.tensor(shapes), loc, weights)
+    slow = slow_msda(value, shapes, loc, weights)
+    assert fast.shape == (batch, queries, heads * dims)
+    torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-12)
+    g_fast = torch.autograd.grad((fast * cot).sum(), (value, loc, weights))
+    g_slow = torch.autograd.grad((slow * cot).sum(), (value, loc, weights))
+    for name, a, b in zip(("value", "locations", "weights"), g_fast, g_slow):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11, msg=lambda m, n=name: f"d/d{n}: {m}")
+
+
+def test_deformable_detr_attention_op_rejects_bad_shapes():
+    value = torch.zeros(1, 7, 2, 3)
+    loc = torch.zeros(1, 4, 2, 2, 1, 2)
+    w = torch.zeros(1, 4, 2, 2, 1)
+    with pytest.raises(ValueError, match=r"value has 7 keys but the levels \[\(2, 2\), \(2, 2\)\] hold 8 pixels"):
+        mmcv_ops.multi_scale_deformable_attn_pytorch(value, torch.tensor([[2, 2], [2, 2]]), loc, w)
+    with pytest.raises(ValueError, match="shapes do not agree"):
+        mmcv_ops.multi_scale_deformable_attn_pytorch(value, torch.tensor([[7, 1]]), loc, w)
+
+
+def _mmcv_source_module():
+    """mmcv 2.1's own ``mmcv/ops/multi_scale_deform_attn.py`` (its Python, CPU path), loaded
+    with the compiled-extension loader stubbed out and without touching the registry."""
+    import mmcv
+    from mmcv.utils import ext_loader
+    from mmengine.registry import MODELS as ENGINE_MODELS
+
+    path = Path(mmcv.__file__).parent / "ops" / "multi_scale_deform_attn.py"
+    spec = importlib.util.spec_from_file_location("mmcv.ops._mmcv_source_msda", path)
+    module = importlib.util.module_from_spec(spec)
+    saved_load, saved_entry = ext_loader.load_ext, ENGINE_MODELS._module_dict.pop("MultiScaleDeformableAttention", None)
+    ext_loader.load_ext = lambda *a, **k: None
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        ext_loader.load_ext = saved_load
+        ENGINE_MODELS._module_dict["MultiScaleDeformableAttention"] = saved_entry
+    return module
+
+
+@pytest.mark.parametrize("ref_dims", [2, 4])
+def test_deformable_detr_attention_layer_equals_mmcv_python_source(ref_dims):
+    """Our layer against mmcv's own layer (its torch path), same weights: init, value, gradients."""
+    src = _mmcv_source_module()
+    torch.manual_seed(0)
+    ours = mmcv_ops.MultiScaleDeformableAttention(embed_dims=16, num_heads=4, num_levels=2, num_points=3,
+                                                  dropout=0.0, batch_first=True)
+    theirs = src.MultiScaleDeformableAttention(embed_dims=16, num_heads=4, num_levels=2, num_points=3,
+                                              dropout=0.0, batch_first=True)
+    torch.testing.assert_close(ours.sampling_offsets.bias, theirs.sampling_offsets.bias)  # same initial grid
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0, 0.3)
+    theirs.load_state_dict(ours.state_dict())
+    shapes = torch.tensor([[4, 5], [2, 3]])
+    query = torch.randn(2, 6, 16, requires_grad=True)
+    value = torch.randn(2, 26, 16, requires_grad=True)
+    ref = torch.rand(2, 6, 2, ref_dims)
+    mask = torch.zeros(2, 26, dtype=torch.bool)
+    mask[1, -4:] = True
+    kw = dict(value=value, reference_points=ref, spatial_shapes=shapes, key_padding_mask=mask,
+              level_start_index=torch.tensor([0, 20]), query_pos=torch.randn(2, 6, 16))
+    a, b = ours(query, **kw), theirs(query, **kw)
+    torch.testing.assert_close(a, b)
+    inputs = [query, value, *ours.parameters()]
+    ga = torch.autograd.grad(a.square().sum(), inputs)
+    gb = torch.autograd.grad(b.square().sum(), [query, value, *theirs.parameters()])
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y)
+
+
+def test_deformable_detr_modules_use_the_replacement_attention():
+    from mmcv.cnn.bricks.transformer import MultiScaleDeformableAttention as from_bricks
+    from mmcv.ops import MultiScaleDeformableAttention as from_ops
+    from mmdet.models.layers.transformer import deformable_detr_layers
+    from mmengine.registry import MODELS as ENGINE_MODELS
+
+    assert from_bricks is from_ops is deformable_detr_layers.MultiScaleDeformableAttention
+    assert from_ops is mmcv_ops.MultiScaleDeformableAttention
+    assert ENGINE_MODELS.get("MultiScaleDeformableAttention") is from_ops
+    with pytest.raises(ValueError, match="embed_dims 10 must be divisible by num_heads 4"):
+        from_ops(embed_dims=10, num_heads=4)
+
+
+# ------------------------------------------------------------------ the head
+def _known_matching(gen, n_gts, queries, img=128):
+    """Ground truths and predicted boxes whose Hungarian matching is forced: query
+    ``perm[i]`` holds ground truth i's box plus small noise, every other query a 0.04-wide
+    box. Returns (gt InstanceData, boxes [Q, 4] sigmoid-space cxcywh, perm)."""
+    xy = torch.tensor([[8.0, 8.0], [70.0, 10.0], [10.0, 70.0], [72.0, 72.0]])[:n_gts]
+    wh = 24 + torch.rand(n_gts, 2, generator=gen) * 28
+    gt_xyxy = torch.cat([xy, xy + wh], 1)
+    labels = torch.randint(0, 5, (n_gts,), generator=gen)
+    target = torch.cat([(gt_xyxy[:, :2] + gt_xyxy[:, 2:]) / 2, wh], 1) / img
+    boxes = torch.cat([torch.rand(queries, 2, generator=gen) * 0.9 + 0.05, torch.full((queries, 2), 0.04)], 1)
+    perm = torch.randperm(queries, generator=gen)[:n_gts]
+    boxes[perm] = (target + 0.04 * (torch.rand(n_gts, 4, generator=gen) - 0.5)).clamp(0.01, 0.99)
+    return InstanceData(bboxes=gt_xyxy, labels=labels), boxes, perm, target
+
+
+def _hand_quality(pred, target, kind):
+    """(GIoU + 1) / 2 or IoU of two (cx, cy, w, h) boxes, from the definitions."""
+    px1, py1, px2, py2 = pred[0] - pred[2] / 2, pred[1] - pred[3] / 2, pred[0] + pred[2] / 2, pred[1] + pred[3] / 2
+    tx1, ty1, tx2, ty2 = (float(target[0] - target[2] / 2), float(target[1] - target[3] / 2),
+                          float(target[0] + target[2] / 2), float(target[1] + target[3] / 2))
+    iw = torch.clamp(torch.minimum(px2, torch.tensor(tx2)) - torch.maximum(px1, torch.tensor(tx1)), min=0)
+    ih = torch.clamp(torch.minimum(py2, torch.tensor(ty2)) - torch.maximum(py1, torch.tensor(ty1)), min=0)
+    inter = iw * ih
+    union = (px2 - px1) * (py2 - py1) + (tx2 - tx1) * (ty2 - ty1) - inter
+    iou = inter / union
+    if kind == "iou":
+        return iou
+    hull = (torch.maximum(px2, torch.tensor(tx2)) - torch.minimum(px1, torch.tensor(tx1))) * \
+        (torch.maximum(py2, torch.tensor(ty2)) - torch.minimum(py1, torch.tensor(ty1)))
+    return (iou - (hull - union) / hull + 1) / 2
+
+
+@pytest.mark.parametrize("seed, g, quality", [(0, 1.0, "giou"), (1, 0.3, "giou"), (2, 4.0, "iou"), (3, 2.0, "giou")])
+def test_deformable_detr_head_loss_equals_pap_loss_on_the_same_entries(seed, g, quality, monkeypatch):
+    """Per decoder layer: every query x class entry of the batch ranked once by pap_loss
+    (targets from the forced matching, qualities by hand); value and gradient, the box
+    branch's gradient times the spec's grad_scale."""
+    gen = torch.Generator().manual_seed(seed)
+    spec = LossSpec.searched(LossSpec.from_theta(torch.rand(40, generator=gen).tolist()).points, g)
+    head = MODELS.build(head_cfg(spec=spec, quality=quality))
+    L, B, Q, C = 2, 2, 12, 5
+    n_gts = [3, 1]
+    metas = [dict(img_shape=(128, 128), pad_shape=(128, 128), batch_input_shape=(128, 128)) for _ in range(B)]
+    cls = (torch.rand(L, B, Q, C, generator=gen) * 2 - 1).requires_grad_()
+    layouts = [[_known_matching(gen, n_gts[b], Q) for b in range(B)] for _ in range(L)]
+    gts = [layouts[0][b][0] for b in range(B)]
+    for lay in layouts[1:]:  # the same ground truths, other queries matched in the later layer
+        for b in range(B):
+            gt, boxes, perm, target = lay[b]
+            boxes[perm] = (layouts[0][b][3] + 0.04 * (torch.rand(n_gts[b], 4, generator=gen) - 0.5)).clamp(0.01, 0.99)
+            lay[b] = (gts[b], boxes, perm, layouts[0][b][3])
+    boxes = torch.stack([torch.stack([lay[b][1] for b in range(B)]) for lay in layouts]).requires_grad_()
+
+    calls = []
+
+    def recording(logits, targets, qualities, spec_, **kw):
+        calls.append((logits.shape, targets.detach().clone()))
+        return pap_loss(logits, targets, qualities, spec_, **kw)
+
+    monkeypatch.setattr(pd, "pap_loss", recording)
+    losses = head.loss_by_feat(cls, boxes, None, None, gts, metas)
+    assert set(losses) == {"loss_pap", "d0.loss_pap"}
+    ours = losses["loss_pap"] + losses["d0.loss_pap"]
+
+    # the ranked entries: queries x classes x images, per decoder layer, none ignored
+    assert len(calls) == L
+    for shape, targets in calls:
+        assert shape.numel() == Q * C * B and targets.numel() == Q * C * B
+        assert set(targets.unique().tolist()) <= {0.0, 1.0} and int(targets.sum()) == sum(n_gts)
+
+    ref = 0.0
+    for lvl in range(L):
+        t = torch.zeros(B, Q, C)
+        u = [[[torch.zeros(()) for _ in range(C)] for _ in range(Q)] for _ in range(B)]
+        for b in range(B):
+            _gt, _bx, perm, target = layouts[lvl][b]
+            for i, q in enumerate(perm.tolist()):
+                c = int(gts[b].labels[i])
+                t[b, q, c] = 1.0
+                u[b][q][c] = _hand_quality(boxes[lvl, b, q], target[i], quality)
+        u_flat = torch.stack([u[b][q][c] for b in range(B) for q in range(Q) for c in range(C)])
+        ref = ref + pap_loss(cls[lvl].reshape(-1), t.reshape(-1), u_flat, spec)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    g_ours = torch.autograd.grad(ours, (cls, boxes))
+    g_ref = torch.autograd.grad(ref, (cls, boxes))
+    torch.testing.assert_close(g_ours[0], g_ref[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(g_ours[1], g * g_ref[1], rtol=1e-4, atol=1e-6)  # the searched gradient scale
+    assert g_ours[1].abs().sum() > 0, "the box branch gets no gradient"
+
+
+def test_deformable_detr_head_without_ground_truth_is_zero_and_connected():
+    head = MODELS.build(head_cfg(spec=LossSpec.handcrafted("linear")))
+    metas = [dict(img_shape=(64, 64), pad_shape=(64, 64), batch_input_shape=(64, 64))]
+    cls = torch.randn(2, 1, 7, 5, requires_grad=True)
+    boxes = torch.rand(2, 1, 7, 4).requires_grad_()
+    empty = InstanceData(bboxes=torch.zeros(0, 4), labels=torch.zeros(0, dtype=torch.long))
+    losses = head.loss_by_feat(cls, boxes, None, None, [empty], metas)
+    total = sum(losses.values())
+    assert float(total) == 0.0
+    gc, gb = torch.autograd.grad(total, (cls, boxes))
+    assert torch.equal(gc, torch.zeros_like(gc)) and torch.equal(gb, torch.zeros_like(gb))
+
+
+def test_deformable_detr_targets_and_quality():
+    t = pd.detr_targets(torch.tensor([2, 5, 0, 5]), 5)
+    assert t.tolist() == [[0, 0, 1, 0, 0], [0] * 5, [1, 0, 0, 0, 0], [0] * 5]
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 5\]"):
+        pd.detr_targets(torch.tensor([6]), 5)
+    box = torch.rand(20, 4) * 0.5 + 0.1
+    for kind in ("giou", "iou", "l1"):
+        torch.testing.assert_close(pd.detr_box_quality(box, box, kind), torch.ones(20))
+    far = torch.tensor([[0.9, 0.9, 0.05, 0.05]])
+    near = torch.tensor([[0.1, 0.1, 0.05, 0.05]])
+    assert float(pd.detr_box_quality(far, near, "iou")) == 0.0
+    assert 0.0 < float(pd.detr_box_quality(far, near, "giou")) < 0.1  # still a gradient where IoU has none
+    with pytest.raises(ValueError, match="quality must be one of"):
+        pd.detr_box_quality(box, box, "dice")
+
+
+def test_deformable_detr_head_rejects_bad_options():
+    with pytest.raises(ValueError, match="model.bbox_head.quality"):
+        MODELS.build(head_cfg(quality="dice"))
+    with pytest.raises(ValueError, match="model.bbox_head.top_k"):
+        MODELS.build(head_cfg(top_k=0))
+    with pytest.raises(ValueError, match="use_sigmoid"):
+        MODELS.build(head_cfg(loss_cls=dict(type="CrossEntropyLoss", use_sigmoid=False)))
+    with pytest.raises(ValueError, match="model.bbox_head.spec: required"):
+        MODELS.build(head_cfg(spec=None))
+
+
+def test_deformable_detr_loss_switch(shapes_root, tmp_path):
+    from paploss.engine import TrainConfig
+    from paploss.integrations.mmdet_train import build_config
+
+    base = dict(data=str(shapes_root), detector=f"mmdet:{DETR_CFG}", iterations=2, batch_size=2)
+    mm, _ = build_config(DETR_CFG, TrainConfig(loss="paploss", spec=LossSpec.handcrafted("square"), **base), str(tmp_path))
+    head = mm.model.bbox_head
+    assert head.type == "PAPLossDeformableDETRHead" and head.spec["form"] == "square" and head.num_classes == 5
+    assert mm.optim_wrapper.paramwise_cfg.custom_keys.sampling_offsets.lr_mult == 0.1  # the config's groups stay
+    mm, _ = build_config(DETR_CFG, TrainConfig(loss="focal+l1", **base), str(tmp_path))
+    head = mm.model.bbox_head
+    assert head.type == "DeformableDETRHead" and "spec" not in head
+    assert (head.loss_cls.type, head.loss_bbox.loss_weight, head.loss_iou.loss_weight) == ("FocalLoss", 5.0, 0.0)
+    mm, _ = build_config(DETR_CFG, TrainConfig(loss="focal+giou", **base), str(tmp_path))
+    assert mm.model.bbox_head.loss_iou.loss_weight == 2.0 and mm.model.bbox_head.loss_bbox.loss_weight == 5.0
+    with pytest.raises(ValueError, match="model.bbox_head.type"):
+        pd.switch_head(dict(type="RetinaHead"), TrainConfig(**base))
+
+
+# ------------------------------------------------------------------ training
+def test_deformable_detr_training_on_shapes_lowers_the_loss_and_predicts(shapes_root):
+    torch.manual_seed(0)
+    np.random.seed(0)
+    cfg = detr_cfg(shapes_root)
+    dataset = DATASETS.build(cfg.train_dataloader.dataset)
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    batch = pseudo_collate([dataset[i] for i in range(4)])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    model.train()
+    for _ in range(30):
+        data = model.data_preprocessor(batch, True)
+        out = model(**data, mode="loss")
+        assert set(out) == {"loss_pap", "d0.loss_pap"}
+        loss = out["loss_pap"] + out["d0.loss_pap"]
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses), losses
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < first - 0.05, losses
+
+    model.eval()
+    with torch.no_grad():
+        results = model(**model.data_preprocessor(batch, False), mode="predict")
+    assert len(results) == 4
+    for res in results:
+        boxes, scores = res.pred_instances.bboxes, res.pred_instances.scores
+        assert boxes.shape == (100, 4) and bool(((scores >= 0) & (scores <= 1)).all())
+        assert bool((boxes[:, 2:] >= boxes[:, :2]).all()) and float(boxes.max()) <= 128.0
+
+
+@pytest.mark.slow
+def test_deformable_detr_cli_train_reports_coco_ap(tmp_path):
+    """``paploss train`` with the tiny Deformable DETR config for 300 iterations prints COCO AP."""
+    from paploss.data import make_dataset
+
+    root = make_dataset("shapes", tmp_path / "shapes", n_train=48, n_val=16, image_size=128, seed=0, progress=False)
+    cmd = [sys.executable, "-m", "paploss.cli", "train", "--data", str(root), "--detector", f"mmdet:{DETR_CFG}",
+           "--loss", "paploss", "--form", "linear", "--optimizer", "adamw", "--lr", "0.002", "--iterations", "300",
+           "--batch-size", "2", "--warmup-iters", "50", "--threads", "1", "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    metrics = result["metrics"]
+    assert not result["diverged"] and result["iterations"] == 300
+    assert set(metrics) >= {"AP", "AP50", "AP75"} and all(0.0 <= metrics[k] <= 1.0 for k in ("AP", "AP50", "AP75"))
+    print("deformable_detr_tiny, 300 iterations:", metrics)
