@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 DOCKERFILES = ["docker/Dockerfile.cpu", "docker/Dockerfile.cuda", "docker/Dockerfile.mlflow"]
 IMAGES = ["docker/Dockerfile.cpu", "docker/Dockerfile.cuda"]  # the components' images
-WORKFLOWS = [".github/workflows/ci.yml", ".github/workflows/retrain.yml"]
+WORKFLOWS = [".github/workflows/ci.yml", ".github/workflows/retrain.yml", ".github/workflows/e2e.yml"]
 GPU_ONLY = re.compile(r"^(nvidia-|cuda-|triton$)")
 
 
@@ -480,3 +480,25 @@ def test_retrain_triggers_and_gate():
     env = next(s["env"] for s in steps if "paploss retrain" in s.get("run", ""))
     for name in ("KFP_HOST", "MLFLOW_TRACKING_URI", "KF_PIPELINES_TOKEN"):
         assert env[name] == "${{ secrets.%s }}" % name
+
+
+def test_e2e_builds_both_images_submits_smoke_and_checks_the_registry():
+    data = workflow(".github/workflows/e2e.yml")
+    assert "workflow_dispatch" in data["on"] and data["on"]["schedule"]
+    script = "\n".join(s.get("run", "") for s in data["jobs"]["e2e"]["steps"])
+    for dockerfile in ("docker/Dockerfile.cpu", "docker/Dockerfile.mlflow"):
+        assert f"docker build -f {dockerfile}" in script
+    assert "kind" in script and "load docker-image paploss:e2e paploss-mlflow:e2e" in script
+    assert re.search(r"kubeflow/pipelines/manifests/kustomize/\S+\?ref=\$\{KFP_VERSION\}", script)
+    assert re.fullmatch(r"\d+\.\d+\.\d+", data["env"]["KFP_VERSION"])  # a pinned release, not master
+    assert "paploss compile --preset smoke --image paploss:e2e" in script
+    assert "paploss submit" in script and "--wait" in script
+    assert "search_model_versions" in script and "paploss.search_name" in script
+    for manifest in (".github/e2e/stack.yaml", ".github/e2e/pipeline-secret.yaml"):
+        assert f"kubectl apply -f {manifest}" in script
+        docs = [d for d in yaml.safe_load_all((ROOT / manifest).read_text()) if d]
+        assert all(d.get("apiVersion") and d.get("kind") and d["metadata"].get("name") for d in docs)
+        for d in docs:  # the images built above, never pulled from a registry
+            for c in d.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+                if c["image"].startswith("paploss"):
+                    assert c["image"].endswith(":e2e") and c.get("imagePullPolicy") == "IfNotPresent"
