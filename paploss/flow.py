@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from paploss import steps
 from paploss.presets import Preset
 
-__all__ = ["STAGES", "Search", "Map", "in_order", "prepare", "search", "finals", "run"]
+__all__ = ["STAGES", "Search", "Final", "Map", "in_order", "prepare", "search", "finals", "run"]
 
 #: The tasks of a search, in the order they first run (the KFP pipeline's component names).
 STAGES = ("prepare-data", "pretrain", "init-search", "proxy-trial", "controller-update", "selection-trials",
@@ -122,20 +122,34 @@ def search(s: Search, data: str, init: str, *, map: Map = in_order,
     return steps.select_loss(out["state"], results, s.work, s.search_name, tracking=s.tracking, rank=p.select_rank)
 
 
-def finals(s: Search, data: str, init: str, state: str, losses: Iterable[str] | None = None, *,
+@dataclass(frozen=True)
+class Final:
+    """One final training: ``loss`` (``searched``, a baseline, or a name for the PAP
+    loss of ``spec``, a LossSpec JSON), its ``seed`` (None: the preset's) and the
+    ``tag`` that keeps its result apart from the same loss's other finals."""
+
+    loss: str
+    spec: str = ""
+    seed: int | None = None
+    tag: str = ""
+
+
+def finals(s: Search, data: str, init: str, state: str, losses: Iterable[str | Final] | None = None, *,
            map: Map = in_order) -> list[str]:
-    """Stage final-train for each of ``losses`` (default: the searched loss and the
-    baselines), side by side through ``map``; returns their result JSONs in order."""
-    losses = list(losses or (steps.SEARCHED, *steps.BASELINES))
+    """Stage final-train for each of ``losses`` (names or :class:`Final`; default: the
+    searched loss and the baselines), side by side through ``map``; returns their
+    result JSONs in order."""
+    jobs = [x if isinstance(x, Final) else Final(x) for x in (losses or (steps.SEARCHED, *steps.BASELINES))]
     train = partial(_final_train, data, init, s.final, s.work, s.search_name, state, s.preset.seed, s.tracking,
                     s.model_name, s.promote)
-    return map(train, losses)
+    return map(train, jobs)
 
 
-def _final_train(data, init, final, work, search_name, state, seed, tracking, model_name, promote, loss: str) -> str:
-    return steps.final_train(data, init, loss, final, work, search_name,
-                             state=state if loss == steps.SEARCHED else "", seed=seed, tracking=tracking,
-                             model_name=model_name, promote=promote)
+def _final_train(data, init, final, work, search_name, state, seed, tracking, model_name, promote, job: Final) -> str:
+    return steps.final_train(data, init, job.loss, final, work, search_name,
+                             state=state if job.loss == steps.SEARCHED else "",
+                             seed=seed if job.seed is None else job.seed, tracking=tracking, model_name=model_name,
+                             promote=promote, spec=job.spec, tag=job.tag)
 
 
 def run(s: Search, *, map: Map = in_order, on_round: Callable[[dict], None] | None = None) -> dict:

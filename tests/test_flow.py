@@ -3,6 +3,7 @@ in-process run's stages are the same list, :data:`paploss.flow.STAGES`."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -58,3 +59,27 @@ def test_the_in_process_run_walks_the_stages_in_order(tmp_path, monkeypatch):
     assert first == list(flow.STAGES)
     assert seen.count("proxy-trial") == p.samples + 1 and seen.count("final-train") == 1 + len(steps.BASELINES)
     assert set(report["final"]) == {steps.SEARCHED, *steps.BASELINES}
+
+
+@pytest.mark.slow
+def test_finals_train_any_named_loss_with_its_seed_apart(tmp_path):
+    """The benchmark's finals go through the flow: a handcrafted form by its spec, and
+    a baseline with two seeds, each kept in its own result; a spec for a baseline, or
+    none for an unknown name, is refused before training."""
+    from paploss.spec import LossSpec
+
+    p = presets.get_preset("smoke").with_overrides(final={"preset": "smoke", "iterations": 2})
+    s = flow.Search(preset=p, work=str(tmp_path), search_name="finals")
+    data, init = flow.prepare(s)
+    square = LossSpec.handcrafted("square").to_json()
+    out = [json.loads(x) for x in flow.finals(s, data, init, "", [
+        flow.Final("square", spec=square), flow.Final("focal+l1", seed=1, tag="-s1"),
+        flow.Final("focal+l1", seed=2, tag="-s2")])]
+    assert [o["loss"] for o in out] == ["square", "focal+l1", "focal+l1"] and out[0]["spec"] == square
+    assert out[1]["key"] != out[2]["key"]
+    finals_dir = tmp_path / "searches" / "finals" / "final"
+    assert {f.name for f in finals_dir.glob("*.json")} == {"square.json", "focal+l1-s1.json", "focal+l1-s2.json"}
+    with pytest.raises(steps.StepError, match="takes no spec"):
+        flow.finals(s, data, init, "", [flow.Final("focal+l1", spec=square)])
+    with pytest.raises(steps.StepError, match="give its spec"):
+        flow.finals(s, data, init, "", [flow.Final("cube")])

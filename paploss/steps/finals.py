@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -35,26 +36,31 @@ def final_train(
     tracking: Mapping[str, str] | None = None,
     model_name: str = "paploss-retinanet",
     promote: bool = True,
+    spec: str = "",
+    tag: str = "",
 ) -> str:
     """Train the detector on train and evaluate it on the real val set (SPEC §4).
 
     ``loss``: ``searched`` (:func:`searched_spec` of ``state``: the controller's final
-    mean μ, or the selected candidate after a selection stage) or
-    a baseline (``focal+l1``, ``focal+giou``). Logs a nested ``paploss.kind=final``
+    mean μ, or the selected candidate after a selection stage), a baseline
+    (``focal+l1``, ``focal+giou``), or any other name for the PAP loss of ``spec``
+    (a LossSpec as JSON: a handcrafted form, the search's starting loss, a loss
+    file). ``tag`` is added to the result's file name (``final/<loss><tag>.json``),
+    e.g. to keep the finals of several seeds apart. Logs a nested ``paploss.kind=final``
     run; the searched one registers a version of ``model_name`` (and becomes
     ``champion`` when ``promote`` and it is at least as good). Returns JSON
     ``{"loss", "metrics", "checkpoint", "diverged", "seconds", "model_version", "promoted"}``.
     """
-    if loss != SEARCHED and loss not in BASELINES:
-        raise StepError(f"loss={loss!r}: expected {SEARCHED!r} or one of {list(BASELINES)}")
-    spec = None
+    given = _given_spec(loss, spec, tag)
     if loss == SEARCHED:
         if not state:
             raise StepError("final_train(loss='searched') needs the final controller state")
         spec = searched_spec(state)
-    out = storage.join(search_dir(work, search_name), "final", f"{loss}.json")
+    else:
+        spec = given
+    out = storage.join(search_dir(work, search_name), "final", f"{loss}{tag}.json")
     final = plain(dict(final or {}))
-    keys = cache_keys(work, At(data), At(init), loss, final, At(state), int(seed))
+    keys = cache_keys(work, At(data), At(init), loss, final, At(state), int(seed), *([given.to_json()] if given else []))
     key = keys[0]
     if storage.exists(out):
         done = storage.read_json(out)
@@ -66,12 +72,12 @@ def final_train(
         cfg = _train_config(
             final, "final config",
             data=str(_local(data)), train_ann="train", val_ann="val",
-            loss="paploss" if loss == SEARCHED else loss, spec=spec,
+            loss="paploss" if spec is not None else loss, spec=spec,
             init=str(_local(init)) if init else None, seed=int(seed), out_dir=tmp,
         )
         _log(f"final training with {loss}")
         res = _run_training(cfg, on_step=lambda it, value: losses.append(float(value)))
-        ckpt_uri = storage.join(search_dir(work, search_name), "final", loss, "checkpoint.pt")
+        ckpt_uri = storage.join(search_dir(work, search_name), "final", f"{loss}{tag}", "checkpoint.pt")
         if res.checkpoint:
             storage.write_bytes(ckpt_uri, Path(res.checkpoint).read_bytes())
         else:
@@ -105,3 +111,26 @@ def final_train(
     _log(f"final {loss}: AP {ap:.4f}" + (f", model version {result['model_version']}" if result["model_version"] else ""))
     return json.dumps(result)
 
+
+_LOSS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9+._-]{0,63}$")
+_TAG = re.compile(r"^[A-Za-z0-9+._-]{0,32}$")
+
+
+def _given_spec(loss: str, spec: str, tag: str):
+    """The LossSpec a final of ``loss`` trains with when it is neither searched nor a
+    baseline (``spec`` JSON); None for those two. Names the bad argument otherwise."""
+    for name, value, form in (("loss", loss, _LOSS_NAME), ("tag", tag, _TAG)):
+        if not isinstance(value, str) or not form.match(value):
+            raise StepError(f"{name}={value!r} must be letters, digits, '+', '.', '_' or '-' (it names a file)")
+    if loss == SEARCHED or loss in BASELINES:
+        if spec:
+            raise StepError(f"loss={loss!r} takes no spec: its loss is {'the search state' if loss == SEARCHED else 'fixed'}")
+        return None
+    if not spec:
+        raise StepError(f"loss={loss!r} is not {SEARCHED!r} or a baseline {list(BASELINES)}: give its spec (LossSpec JSON)")
+    from paploss.spec import LossSpec
+
+    try:
+        return LossSpec.from_json(spec)
+    except ValueError as exc:
+        raise StepError(f"spec of loss {loss!r}: {exc}") from None
