@@ -893,9 +893,8 @@ def _figures(out: str, dataset: str, searched: Mapping[tuple[str, str], str],
     """The searched functions of each searched loss of ``dataset`` and, for those
     that were searched here (not given as a file), the reward per round, with the
     reward baseline ``form``'s per round where ``against`` (``_against``) has it."""
-    from paploss.functions import plot_functions
+    from paploss import plots  # the pipeline's figures, same look
     from paploss.spec import LossSpec
-    from paploss.tracking import reward_figure  # the pipeline's figure, same look
 
     written = []
     found = _found_specs(searched, given)
@@ -905,16 +904,17 @@ def _figures(out: str, dataset: str, searched: Mapping[tuple[str, str], str],
         state = searched.get((dataset, mode))
         how = (" (given as a file)" if state is None
                else " (selected by re-evaluation)" if _selection(state) else "")
-        written.append(plot_functions(LossSpec.from_json(found[(dataset, mode)]),
-                                      storage.join(out, f"bench_{dataset}_{mode}_functions.png"),
-                                      title=f"{mode} loss on {dataset}{how}"))
+        figure = plots.functions_figure(LossSpec.from_json(found[(dataset, mode)]),
+                                        title=f"{mode} loss on {dataset}{how}")
+        written.append(storage.write_bytes(storage.join(out, f"bench_{dataset}_{mode}_functions.png"), figure))
         if state is None:
             continue
         path = storage.join(out, f"bench_{dataset}_{mode}_rewards.png")
         rows = (against or {}).get((dataset, mode), {}).get("rounds", [])
-        reward_figure(_reward_history(state), Path(path), steps.round_noise(state),
-                      [row["baseline"] if row else None for row in rows], f"{form} trained as the round's samples")
-        written.append(path)
+        figure = plots.reward_figure(_reward_history(state), steps.round_noise(state),
+                                     [row["baseline"] if row else None for row in rows],
+                                     f"{form} trained as the round's samples")
+        written.append(storage.write_bytes(path, figure))
     return written
 
 

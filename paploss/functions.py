@@ -42,15 +42,12 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-if TYPE_CHECKING:  # pragma: no cover
-    from paploss.spec import LossSpec
 
 __all__ = [
     "HANDCRAFTED",
@@ -65,7 +62,6 @@ __all__ = [
     "rank_function_piecewise_linear",
     "rank_function_handcrafted",
     "rank_function_step",
-    "plot_functions",
 ]
 
 HANDCRAFTED = ("sigmoid", "sqrt", "linear", "square")
@@ -441,64 +437,3 @@ def rank_function_handcrafted(form: str, exact: bool = False) -> RankFunction:
         return RankFunction("sqrt", lambda d: _safe_sqrt(_unit(d / 2.0 + 0.5)),
                             _sqrt_rank_derivative, None)
     raise ValueError(f"form must be one of {HANDCRAFTED}, got {form!r}")
-
-
-# --------------------------------------------------------------------------------------
-# Figure 1 of the paper
-# --------------------------------------------------------------------------------------
-
-
-def plot_functions(spec: "LossSpec", path_or_ax, title: str | None = None):
-    """Draw the five functions of ``spec`` with their control points (like Figure 1).
-
-    Args:
-        spec: a :class:`paploss.spec.LossSpec`.
-        path_or_ax: a matplotlib ``Axes`` (all five curves on it), or a local path /
-            ``s3://`` URI ending in ``.png``/``.pdf``/``.svg`` where a 1×5 figure is
-            written atomically (through :mod:`paploss.storage`).
-        title: optional figure title (default: the spec's form and gradient scale).
-
-    Returns:
-        the ``Axes`` drawn on, or the URI written.
-    """
-    from paploss.spec import FUNCTIONS
-
-    xs = torch.linspace(0.0, 1.0, 401, dtype=torch.float64)
-    label = title or f"{spec.form} (gradient scale {spec.grad_scale:.3g})"
-    if not isinstance(path_or_ax, (str, os.PathLike)):
-        ax = path_or_ax
-        for name in FUNCTIONS:
-            ax.plot(xs.numpy(), spec.function(name)(xs).numpy(), label=name)
-        ax.set_xlim(0, 1)
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_title(label)
-        ax.legend()
-        return ax
-
-    import io
-
-    from matplotlib.figure import Figure  # no pyplot: no global state, any backend
-
-    from paploss import storage
-
-    path = str(path_or_ax)
-    fmt = path.rsplit(".", 1)[-1].lower() if "." in path else ""
-    if fmt not in ("png", "pdf", "svg"):
-        raise ValueError(f"path_or_ax must end in .png, .pdf or .svg, got {path!r}")
-    fig = Figure(figsize=(17, 3.6))
-    axes = fig.subplots(1, 5, sharey=True)
-    for ax, name in zip(axes, FUNCTIONS):
-        ax.plot(xs.numpy(), spec.function(name)(xs).numpy(), color="tab:blue")
-        pts = spec.points_of(name)
-        if pts is not None:
-            ax.plot(pts[0::2], pts[1::2], "o", color="tab:red", markersize=4)
-        ax.set_title(name)
-        ax.set_xlabel("x = d/2 + 1/2" if name.startswith("H") else "u")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-    fig.suptitle(label)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format=fmt, dpi=110)
-    return storage.write_bytes(path, buf.getvalue())

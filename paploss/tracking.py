@@ -35,6 +35,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from paploss import plots
+
 __all__ = [
     "TrackingError",
     "KIND",
@@ -255,54 +257,6 @@ def log_trial(
     return run_id
 
 
-def reward_figure(history: Sequence[Sequence[float | None]], path: Path,
-                  noise: Sequence[tuple[float, float] | None] = (),
-                  baseline: Sequence[float | None] = (), baseline_label: str = "baseline") -> None:
-    """Rewards of every trial per round (dots) and their mean (line), saved to
-    ``path``; with ``noise`` (per round ``paploss.steps.reward_noise`` or None) a band
-    of ± the seeds' noise in one reward around the mean: dots inside it differ by
-    luck as much as by their losses. With ``baseline`` (per round the reward of a loss
-    trained as the round's samples were, or None; ``paploss bench --reward-baseline``)
-    a black cross per round, labelled ``baseline_label``: the dots above it beat it."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=100)
-    means = []
-    for r, rewards in enumerate(history):
-        ok = [x for x in rewards if x is not None]
-        ax.scatter([r] * len(ok), ok, s=12, color="tab:blue", alpha=0.6)
-        means.append(sum(ok) / len(ok) if ok else float("nan"))
-    ax.plot(range(len(means)), means, color="tab:red", label="mean reward")
-    band = [(r, noise[r][1]) for r in range(min(len(noise), len(means))) if noise[r] is not None]
-    if band:
-        xs = [r for r, _ in band]
-        ax.fill_between(xs, [means[r] - n for r, n in band], [means[r] + n for r, n in band], color="tab:red",
-                        alpha=0.15, label="± seed noise of one reward")
-    marks = [(r, b) for r, b in enumerate(baseline) if b is not None]
-    if marks:
-        ax.scatter([r for r, _ in marks], [b for _, b in marks], s=60, marker="x", color="black", zorder=3,
-                   label=baseline_label)
-    ax.set_xlabel("round")
-    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
-    ax.set_ylabel("reward (search-val AP)")
-    ax.legend(loc="best", fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-
-
-def _functions_figure(spec, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from paploss.functions import plot_functions
-
-    plot_functions(spec, str(path))
-
-
 def log_round(
     client,
     parent_run_id: str,
@@ -332,10 +286,10 @@ def log_round(
     _log_metrics(client, parent_run_id, items)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        reward_figure(history, tmp / "rewards.png", noise)
+        (tmp / "rewards.png").write_bytes(plots.reward_figure(history, noise))
         client.log_artifact(parent_run_id, str(tmp / "rewards.png"))
         if spec is not None:
-            _functions_figure(spec, tmp / "functions.png")
+            (tmp / "functions.png").write_bytes(plots.functions_figure(spec))
             client.log_artifact(parent_run_id, str(tmp / "functions.png"))
             hist = tmp / f"round-{round:03d}.png"
             os.replace(tmp / "functions.png", hist)

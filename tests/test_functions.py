@@ -23,7 +23,6 @@ from paploss.functions import (
     _pieces_value,
     handcrafted_function,
     piecewise_linear,
-    plot_functions,
     rank_function_handcrafted,
     rank_function_piecewise_linear,
     rank_function_step,
@@ -269,18 +268,3 @@ def test_approximation_pieces_tile_the_line(form):
     # coefficients stay moderate: the fast path's rounding grows with them
     assert max(abs(p.c0) + abs(p.c1) + abs(p.c2) for p in pieces) < 2e3
     assert isinstance(HANDCRAFTED_VERSION, int) and HANDCRAFTED_VERSION >= 2
-
-
-def test_plot_functions_writes_an_image(tmp_path):
-    spec = LossSpec.from_theta([0.3, 0.6, 0.2, 0.5, 0.4, 0.4, 0.5, 0.5] * 5 + [0.7])
-    out = plot_functions(spec, tmp_path / "f.png")
-    data = (tmp_path / "f.png").read_bytes()
-    assert out == str(tmp_path / "f.png") and data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots()
-    assert plot_functions(LossSpec.handcrafted("sigmoid"), ax) is ax
-    assert [line.get_label() for line in ax.get_lines()] == list(FUNCTIONS)
-    plt.close(fig)
-    with pytest.raises(ValueError, match="must end in .png"):
-        plot_functions(spec, tmp_path / "f.txt")

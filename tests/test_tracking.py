@@ -156,36 +156,3 @@ def test_server_stores_artifacts_in_s3_and_registers(mlflow_server, monkeypatch)
                               tracking_uri=mlflow_server.uri)
     assert json.loads(open(path).read()) == {"form": "searched"}
     assert os.environ["AWS_ENDPOINT_URL"] == mlflow_server.s3.endpoint
-
-
-def test_reward_figure_bands_the_seed_noise(tmp_path):
-    """With the rounds' noise the figure adds a band around the mean; rounds without
-    it (None) add nothing, so a figure of no noise is the plain one."""
-    from PIL import Image
-
-    history = [[0.10, 0.14, 0.12], [0.13, 0.18, 0.15]]
-    paths = {k: tmp_path / f"{k}.png" for k in ("plain", "none", "band")}
-    tr.reward_figure(history, paths["plain"])
-    tr.reward_figure(history, paths["none"], [None, None])
-    tr.reward_figure(history, paths["band"], [(0.02, 0.01), (0.025, 0.015)])
-    pixels = {k: list(Image.open(p).convert("RGB").getdata()) for k, p in paths.items()}
-    assert pixels["none"] == pixels["plain"]
-    changed = sum(a != b for a, b in zip(pixels["band"], pixels["plain"]))
-    assert changed > 500  # the band's area (and its legend entry)
-
-
-def test_reward_figure_marks_the_baseline_of_each_round_that_has_one(tmp_path):
-    """``baseline`` (``paploss bench --reward-baseline``): black crosses where a round has
-    one and a legend entry; all None draws nothing, so the figure is the plain one."""
-    from PIL import Image
-
-    history = [[0.10, 0.14, 0.12], [0.13, 0.18, 0.15]]
-    paths = {k: tmp_path / f"{k}.png" for k in ("plain", "none", "one", "both")}
-    tr.reward_figure(history, paths["plain"])
-    tr.reward_figure(history, paths["none"], baseline=[None, None])
-    tr.reward_figure(history, paths["one"], baseline=[0.16, None], baseline_label="square")
-    tr.reward_figure(history, paths["both"], baseline=[0.16, 0.11], baseline_label="square")
-    pixels = {k: list(Image.open(p).convert("RGB").getdata()) for k, p in paths.items()}
-    black = {k: sum(1 for px in v if max(px) < 40) for k, v in pixels.items()}
-    assert pixels["none"] == pixels["plain"]
-    assert black["plain"] < black["one"] < black["both"]  # a cross (and the legend's) per round that has one
