@@ -1,0 +1,287 @@
+"""Faster R-CNN with the PAP loss on both stages: targets, loss, counts, spec sets, training.
+
+Every fast path is checked against a slow twin built with explicit loops: the matcher
+(IoU thresholds one anchor / proposal at a time), the entries (one per anchor, one per
+proposal × class, in the detector's own order) and the qualities (boxes decoded on the
+real anchors and proposals, GIoU by torchvision). Sizes are tiny; the end-to-end
+trainings are marked slow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.ops import box_iou, generalized_box_iou
+
+from paploss import LossSpec, pap_loss
+from paploss.models import build_detector
+from paploss.models.two_stage_targets import KeepAll, delta_quality, roi_targets, rpn_targets
+from paploss.spec_set import (SPECS_FORMAT, SpecSet, check_spec, from_theta, head_names, read_spec, spec_for_heads,
+                              split_theta, theta_dim, to_theta)
+
+DET = "faster_rcnn_mobilenet_v3_small"
+IDENTITY = [0.0, 0.0, 0.2, 0.2, 0.4, 0.4, 0.6, 0.6, 0.8, 0.8, 1.0, 1.0]
+
+
+# ------------------------------------------------------------------ slow twins
+def twin_quality(pred: torch.Tensor, gt: torch.Tensor, kind: str, pred_deltas=None, target_deltas=None) -> torch.Tensor:
+    """Quality of one decoded box ``pred [4]`` against ``gt [4]`` (SPEC §1), by the book."""
+    if kind == "giou":
+        return (generalized_box_iou(pred[None], gt[None])[0, 0] + 1) / 2
+    if kind == "iou":
+        return box_iou(pred[None], gt[None])[0, 0]
+    return (1 - (pred_deltas - target_deltas).abs().mean()).clamp(0, 1)
+
+
+def twin_match(gt: torch.Tensor, boxes: torch.Tensor, high: float, low: float, low_quality: bool) -> list[int]:
+    """torchvision's Matcher, one box at a time: the index of the matched gt, -1 below
+    ``low``, -2 between; with ``low_quality`` every gt's best boxes are positive too
+    (matched to their own best gt)."""
+    iou = [[float(box_iou(g[None], b[None])[0, 0]) for g in gt] for b in boxes]
+    out = []
+    for row in iou:
+        best = max(range(len(row)), key=lambda g: (row[g], -g))
+        out.append(best if row[best] >= high else (-1 if row[best] < low else -2))
+    if low_quality:
+        for g in range(len(gt)):
+            top = max(row[g] for row in iou)
+            for a, row in enumerate(iou):
+                if row[g] == top:
+                    out[a] = max(range(len(row)), key=lambda k: (row[k], -k))
+    return out
+
+
+def random_gt(gen: torch.Generator, n: int, size: int, classes: int) -> dict:
+    xy = torch.rand(n, 2, generator=gen) * size * 0.6
+    wh = size * (0.15 + 0.3 * torch.rand(n, 2, generator=gen))
+    return {"boxes": torch.cat([xy, (xy + wh).clamp(max=size - 1)], 1),
+            "labels": torch.randint(0, classes, (n,), generator=gen)}
+
+
+def random_specs(gen: torch.Generator) -> SpecSet:
+    """Two different searched specs with gradient scales far from 1."""
+    return SpecSet.of(rpn=LossSpec.searched(LossSpec.from_theta(torch.rand(40, generator=gen).tolist()).points, 3.0),
+                      roi=LossSpec.searched(LossSpec.from_theta(torch.rand(40, generator=gen).tolist()).points, 0.25))
+
+
+# ------------------------------------------------------------------ targets vs twins
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 10_000), kind=st.sampled_from(["giou", "iou", "l1"]))
+def test_faster_rcnn_rpn_targets_equal_the_loop_twin(seed, kind):
+    """rpn_targets (qualities decoded on a unit box) equal the twin's decoded on the real anchors."""
+    gen = torch.Generator().manual_seed(seed)
+    coder = BoxCoder((1.0, 1.0, 1.0, 1.0))
+    anchors, gts = [], []
+    for _ in range(2):
+        xy = torch.rand(60, 2, generator=gen) * 50
+        anchors.append(torch.cat([xy, xy + 4 + 30 * torch.rand(60, 2, generator=gen)], 1))
+        gts.append(random_gt(gen, 3, 64, 3)["boxes"])
+    matched = [twin_match(g, a, 0.7, 0.3, True) for g, a in zip(gts, anchors)]
+    labels = [torch.tensor([1.0 if m >= 0 else (0.0 if m == -1 else -1.0) for m in ms]) for ms in matched]
+    targets = [coder.encode_single(g[torch.tensor(ms).clamp(min=0)], a) for g, a, ms in zip(gts, anchors, matched)]
+    deltas = (0.3 * torch.randn(120, 4, generator=gen, dtype=torch.float64)).requires_grad_()
+    t, u = rpn_targets(deltas, labels, targets, coder, kind)
+
+    t_twin, u_twin = [], []
+    for n in range(2):
+        for a in range(60):
+            t_twin.append(float(labels[n][a]))
+            if labels[n][a] == 1:
+                d = deltas[n * 60 + a]
+                pred = coder.decode_single(d[None], anchors[n][a][None].double())[0]
+                gt = gts[n][matched[n][a]].double()
+                u_twin.append(twin_quality(pred, gt, kind, d, targets[n][a].double()))
+            else:
+                u_twin.append(torch.zeros((), dtype=torch.float64))
+    u_twin = torch.stack(u_twin)
+    assert t.tolist() == t_twin and (t == 1).any()
+    assert torch.allclose(u, u_twin, atol=1e-6), (u - u_twin).abs().max()
+    w = torch.rand(120, generator=gen, dtype=torch.float64)
+    (g,) = torch.autograd.grad((u * w).sum(), deltas)
+    (g_twin,) = torch.autograd.grad((u_twin * w).sum(), deltas)
+    assert torch.allclose(g, g_twin, atol=1e-6), (g - g_twin).abs().max()
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 10_000), kind=st.sampled_from(["giou", "iou", "l1"]))
+def test_faster_rcnn_roi_targets_equal_the_loop_twin(seed, kind):
+    """roi_targets: one entry per proposal × foreground class, u from the proposal's own class box."""
+    gen = torch.Generator().manual_seed(seed)
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    K, R = 4, 40
+    proposals, gts, labels, matched = [], [], [], []
+    for _ in range(2):
+        gt = random_gt(gen, 3, 64, K)
+        xy = torch.rand(R, 2, generator=gen) * 40
+        props = torch.cat([xy, xy + 8 + 20 * torch.rand(R, 2, generator=gen)], 1)
+        ms = twin_match(gt["boxes"], props, 0.5, 0.5, False)
+        ignore = torch.rand(R, generator=gen) < 0.1  # labels -1 do not come from this matcher: test them anyway
+        lab = [(-1 if ig else (int(gt["labels"][m]) + 1 if m >= 0 else 0)) for m, ig in zip(ms, ignore.tolist())]
+        proposals.append(props), gts.append(gt["boxes"]), labels.append(torch.tensor(lab)), matched.append(ms)
+    targets = [coder.encode_single(g[torch.tensor(ms).clamp(min=0)], p) for g, p, ms in zip(gts, proposals, matched)]
+    box_regression = (0.5 * torch.randn(2 * R, (K + 1) * 4, generator=gen, dtype=torch.float64)).requires_grad_()
+    t, u = roi_targets(box_regression, labels, targets, coder, kind)
+
+    t_twin, u_twin = [], []
+    for n in range(2):
+        for r in range(R):
+            lab = int(labels[n][r])
+            for k in range(1, K + 1):
+                t_twin.append(-1.0 if lab == -1 else float(lab == k))
+                if lab == k:
+                    d = box_regression[n * R + r, 4 * k:4 * k + 4]
+                    pred = coder.decode_single(d[None], proposals[n][r][None].double())[0]
+                    u_twin.append(twin_quality(pred, gts[n][matched[n][r]].double(), kind, d, targets[n][r].double()))
+                else:
+                    u_twin.append(torch.zeros((), dtype=torch.float64))
+    u_twin = torch.stack(u_twin).reshape(2 * R, K)
+    assert t.reshape(-1).tolist() == t_twin and (t == 1).any()
+    assert torch.allclose(u, u_twin, atol=1e-6), (u - u_twin).abs().max()
+    w = torch.rand(2 * R, K, generator=gen, dtype=torch.float64)
+    (g,) = torch.autograd.grad((u * w).sum(), box_regression)
+    (g_twin,) = torch.autograd.grad((u_twin * w).sum(), box_regression)
+    assert torch.allclose(g, g_twin, atol=1e-6), (g - g_twin).abs().max()
+
+
+def test_faster_rcnn_quality_is_one_for_a_perfect_box_and_keep_all_keeps_all():
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    d = torch.randn(30, 4, generator=torch.Generator().manual_seed(3)) * 0.3
+    for kind in ("giou", "iou", "l1"):
+        assert torch.allclose(delta_quality(d, d, coder, kind), torch.ones(30), atol=1e-5)
+    labels = [torch.tensor([0, 3, -1, 1, 0]), torch.tensor([-1, 0])]
+    pos, neg = KeepAll()(labels)
+    assert [p.tolist() for p in pos] == [[False, True, False, True, False], [False, False]]
+    assert [n.tolist() for n in neg] == [[True, False, False, False, True], [False, True]]
+
+
+# ------------------------------------------------------------------ the heads' loss vs pap_loss
+def tiny_model(loss="paploss", spec=None, size=64, **kw):
+    torch.manual_seed(0)
+    return build_detector(DET, 3, loss=loss, spec=spec, image_size=size, fpn_channels=16, anchor_size=8.0 * size / 64,
+                          head_norm=False, **kw)
+
+
+def batch_of(gen, n, size, classes=3):
+    images = [torch.rand(3, size, size, generator=gen) for _ in range(n)]
+    return images, [random_gt(gen, 2, size, classes) for _ in range(n)]
+
+
+def rpn_twin(model, images, targets, spec):
+    """The RPN's PAP loss entry by entry: per image, level, y, x, anchor: its logit, the
+    twin matcher's target, and the quality of the box decoded on the real anchor."""
+    images_t, targets_t = model.transform(images, [{**t, "labels": t["labels"] + 1} for t in targets])
+    feats = list(model.backbone(images_t.tensors).values())
+    objectness, deltas = model.rpn.head(feats)
+    anchors = model.rpn.anchor_generator(images_t, feats)
+    coder = model.rpn.box_coder
+    logits, ts, us = [], [], []
+    for n, tgt in enumerate(targets_t):
+        matched = twin_match(tgt["boxes"], anchors[n], 0.7, 0.3, True)
+        i = 0
+        for obj, dl in zip(objectness, deltas):
+            A, H, W = obj.shape[1:]
+            for y in range(H):
+                for x in range(W):
+                    for a in range(A):
+                        m = matched[i]
+                        logits.append(obj[n, a, y, x])
+                        ts.append(1.0 if m >= 0 else (0.0 if m == -1 else -1.0))
+                        if m >= 0:
+                            d = dl[n, 4 * a:4 * a + 4, y, x]
+                            pred = coder.decode_single(d[None], anchors[n][i][None])[0]
+                            us.append(twin_quality(pred, tgt["boxes"][m], "giou"))
+                        else:
+                            us.append(torch.zeros(()))
+                        i += 1
+        assert i == len(anchors[n])
+    t = torch.tensor(ts)
+    return pap_loss(torch.stack(logits), t, torch.stack(us), spec), t
+
+
+def roi_twin(model, features, proposals, image_shapes, targets, spec):
+    """The RoI head's PAP loss entry by entry: every proposal (the RPN's, then the gt
+    boxes) × foreground class, matched by the twin matcher at IoU 0.5."""
+    roi = model.roi_heads
+    props = [torch.cat([p, t["boxes"]]) for p, t in zip(proposals, targets)]
+    feats = roi.box_head(roi.box_roi_pool(features, props, image_shapes))
+    class_logits, box_regression = roi.box_predictor(feats)
+    K = class_logits.shape[1] - 1
+    logits, ts, us = [], [], []
+    r = 0
+    for p, tgt in zip(props, targets):
+        for j, m in enumerate(twin_match(tgt["boxes"], p, 0.5, 0.5, False)):
+            cls = int(tgt["labels"][m]) if m >= 0 else 0  # torchvision's labels 1..K
+            for k in range(1, K + 1):
+                logits.append(class_logits[r, k])
+                ts.append(float(cls == k))
+                if cls == k:
+                    pred = roi.box_coder.decode_single(box_regression[r, 4 * k:4 * k + 4][None], p[j][None])[0]
+                    us.append(twin_quality(pred, tgt["boxes"][m], "giou"))
+                else:
+                    us.append(torch.zeros(()))
+            r += 1
+    t = torch.tensor(ts)
+    return pap_loss(torch.stack(logits), t, torch.stack(us), spec), t
+
+
+def test_faster_rcnn_rpn_loss_equals_pap_loss_on_every_anchor():
+    """Value and gradient: the RPN's loss is pap_loss over every anchor of the batch (the
+    twin's entries); the box branch's gradient is the RPN spec's grad_scale times the twin's."""
+    gen = torch.Generator().manual_seed(1)
+    specs = random_specs(gen)
+    model = tiny_model(spec=specs, size=128)
+    model.train()
+    images, targets = batch_of(gen, 2, 128)
+    images_t, targets_t = model.transform(images, [{**t, "labels": t["labels"] + 1} for t in targets])
+    features = model.backbone(images_t.tensors)
+    _, losses = model.rpn(images_t, features, targets_t)
+    assert set(losses) == {"paploss_rpn"}
+    ref, t = rpn_twin(model, images, targets, specs["rpn"])
+    assert torch.allclose(losses["paploss_rpn"], ref, rtol=1e-5, atol=1e-6), (losses["paploss_rpn"], ref)
+    head = model.rpn.head
+    params = [head.cls_logits.weight, head.bbox_pred.weight]
+    g = torch.autograd.grad(losses["paploss_rpn"], params)
+    g_ref = torch.autograd.grad(ref, params)
+    assert torch.allclose(g[0], g_ref[0], rtol=1e-4, atol=1e-7)
+    assert torch.allclose(g[1], 3.0 * g_ref[1], rtol=1e-4, atol=1e-7) and g[1].abs().sum() > 0
+    # every anchor is an entry; the ranked ones are all but the ignored, far more than the 256 sampled per image
+    ranked = model.rpn.ranked
+    assert ranked == {"entries": t.numel(), "ranked": int((t != -1).sum()), "positives": int((t == 1).sum())}
+    assert t.numel() == 2 * 3 * sum((128 // s) ** 2 for s in (8, 16, 32, 64)) + 2 * 3  # P3-P7, 3 anchors each
+    assert ranked["ranked"] > 2 * model.rpn.fg_bg_sampler.batch_size_per_image
+
+
+def test_faster_rcnn_roi_loss_equals_pap_loss_on_every_proposal_and_class():
+    """Value and gradient: the RoI head's loss is pap_loss over every proposal × class
+    (no 25 % sampling); its box gradient is scaled by the RoI spec's grad_scale."""
+    gen = torch.Generator().manual_seed(2)
+    specs = random_specs(gen)
+    model = tiny_model(spec=specs, size=128)
+    model.train()
+    images, targets = batch_of(gen, 2, 128)
+    images_t, targets_t = model.transform(images, [{**t, "labels": t["labels"] + 1} for t in targets])
+    features = model.backbone(images_t.tensors)
+    proposals, _ = model.rpn(images_t, features, targets_t)
+    proposals = [p.detach() for p in proposals]
+    _, losses = model.roi_heads(features, proposals, images_t.image_sizes, targets_t)
+    assert set(losses) == {"paploss_roi"}
+    ref, t = roi_twin(model, features, proposals, images_t.image_sizes, targets_t, specs["roi"])
+    assert torch.allclose(losses["paploss_roi"], ref, rtol=1e-5, atol=1e-6), (losses["paploss_roi"], ref)
+    pred = model.roi_heads.box_predictor
+    params = [pred.cls_score.weight, pred.bbox_pred.weight]
+    g = torch.autograd.grad(losses["paploss_roi"], params, retain_graph=True)
+    g_ref = torch.autograd.grad(ref, params)
+    assert torch.allclose(g[0], g_ref[0], rtol=1e-4, atol=1e-7)
+    assert torch.allclose(g[1], 0.25 * g_ref[1], rtol=1e-4, atol=1e-7) and g[1].abs().sum() > 0
+    ranked = model.roi_heads.ranked
+    n_props = sum(len(p) + len(tg["boxes"]) for p, tg in zip(proposals, targets_t))
+    assert ranked == {"entries": n_props * 3, "ranked": n_props * 3, "positives": int((t == 1).sum())}
+    baseline = tiny_model(loss="focal+l1", size=128).roi_heads.fg_bg_sampler
+    assert isinstance(model.roi_heads.fg_bg_sampler, KeepAll) and n_props > 2 * baseline.batch_size_per_image
