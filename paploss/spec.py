@@ -18,6 +18,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+import torch
+
+from paploss import functions as F
+
 __all__ = [
     "FORMS",
     "FUNCTIONS",
@@ -109,14 +113,10 @@ def form_theta(form: str, functions: int = 5, grad_scale: bool = True) -> list[f
 
     ``form_theta("linear")`` is the search's starting mean; the distance of a search's
     μ to ``form_theta("square")`` says how far it went towards ``square``."""
-    import torch
-
-    from paploss.functions import handcrafted_function
-
     if isinstance(functions, bool) or not isinstance(functions, int) or functions < 1:
         raise ValueError(f"functions must be a positive int, got {functions!r}")
     xs = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-    ys = handcrafted_function(form, "I1")(torch.tensor(xs, dtype=torch.float64)).tolist()
+    ys = F.handcrafted_function(form, "I1")(torch.tensor(xs, dtype=torch.float64)).tolist()
     if (ys[0], ys[-1]) != (0.0, 1.0):
         raise ValueError(f"form {form!r} does not go through (0, 0) and (1, 1): no searched function is it")
     points = [v for xy in zip(xs, ys) for v in xy]
@@ -290,8 +290,6 @@ class LossSpec:
         H places take ``x = d/2 + 1/2`` (``d = s_j - s_i``), I places take the quality
         ``u``; both in [0, 1] for plots. Returns a callable on tensors.
         """
-        from paploss import functions as F
-
         _check_place(name)
         pts = self.points_of(name)
         if pts is not None:
@@ -305,8 +303,6 @@ class LossSpec:
 
         ``exact``: the exact ``sigmoid``/``sqrt`` (dense path) instead of their
         piecewise-quadratic approximations; no effect on other forms."""
-        from paploss import functions as F
-
         if name not in ("H1", "H2"):
             raise ValueError(f"name must be 'H1' or 'H2' for a ranking function, got {name!r}")
         pts = self.points_of(name)
