@@ -42,7 +42,7 @@ compile: install  ## write build/search_pipeline.yaml (IMAGE=... sets the compon
 submit: compile  ## submit the compiled pipeline to HOST (a Kubeflow Pipelines endpoint)
 	$(BIN)/paploss submit --host $(HOST) --package build/search_pipeline.yaml
 
-bench: install  ## micro-benchmarks (loss, training step); results go to BENCHMARKS.md by hand
+bench: install  ## micro-benchmarks (loss, training step); results go to BENCHMARKS.md by hand (`python -m bench` lists every tool)
 	$(BIN)/python -m bench.loss
 	$(BIN)/python -m bench.train_step
 
@@ -50,7 +50,7 @@ bench-controller: install  ## the PPO controller on a toy reward (how close it g
 	$(BIN)/python -m bench.toy_search
 
 bench-search: install  ## the search-quality benchmark of BENCHMARKS.md (long: about 2 hours on 2 CPU cores)
-	$(BIN)/paploss bench --out docs
+	$(BIN)/python -m bench.search --out docs
 
 lock: install  ## refresh the images' pinned requirements from pyproject.toml (run after changing dependencies)
 	$(BIN)/python docker/make_lock.py

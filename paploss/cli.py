@@ -26,7 +26,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "compile": ("pipelines.compile:compile_cmd", "Compile the search pipeline to Kubeflow YAML."),
     "submit": ("pipelines.submit:submit", "Submit the compiled pipeline to a Kubeflow endpoint."),
     "retrain": ("pipelines.retrain:retrain", "Submit, wait, and promote the new model if it beats the champion."),
-    "bench": ("bench.search:bench", "The search-quality benchmark (the paper's tables on our data)."),
 }
 
 

@@ -6,7 +6,7 @@ bundled ``shapes`` dataset, interleaved step by step so that machine load hits b
 alike. Prints the median seconds of a full step (forward, loss, backward, SGD) and
 of the head's loss alone (``loss_by_feat`` + backward), and their ratios::
 
-    python -m paploss.integrations.bench_mmdet --steps 10 --batch 8
+    python -m bench.mmdet_step --steps 10 --batch 8
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "mmdet" / "paploss_retinanet_tiny_shapes.py"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mmdet" / "paploss_retinanet_tiny_shapes.py"
 
 
 def _models(data_root: str, batch: int, seed: int):

@@ -1,8 +1,8 @@
 """Pipeline benchmarks for BENCHMARKS.md: kfp.local's overhead per task, and how
 the time of one search round grows with the number of samples.
 
-    python -m pipelines.benchmark overhead --tasks 6
-    python -m pipelines.benchmark round --samples 2 4 8 --parallelism 2
+    python -m bench.pipeline_overhead overhead --tasks 6
+    python -m bench.pipeline_overhead round --samples 2 4 8 --parallelism 2
 
 ``overhead``: a chain of ``--tasks`` tasks through ``kfp.local``
 (``SubprocessRunner(use_venv=False)``, as ``paploss run``) whose component does
