@@ -565,6 +565,7 @@ def run_final_trainjob(
     namespace: str | None = None,
     name: str | None = None,
     search_name: str = "",
+    task: str = "",
     run_id: str = "",
     dry_run: bool = False,
     k8s_api: str = "",
@@ -577,8 +578,9 @@ def run_final_trainjob(
     GPUs and wait for it; return the finished TrainJob (with ``dry_run``: the manifest,
     contacting nothing).
 
-    ``name`` default: :func:`trainjob_name` of (search name, run id, arguments, size,
-    image), so a retry of the same task attaches to its job. ``namespace`` default: the
+    ``name`` default: ``paploss-<search_name>-<task>-<digest>`` (:func:`trainjob_name`; the
+    digest of search name, task, KFP run id, arguments, size and image), so a retry of
+    the same task in the same run attaches to its job and nothing else does. ``namespace`` default: the
     pod's own. ``options``: the other :class:`TrainJobOptions` fields (``runtime``,
     ``s3_secret``, ``s3_endpoint``, ``mlflow_secret``, ``tracking_uri``,
     ``service_account``, ``cpu``, ``memory``, ``shm``, ``node_selector``, ``tolerations``,
@@ -588,8 +590,8 @@ def run_final_trainjob(
     check_remote_args(args)
     if not dry_run:
         namespace = _namespace(namespace)
-    name = name or trainjob_name(f"paploss-{search_name}" if search_name else "paploss-train",
-                                 search_name, run_id, args, nodes, gpus_per_node, image)
+    prefix = "-".join(p for p in ("paploss", search_name, task) if p) if (search_name or task) else "paploss-train"
+    name = name or trainjob_name(prefix, search_name, task, run_id, args, nodes, gpus_per_node, image)
     opts = TrainJobOptions(name=name, image=image, nodes=nodes, gpus_per_node=gpus_per_node,
                            namespace=namespace or "", search_name=search_name, run_id=run_id, **options)
     manifest = build_trainjob(args, opts)

@@ -343,3 +343,25 @@ def test_the_library_does_not_import_the_pipelines_and_a_dry_run_not_kfp():
             "assert r.exit_code == 0, r.output; assert 'kfp' not in sys.modules and 'torch' not in sys.modules")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_the_worked_example_in_the_docs_is_what_the_code_builds():
+    """docs/deployment.md's COCO 2 x 8 TrainJob: rebuilt from its own arguments, equal."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "deployment.md").read_text()
+    block = text[text.index("## 6. Worked example"):].split("```yaml\n", 1)[1].split("```", 1)[0]
+    shown = yaml.safe_load(block)
+    load(shown)
+    t, meta = shown["spec"]["trainer"], shown["metadata"]
+    env = {e["name"]: e for e in t["env"]}
+    pod = shown["spec"]["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0][
+        "template"]["spec"]["template"]["spec"]
+    rebuilt = run_final_trainjob(
+        t["args"], nodes=t["numNodes"], gpus_per_node=t["numProcPerNode"], image=t["image"],
+        namespace=meta["namespace"], search_name=meta["labels"]["paploss/search-name"], task="searched",
+        run_id=meta["labels"]["paploss/kfp-run-id"], service_account=pod["serviceAccountName"],
+        mlflow_secret=env["MLFLOW_TRACKING_USERNAME"]["valueFrom"]["secretKeyRef"]["name"],
+        tracking_uri=env["MLFLOW_TRACKING_URI"]["value"], s3_endpoint=env["AWS_ENDPOINT_URL"]["value"], dry_run=True)
+    assert rebuilt == shown
+    assert meta["name"].startswith("paploss-coco-paper-searched-")
