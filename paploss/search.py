@@ -36,9 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
@@ -576,7 +574,9 @@ class Controller:
         """One PPO round (SPEC §3) on S sampled θ [S, D] and their S rewards.
 
         Rewards that are NaN or ±Inf are failed trials: they count as
-        ``min_reward``, with a warning naming the sample. The advantage is the
+        ``min_reward``, with a warning naming the sample. Finite rewards so large
+        that their mean, the advantages or the update overflow (``[1.7e308,
+        1.7e308, 0, 0]``) raise ValueError, and the controller stays as it was. The advantage is the
         reward minus the round's mean; σ decays by :func:`next_sigma`; the logits
         take :func:`ppo_update`. Then ``round`` goes up by one. Returns the round's record.
         """
@@ -596,10 +596,20 @@ class Controller:
         clean, failed = clean_rewards(rewards, cfg.min_reward)
         reward_t = torch.tensor(clean, dtype=DTYPE)
         advantages = reward_t - reward_t.mean()
+        if not bool(torch.isfinite(advantages).all()) or not math.isfinite(float(reward_t.mean())):
+            raise ValueError(
+                f"rewards {clean} overflow: their mean or the advantages (reward - mean) are not finite numbers; "
+                "give rewards of a sane size (an AP is in [0, 1])"
+            )
         sigma_new = next_sigma(self._sigma, self._round, cfg.rounds)
         logits_new, losses = ppo_update(
             self._logits, self._sigma, sigma_new, theta_t, advantages, lr=cfg.lr, steps=cfg.steps, clip_eps=cfg.clip_eps
         )
+        if not (bool(torch.isfinite(logits_new).all()) and all(math.isfinite(x) for x in losses)):
+            raise ValueError(
+                f"the PPO update on rewards {clean} is not finite (the policy mean or the PPO loss overflowed); "
+                "the controller is unchanged"
+            )
         record = RoundRecord(
             round=self._round,
             mu=torch.sigmoid(self._logits).tolist(),
@@ -686,23 +696,19 @@ class Controller:
     @classmethod
     def from_state_dict(
         cls,
-        state: Mapping[str, Any] | str | bytes,
+        state: Mapping[str, Any],
         *,
         functions: Sequence[str] | None = None,
         shared: bool | None = None,
         grad_scale: bool | None = None,
     ) -> "Controller":
-        """Rebuild a controller from :meth:`state_dict` (a dict or its JSON text).
+        """Rebuild a controller from :meth:`state_dict` (a plain dict; reading it from
+        a file is the caller's: :mod:`paploss.steps.state`).
 
         ``functions``, ``shared``, ``grad_scale``: when given, the state must be
         for exactly that search. A corrupt state, one of another format or
         version, or one for other functions raises ValueError naming what.
         """
-        if isinstance(state, (str, bytes)):
-            try:
-                state = json.loads(state)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"controller state is not valid JSON: {exc}") from None
         if not isinstance(state, Mapping):
             raise ValueError(f"controller state must be a JSON object, got {type(state).__name__}")
         fmt = state.get("format")
@@ -774,7 +780,7 @@ class Controller:
         c.spec()
         return c
 
-    def load_state_dict(self, state: Mapping[str, Any] | str | bytes) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Replace this controller's state by ``state``, which must be for the same functions.
 
         Validates everything first: on any error this controller is unchanged.
@@ -783,26 +789,6 @@ class Controller:
             state, functions=self._config.functions, shared=self._config.shared, grad_scale=self._config.grad_scale
         )
         self.__dict__.update(other.__dict__)
-
-    def save(self, uri: str | os.PathLike) -> str:
-        """Write :meth:`state_dict` as JSON to a local path or s3:// URI, atomically."""
-        from paploss import storage
-
-        return storage.write_json(uri, self.state_dict())
-
-    @classmethod
-    def load(cls, uri: str | os.PathLike, **expect: Any) -> "Controller":
-        """Read a controller written by :meth:`save` (``expect``: as in :meth:`from_state_dict`)."""
-        from paploss import storage
-
-        try:
-            state = storage.read_json(uri)
-        except ValueError as exc:
-            raise ValueError(f"controller state {uri}: {exc}") from None
-        try:
-            return cls.from_state_dict(state, **expect)
-        except ValueError as exc:
-            raise ValueError(f"{uri}: {exc}") from None
 
     def __repr__(self) -> str:
         return f"Controller({self._describe()}, D={self.dim}, round={self._round}/{self.rounds})"

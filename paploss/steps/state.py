@@ -17,12 +17,32 @@ def load_controller(state: str):
     return _read_state(state)[1]
 
 
-def _read_state(state: str) -> tuple[dict, Any]:
-    """A search state file's content and the controller it holds (one read)."""
-    from paploss.search import Controller
+def save_controller(uri: str, controller) -> str:
+    """Write a bare controller state (:meth:`~paploss.search.Controller.state_dict`) to
+    ``uri`` (local or s3://), atomically; :func:`load_controller` reads it back."""
+    return storage.write_json(uri, {"controller": controller.state_dict()})
 
-    doc = storage.read_json(state)
-    return doc, Controller.from_state_dict(doc["controller"])
+
+def _read_state(state: str) -> tuple[dict, Any]:
+    """A search state file's content and the controller it holds (one read).
+
+    A file that is not JSON, not an object with a ``controller``, or whose controller
+    state is corrupt raises :class:`~paploss.steps.errors.StepError` naming the file."""
+    from paploss.search import Controller
+    from paploss.steps.errors import StepError
+
+    try:
+        doc = storage.read_json(state)
+    except UnicodeDecodeError:
+        raise StepError(str(state), "not a search state file (not text)") from None
+    except ValueError as exc:
+        raise StepError(str(state), f"not a search state file: {getattr(exc, 'what', exc)}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("controller"), dict):
+        raise StepError(str(state), "not a search state file: no 'controller' object")
+    try:
+        return doc, Controller.from_state_dict(doc["controller"])
+    except ValueError as exc:
+        raise StepError(str(state), f"corrupt search state: {exc}") from None
 
 
 def _split_field(round: int, search_splits: int) -> dict:
@@ -41,28 +61,6 @@ def _round_runs(controller, rnd: int, opts: _SearchOptions) -> tuple[list[int], 
     BENCHMARKS.md, issue 8, finding 10)."""
     base = controller.config.seed + (int(rnd) if opts.trial_seeds == "per-round" else 0)
     return reward_seeds_of(base, opts.reward_seeds), _split_field(rnd, opts.search_splits)
-
-
-def round_trainings(state: str) -> list[list[dict]]:
-    """Per finished round of the search in ``state``: the proxy trainings that each of
-    its sampled θ had, as ``{"seed", "split", "repeat"}`` (the j-th reward seed has
-    ``repeat`` j; the benchmark trains it from warm start j mod its warm starts). A
-    handcrafted loss trained with these is measured as the round's samples were
-    (``paploss bench --reward-baseline``)."""
-    doc, c = _read_state(state)
-    opts = _SearchOptions.of(doc)
-    out = []
-    for rec in c.history:
-        seeds, split = _round_runs(c, rec.round, opts)
-        out.append([{"seed": seed, "split": split.get("split", 0), "repeat": j} for j, seed in enumerate(seeds)])
-    return out
-
-
-def selection_split(state: str) -> int:
-    """The search split a selection after the search in ``state`` trains and scores on
-    (:func:`selection_trials`: the number of rounds mod the search's splits)."""
-    doc, c = _read_state(state)
-    return _split_field(c.round, _SearchOptions.of(doc).search_splits).get("split", 0)
 
 
 def _trials_of(controller, samples: int, opts: _SearchOptions) -> list[str]:
