@@ -285,3 +285,141 @@ def test_faster_rcnn_roi_loss_equals_pap_loss_on_every_proposal_and_class():
     assert ranked == {"entries": n_props * 3, "ranked": n_props * 3, "positives": int((t == 1).sum())}
     baseline = tiny_model(loss="focal+l1", size=128).roi_heads.fg_bg_sampler
     assert isinstance(model.roi_heads.fg_bg_sampler, KeepAll) and n_props > 2 * baseline.batch_size_per_image
+
+
+def test_faster_rcnn_one_loss_spec_is_used_on_both_heads_and_bad_specs_fail():
+    square = LossSpec.handcrafted("square")
+    model = tiny_model(spec=square)
+    assert model.rpn.spec is square and model.roi_heads.spec is square
+    with pytest.raises(ValueError, match=r"has the heads \['rpn', 'roi'\]; the spec set has \['rpn'\]"):
+        tiny_model(spec=SpecSet.of(rpn=square))
+    with pytest.raises(ValueError, match="loss 'paploss' needs a LossSpec"):
+        tiny_model(spec=None)
+    with pytest.raises(ValueError, match="has one loss: give a plain loss spec"):
+        build_detector("retinanet_mobilenet_v3_small", 3, loss="paploss", spec=SpecSet.of(rpn=square, roi=square))
+
+
+def test_faster_rcnn_baselines_keep_torchvisions_sampled_losses():
+    gen = torch.Generator().manual_seed(5)
+    images, targets = batch_of(gen, 2, 64)
+    for loss in ("focal+l1", "focal+giou"):
+        model = tiny_model(loss=loss)
+        model.train()
+        losses = model(images, targets)
+        assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+        assert all(math.isfinite(v.item()) for v in losses.values())
+        assert model.rpn.ranked is None and type(model.roi_heads.fg_bg_sampler).__name__ == "BalancedPositiveNegativeSampler"
+    # focal+giou's RoI box loss: 10 (1 - GIoU) of the decoded class boxes per sampled proposal
+    roi = tiny_model(loss="focal+giou").roi_heads
+    labels = [torch.tensor([0, 2, 1, 0])]
+    reg_t = [torch.randn(4, 4, generator=gen) * 0.2]
+    box_regression = torch.randn(4, 16, generator=gen) * 0.2
+    out = roi.giou_loss(torch.randn(4, 4, generator=gen), box_regression, labels, reg_t)
+    unit = torch.tensor([[0.0, 0.0, 1.0, 1.0]])
+    expect = sum(1 - generalized_box_iou(roi.box_coder.decode_single(box_regression[r, 4 * c:4 * c + 4][None], unit),
+                                         roi.box_coder.decode_single(reg_t[0][r][None], unit))[0, 0]
+                 for r, c in ((1, 2), (2, 1))) * 10 / 4
+    assert torch.allclose(out["loss_box_reg"], expect, atol=1e-5)
+
+
+def test_faster_rcnn_predicts_labels_zero_based_with_sigmoid_scores():
+    gen = torch.Generator().manual_seed(6)
+    model = tiny_model(spec=LossSpec.handcrafted("square"), score_thresh=0.0)
+    model.eval()
+    images, _ = batch_of(gen, 2, 64)
+    with torch.no_grad():
+        out = model(images)
+    assert len(out) == 2
+    for det in out:
+        assert 0 < len(det["boxes"]) <= 100 and set(det) == {"boxes", "labels", "scores"}
+        assert det["labels"].min() >= 0 and det["labels"].max() <= 2  # 3 classes, 0-based
+        assert bool(((det["scores"] > 0) & (det["scores"] < 1)).all())
+    # the scores are sigmoid(foreground logits) of the kept boxes: recompute them for image 0
+    roi = model.roi_heads
+    images_t, _ = model.transform(images)
+    feats = model.backbone(images_t.tensors)
+    with torch.no_grad():
+        props, _ = model.rpn(images_t, feats)
+        logits, _ = roi.box_predictor(roi.box_head(roi.box_roi_pool(feats, props, images_t.image_sizes)))
+    top = torch.sigmoid(logits[: len(props[0]), 1:]).max()
+    assert torch.isclose(out[0]["scores"].max(), top)
+
+
+# ------------------------------------------------------------------ spec sets
+def test_faster_rcnn_spec_set_json_round_trip_and_theta():
+    gen = torch.Generator().manual_seed(7)
+    theta = torch.rand(82, generator=gen).tolist()
+    assert head_names(DET) == ("rpn", "roi") and head_names("retinanet_mobilenet_v3") == ()
+    assert theta_dim("faster_rcnn_mobilenet_v3") == 82 and theta_dim("retinanet_mobilenet_v3_small") == 41
+    assert theta_dim(DET, per_head=9) == 18 and theta_dim("mmdet:configs/x.py") == 41
+    specs = from_theta(DET, theta)
+    assert isinstance(specs, SpecSet) and specs.names == ("rpn", "roi")
+    assert specs["rpn"] == LossSpec.from_theta(theta[:41]) and specs["roi"] == LossSpec.from_theta(theta[41:])
+    assert specs["rpn"].grad_scale != specs["roi"].grad_scale
+    back = to_theta(DET, specs)
+    assert len(back) == 82 and max(abs(a - b) for a, b in zip(back, theta)) < 1e-9
+    # the detector's order, whatever the set's
+    swapped = SpecSet.of(roi=specs["roi"], rpn=specs["rpn"])
+    assert to_theta(DET, swapped) == back and swapped.to_theta() == back[41:] + back[:41]
+    assert split_theta(DET, theta) == [theta[:41], theta[41:]]
+    # JSON, exactly
+    text = specs.to_json()
+    d = json.loads(text)
+    assert d["format"] == SPECS_FORMAT == "paploss-specs/1" and list(d["heads"]) == ["rpn", "roi"]
+    assert SpecSet.from_json(text) == specs and read_spec(text) == specs and read_spec(d) == specs
+    # a plain LossSpec stays a LossSpec, and means the same loss on both heads
+    square = LossSpec.handcrafted("square")
+    assert read_spec(square.to_json()) == square
+    assert spec_for_heads(DET, square) == {"rpn": square, "roi": square}
+    one = LossSpec.from_theta(theta[:41])
+    assert to_theta(DET, one) == one.to_theta() * 2
+    assert from_theta("retinanet_mobilenet_v3", theta[:41]) == one
+
+
+@pytest.mark.parametrize("bad, detail", [
+    ({"format": "paploss-specs/2", "heads": {}}, "field 'format' must be 'paploss-specs/1'"),
+    ({"format": SPECS_FORMAT, "heads": {}}, "field 'heads' must be a non-empty object"),
+    ({"format": SPECS_FORMAT, "heads": {"rpn": {"form": "cubic"}}}, "field 'heads.rpn': loss spec field form must be one of"),
+    ({"format": SPECS_FORMAT, "heads": {"RPN": {"form": "square"}}}, "lower-case identifier"),
+    ({"format": SPECS_FORMAT, "heads": {"rpn": {"form": "square"}}, "note": 1}, "unknown field(s) in spec set: ['note']"),
+    ({"heads": {"rpn": {"form": "square"}}}, "field 'format' must be"),
+    ({"form": "square", "gradscale": 2}, "unknown field(s) in loss spec: ['gradscale']"),
+])
+def test_faster_rcnn_bad_spec_set_names_the_problem(bad, detail):
+    with pytest.raises(ValueError) as info:
+        read_spec(json.dumps(bad))
+    assert detail in str(info.value), str(info.value)
+
+
+def test_faster_rcnn_spec_errors_per_detector():
+    square = LossSpec.handcrafted("square")
+    with pytest.raises(ValueError, match=r"theta of faster_rcnn_mobilenet_v3_small must hold 2 equal parts"):
+        from_theta(DET, [0.5] * 41)
+    with pytest.raises(ValueError, match=r"head 'roi' of faster_rcnn_mobilenet_v3_small: theta\[3\] must be in \[0, 1\]"):
+        from_theta(DET, [0.5] * 44 + [2.0] + [0.5] * 37)
+    with pytest.raises(ValueError, match=r"has the heads \['rpn', 'roi'\]; the spec set has \['rpn', 'box'\]"):
+        check_spec(DET, SpecSet.of(rpn=square, box=square))
+    with pytest.raises(ValueError, match="unknown detector 'yolo'"):
+        theta_dim("yolo")
+    with pytest.raises(ValueError, match="head 'rpn': a 'square' spec has no θ"):
+        SpecSet.of(rpn=square, roi=square).to_theta()
+    with pytest.raises(ValueError, match="spec set head 'rpn' is given twice"):
+        SpecSet((("rpn", square), ("rpn", square)))
+    with pytest.raises(ValueError, match="must be a LossSpec, got dict"):
+        SpecSet.of(rpn={"form": "square"})
+
+
+def test_faster_rcnn_train_config_takes_a_spec_set(tmp_path):
+    from paploss.engine import TrainConfig
+
+    specs = from_theta(DET, [0.3] * 41 + [0.6] * 41)
+    path = tmp_path / "specs.json"
+    path.write_text(specs.to_json())
+    base = dict(data=str(tmp_path), loss="paploss", detector=DET, iterations=1)
+    for given_spec in (specs, specs.to_dict(), specs.to_json(), str(path)):
+        cfg = TrainConfig(spec=given_spec, **base)
+        assert cfg.spec == specs
+        assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))).spec == specs
+    assert TrainConfig(spec=LossSpec.handcrafted("sqrt").to_json(), **base).spec == LossSpec.handcrafted("sqrt")
+    with pytest.raises(ValueError, match="has one loss: give a plain loss spec"):
+        TrainConfig(spec=specs, **{**base, "detector": "retinanet_mobilenet_v3_small"})
