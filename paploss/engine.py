@@ -27,8 +27,13 @@ prefix in COCO layout), evaluates COCO AP on ``cfg.val_ann`` and returns a
   ``resume=True`` continues a run from its checkpoint.
 - **DDP.**  Under ``torchrun`` (``WORLD_SIZE > 1``) each process takes
   ``batch_size / world_size`` images of every batch (gloo on CPU, nccl on CUDA);
-  rank 0 evaluates and writes.  With the PAP loss each process ranks its own share.
-- **Mixed precision** (bfloat16 autocast) on CUDA.
+  rank 0 evaluates and writes.  A step equals the single-process step on the global
+  batch: the PAP loss ranks the entries of every process's images at once (gathered
+  with autograd) and batch norm uses the global batch's statistics
+  (:mod:`paploss.distributed`).
+- **Mixed precision** (``amp``): bfloat16 autocast on a CUDA device that has it
+  (``torch.cuda.is_bf16_supported()``), float32 elsewhere; the PAP loss and its box
+  qualities are computed in float32 outside autocast either way.
 """
 
 from __future__ import annotations
@@ -37,18 +42,20 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from paploss import checkpoints, storage
+from paploss.config import MMDET_PREFIX, PROXY_PRESETS, TrainConfig, TrainResult
 from paploss.data.coco import load_coco
 from paploss.data.dataset import CocoDetection
+from paploss.distributed import convert_batchnorm
 from paploss.evaluate import METRICS, evaluate_model
-from paploss.models import DETECTORS, LOSSES, build_detector, check_loss
+from paploss.models import DETECTORS, build_detector
 
 __all__ = [
     "PROXY_PRESETS",
@@ -63,164 +70,7 @@ __all__ = [
 ]
 
 CHECKPOINT = "checkpoint.pt"
-MMDET_PREFIX = "mmdet:"  # detector = "mmdet:<config file>": an MMDetection model (optional extra)
 METRICS_FILE = "metrics.json"
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on (a trial is a pure function of it).
-
-    ``data``: dataset folder or ``s3://`` prefix with ``images/`` and
-    ``annotations/<split>.json``; ``train_ann`` / ``val_ann`` name the splits.
-    ``loss``: ``"focal+l1" | "focal+giou" | "paploss"`` (``spec`` needed for paploss).
-    Exactly one of ``iterations`` and ``epochs`` sets the length.  ``lr_steps`` are
-    fractions of the run.  ``init``: backbone file written by :func:`pretrain`.
-    ``num_threads``: torch CPU threads (1 is fastest on a shared, loaded CPU).
-    """
-
-    data: str
-    train_ann: str = "train"
-    val_ann: str = "val"
-    loss: str = "focal+l1"
-    spec: Any = None  # LossSpec | dict | None
-    detector: str = "retinanet_mobilenet_v3_small"
-    image_size: int = 128
-    fpn_channels: int = 64
-    width_mult: float = 1.0
-    head_norm: bool = True
-    anchor_size: float = 16.0
-    quality: str = "giou"
-    top_k: int | None = 100_000
-    batch_size: int = 8
-    iterations: int | None = None
-    epochs: float | None = None
-    optimizer: str = "sgd"
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_iters: int = 100
-    warmup_factor: float = 0.001
-    lr_steps: tuple[float, ...] = (0.75, 0.9)
-    lr_gamma: float = 0.1
-    grad_clip: float | None = 10.0
-    hflip: bool = True
-    init: str | None = None
-    backbone_weights: str | None = None
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = True
-    num_threads: int | None = None
-    out_dir: str | None = None
-    checkpoint_every: int = 0
-    resume: bool = True
-    diverge_patience: int = 50
-    box_collapse: float | None = None  # stop when the positives' mean box quality u stays below this (module doc)
-    detach_i3: bool = False  # PAP loss without the gradient into u through I3 (paploss.loss.pap_loss; not SPEC §1)
-    eval_batch_size: int = 16
-    max_val_images: int | None = None
-
-    def __post_init__(self) -> None:
-        from paploss.spec import LossSpec
-        from paploss.spec_set import SpecSet, check_spec, read_spec
-
-        if isinstance(self.spec, dict):
-            self.spec = read_spec(self.spec)
-        elif isinstance(self.spec, str):
-            self.spec = read_spec(storage.read_text(self.spec) if not self.spec.lstrip().startswith("{") else self.spec)
-        if self.spec is not None and not isinstance(self.spec, (LossSpec, SpecSet)):
-            raise ValueError(f"spec must be a LossSpec, a SpecSet, a dict or JSON, got {type(self.spec).__name__}")
-        check_loss(self.loss, self.spec)
-        if self.detector.startswith(MMDET_PREFIX):
-            if not self.detector[len(MMDET_PREFIX):]:
-                raise ValueError(f"detector {self.detector!r} names no MMDetection config file after {MMDET_PREFIX!r}")
-        elif self.detector not in DETECTORS:
-            raise ValueError(
-                f"unknown detector {self.detector!r}; known: {sorted(DETECTORS)} or {MMDET_PREFIX}<config file>"
-            )
-        else:
-            check_spec(self.detector, self.spec)
-        if (self.iterations is None) == (self.epochs is None):
-            raise ValueError(f"give exactly one of iterations and epochs (got iterations={self.iterations}, epochs={self.epochs})")
-        if self.iterations is not None and self.iterations < 1:
-            raise ValueError(f"iterations must be >= 1, got {self.iterations}")
-        if self.epochs is not None and self.epochs <= 0:
-            raise ValueError(f"epochs must be > 0, got {self.epochs}")
-        if self.optimizer not in ("sgd", "adamw"):
-            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
-        for name in ("batch_size", "image_size", "fpn_channels", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.box_collapse is not None and not 0.0 < self.box_collapse < 1.0:
-            raise ValueError(f"box_collapse is a box quality u in (0, 1), got {self.box_collapse}")
-        for name, on in (("box_collapse", self.box_collapse is not None), ("detach_i3", self.detach_i3)):
-            if on and (self.loss != "paploss" or self.detector.startswith(MMDET_PREFIX)):
-                raise ValueError(f"{name} needs the PAP loss on a paploss detector (loss={self.loss!r}, "
-                                 f"detector={self.detector!r}): only there is the positives' box quality u at hand")
-        self.lr_steps = tuple(float(s) for s in self.lr_steps)
-        if any(not 0 < s <= 1 for s in self.lr_steps):
-            raise ValueError(f"lr_steps are fractions of the run in (0, 1], got {self.lr_steps}")
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["spec"] = self.spec.to_dict() if self.spec is not None else None
-        d["lr_steps"] = list(self.lr_steps)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s) {sorted(unknown)}")
-        return cls(**d)
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "TrainConfig":
-        """A config from :data:`PROXY_PRESETS` with ``overrides`` (``data`` among them)."""
-        if name not in PROXY_PRESETS:
-            raise ValueError(f"unknown preset {name!r}; known: {sorted(PROXY_PRESETS)}")
-        return cls(**{**PROXY_PRESETS[name], **overrides})
-
-
-# Proxy presets: TrainConfig fields.  "quick" is the default proxy trial: 150
-# iterations of batch 8 at 128 px from the pre-trained MobileNetV3-Small backbone
-# (3-5 minutes measured on the 2 shared, loaded CPU cores of the development
-# machine; see docs/detection.md and BENCHMARKS.md for how it was chosen).
-PROXY_PRESETS: dict[str, dict] = {
-    "smoke": dict(train_ann="search_train", val_ann="search_val", detector="retinanet_mobilenet_v3_small",
-                  image_size=64, fpn_channels=32, anchor_size=8.0, batch_size=4, iterations=6, warmup_iters=2,
-                  lr=0.01, num_threads=1, max_val_images=16),
-    "quick": dict(train_ann="search_train", val_ann="search_val", detector="retinanet_mobilenet_v3_small",
-                  image_size=128, fpn_channels=64, anchor_size=16.0, batch_size=8, iterations=150,
-                  warmup_iters=30, lr=0.01, num_threads=1),
-    "paper": dict(train_ann="search_train", val_ann="search_val", detector="retinanet_resnet50",
-                  image_size=512, fpn_channels=256, head_norm=False, anchor_size=32.0, batch_size=16, epochs=1,
-                  lr=0.016, warmup_iters=500, lr_steps=(1.0,), grad_clip=None),
-}
-
-
-@dataclass
-class TrainResult:
-    """What a run gives back: ``metrics`` (COCO AP on ``val_ann``; zeros when
-    diverged), ``losses`` per iteration, the checkpoint URI, wall seconds;
-    ``box_collapsed``: stopped early by the box-collapse stop (``TrainConfig.box_collapse``);
-    ``box_quality``: with the PAP loss, the positives' mean box quality u per iteration
-    (NaN where a batch had no positive; empty for the other losses)."""
-
-    metrics: dict[str, float]
-    diverged: bool
-    losses: list[float] = field(default_factory=list)
-    checkpoint: str | None = None
-    seconds: float = 0.0
-    iterations: int = 0
-    box_collapsed: bool = False
-    box_quality: list[float] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -256,6 +106,12 @@ def batch_plan(seed: int, it: int, batch_size: int, n: int) -> tuple[list[int], 
     g = torch.Generator().manual_seed(seed * 1_000_003 + 7_919 * (it + 1))
     flips = (torch.rand(batch_size, generator=g) < 0.5).tolist()
     return idx, flips
+
+
+def amp_enabled(amp: bool, device: torch.device) -> bool:
+    """Whether a run with ``amp`` trains under bfloat16 autocast on ``device``: only on
+    a CUDA device that supports bfloat16 (float32 otherwise, e.g. on CPU)."""
+    return bool(amp) and device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
 def _dist_info() -> tuple[int, int]:
@@ -347,6 +203,8 @@ def _train(cfg, device, rank, world, on_step, progress, t0) -> TrainResult:
     model = build_model(cfg, train_set.num_classes)
     if cfg.init:
         load_backbone(model, cfg.init, cfg)
+    if world > 1:  # batch norm over the global batch (same parameters, buffers and state dict keys)
+        model = convert_batchnorm(model)
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
@@ -377,7 +235,7 @@ def _train(cfg, device, rank, world, on_step, progress, t0) -> TrainResult:
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    use_amp = cfg.amp and device.type == "cuda"
+    use_amp = amp_enabled(cfg.amp, device)
     per_rank = cfg.batch_size // world
     model.train()
     bar = tqdm(range(start, total), desc=f"train {cfg.loss}", disable=not progress or rank != 0,

@@ -220,7 +220,7 @@ class PAPLossDeformableDETRHead(DeformableDETRHead):
 
 def switch_head(head: dict, cfg) -> dict:
     """A Deformable DETR ``model.bbox_head`` dict with the loss ``cfg`` (a
-    :class:`paploss.engine.TrainConfig`) asks for:
+    :class:`paploss.config.TrainConfig`) asks for:
 
     * ``paploss``: :class:`PAPLossDeformableDETRHead` with ``cfg.spec``, ``top_k``,
       ``quality``, ``detach_i3``;

@@ -1,10 +1,10 @@
 """Train and evaluate an MMDetection config as one paploss run (a proxy trial or a final training).
 
 :func:`train` is the MMDetection twin of :func:`paploss.engine.train`: it takes the
-same :class:`paploss.engine.TrainConfig` (data folder with ``images/`` and
+same :class:`paploss.config.TrainConfig` (data folder with ``images/`` and
 ``annotations/<split>.json``, loss, spec, schedule, seed, divergence patience)
 plus the path of an MMDetection config that defines the model, and returns a
-:class:`paploss.engine.TrainResult` with COCO AP on ``cfg.val_ann`` under the
+:class:`paploss.config.TrainResult` with COCO AP on ``cfg.val_ann`` under the
 engine's metric names (``AP``, ``AP50``, ...). So a pipeline whose detector names
 an MMDetection config (``detector="mmdet:configs/mmdet/paploss_retinanet_tiny_shapes.py"``)
 runs its trials through MMDetection with the rest of the search unchanged.
@@ -153,7 +153,7 @@ def _head(head: dict, cfg) -> dict:
 def build_config(config_file: str | os.PathLike, cfg, work_dir: str):
     """The MMDetection ``Config`` of one run: ``config_file`` with ``cfg``'s data, loss and schedule.
 
-    ``cfg``: a :class:`paploss.engine.TrainConfig`. Returns ``(mmengine Config, total iterations)``.
+    ``cfg``: a :class:`paploss.config.TrainConfig`. Returns ``(mmengine Config, total iterations)``.
     """
     from mmengine.config import Config
 
@@ -247,13 +247,13 @@ def build_config(config_file: str | os.PathLike, cfg, work_dir: str):
 def train(config_file: str | os.PathLike, cfg, on_step: Callable[[int, float], None] | None = None):
     """Train the MMDetection config ``config_file`` as ``cfg`` says; see the module doc.
 
-    Returns a :class:`paploss.engine.TrainResult` (metrics under ``paploss.evaluate.METRICS``
+    Returns a :class:`paploss.config.TrainResult` (metrics under ``paploss.evaluate.METRICS``
     names, zeros when diverged or when nothing was detected).
     """
     import torch
     from mmengine.runner import Runner
 
-    from paploss.engine import TrainResult
+    from paploss.config import TrainResult
     from paploss.evaluate import METRICS
 
     t0 = time.time()

@@ -197,7 +197,7 @@ def train_options(options: Mapping[str, Any] | None, detector: str = "", epochs:
     preset = own.pop("preset", None)
     out = dict(own)
     if preset is not None:
-        from paploss.engine import PROXY_PRESETS
+        from paploss.config import PROXY_PRESETS
 
         if preset not in PROXY_PRESETS:
             raise StepError(f"training preset {preset!r} is unknown; known: {sorted(PROXY_PRESETS)}")
@@ -327,3 +327,75 @@ def check_select_rank(rank: Any) -> str:
                         "samples by their reward, 'round' by their reward minus their round's mean reward")
     return rank
 
+
+
+def check_pretrain_options(config: Mapping[str, Any] | None, proxy: Mapping[str, Any] | None = None,
+                           detector: str = "") -> dict:
+    """The warm start's options (``engine.pretrain``'s, completed by
+    :func:`pretrain_options`): known names, known detector, sizes and counts >= 1, a
+    learning rate and width > 0. Returns them; raises ``StepError`` naming the bad one."""
+    import inspect
+    import math
+
+    engine = _engine()
+    params = inspect.signature(engine.pretrain).parameters
+    known = sorted(k for k in params if k not in ("data", "out_file", "progress"))
+    options = pretrain_options(config, proxy, detector)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise StepError(f"pretrain options have unknown name(s) {unknown}; known: {known}")
+    for name, value in options.items():
+        default = params[name].default
+        if name == "detector":
+            if value not in engine.DETECTORS:
+                raise StepError(f"pretrain options: detector={value!r} is unknown; known: {sorted(engine.DETECTORS)}")
+        elif name in ("seed",):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise StepError(f"pretrain options: {name}={value!r} must be an integer")
+        elif isinstance(default, int) and not isinstance(default, bool) or name == "num_threads":
+            if value is None and default is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise StepError(f"pretrain options: {name}={value!r} must be an integer >= 1")
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise StepError(f"pretrain options: {name}={value!r} must be a number > 0")
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise StepError(f"pretrain options: {name}={value!r} must be a string")
+    return options
+
+
+#: MLflow tracking URI schemes that need no database driver.
+_PLAIN_TRACKING = ("http", "https", "file", "sqlite", "databricks", "databricks-uc", "uc")
+#: The database schemes MLflow stores runs in through SQLAlchemy.
+_SQL_TRACKING = ("postgresql", "mysql", "mssql")
+
+
+def check_tracking_uri(uri: str) -> None:
+    """The tracking URI's scheme is one MLflow stores runs in, and a database URI's
+    driver is installed (``postgresql://`` needs psycopg2 or psycopg, ``mysql://``
+    mysqlclient or pymysql, ...): else ``StepError`` naming the URI (its credentials
+    masked) and the missing module. Contacts nothing."""
+    from paploss.errors import mask
+
+    if not isinstance(uri, str) or not uri:
+        raise StepError(f"tracking_uri={uri!r}: give an MLflow tracking URI")
+    if "://" not in uri:
+        return  # a local path: a file store
+    scheme = uri.split("://", 1)[0].lower()
+    base = scheme.split("+", 1)[0]
+    if base in _PLAIN_TRACKING and "+" not in scheme:
+        return
+    if base not in _SQL_TRACKING and base != "sqlite":
+        raise StepError(f"tracking_uri={mask(uri)!r}: unknown scheme {scheme!r}; MLflow takes "
+                        f"{', '.join(_PLAIN_TRACKING + _SQL_TRACKING)} (a database with its driver: postgresql+psycopg2)")
+    try:
+        from sqlalchemy.engine import make_url
+
+        make_url(uri).get_dialect().import_dbapi()
+    except ImportError as exc:
+        raise StepError(f"tracking_uri={mask(uri)!r}: the {scheme} database driver is not installed "
+                        f"({exc}); install it (pip install psycopg2-binary for postgresql, pymysql for "
+                        f"mysql+pymysql) or use sqlite:/// or an http(s):// server") from None
+    except Exception as exc:  # noqa: BLE001 - a URI SQLAlchemy cannot parse
+        raise StepError(f"tracking_uri={mask(uri)!r}: not a database URI SQLAlchemy reads ({exc})") from None
