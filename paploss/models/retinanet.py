@@ -7,7 +7,9 @@
   *only* loss: classification scores and box outputs are trained through it, the
   box branch by the qualities ``u`` (SPEC §1) and with its gradient multiplied by
   the spec's ``grad_scale`` (``scale_grad``, SPEC §2).  The ranking runs over every
-  (anchor, class) entry of the whole batch at once.
+  (anchor, class) entry of the whole batch at once: under DDP of the global batch
+  (every process's entries, gathered with autograd: :mod:`paploss.distributed`); in
+  float32 outside autocast.
 
 The head is torchvision's ``RetinaNetHead`` (4 conv layers per branch, optionally
 with GroupNorm) with ``compute_loss`` replaced; the rest of ``RetinaNet`` (anchor
@@ -64,14 +66,19 @@ class LossHead(RetinaNetHead):
     def compute_loss(self, targets, head_outputs, anchors, matched_idxs):
         if self.loss != "paploss":
             return super().compute_loss(targets, head_outputs, anchors, matched_idxs)
+        from paploss.distributed import gather_ranked_entries
         from paploss.loss import pap_loss, scale_grad
 
-        cls_logits = head_outputs["cls_logits"]  # [N, A, K]
-        bbox_regression = scale_grad(head_outputs["bbox_regression"], self.spec.grad_scale)  # [N, A, 4]
-        t, u = dense_targets(cls_logits, bbox_regression, anchors, matched_idxs, targets,
-                             self.regression_head.box_coder, self.quality)
-        loss = pap_loss(cls_logits.reshape(-1).float(), t.reshape(-1), u.reshape(-1), self.spec, top_k=self.top_k,
-                        detach_i3=self.detach_i3)
+        # float32 outside autocast: the qualities (GIoU of decoded boxes) and the loss's
+        # sums are too coarse in bfloat16; a no-op for a float32 model without autocast
+        with torch.autocast(device_type=head_outputs["cls_logits"].device.type, enabled=False):
+            cls_logits = head_outputs["cls_logits"].float()  # [N, A, K]
+            bbox_regression = scale_grad(head_outputs["bbox_regression"].float(), self.spec.grad_scale)  # [N, A, 4]
+            t, u = dense_targets(cls_logits, bbox_regression, anchors, matched_idxs, targets,
+                                 self.regression_head.box_coder, self.quality)
+            # under DDP: the entries of every process's images (SPEC §1: one ranking over the whole batch)
+            s, t, u = gather_ranked_entries(cls_logits, t, u, self.top_k)
+            loss = pap_loss(s, t, u, self.spec, top_k=self.top_k, detach_i3=self.detach_i3)
         # the positives' mean box quality u (NaN without positives), read by the engine's box-collapse stop
         self.box_quality = u.detach()[t == 1].mean()
         return {"paploss": loss}
