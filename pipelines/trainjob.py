@@ -51,7 +51,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 __all__ = [
     "API_VERSION", "DEFAULT_RUNTIME", "TrainJobOptions", "TrainJobError", "KubeClient", "FinalResources",
     "build_trainjob", "trainjob_name", "check_remote_args", "forward_args", "train_args_from_options",
-    "submit_and_wait", "run_final_trainjob", "job_state",
+    "submit_and_wait", "run_final_trainjob", "job_state", "read_result",
 ]
 
 GROUP, VERSION, PLURAL = "trainer.kubeflow.org", "v1alpha1", "trainjobs"
@@ -608,6 +608,23 @@ def manifest_yaml(manifest: Mapping[str, Any]) -> str:
 
 
 
+def read_result(train_args: Sequence[str], job: Mapping[str, Any] | None = None) -> dict:
+    """What the finished job's rank 0 wrote to ``--out``: ``metrics.json`` (metrics,
+    diverged, iterations, seconds, …) and the checkpoint's URI. Raises
+    :class:`TrainJobError` (one line) when the file cannot be read."""
+    from paploss import storage
+
+    out = _option_values(train_args, "--out")[-1]
+    where = f"TrainJob {job['metadata'].get('namespace', '')}/{job['metadata']['name']} " if job else "the TrainJob "
+    uri = storage.join(out, "metrics.json")
+    try:
+        result = storage.read_json(uri)
+    except (OSError, ValueError) as exc:  # StorageError is an OSError
+        raise TrainJobError(f"{where}completed, but {uri} cannot be read: {' '.join(str(exc).split())}") from None
+    result.pop("config", None)
+    return {**result, "checkpoint": storage.join(out, "checkpoint.pt")}
+
+
 # ------------------------------------------------------------------ `paploss train --trainjob`
 
 #: Options of ``paploss train`` that place the training (not passed on to the job).
@@ -659,7 +676,8 @@ def train_command(ctx, params: Mapping[str, Any]) -> None:
     if params["dry_run"]:
         click.echo(manifest_yaml(result), nl=False)
         return
-    out = _option_values(args, "--out")[-1]
-    click.echo(json.dumps({"trainjob": result["metadata"]["name"], "state": "Complete",
-                           "metrics": f"{out.rstrip('/')}/metrics.json",
-                           "checkpoint": f"{out.rstrip('/')}/checkpoint.pt"}))
+    try:
+        done = read_result(args, result)
+    except TrainJobError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps({**done, "trainjob": result["metadata"]["name"]}))

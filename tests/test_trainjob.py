@@ -26,6 +26,7 @@ from pipelines.trainjob import (
     job_state, run_final_trainjob, submit_and_wait, train_args_from_options, trainjob_name,
 )
 from tests._k8s import FakeKube, status_for
+from tests._servers import s3_server  # noqa: F401 - fixture
 
 models = pytest.importorskip("kubeflow_trainer_api.models", reason="kubeflow-trainer-api is in the dev extra")
 
@@ -218,19 +219,52 @@ def test_dry_run_prints_the_manifest_and_contacts_nothing(kube):
     assert kube.requests == []
 
 
-def test_submit_and_wait_succeeds(kube):
+@pytest.fixture()
+def bucket(s3_server, monkeypatch):
+    """The ``paploss`` bucket of a loopback S3 server, its credentials in the environment."""
+    import uuid
+
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    name = f"paploss-{uuid.uuid4().hex[:8]}"
+    s3_server.make_bucket(name)
+    return name
+
+
+def test_submit_and_wait_succeeds_and_prints_what_rank_0_wrote(kube, bucket, s3_server):
+    from paploss import storage
+
+    args = [a.replace("s3://paploss/", f"s3://{bucket}/") for a in ARGS]
+    out = args[args.index("--out") + 1]
+    # what rank 0 of the job writes when it finishes (paploss.engine)
+    storage.write_json(f"{out}/metrics.json", {"metrics": {"AP": 0.3125}, "diverged": False, "iterations": 90000,
+                                               "seconds": 3600.0, "config": {"lr": 0.02}})
     kube.script = ["created", "running", "running", "complete"]
-    result = invoke(kube, env={"MLFLOW_TRACKING_URI": "http://mlflow:5000"})
+    result = CliRunner().invoke(main, ["train", *args, "--nodes", "2", "--gpus-per-node", "8", "--trainjob",
+                                       "--image", "reg/p:1", "--namespace", "team-a", "--k8s-api", kube.url],
+                                env={"PAPLOSS_TRAINJOB_POLL": "0.01", "MLFLOW_TRACKING_URI": "http://mlflow:5000"})
     assert result.exit_code == 0, result.output
     lines = result.output.strip().splitlines()
     assert "created on runtime torch-distributed (2 nodes x 8 processes)" in lines[0]
     assert any(": Running (2 active, 2 ready)" in line for line in lines)
     assert ": Complete" in lines[-2]
-    assert json.loads(lines[-1])["metrics"] == "s3://paploss/work/s/final/searched/metrics.json"
+    done = json.loads(lines[-1])
+    assert done["metrics"] == {"AP": 0.3125} and done["iterations"] == 90000 and "config" not in done
+    assert done["checkpoint"] == f"{out}/checkpoint.pt" and done["trainjob"].startswith("paploss-train-")
     assert len(kube.calls("POST")) == 1
     (posted,) = [b for m, _, b in kube.requests if m == "POST"]
     job = load(posted)
-    assert {e.name: e.value for e in job.spec.trainer.env}["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    env = {e.name: e.value for e in job.spec.trainer.env}
+    assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000" and env["AWS_ENDPOINT_URL"] == s3_server.endpoint
+
+
+def test_a_complete_job_without_metrics_ends_in_one_line(kube, bucket):
+    args = [a.replace("s3://paploss/", f"s3://{bucket}/") for a in ARGS]
+    result = CliRunner().invoke(main, ["train", *args, "--trainjob", "--image", "i", "--namespace", "team-a",
+                                       "--k8s-api", kube.url], env={"PAPLOSS_TRAINJOB_POLL": "0.01"})
+    assert result.exit_code == 1
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert len(errors) == 1 and "completed, but s3://" in errors[0] and "metrics.json cannot be read" in errors[0]
 
 
 def test_a_failed_job_ends_in_one_line(kube):
