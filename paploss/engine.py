@@ -18,8 +18,8 @@ prefix in COCO layout), evaluates COCO AP on ``cfg.val_ann`` and returns a
 - **Box-collapse stop** (``box_collapse``, off by default).  A PAP loss whose I3 rises
   faster than I1 (times the ranking term) is lowered by worse boxes: the positives' box
   quality u falls within tens of iterations, I3(u) goes to 0, and with it every
-  classification gradient, so the detector finds nothing (BENCHMARKS.md, issue 8,
-  finding 26).  With ``box_collapse = q``, more than ``diverge_patience`` iterations
+  classification gradient, so the detector finds nothing (docs/research/search-quality.md).
+  With ``box_collapse = q``, more than ``diverge_patience`` iterations
   whose positives' mean u is below q stop the run with ``box_collapsed=True``; unlike a
   divergence, the model is evaluated as it is (its AP, near 0, is the reward).
 - **Checkpoints** (``out_dir/checkpoint.pt``, atomic, local or ``s3://``) every

@@ -3,10 +3,26 @@
 from __future__ import annotations
 
 import json
+import re
+from importlib import resources
 
 import click
 
 from paploss import storage
+from paploss.errors import InputError, check_writable, expected, one_line
+
+#: The PAP loss ``paploss train --loss paploss`` trains without --spec/--form: the
+#: loss the paper's authors searched on COCO for RetinaNet (their public release, also
+#: in configs/mmdet/paploss_retinanet_r50_fpn_1x_coco.py): five functions H2, I2, I3,
+#: I1, H1 and gradient scale 4.1231.
+DEFAULT_SPEC = "retinanet_paper.json"
+
+
+def default_spec():
+    """The :class:`~paploss.spec.LossSpec` of :data:`DEFAULT_SPEC` (package data)."""
+    from paploss.spec import LossSpec
+
+    return LossSpec.from_json(resources.files("paploss").joinpath("specs", DEFAULT_SPEC).read_text("utf-8"))
 
 
 def _spec(spec: str | None, form: str | None):
@@ -14,15 +30,33 @@ def _spec(spec: str | None, form: str | None):
     from paploss.spec_set import read_spec
 
     if spec and form:
-        raise click.BadParameter("give --spec or --form, not both", param_hint="--spec/--form")
+        raise InputError("--spec/--form", "give --spec or --form, not both")
     if form:
         return LossSpec.handcrafted(form)
     if spec:
         try:
             return read_spec(storage.read_text(spec))
-        except (FileNotFoundError, ValueError) as exc:
-            raise click.BadParameter(f"{spec}: {exc}", param_hint="--spec") from None
+        except (FileNotFoundError, ValueError, UnicodeDecodeError) as exc:
+            raise InputError(f"--spec {spec}", one_line(getattr(exc, "what", exc))) from None
     return None
+
+
+#: TrainConfig fields whose flag is not ``--<field with dashes>``.
+_FLAGS = {"out_dir": "--out", "num_threads": "--threads", "resume": "--no-resume", "spec": "--spec/--form"}
+
+
+def _flags_of(message: str) -> str:
+    """The flags of the TrainConfig fields a message names, in order (``"--iterations/--epochs"``)."""
+    from dataclasses import fields
+
+    from paploss.engine import TrainConfig
+
+    names = {f.name for f in fields(TrainConfig)}
+    seen = []
+    for word in re.findall(r"[a-z][a-z0-9_]*", message):
+        if word in names and word not in seen and word != "data":  # "data" is also a plain word
+            seen.append(word)
+    return "/".join(_FLAGS.get(w, "--" + w.replace("_", "-")) for w in seen[:2]) or "options"
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -44,7 +78,9 @@ def pretrain(data, out_file, ann, detector, iterations, image_size, crop_size, b
     crops): no detection loss, so no candidate loss is favoured by the start."""
     from paploss.engine import pretrain as run
 
-    click.echo(run(data, out_file, ann=ann, detector=detector, iterations=iterations, image_size=image_size,
+    check_writable(out_file, "--out", folder=False)
+    with expected(ValueError, where="pretrain options"):
+        click.echo(run(data, out_file, ann=ann, detector=detector, iterations=iterations, image_size=image_size,
                    crop_size=crop_size, batch_size=batch_size, lr=lr, seed=seed, device=device, num_threads=threads))
 
 
@@ -53,15 +89,16 @@ def pretrain(data, out_file, ann, detector, iterations, image_size, crop_size, b
 @click.option("--out", "out_dir", default=None, help="Folder (or s3://) for checkpoint.pt and metrics.json.")
 @click.option("--preset", default=None, type=click.Choice(["smoke", "quick", "paper"]),
               help="Start from a proxy preset (its splits, model and schedule); other options override it.")
-@click.option("--loss", default=None, help="focal+l1 | focal+giou | paploss  [default: focal+l1]")
+@click.option("--loss", default=None, help="focal+l1 | focal+giou | paploss  [default: focal+l1]. paploss without "
+              "--spec/--form trains the paper's published RetinaNet loss (paploss/specs/retinanet_paper.json).")
 @click.option("--spec", default=None,
               help="Loss spec JSON file (for --loss paploss): one LossSpec, or a spec set with one per head.")
 @click.option("--form", default=None, type=click.Choice(["sigmoid", "sqrt", "linear", "square"]),
               help="Handcrafted PAP form instead of --spec (implies --loss paploss).")
 @click.option("--detach-i3", is_flag=True,
               help="PAP loss without the gradient into the boxes through I3 (not SPEC section 1; off by default). "
-                   "In the benchmark's 1200-iteration finals it raised square by 1.3-2.3 AP, but dropped sqrt on "
-                   "digits from about 5 to 1 (BENCHMARKS.md, issue 8, finding 27).")
+                   "On the bundled datasets it raised square by 1.3-2.3 AP but dropped sqrt "
+                   "(docs/research/search-quality.md).")
 @click.option("--train-ann", default=None, help="Training split [default: train].")
 @click.option("--val-ann", default=None, help="Evaluation split [default: val].")
 @click.option("--detector", default=None, help="retinanet_mobilenet_v3 | retinanet_mobilenet_v3_small | retinanet_resnet50 "
@@ -116,7 +153,9 @@ def train(data, out_dir, preset, loss, spec, form, detach_i3, train_ann, val_ann
     base = dict(PROXY_PRESETS[preset]) if preset else {}
     spec_obj = _spec(spec, form)
     if form and loss not in (None, "paploss"):
-        raise click.BadParameter(f"--form needs --loss paploss, got {loss!r}", param_hint="--form")
+        raise InputError("--form", f"--form needs --loss paploss, got --loss {loss}")
+    if spec_obj is None and (loss or base.get("loss")) == "paploss":
+        spec_obj = default_spec()  # documented in --loss's help
     over = dict(loss=loss or ("paploss" if spec_obj is not None else None), spec=spec_obj, train_ann=train_ann,
                 val_ann=val_ann, detector=detector, image_size=image_size, batch_size=batch_size, lr=lr,
                 optimizer=optimizer, warmup_iters=warmup_iters, init=init, backbone_weights=backbone_weights,
@@ -130,7 +169,9 @@ def train(data, out_dir, preset, loss, spec, form, detach_i3, train_ann, val_ann
     try:
         config = TrainConfig(data=data, out_dir=out_dir, resume=not no_resume, **cfg)
     except ValueError as exc:
-        raise click.UsageError(str(exc)) from None
+        raise InputError(_flags_of(str(exc)), one_line(exc)) from None
+    if out_dir:
+        check_writable(out_dir, "--out")
     result = run(config, progress=not quiet)
     click.echo(json.dumps({"metrics": result.metrics, "diverged": result.diverged, "iterations": result.iterations,
                            "seconds": round(result.seconds, 1), "checkpoint": result.checkpoint}))
@@ -146,7 +187,10 @@ def evaluate(checkpoint, data, ann, device, out_file):
     """COCO AP (AP, AP50, AP75, APs, APm, APl) of CHECKPOINT on a split, as JSON."""
     from paploss.engine import evaluate_checkpoint
 
-    metrics = evaluate_checkpoint(checkpoint, data, ann, device=device)
+    if out_file:
+        check_writable(out_file, "--out", folder=False)
+    with expected(ValueError, where=f"{checkpoint} on --ann {ann}"):
+        metrics = evaluate_checkpoint(checkpoint, data, ann, device=device)
     if out_file:
         storage.write_json(out_file, metrics)
     click.echo(json.dumps(metrics))

@@ -485,8 +485,8 @@ def pap_loss(
         detach_i3: no gradient into ``u_i`` through the ranking term's weight
             ``I3(u_i)`` (not SPEC §1, which passes it; off by default). Through it a
             loss whose ``I3`` rises faster than ``I1`` (times the ranking ratio) is
-            lowered by worse boxes and trains them worse (BENCHMARKS.md, issue 8,
-            finding 26); without it no gradient makes ``u`` smaller.
+            lowered by worse boxes and trains them worse
+            (docs/research/search-quality.md); without it no gradient makes ``u`` smaller.
 
     Returns:
         0-dim tensor, dtype and device of ``logits``; ``0 * (sum of inputs)``

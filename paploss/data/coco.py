@@ -7,7 +7,7 @@ A COCO file is a JSON object with ``images`` (``id``, ``file_name``, ``width``,
 training starts, so a bad dataset fails in a second with a message naming the file
 and the annotation (or image) id, not an hour later inside a training loop.
 
-Rules (issue 6, "bad input"):
+Rules for bad input:
 
 - not JSON, truncated, or not a COCO object -> :class:`CocoFormatError` naming the file;
 - an annotation whose ``image_id`` or ``category_id`` is unknown, or whose ``bbox``
@@ -30,12 +30,14 @@ from pathlib import Path
 from typing import Any
 
 from paploss import storage
+from paploss.errors import InputError
 
 __all__ = ["CocoFormatError", "load_coco", "validate_coco", "category_index"]
 
 
-class CocoFormatError(ValueError):
-    """A COCO annotation file is malformed; the message names the file and the entry."""
+class CocoFormatError(InputError):
+    """A COCO annotation file is malformed; the message names the file and the entry
+    (an :class:`~paploss.errors.InputError`, so a ``ValueError``: exit code 2)."""
 
 
 def _read(ann_path: str | os.PathLike) -> Any:

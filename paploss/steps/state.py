@@ -57,8 +57,7 @@ def _round_runs(controller, rnd: int, opts: _SearchOptions) -> tuple[list[int], 
     the round's ``split`` field (:func:`_split_field`). Every trial of a round shares the
     round's seed (its rewards compare losses, not seeds): the search's seed, or with
     ``per-round`` seed + round, so that the search does not tune its losses to one
-    training trajectory (on the benchmark it measured no better than ``fixed``:
-    BENCHMARKS.md, issue 8, finding 10)."""
+    training trajectory (on the benchmark it measured no better than ``fixed``)."""
     base = controller.config.seed + (int(rnd) if opts.trial_seeds == "per-round" else 0)
     return reward_seeds_of(base, opts.reward_seeds), _split_field(rnd, opts.search_splits)
 
