@@ -56,8 +56,10 @@ def test_compiled_yaml_is_a_pipeline_spec_with_cluster_settings(tmp_path):
     assert params["promote"].default_value.bool_value is True
 
     executors = spec.deployment_spec.fields["executors"].struct_value.fields
-    trial_tasks = [t for dag in _walk(docs[0], "dag") for t in dag.get("tasks", {}) if t.startswith("proxy-trial")]
-    assert len(trial_tasks) == ROUNDS  # one per round sub-pipeline (compacted: all of them share one executor)
+    comps = docs[0]["components"]
+    round_comps = {name for name, c in comps.items() if "proxy-trial" in c.get("dag", {}).get("tasks", {})}
+    rounds = [t for t in docs[0]["root"]["dag"]["tasks"].values() if t["componentRef"]["name"] in round_comps]
+    assert len(rounds) == ROUNDS and len(round_comps) == 1  # a task per round, one shared definition (compacted)
     for name, ex in executors.items():
         container = json_format.MessageToDict(ex.struct_value)["container"]
         assert container["image"] == "registry.example/paploss:1.2"
