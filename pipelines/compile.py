@@ -83,8 +83,8 @@ def compile_pipeline(
 @click.option("--pvc", default="", help="A PersistentVolumeClaim mounted at /data as the dataset cache.")
 @click.option("--compact/--no-compact", default=True, show_default=True,
               help="Keep one copy of each distinct component definition (kfp writes one per use, e.g. per round).")
-def compile_cmd(out, image, preset, rounds, parallelism, select_top, accelerator, gpus, cpu, memory, retries, s3_endpoint,
-                pvc, compact):
+def compile_cmd(out, image, preset, rounds, parallelism, select_top, accelerator, gpus, cpu, memory, retries,
+                s3_endpoint, pvc, compact):
     """Compile the search pipeline to Kubeflow Pipelines YAML (submit it with
     `paploss submit`). Rounds and parallelism are fixed here; everything else is a
     run-time parameter."""

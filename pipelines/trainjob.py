@@ -164,7 +164,8 @@ def build_trainjob(train_args: Sequence[str], opts: TrainJobOptions) -> dict:
     if opts.mlflow_secret:
         env += [_secret_env(opts.mlflow_secret, k) for k in MLFLOW_KEYS]
     gpus = max(opts.gpus_per_node, 1)
-    resources: dict[str, Any] = {"requests": {"cpu": opts.cpu or str(4 * gpus), "memory": opts.memory or f"{16 * gpus}Gi"}}
+    requests = {"cpu": opts.cpu or str(4 * gpus), "memory": opts.memory or f"{16 * gpus}Gi"}
+    resources: dict[str, Any] = {"requests": requests}
     if opts.gpus_per_node:
         resources["limits"] = {opts.accelerator: str(opts.gpus_per_node)}
     trainer = {

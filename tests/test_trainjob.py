@@ -58,7 +58,8 @@ def test_manifest_is_a_valid_trainjob_with_secrets_service_account_and_runtime()
     assert job.metadata.labels["paploss/search-name"] == "coco-paper"
     assert job.metadata.labels["paploss/kfp-run-id"] == FULL["run_id"]
     ref = job.spec.runtime_ref
-    assert (ref.api_group, ref.kind, ref.name) == ("trainer.kubeflow.org", "ClusterTrainingRuntime", "torch-distributed")
+    assert (ref.api_group, ref.kind, ref.name) == ("trainer.kubeflow.org", "ClusterTrainingRuntime",
+                                                   "torch-distributed")
     t = job.spec.trainer
     assert t.image == FULL["image"] and t.num_nodes == 2 and t.num_proc_per_node == 8
     assert t.command == ["torchrun", "--no-python", "paploss", "train"] and t.args == ARGS
