@@ -57,7 +57,7 @@ def test_compiled_yaml_is_a_pipeline_spec_with_cluster_settings(tmp_path):
 
     executors = spec.deployment_spec.fields["executors"].struct_value.fields
     comps = docs[0]["components"]
-    round_comps = {name for name, c in comps.items() if "proxy-trial" in c.get("dag", {}).get("tasks", {})}
+    round_comps = {name for name, c in comps.items() if "controller-update" in c.get("dag", {}).get("tasks", {})}
     rounds = [t for t in docs[0]["root"]["dag"]["tasks"].values() if t["componentRef"]["name"] in round_comps]
     assert len(rounds) == ROUNDS and len(round_comps) == 1  # a task per round, one shared definition (compacted)
     for name, ex in executors.items():
