@@ -161,6 +161,8 @@ def test_train_args_from_training_options():
                                     "num_threads": 4, "resume": False, "detach_i3": True})
     params = train_command.make_context("train", args).params
     assert params["out_dir"] == "s3://o" and params["threads"] == 4 and params["no_resume"] and params["detach_i3"]
+    unset = train_args_from_options({"data": "s3://d", "epochs": None, "iterations": 5, "detach_i3": False})
+    assert unset == ["--data", "s3://d", "--iterations", "5"]  # None and False flags are left out
     with pytest.raises(ValueError, match=r"\['fpn_channels'\] have no `paploss train` flag"):
         train_args_from_options({"data": "s3://d", "fpn_channels": 32})
 
