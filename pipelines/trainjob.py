@@ -119,7 +119,8 @@ class TrainJobOptions:
         if self.gpus_per_node < 0:
             raise ValueError(f"gpus_per_node={self.gpus_per_node} is out of range: must be >= 0")
         if not self.image:
-            raise ValueError("no image for the TrainJob: give the image the pipeline's components run in")
+            raise ValueError("no image for the TrainJob: give the image of the pipeline's components "
+                             "(paploss train --image, or PAPLOSS_IMAGE)")
         if not self.runtime:
             raise ValueError("no training runtime named (e.g. torch-distributed)")
 
@@ -365,7 +366,7 @@ class KubeClient:
             host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT", "443")
             if not host:
                 raise TrainJobError("no Kubernetes API: not running in a pod (KUBERNETES_SERVICE_HOST is unset) and "
-                                    "no API URL given")
+                                    "no API URL given (--k8s-api)")
             self.api = f"https://{host}:{port}"
             self.token_file = self.token_file or SERVICE_ACCOUNT_DIR / "token"
             self.ca_file = self.ca_file or SERVICE_ACCOUNT_DIR / "ca.crt"
