@@ -44,7 +44,7 @@ import ssl
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -590,12 +590,13 @@ def run_final_trainjob(
     """
     args = [str(a) for a in train_args]
     check_remote_args(args)
-    if not dry_run:
-        namespace = _namespace(namespace)
     prefix = "-".join(p for p in ("paploss", search_name, task) if p) if (search_name or task) else "paploss-train"
     name = name or trainjob_name(prefix, search_name, task, run_id, args, nodes, gpus_per_node, image)
     opts = TrainJobOptions(name=name, image=image, nodes=nodes, gpus_per_node=gpus_per_node,
                            namespace=namespace or "", search_name=search_name, run_id=run_id, **options)
+    if not dry_run:
+        namespace = _namespace(namespace)
+        opts = replace(opts, namespace=namespace)
     manifest = build_trainjob(args, opts)
     if dry_run:
         return manifest
