@@ -24,9 +24,10 @@ from typing import Any, Callable, Mapping
 import click
 
 from paploss import presets, steps, storage
+from paploss.errors import InputError, mask
 
-__all__ = ["RunSettings", "search", "search_options", "settings_from_options", "preflight", "run_inprocess",
-           "format_table", "absolute_tracking_uri"]
+__all__ = ["RunSettings", "search", "search_options", "settings_from_options", "preflight", "begin", "run_inprocess",
+           "format_table", "absolute_tracking_uri", "wait_lease_option", "ensure_tracking_store"]
 
 
 @dataclass(frozen=True)
@@ -72,9 +73,9 @@ def _json_option(value: str | None, name: str) -> dict | None:
     try:
         out = json.loads(value)
     except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"{value!r} is not JSON: {exc.msg}", param_hint=name) from None
+        raise InputError(name, f"{value!r} is not JSON: {exc.msg}") from None
     if not isinstance(out, dict):
-        raise click.BadParameter(f"{value!r} must be a JSON object", param_hint=name)
+        raise InputError(name, f"{value!r} must be a JSON object")
     return out
 
 
@@ -148,7 +149,7 @@ def int_list(text: str, option: str) -> list[int]:
     try:
         return [int(x) for x in str(text).split(",") if x.strip()]
     except ValueError:
-        raise click.BadParameter(f"{text!r} is not a comma-separated list of integers", param_hint=option) from None
+        raise InputError(option, f"{text!r} is not a comma-separated list of integers") from None
 
 
 def settings_from_options(
@@ -185,35 +186,93 @@ def settings_from_options(
 
 
 def preflight(s: RunSettings) -> None:
-    """Every check that can fail before training: parameter ranges, the dataset
-    (exists; its S3 endpoint answers), the work folder (its S3 endpoint answers),
-    the MLflow store (answers), the training option names. Raises
-    ``click.UsageError`` naming the problem; writes nothing."""
+    """Every check that can fail before any work, so that a bad option costs a second
+    and leaves nothing behind: parameter ranges; the proxy, final and pretrain options
+    (names and ranges); the tracking URI (its scheme and database driver); the work
+    folder (writable; its S3 endpoint answers); the controller options (a controller
+    is built from them) and a search of that name in the work folder with other
+    settings (controller options, seed, reward seeds, splits); the dataset (exists; its
+    S3 endpoint answers); the MLflow server or folder (answers). Raises an
+    :class:`~paploss.errors.InputError` (exit 2) naming the option; writes nothing."""
+    from paploss.steps.options import check_pretrain_options, check_tracking_uri
+    from paploss.steps.update import check_search
     from paploss.tracking import TrackingError, check_tracking
 
     p = s.preset
+    steps.validate_search_params(
+        rounds=p.rounds, samples=p.samples, parallelism=p.parallelism, max_failed_trials=p.max_failed_trials,
+        search_name=s.search_name, model_name=s.model_name, attempts=p.attempts,
+    )
+    steps.check_reward_seeds(p.reward_seeds)
+    steps.check_search_splits(p.search_splits)
+    steps.check_search_val_fraction(p.search_val_fraction)
+    steps.check_selection(p.select_top, p.select_seeds, search_seed=p.seed, reward_seeds=p.reward_seeds)
+    steps.check_select_rank(p.select_rank)
+    for name, value in (("--proxy-epochs", s.proxy_epochs), ("--final-epochs", s.final_epochs)):
+        if value < 0:
+            raise steps.StepError(f"{name}={value} must be >= 0 (0: the preset's schedule)")
+    steps.check_train_options(steps.train_options(p.proxy, p.detector, s.proxy_epochs), "proxy options",
+                              loss="paploss")
+    steps.check_train_options(steps.train_options(p.final, p.detector, s.final_epochs), "final options")
+    check_pretrain_options(p.pretrain, p.proxy, p.detector)
+    steps.check_detectors(p.proxy, p.final, p.pretrain, p.detector)
+    check_tracking_uri(s.tracking_uri)
+    steps.check_work(s.work)
+    check_search(s.work, s.search_name, p.rounds, p.samples, seed=p.seed, controller=p.controller,
+                 reward_seeds=p.reward_seeds, search_splits=p.search_splits)
+    steps.check_dataset(p.dataset)
     try:
-        steps.validate_search_params(
-            rounds=p.rounds, samples=p.samples, parallelism=p.parallelism, max_failed_trials=p.max_failed_trials,
-            search_name=s.search_name, model_name=s.model_name, attempts=p.attempts,
-        )
-        steps.check_reward_seeds(p.reward_seeds)
-        steps.check_search_splits(p.search_splits)
-        steps.check_search_val_fraction(p.search_val_fraction)
-        steps.check_selection(p.select_top, p.select_seeds, search_seed=p.seed, reward_seeds=p.reward_seeds)
-        steps.check_select_rank(p.select_rank)
-        for name, value in (("--proxy-epochs", s.proxy_epochs), ("--final-epochs", s.final_epochs)):
-            if value < 0:
-                raise steps.StepError(f"{name}={value} must be >= 0 (0: the preset's schedule)")
-        steps.check_dataset(p.dataset)
-        steps.check_work(s.work)
-        steps.check_train_options(steps.train_options(p.proxy, p.detector, s.proxy_epochs), "proxy options",
-                                  loss="paploss")
-        steps.check_train_options(steps.train_options(p.final, p.detector, s.final_epochs), "final options")
-        steps.check_detectors(p.proxy, p.final, p.pretrain, p.detector)
         check_tracking(s.tracking_uri)
-    except (steps.StepError, TrackingError) as exc:
-        raise click.UsageError(str(exc)) from None
+    except TrackingError as exc:
+        raise InputError("--tracking-uri", mask(str(exc))) from None
+
+
+def wait_lease_option(fn: Callable) -> Callable:
+    """``--wait-lease SECONDS`` of ``paploss search`` and ``paploss run``."""
+    return click.option(
+        "--wait-lease", type=click.FloatRange(min=0), default=0.0, show_default=True, metavar="SECONDS",
+        help="When another run holds this search (same --work and --search-name), wait up to this long for it "
+             "instead of stopping at once.")(fn)
+
+
+def begin(s: RunSettings, wait_lease: float = 0.0):
+    """After :func:`preflight`: take the search's lease (:mod:`paploss.lease`; another
+    live run of it -> :class:`~paploss.lease.LeaseHeld`), sweep what killed runs left
+    in the work folder and the temp dir (:func:`paploss.storage.sweep_temp`), and
+    create the MLflow store and experiment once, before any task runs (tasks that
+    start side by side never race a sqlite store's schema creation). Returns the
+    :class:`~paploss.lease.Lease`; release it at the end."""
+    from paploss import lease
+
+    held = lease.acquire(s.work, s.search_name, wait=wait_lease)
+    try:
+        storage.sweep_temp(s.work)
+        ensure_tracking_store(s.tracking_uri, s.experiment)
+    except BaseException:
+        held.release()
+        raise
+    return held
+
+
+def ensure_tracking_store(uri: str, experiment: str) -> str:
+    """The MLflow store at ``uri`` with ``experiment`` in it, created now if missing (a
+    ``sqlite:///`` store under a file lock beside it, so two processes never both
+    create its schema). Returns the experiment id."""
+    import contextlib
+
+    from paploss import lease, tracking
+
+    guard = contextlib.nullcontext()
+    if uri.startswith("sqlite:///"):
+        guard = lease.file_lock(uri[len("sqlite:///"):] + ".lock")
+    with guard:
+        try:
+            return tracking.experiment_id(tracking.make_client(uri), experiment)
+        except tracking.TrackingError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the store does not answer or cannot be created
+            raise tracking.TrackingError(
+                f"MLflow store {mask(uri)}: {mask(' '.join(str(exc).split()))[:300]}") from exc
 
 
 def run_inprocess(s: RunSettings, *, progress: bool = True) -> dict:
@@ -249,23 +308,28 @@ def format_table(report: Mapping[str, Any], s: RunSettings | None = None) -> str
         lines.append(f"registered model version {report['model_version']}"
                      + (" (now champion)" if report.get("promoted") else ""))
     if s is not None:
-        lines.append(f"MLflow: experiment {s.experiment!r}, parent run {s.search_name!r} at {s.tracking_uri}")
+        lines.append(f"MLflow: experiment {s.experiment!r}, parent run {s.search_name!r} at {mask(s.tracking_uri)}")
         lines.append("look at it with: make ui   (or: mlflow ui --backend-store-uri "
-                     f"{s.tracking_uri})")
+                     f"{mask(s.tracking_uri)})")
         lines.append(f"outputs: {steps.search_dir(s.work, s.search_name)}")
     return "\n".join(lines)
 
 
 @click.command("search")
 @search_options
-def search(**options: Any) -> None:
+@wait_lease_option
+def search(wait_lease: float, **options: Any) -> None:
     """Run the PPO loss search in this process (no Kubeflow): the same steps as
     `paploss run`, one after another. Trials run one at a time (--parallelism only
     matters for `paploss run` and the cluster)."""
     s = settings_from_options(**options)
     preflight(s)
-    click.echo(f"search {s.search_name} (preset {s.preset_name}): {s.preset.rounds} rounds x "
-               f"{s.preset.samples} samples, in-process")
-    report = run_inprocess(s)
+    held = begin(s, wait_lease)
+    try:
+        click.echo(f"search {s.search_name} (preset {s.preset_name}): {s.preset.rounds} rounds x "
+                   f"{s.preset.samples} samples, in-process")
+        report = run_inprocess(s)
+    finally:
+        held.release()
     click.echo(format_table(report, s))
 

@@ -19,11 +19,15 @@ import os
 import posixpath
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from paploss.errors import InputError, PaplossError
+
 __all__ = [
     "StorageError",
+    "NotFound",
     "is_s3",
     "split_s3",
     "join",
@@ -43,11 +47,20 @@ __all__ = [
     "WORK_MARK",
     "location_id",
     "at_location",
+    "sweep_temp",
+    "umask",
 ]
 
 
-class StorageError(OSError):
-    """A storage operation failed; the message names the URI and the reason."""
+class StorageError(PaplossError, OSError):
+    """A storage operation failed (an S3 endpoint that does not answer, no credentials,
+    a refused request); the message names the URI and the reason. Exit code 1."""
+
+    exit_code = 1
+
+
+class NotFound(InputError, FileNotFoundError):
+    """A file, folder, object or bucket that is not there; the message names it. Exit code 2."""
 
 
 def is_s3(uri: str | os.PathLike) -> bool:
@@ -57,11 +70,11 @@ def is_s3(uri: str | os.PathLike) -> bool:
 def split_s3(uri: str) -> tuple[str, str]:
     """``s3://bucket/a/b`` -> ``("bucket", "a/b")``."""
     if not is_s3(uri):
-        raise ValueError(f"not an s3:// URI: {uri!r}")
+        raise InputError(str(uri), "not an s3:// URI")
     rest = uri[len("s3://"):]
     bucket, _, key = rest.partition("/")
     if not bucket:
-        raise ValueError(f"s3 URI has no bucket: {uri!r}")
+        raise InputError(uri, "the s3:// URI has no bucket")
     return bucket, key
 
 
@@ -96,9 +109,9 @@ def _s3_error(uri: str, exc: Exception) -> Exception:
     if isinstance(exc, ClientError):
         code = exc.response.get("Error", {}).get("Code", "")
         if code in ("404", "NoSuchKey", "NotFound"):
-            return FileNotFoundError(f"no such object: {uri}")
+            return NotFound(uri, "no such object")
         if code == "NoSuchBucket":
-            return FileNotFoundError(f"no such bucket for {uri}")
+            return NotFound(uri, "no such bucket")
         return StorageError(f"S3 error {code or exc} for {uri} at {_endpoint()}")
     return exc
 
@@ -133,7 +146,7 @@ def read_bytes(uri: str | os.PathLike) -> bytes:
         try:
             return Path(uri).read_bytes()
         except FileNotFoundError:
-            raise FileNotFoundError(f"no such file: {uri}") from None
+            raise NotFound(uri, "no such file") from None
     bucket, key = split_s3(uri)
     try:
         return _client().get_object(Bucket=bucket, Key=key)["Body"].read()
@@ -150,7 +163,7 @@ def read_json(uri: str | os.PathLike) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{uri} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+        raise InputError(str(uri), f"not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
 
 
 def write_bytes(uri: str | os.PathLike, data: bytes) -> str:
@@ -165,8 +178,9 @@ def write_bytes(uri: str | os.PathLike, data: bytes) -> str:
         return uri
     path = Path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
     try:
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes it 0600: the team shares the folder
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -176,6 +190,69 @@ def write_bytes(uri: str | os.PathLike, data: bytes) -> str:
         Path(tmp).unlink(missing_ok=True)
         raise
     return uri
+
+
+#: The suffix of every temporary file and folder :func:`write_bytes` and :func:`atomic_dir`
+#: make beside their target (``.<name>.<random>.tmp``); :func:`sweep_temp` finds them by it.
+TMP_SUFFIX = ".tmp"
+#: The prefixes of the steps' temporary folders under the system temp dir.
+TEMP_PREFIXES = ("paploss-trial-", "paploss-final-", "paploss-data-", "paploss-pretrain-")
+
+
+def umask() -> int:
+    """This process's umask (read without changing it for good)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _newest_mtime(path: Path, limit: int = 2000) -> float:
+    """The newest modification time of ``path`` and (up to ``limit`` of) the things under it."""
+    newest = path.lstat().st_mtime
+    if path.is_dir() and not path.is_symlink():
+        for i, (root, dirs, files) in enumerate(os.walk(path)):
+            for name in dirs + files:
+                with contextlib.suppress(OSError):
+                    newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+            if i >= limit:
+                break
+    return newest
+
+
+def sweep_temp(work: str | os.PathLike | None = None, *, older_than: float = 1800.0,
+               temp_dir: str | os.PathLike | None = None, now: float | None = None) -> list[str]:
+    """Remove what killed processes left behind; returns the removed paths.
+
+    Under the local folder ``work``: hidden temporary files and folders of
+    :func:`write_bytes` / :func:`atomic_dir` (``.<name>.<random>.tmp``); under the
+    system temp dir (``temp_dir``): the steps' folders (:data:`TEMP_PREFIXES`). Only
+    those untouched for ``older_than`` seconds (nothing in them newer) are removed, so
+    a write or a trial that is still running elsewhere keeps its files. An ``s3://``
+    work folder has no temporary objects (each put is atomic) and is skipped."""
+    now = time.time() if now is None else now
+    found: list[Path] = []
+    if work is not None and not is_s3(work) and Path(work).is_dir():
+        for root, dirs, files in os.walk(work):
+            for name in dirs + files:
+                if name.startswith(".") and name.endswith(TMP_SUFFIX):
+                    found.append(Path(root, name))
+            dirs[:] = [d for d in dirs if not (d.startswith(".") and d.endswith(TMP_SUFFIX))]
+    base = Path(temp_dir or tempfile.gettempdir())
+    if base.is_dir():
+        found += [p for p in base.iterdir() if p.name.startswith(TEMP_PREFIXES) and p.is_dir()]
+    removed = []
+    for path in found:
+        try:
+            if now - _newest_mtime(path) < older_than:
+                continue
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+            removed.append(str(path))
+        except OSError:
+            continue  # gone meanwhile, or another user's: not ours to remove
+    return removed
 
 
 def write_text(uri: str | os.PathLike, text: str) -> str:
@@ -192,7 +269,7 @@ def list_files(uri: str | os.PathLike) -> Iterator[str]:
     if not is_s3(uri):
         root = Path(uri)
         if not root.is_dir():
-            raise FileNotFoundError(f"no such folder: {uri}")
+            raise NotFound(uri, "no such folder")
         yield from sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
         return
     bucket, key = split_s3(uri)
@@ -213,7 +290,7 @@ def list_files(uri: str | os.PathLike) -> Iterator[str]:
 def atomic_dir(dest: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
     """Build a local folder under a temporary name, then rename it to ``dest``.
 
-    Yields a new empty folder, a hidden sibling of ``dest`` (``.<name>.<random>`` in
+    Yields a new empty folder, a hidden sibling of ``dest`` (``.<name>.<random>.tmp`` in
     the same parent, created if missing, so the rename stays on one filesystem and is
     atomic). When the ``with`` block ends normally, the folder is renamed to ``dest``;
     a ``dest`` that exists by then is removed first: whatever it holds if ``replace``,
@@ -229,8 +306,9 @@ def atomic_dir(dest: str | os.PathLike, *, replace: bool = False) -> Iterator[Pa
         raise ValueError(f"atomic_dir needs a local folder, got {str(dest)!r}")
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=TMP_SUFFIX))
     try:
+        tmp.chmod(0o777 & ~umask())  # mkdtemp makes it 0700: the team shares the folder
         yield tmp
         if dest.exists():
             if replace:
@@ -268,7 +346,7 @@ def download_dir(uri: str, local_dir: str | os.PathLike) -> Path:
     local_dir = Path(local_dir)
     files = list(list_files(uri))
     if not files:
-        raise FileNotFoundError(f"no files under {uri}")
+        raise NotFound(uri, "no files under it")
     with atomic_dir(local_dir, replace=True) as tmp:
         for rel in files:
             dst = tmp / rel
@@ -297,7 +375,7 @@ def localize(uri: str | os.PathLike) -> Path:
     uri = str(uri)
     if not is_s3(uri):
         if not Path(uri).exists():
-            raise FileNotFoundError(f"no such file or folder: {uri}")
+            raise NotFound(uri, "no such file or folder")
         return Path(uri)
     digest = hashlib.sha256(uri.encode()).hexdigest()[:16]
     target = cache_dir() / digest / posixpath.basename(uri.rstrip("/"))

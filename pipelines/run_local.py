@@ -35,7 +35,9 @@ from typing import Any, Iterator, TextIO
 
 import click
 
-from paploss.search_cli import RunSettings, format_table, preflight, search_options, settings_from_options
+from paploss.errors import RunError, mask
+from paploss.search_cli import (RunSettings, begin, format_table, preflight, search_options, settings_from_options,
+                                wait_lease_option)
 
 __all__ = ["run", "run_pipeline", "pipeline_arguments"]
 
@@ -52,7 +54,7 @@ def pipeline_arguments(s: RunSettings) -> dict[str, Any]:
         "select_rank": p.select_rank, "reward_seeds": p.reward_seeds,
         "search_splits": p.search_splits, "search_val_fraction": p.search_val_fraction, "tracking_uri": s.tracking_uri,
         "experiment": s.experiment,
-        "model_name": s.model_name, "promote": s.promote,
+        "model_name": s.model_name, "promote": s.promote, "promote_rule": s.promote_rule,
     }
 
 
@@ -112,7 +114,8 @@ def run_pipeline(s: RunSettings, root: str | Path = "runs", cache: bool = True, 
 
     ``root``: local folder for kfp.local's outputs, cache and logs. ``console``: where
     the progress lines go (``"stdout"``: the ``sys.stdout`` of the call; None: nowhere). Raises
-    ``click.ClickException`` naming the failed step's error when the pipeline fails.
+    :class:`~paploss.errors.RunError` (one line: the failed step's error, the log, how to
+    resume) when the pipeline fails.
     """
     import json
 
@@ -151,9 +154,9 @@ def run_pipeline(s: RunSettings, root: str | Path = "runs", cache: bool = True, 
                 result = pipeline(**pipeline_arguments(s))
             return json.loads(result.output)
         except Exception as exc:  # noqa: BLE001 - reported with the step's own error
-            raise click.ClickException(
-                f"search {s.search_name} failed: {_cause(tee.tail)}\n"
-                f"  full log: {log_path}\n  resume: run again with --search-name {s.search_name}"
+            raise RunError(
+                f"search {s.search_name} failed: {mask(_cause(tee.tail))} (full log: {log_path}; "
+                f"resume: run again with --search-name {s.search_name})"
             ) from exc
         finally:
             sys.stdout, sys.stderr = old_out, old_err
@@ -168,16 +171,25 @@ def run_pipeline(s: RunSettings, root: str | Path = "runs", cache: bool = True, 
 @click.option("--cache/--no-cache", default=True, show_default=True,
               help="KFP's local cache: a re-run with the same --search-name replays finished tasks.")
 @click.option("--image", default=None, help="Component image recorded in the pipeline (unused locally).")
-def run(root: str, cache: bool, image: str | None, **options: Any) -> None:
+@wait_lease_option
+def run(root: str, cache: bool, image: str | None, wait_lease: float, **options: Any) -> None:
     """Run the loss search locally through kfp.local: data, warm start, PPO rounds
     with parallel proxy trials, final trainings of the searched loss and the
     baselines, all tracked in MLflow. Prints progress per round and the AP table."""
     s = settings_from_options(**options)
     preflight(s)
+    held = begin(s, wait_lease)
+    try:
+        _run(s, root, cache, image)
+    finally:
+        held.release()
+
+
+def _run(s: RunSettings, root: str, cache: bool, image: str | None) -> None:
     p = s.preset
     click.echo(f"search {s.search_name} (preset {s.preset_name}): {p.rounds} rounds x {p.samples} samples, "
                f"{p.parallelism} at a time, through kfp.local")
-    click.echo(f"  dataset {p.dataset}; work {s.work}; MLflow {s.tracking_uri} (experiment {s.experiment!r})")
+    click.echo(f"  dataset {p.dataset}; work {s.work}; MLflow {mask(s.tracking_uri)} (experiment {s.experiment!r})")
     click.echo(f"  log: {Path(root).resolve() / 'logs' / (s.search_name + '.log')}")
     start = time.monotonic()
     report = run_pipeline(s, root=root, cache=cache, image=image)

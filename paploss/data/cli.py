@@ -7,6 +7,10 @@ import tempfile
 import click
 
 from paploss import storage
+from paploss.errors import check_writable, expected
+
+#: The documented failures of the data functions (their messages name the file or value).
+_EXPECTED = (ValueError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError, FileNotFoundError)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -28,6 +32,7 @@ def make(name: str, out: str, n_train, n_val, image_size, seed: int, split: bool
     digits: scikit-learn's handwritten digits on a canvas)."""
     from paploss.data import make_dataset, search_split
 
+    check_writable(out, "--out")
     def _split(local) -> None:
         if split:
             try:
@@ -35,13 +40,14 @@ def make(name: str, out: str, n_train, n_val, image_size, seed: int, split: bool
             except ValueError as exc:  # too few images for every class on both sides
                 click.echo(f"warning: search split not written: {exc}", err=True)
 
-    if storage.is_s3(out):
-        with tempfile.TemporaryDirectory() as tmp:
-            local = make_dataset(name, f"{tmp}/ds", n_train=n_train, n_val=n_val, image_size=image_size, seed=seed)
-            _split(local)
-            storage.upload_dir(local, out)
-    else:
-        _split(make_dataset(name, out, n_train=n_train, n_val=n_val, image_size=image_size, seed=seed))
+    with expected(*_EXPECTED, where="--out" if not storage.is_s3(out) else ""):
+        if storage.is_s3(out):
+            with tempfile.TemporaryDirectory() as tmp:
+                local = make_dataset(name, f"{tmp}/ds", n_train=n_train, n_val=n_val, image_size=image_size, seed=seed)
+                _split(local)
+                storage.upload_dir(local, out)
+        else:
+            _split(make_dataset(name, out, n_train=n_train, n_val=n_val, image_size=image_size, seed=seed))
     click.echo(out)
 
 
@@ -55,7 +61,8 @@ def split_cmd(root: str, source: str, val_fraction: float, seed: int) -> None:
     every class on both sides)."""
     from paploss.data import load_coco, search_split
 
-    a, b = search_split(root, source=source, val_fraction=val_fraction, seed=seed)
+    with expected(*_EXPECTED):
+        a, b = search_split(root, source=source, val_fraction=val_fraction, seed=seed)
     for path in (a, b):
         coco = load_coco(path)
         click.echo(f"{path}: {len(coco['images'])} images, {len(coco['annotations'])} boxes")
@@ -71,7 +78,10 @@ def voc2coco(voc_root: str, image_set: str, out: str, drop_difficult: bool) -> N
     """Convert PASCAL VOC XML annotations to one COCO file."""
     from paploss.data import voc_to_coco
 
-    coco = voc_to_coco(voc_root, image_set, out, keep_difficult=not drop_difficult)
+    if not storage.is_s3(out):
+        check_writable(out, "--out", folder=False)
+    with expected(*_EXPECTED):
+        coco = voc_to_coco(voc_root, image_set, out, keep_difficult=not drop_difficult)
     click.echo(f"{out}: {len(coco['images'])} images, {len(coco['annotations'])} boxes")
 
 

@@ -11,9 +11,70 @@ from typing import Any, Mapping, Sequence
 from paploss import storage
 from paploss.steps.errors import SearchExists, SearchFailed, StepError
 from paploss.steps.options import _SearchOptions, _check_name
-from paploss.steps.state import _round_runs, _state_doc, _trials_of
+from paploss.steps.state import _read_state, _round_runs, _state_doc, _trials_of
 from paploss.steps.trials import _trials_noise, reward_noise
 from paploss.steps.work import _client, _log, plain, search_dir, state_uri
+
+def check_search(
+    work: str,
+    search_name: str,
+    rounds: int,
+    samples: int,
+    *,
+    seed: int = 0,
+    controller: Mapping[str, Any] | None = None,
+    trial_seeds: str = "fixed",
+    reward_seeds: int = 1,
+    search_splits: int = 1,
+):
+    """The controller a search starts from, and whether its first state exists: checks,
+    before any work, that the controller options build a controller (``sigma`` > 0,
+    known option names, ...) and that a search of that name in ``work``, if there is
+    one, has these settings (its controller options, seed, trial seeds, reward seeds
+    and splits). Returns ``(controller, exists)``; raises :class:`StepError` naming the
+    option, or :class:`SearchExists` naming what differs. Reads, never writes."""
+    from paploss.search import Controller
+
+    _check_name(search_name)
+    if not isinstance(controller or {}, Mapping):
+        raise StepError(f"controller options must be a JSON object, got {controller!r}")
+    options = plain(dict(controller or {}))
+    for bad in ("rounds", "seed", "samples"):
+        if bad in options:
+            raise StepError(f"controller option {bad!r} is a search parameter: pass it as {bad}=")
+    opts = _SearchOptions(trial_seeds, reward_seeds, search_splits)
+    try:
+        c = Controller(rounds=int(rounds), seed=int(seed), samples=int(samples), **options)
+    except TypeError as exc:
+        import inspect
+
+        known = sorted(k for k in inspect.signature(Controller).parameters if k not in ("rounds", "seed", "samples"))
+        raise StepError(f"controller options {sorted(options)}: {exc}; known: {known}") from None
+    except ValueError as exc:
+        raise StepError(f"controller options {options}: {exc}") from None
+    uri = state_uri(work, search_name, 0)
+    if not storage.exists(uri):
+        return c, False
+    doc, _ = _read_state(uri)
+    existing, fresh = doc["controller"], c.state_dict()
+    had_options, options_now = existing.get("options", {}), fresh["options"]
+    diff = [f"{k}={had_options.get(k)!r} there, {options_now.get(k)!r} now"
+            for k in sorted(set(had_options) | set(options_now)) if had_options.get(k) != options_now.get(k)]
+    diff += [f"its starting {what} differs" for what, key in (("mean", "logits"), ("sigma", "sigma"))
+             if existing.get(key) != fresh[key]]
+    if diff:
+        raise SearchExists(
+            f"search {search_name!r} already exists in {work} with other controller options "
+            f"({'; '.join(diff)}); choose another search_name"
+        )
+    had_opts = _SearchOptions.of(doc)
+    for option in (f.name for f in fields(_SearchOptions)):
+        had, now = getattr(had_opts, option), getattr(opts, option)
+        if had != now:
+            raise SearchExists(f"search {search_name!r} already exists in {work} with {option}={had!r}, "
+                               f"not {now!r}; choose another search_name")
+    return c, True
+
 
 def init_search(
     work: str,
@@ -43,39 +104,12 @@ def init_search(
     are scored on its search-val, so that the search does not fit one set of
     search-val images. Returns ``{"state": uri, "trials": [json, …]}``.
     """
-    from paploss.search import Controller
-
-    _check_name(search_name)
+    c, exists = check_search(work, search_name, rounds, samples, seed=seed, controller=controller,
+                             trial_seeds=trial_seeds, reward_seeds=reward_seeds, search_splits=search_splits)
     options = plain(dict(controller or {}))
-    for bad in ("rounds", "seed", "samples"):
-        if bad in options:
-            raise StepError(f"controller option {bad!r} is a search parameter: pass it as {bad}=")
     opts = _SearchOptions(trial_seeds, reward_seeds, search_splits)
-    try:
-        c = Controller(rounds=int(rounds), seed=int(seed), samples=int(samples), **options)
-    except TypeError as exc:
-        raise StepError(f"controller options {sorted(options)}: {exc}") from None
     uri = state_uri(work, search_name, 0)
-    if storage.exists(uri):
-        doc = storage.read_json(uri)
-        existing, fresh = doc["controller"], c.state_dict()
-        had_options, options_now = existing.get("options", {}), fresh["options"]
-        diff = [f"{k}={had_options.get(k)!r} there, {options_now.get(k)!r} now"
-                for k in sorted(set(had_options) | set(options_now)) if had_options.get(k) != options_now.get(k)]
-        diff += [f"its starting {what} differs" for what, key in (("mean", "logits"), ("sigma", "sigma"))
-                 if existing.get(key) != fresh[key]]
-        if diff:
-            raise SearchExists(
-                f"search {search_name!r} already exists in {work} with other controller options "
-                f"({'; '.join(diff)}); choose another search_name"
-            )
-        had_opts = _SearchOptions.of(doc)
-        for option in (f.name for f in fields(_SearchOptions)):
-            had, now = getattr(had_opts, option), getattr(opts, option)
-            if had != now:
-                raise SearchExists(f"search {search_name!r} already exists in {work} with {option}={had!r}, "
-                                   f"not {now!r}; choose another search_name")
-    else:
+    if not exists:
         storage.write_json(uri, _state_doc(c, 0, search_name, opts))
     if tracking is not None:
         from paploss import tracking as tr
