@@ -60,7 +60,8 @@ def pipeline_arguments(s: RunSettings) -> dict[str, Any]:
 
 class _Tee(io.TextIOBase):
     """Everything to the log file; lines starting with ``paploss>`` (wherever kfp
-    indents them) also to the console. Keeps the last lines for error messages."""
+    indents them) also to the console; credentials in URIs masked in both
+    (:func:`paploss.errors.mask`). Keeps the last lines for error messages."""
 
     def __init__(self, log: TextIO, console: TextIO | None, keep: int = 400) -> None:
         self.log, self.console = log, console
@@ -69,6 +70,8 @@ class _Tee(io.TextIOBase):
         self._lock = threading.Lock()
 
     def write(self, text: str) -> int:
+        n = len(text)
+        text = mask(text)  # kfp.local echoes the task inputs, the tracking URI among them
         with self._lock:
             self.log.write(text)
             self._buf += text
@@ -79,7 +82,7 @@ class _Tee(io.TextIOBase):
                 if self.console is not None and stripped.startswith("paploss>"):
                     self.console.write(stripped[len("paploss>"):].strip() + "\n")
                     self.console.flush()
-        return len(text)
+        return n
 
     def flush(self) -> None:
         self.log.flush()

@@ -21,6 +21,7 @@ from paploss.search import Controller
 # ----------------------------------------------------------------------------- the controller
 
 
+@pytest.mark.filterwarnings("ignore:reward of sample:RuntimeWarning")
 @pytest.mark.parametrize("rewards", [
     [1.7e308, 1.7e308, 0.0, 0.0],     # the mean overflows
     [1.7e308, -1.7e308, 0.0, 0.0],    # an advantage overflows
@@ -54,3 +55,128 @@ def test_controller_has_no_file_io():
     with pytest.raises(ValueError, match="JSON object"):
         Controller.from_state_dict('{"format": "paploss.search.Controller"}')
     assert Controller.from_state_dict(c.state_dict()).state_dict() == c.state_dict()
+
+
+# ----------------------------------------------------------------------------- files for a team
+
+
+@pytest.mark.parametrize("mask_", [0o022, 0o002, 0o027])
+def test_written_files_and_folders_follow_the_umask(tmp_path, mask_):
+    old = os.umask(mask_)
+    try:
+        storage.write_text(str(tmp_path / "a" / "f.json"), "{}")
+        with storage.atomic_dir(tmp_path / "d") as tmp:
+            (tmp / "x").write_text("x")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a" / "f.json").stat().st_mode) == 0o666 & ~mask_
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o777 & ~mask_
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(storage.TMP_SUFFIX)]
+
+
+def test_a_failed_write_leaves_no_temporary_behind(tmp_path, monkeypatch):
+    def boom(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        storage.write_bytes(str(tmp_path / "f"), b"x")
+    with pytest.raises(OSError, match="disk full"), storage.atomic_dir(tmp_path / "d"):
+        pass
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_temporaries_are_swept(tmp_path):
+    work, temp = tmp_path / "work", tmp_path / "systmp"
+    (work / "searches" / "s").mkdir(parents=True)
+    temp.mkdir()
+    old, young = time.time() - 7200, time.time()
+    stale = [work / "searches" / "s" / ".round-001.json.abc123.tmp", work / ".data.x1y2.tmp", temp / "paploss-trial-k1"]
+    fresh = [work / "searches" / "s" / ".trial.json.zz.tmp", temp / "paploss-trial-live"]
+    kept = [work / "searches" / "s" / "round-000.json", temp / "other-tool-dir"]
+    for path in stale + fresh + kept:
+        if path.name.startswith((".data", "paploss-", "other")):
+            path.mkdir()
+            (path / "inner").write_text("x")
+        else:
+            path.write_text("x")
+    for path in stale:
+        for p in [path, *path.rglob("*")]:
+            os.utime(p, (old, old))
+    (temp / "paploss-trial-live" / "inner").touch()  # a trial still writing
+    os.utime(temp / "paploss-trial-live", (old, old))  # its folder is old, its checkpoint is not
+    removed = storage.sweep_temp(work, older_than=1800, temp_dir=temp, now=young)
+    assert sorted(removed) == sorted(str(p) for p in stale)
+    assert not any(p.exists() for p in stale) and all(p.exists() for p in fresh + kept)
+
+
+# ----------------------------------------------------------------------------- secrets
+
+
+@pytest.mark.parametrize("text, shown", [
+    ("https://me:s3cret@mlflow.example.org/", "https://me:***@mlflow.example.org/"),
+    ("postgresql://mlflow:p%40ss@db:5432/mlflow", "postgresql://mlflow:***@db:5432/mlflow"),
+    ("http://tok3n@host/x", "http://***@host/x"),
+    ("https://h/api?token=abc&x=1", "https://h/api?token=***&x=1"),
+    ("https://b.s3/k?X-Amz-Credential=AK&X-Amz-Signature=ff", "https://b.s3/k?X-Amz-Credential=***&X-Amz-Signature=***"),
+    ("run failed at http://u:pw@h:5000: 503", "run failed at http://u:***@h:5000: 503"),
+    ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
+    ("s3://bucket/work", "s3://bucket/work"),
+    ("mail me@example.org", "mail me@example.org"),
+])
+def test_mask(text, shown):
+    assert mask(text) == shown
+
+
+def test_tracking_credentials_never_reach_the_console(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from paploss.cli import main
+    from paploss.search_cli import format_table, settings_from_options
+
+    monkeypatch.chdir(tmp_path)
+    uri = "https://me:s3cret@127.0.0.1:9/"
+    result = CliRunner().invoke(main, ["search", "--preset", "smoke", "--work", "w", "--tracking-uri", uri])
+    assert result.exit_code == 2 and "me:***@127.0.0.1:9" in result.output and "s3cret" not in result.output
+    result = CliRunner().invoke(main, ["run", "--preset", "smoke", "--work", "w", "--tracking-uri",
+                                       "postgresql://me:s3cret@db/x"])
+    assert result.exit_code == 2 and "s3cret" not in result.output
+    s = settings_from_options(preset="smoke", dataset=None, work="w", search_name="x", rounds=None, samples=None,
+                              parallelism=None, max_failed_trials=None, attempts=None, seed=None, detector=None,
+                              proxy_epochs=0, final_epochs=0, proxy_json=None, final_json=None,
+                              controller_json=None, tracking_uri=uri, experiment="e", model_name="m", promote=True)
+    table = format_table({"final": {}, "rounds": 1, "failed_trials": 0}, s)
+    assert "s3cret" not in table and "me:***@" in table
+
+
+def test_run_log_masks_credentials(tmp_path):
+    import io
+
+    from pipelines.run_local import _Tee
+
+    log, console = io.StringIO(), io.StringIO()
+    tee = _Tee(log, console)
+    tee.write("inputs: tracking_uri=https://me:s3cret@h/\n    paploss> MLflow at https://me:s3cret@h/\n")
+    assert "s3cret" not in log.getvalue() + console.getvalue() + "".join(tee.tail)
+    assert console.getvalue() == "MLflow at https://me:***@h/\n"
+
+
+def test_compiled_pipeline_takes_mlflow_credentials_from_a_secret(tmp_path):
+    import yaml
+
+    from pipelines.compile import compile_pipeline
+
+    docs = list(yaml.safe_load_all(Path(compile_pipeline(str(tmp_path / "p.yaml"), preset="smoke")).read_text()))
+    platform = next(d for d in docs if "platforms" in d)["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    assert platform
+    for name, executor in platform.items():
+        refs = [s for s in executor.get("secretAsEnv", [])
+                if {k["envVar"] for k in s["keyToEnv"]} == {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD",
+                                                           "MLFLOW_TRACKING_TOKEN"}]
+        assert len(refs) == 1, name
+        ref = refs[0]
+        assert ref["optional"] is True and all(k["secretKey"] == k["envVar"] for k in ref["keyToEnv"])
+        named = ref["secretNameParameter"]
+        # a pipeline parameter naming the secret, or the default name
+        assert named.get("componentInputParameter", "").endswith("mlflow_secret") \
+            or named.get("runtimeValue", {}).get("constant") == "paploss-mlflow", named
