@@ -61,6 +61,7 @@ class Search:
     tracking: Mapping[str, str] | None = None
     model_name: str = "paploss-retinanet"
     promote: bool = True
+    promote_rule: str = "beat-baselines"
     proxy_epochs: float = 0.0
     final_epochs: float = 0.0
     params: Mapping[str, Any] = field(default_factory=dict)
@@ -157,4 +158,5 @@ def run(s: Search, *, map: Map = in_order, on_round: Callable[[dict], None] | No
     data, init = prepare(s)
     state = search(s, data, init, map=map, on_round=on_round)
     results = finals(s, data, init, state, map=map)
-    return json.loads(steps.report(results, state, s.work, s.search_name, tracking=s.tracking))
+    return json.loads(steps.report(results, state, s.work, s.search_name, tracking=s.tracking,
+                                   model_name=s.model_name, promote=s.promote, promote_rule=s.promote_rule))

@@ -42,6 +42,7 @@ class RunSettings:
     experiment: str = "paploss"
     model_name: str = "paploss-retinanet"
     promote: bool = True
+    promote_rule: str = "beat-baselines"
     proxy_epochs: float = 0.0
     final_epochs: float = 0.0
 
@@ -54,7 +55,7 @@ class RunSettings:
         from paploss.flow import Search
 
         return Search(preset=self.preset, work=self.work, search_name=self.search_name, tracking=self.tracking,
-                      model_name=self.model_name, promote=self.promote, proxy_epochs=self.proxy_epochs,
+                      model_name=self.model_name, promote=self.promote, promote_rule=self.promote_rule, proxy_epochs=self.proxy_epochs,
                       final_epochs=self.final_epochs, params={"runner": runner})
 
 
@@ -137,7 +138,11 @@ def search_options(fn: Callable) -> Callable:
         click.option("--model-name", default="paploss-retinanet", show_default=True,
                      help="Registered model that gets the searched detector."),
         click.option("--promote/--no-promote", default=True, show_default=True,
-                     help="Give the new version the 'champion' alias when its AP is at least the champion's."),
+                     help="Give the new version the 'champion' alias when it wins (see --promote-rule)."),
+        click.option("--promote-rule", type=click.Choice(["beat-baselines", "champion"]), default="beat-baselines",
+                     show_default=True,
+                     help="When the searched detector wins: 'beat-baselines', its val AP is at least the champion's "
+                          "and not behind a baseline of this search; 'champion', at least the champion's alone."),
     ]
     for opt in reversed(opts):
         fn = opt(fn)
@@ -155,7 +160,7 @@ def int_list(text: str, option: str) -> list[int]:
 def settings_from_options(
     preset: str, dataset, work, search_name, rounds, samples, parallelism, max_failed_trials, attempts, seed,
     detector, proxy_epochs, final_epochs, proxy_json, final_json, controller_json, tracking_uri, experiment,
-    model_name, promote, select_top: int | None = None, select_seeds: str | None = None, select_rank: str | None = None,
+    model_name, promote, promote_rule: str = "beat-baselines", select_top: int | None = None, select_seeds: str | None = None, select_rank: str | None = None,
     reward_seeds: int | None = None, search_splits: int | None = None, search_val_fraction: float | None = None,
     now: _dt.datetime | None = None,
 ) -> RunSettings:
@@ -181,7 +186,7 @@ def settings_from_options(
     return RunSettings(
         preset=p, preset_name=preset, work=work, search_name=search_name,
         tracking_uri=absolute_tracking_uri(tracking_uri), experiment=experiment, model_name=model_name,
-        promote=promote, proxy_epochs=float(proxy_epochs or 0.0), final_epochs=float(final_epochs or 0.0),
+        promote=promote, promote_rule=promote_rule, proxy_epochs=float(proxy_epochs or 0.0), final_epochs=float(final_epochs or 0.0),
     )
 
 
@@ -307,10 +312,13 @@ def format_table(report: Mapping[str, Any], s: RunSettings | None = None) -> str
     if report.get("model_version"):
         lines.append(f"registered model version {report['model_version']}"
                      + (" (now champion)" if report.get("promoted") else ""))
+    if report.get("promotion"):
+        lines.append(report["promotion"]["reason"])
     if s is not None:
         lines.append(f"MLflow: experiment {s.experiment!r}, parent run {s.search_name!r} at {mask(s.tracking_uri)}")
-        lines.append("look at it with: make ui   (or: mlflow ui --backend-store-uri "
-                     f"{mask(s.tracking_uri)})")
+        from paploss.tracking import ui_command
+
+        lines.append(f"look at it with: make ui   (or: {mask(ui_command(s.tracking_uri))})")
         lines.append(f"outputs: {steps.search_dir(s.work, s.search_name)}")
     return "\n".join(lines)
 

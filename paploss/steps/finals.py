@@ -14,7 +14,7 @@ from paploss.steps.errors import SearchFailed, StepError
 from paploss.steps.options import _train_config
 from paploss.steps.state import searched_spec
 from paploss.steps.trials import _run_training
-from paploss.steps.work import At, _client, _local, _log, cache_keys, plain, search_dir
+from paploss.steps.work import At, _client, _local, _log, cache_key, plain, search_dir
 
 #: The baselines trained beside the searched loss (SPEC §4, RetinaNet).
 BASELINES = ("focal+l1", "focal+giou")
@@ -47,8 +47,9 @@ def final_train(
     (a LossSpec as JSON: a handcrafted form, the search's starting loss, a loss
     file). ``tag`` is added to the result's file name (``final/<loss><tag>.json``),
     e.g. to keep the finals of several seeds apart. Logs a nested ``paploss.kind=final``
-    run; the searched one registers a version of ``model_name`` (and becomes
-    ``champion`` when ``promote`` and it is at least as good). Returns JSON
+    run (opened as training starts); the searched one registers a version of
+    ``model_name`` without the ``champion`` alias: the report, which knows the
+    baselines, decides that (``promote`` is kept for callers and not used here). Returns JSON
     ``{"loss", "metrics", "checkpoint", "diverged", "seconds", "model_version", "promoted"}``.
     """
     given = _given_spec(loss, spec, tag)
@@ -60,12 +61,15 @@ def final_train(
         spec = given
     out = storage.join(search_dir(work, search_name), "final", f"{loss}{tag}.json")
     final = plain(dict(final or {}))
-    keys = cache_keys(work, At(data), At(init), loss, final, At(state), int(seed), *([given.to_json()] if given else []))
-    key = keys[0]
+    key = cache_key(work, At(data), At(init), loss, final, At(state), int(seed), *([given.to_json()] if given else []))
     if storage.exists(out):
         done = storage.read_json(out)
-        if done.get("key") in keys:
+        if done.get("key") == key:
             return json.dumps(done)
+    if tracking is not None:  # the final's MLflow run is RUNNING while it trains
+        from paploss import tracking as tr
+
+        tr.start_final(tracking, search_name, f"{loss}{tag}")
     start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="paploss-final-") as tmp:
         losses: list[float] = []
@@ -90,22 +94,9 @@ def final_train(
     if tracking is not None:
         from paploss import tracking as tr
 
-        client = _client(tracking)
-        parent = tr.find_search_run(client, tracking["experiment"], search_name)
-        if parent is None:
-            raise SearchFailed(f"no MLflow parent run for search {search_name!r}")
-        run_id = tr.log_final(
-            client, parent.info.run_id, search_name=search_name, loss=loss, metrics=result["metrics"],
-            losses=losses, checkpoint=ckpt_uri or None, spec_json=result["spec"],
-            params={**{k: v for k, v in dict(final).items()}, "seed": seed},
-        )
-        result["run_id"] = run_id
-        if loss == SEARCHED:
-            version, promoted = tr.register_detector(
-                client, model_name, run_id, search_name=search_name,
-                ap=result["metrics"].get("AP", 0.0), promote=bool(promote),
-            )
-            result.update(model_version=version, promoted=promoted)
+        result.update(tr.record_final(
+            tracking, search_name, {**result, "loss": f"{loss}{tag}"}, losses=losses, data=data,
+            params={**dict(final), "seed": seed}, model_name=model_name, register=loss == SEARCHED and not tag))
     storage.write_json(out, result)
     ap = result["metrics"].get("AP", float("nan"))
     _log(f"final {loss}: AP {ap:.4f}" + (f", model version {result['model_version']}" if result["model_version"] else ""))

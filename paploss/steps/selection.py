@@ -17,7 +17,7 @@ from paploss import storage
 from paploss.steps.errors import SearchFailed, StepError
 from paploss.steps.options import _SearchOptions, check_select_rank, check_selection
 from paploss.steps.state import _read_state, _round_runs, _split_field
-from paploss.steps.work import SELECTED_STATE, At, _client, _log, cache_keys, first_existing, search_dir
+from paploss.steps.work import SELECTED_STATE, At, _client, _log, cache_key, search_dir
 
 def selection_trials(state: str, top: int, seeds: Sequence[int], rank: str = "reward") -> list[str]:
     """The re-evaluation trials: the ``top`` distinct θ of the whole search with the
@@ -102,25 +102,16 @@ def select_loss(
     best = candidates[pick]
     doc["selected"] = {"theta": best["theta"], "spec": c.spec_of(best["theta"]).to_json(), "candidate": pick,
                        "mean_reward": best["mean_reward"], "from_state": state, "candidates": candidates, "rank": rank}
-    # rank "reward" (the default) adds nothing to the key, as before ranks existed; a
-    # selection written under its legacy key keeps that name (earlier finals are keyed by it)
-    outs = [storage.join(search_dir(work, search_name), "state", SELECTED_STATE.format(key=key))
-            for key in cache_keys(work, At(state), [[c["theta"], c["rewards"]] for c in candidates],
-                                  *([rank] if rank != "reward" else []))]
-    out = first_existing(outs) or outs[0]
+    # rank "reward" (the default) adds nothing to the key, as before ranks existed
+    key = cache_key(work, At(state), [[c["theta"], c["rewards"]] for c in candidates],
+                    *([rank] if rank != "reward" else []))
+    out = storage.join(search_dir(work, search_name), "state", SELECTED_STATE.format(key=key))
     storage.write_json(out, doc)
     _log(f"selection: candidate {pick} of {len(candidates)}, mean reward "
          f"{best['mean_reward']:.4f} over seeds {sorted(best['rewards'], key=int)}")
     if tracking is not None:
         from paploss import tracking as tr
 
-        client = _client(tracking)
-        parent = tr.find_search_run(client, tracking["experiment"], search_name)
-        if parent is None:
-            raise SearchFailed(f"no MLflow parent run for search {search_name!r}")
-        for k, cand in enumerate(candidates):
-            client.log_metric(parent.info.run_id, "selection.mean_reward", cand["mean_reward"], step=k)
-        client.log_metric(parent.info.run_id, "selection.best_mean_reward", best["mean_reward"])
-        client.log_dict(parent.info.run_id, doc["selected"], "selection.json")
+        tr.record_selection(tracking, search_name, candidates, doc["selected"])
     return out
 

@@ -164,6 +164,10 @@ def proxy_trial(
     result: dict[str, Any] = {"round": r, "sample": s, "theta": theta, "seed": int(t["seed"]), **split,
                               "init": storage.location_id(init, work) or None, "reward": None, "failed": True,
                               "diverged": False, "error": "", "metrics": {}, "seconds": 0.0, "spec": None}
+    if tracking is not None:  # the trial's MLflow run is RUNNING while it trains
+        from paploss import tracking as tr
+
+        tr.start_trial(tracking, search_name, r, s)
     start = time.monotonic()
     for attempt in range(1, int(attempts) + 1):
         losses = []
@@ -218,34 +222,12 @@ def _spec_of(state: str, theta: list[float]):
 
 def _ensure_trial_logged(result: Mapping[str, Any], search_name: str, state: str,
                          tracking: Mapping[str, str] | None) -> None:
-    """Log the trial's nested MLflow run unless it is there already (a retried step)."""
+    """Log the trial on its MLflow run and end it, unless a retried step finished it before."""
     if tracking is None:
         return
     from paploss import tracking as tr
 
-    client = _client(tracking)
-    parent = tr.find_search_run(client, tracking["experiment"], search_name)
-    if parent is None:
-        raise SearchFailed(f"no MLflow parent run for search {search_name!r} in experiment {tracking['experiment']!r}")
-    existing = client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=(f"tags.`paploss.kind` = 'trial' and tags.`paploss.search_name` = '{search_name}' "
-                       f"and tags.`paploss.round` = '{result['round']}' and tags.`paploss.sample` = '{result['sample']}'"),
-        max_results=1,
-    )
-    if existing:
-        return
-    names: Sequence[str] = ()
-    if state:
-        names = load_controller(state).parameter_names
-    tr.log_trial(
-        client, parent.info.run_id, search_name=search_name, round=int(result["round"]),
-        sample=int(result["sample"]), theta=result["theta"], names=names, spec_json=result.get("spec"),
-        losses=result.get("losses", ()), box_quality=result.get("box_quality", ()), reward=result["reward"],
-        failed=bool(result["failed"]),
-        diverged=bool(result["diverged"]), error=result.get("error", ""), metrics=result.get("metrics"),
-        seconds=result.get("seconds"), box_collapsed=bool(result.get("box_collapsed")),
-    )
+    tr.record_trial(tracking, search_name, result, load_controller(state).parameter_names if state else ())
 
 
 def reward_noise(groups: Sequence[Sequence[float]]) -> tuple[float, float] | None:

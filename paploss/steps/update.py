@@ -114,11 +114,10 @@ def init_search(
     if tracking is not None:
         from paploss import tracking as tr
 
-        client = _client(tracking)
-        tr.start_search(client, tracking["experiment"], search_name,
-                        {**dict(params or {}), "rounds": rounds, "samples": samples, "seed": seed,
-                         "trial_seeds": trial_seeds, "reward_seeds": reward_seeds, "search_splits": search_splits,
-                         "controller": options})
+        tr.open_search(tracking, search_name,
+                       {**dict(params or {}), "rounds": rounds, "samples": samples, "seed": seed,
+                        "trial_seeds": trial_seeds, "reward_seeds": reward_seeds, "search_splits": search_splits,
+                        "controller": options})
     each = f", {reward_seeds} trainings each" if reward_seeds > 1 else ""
     cycle = f", {search_splits} search splits" if search_splits > 1 else ""
     _log(f"search {search_name}: {rounds} rounds x {samples} samples{each}{cycle}, D={c.dim}")
@@ -209,13 +208,9 @@ def controller_update(
     if tracking is not None:
         from paploss import tracking as tr
 
-        client = _client(tracking)
-        parent = tr.find_search_run(client, tracking["experiment"], search_name)
-        if parent is None:
-            raise SearchFailed(f"no MLflow parent run for search {search_name!r}")
         history = [[None if i in rec.failed else v for i, v in enumerate(rec.rewards)] for rec in c.history]
-        tr.log_round(
-            client, parent.info.run_id, round=r, rewards=[None if not math.isfinite(x) else x for x in rewards],
+        tr.record_round(
+            tracking, search_name, round=r, rewards=[None if not math.isfinite(x) else x for x in rewards],
             failed=len(failed_now), mu=c.mu.tolist(), names=c.parameter_names, spec=c.spec(), history=history,
             noise=[*_trials_noise(search_dir(work, search_name), reward_seeds, r), noise],
         )
