@@ -8,6 +8,7 @@ attribute is a ``click.Command``.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
@@ -39,11 +40,21 @@ EXPECTED: dict[str, int] = {
 }
 
 
+#: File-system errors about a path the user gave (a missing file, a file where a folder
+#: should be, no permission): bad input, exit 2. Other errors of a named file (a full
+#: disk, an I/O error) are failures while running, exit 1.
+_PATH_ERRNOS = {errno.ENOENT, errno.EEXIST, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS,
+                errno.ENAMETOOLONG}
+
+
 def exit_code_of(exc: BaseException) -> int | None:
-    """The exit code of an expected failure (a :class:`PaplossError` or one of
-    :data:`EXPECTED`), or None for anything else (a bug: it keeps its traceback)."""
+    """The exit code of an expected failure (a :class:`PaplossError`, one of
+    :data:`EXPECTED`, or an ``OSError`` naming its file), or None for anything else
+    (a bug: it keeps its traceback)."""
     if isinstance(exc, PaplossError):
         return exc.exit_code
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return 2 if exc.errno in _PATH_ERRNOS else 1
     for target, code in EXPECTED.items():
         module_name, cls_name = target.split(":")
         module = sys.modules.get(module_name)  # an exception of it means it was imported
@@ -84,7 +95,10 @@ class LazyGroup(click.Group):
             code = exit_code_of(exc)
             if code is None or os.environ.get("PAPLOSS_DEBUG") == "1":
                 raise
-            error = click.ClickException(one_line(exc))
+            message = one_line(exc)
+            if isinstance(exc, OSError) and not isinstance(exc, PaplossError) and exc.filename is not None:
+                message = f"{exc.filename}: {exc.strerror or message}"  # "Error: <file>: <what is wrong>"
+            error = click.ClickException(message)
             error.exit_code = code
             raise error from None
 

@@ -308,3 +308,27 @@ def test_subprocess_stderr_exit_code_and_debug(dataset, tmp_path):
     assert (r.returncode, r.stderr) == (2, f"Error: --out: {x / 'out'} cannot be created: {x} is a file, not a folder\n")
     r = _run(["data", "check", str(ann)], tmp_path, PAPLOSS_DEBUG="1")
     assert r.returncode == 1 and "Traceback" in r.stderr and "CocoFormatError" in r.stderr
+
+
+# ----------------------------------------------------------------------------- compile / submit
+
+
+def test_compile_and_submit_say_one_line(tmp_path):
+    runner = CliRunner()
+    (tmp_path / "F").write_text("a file")
+    _one_error_line(runner.invoke(main, ["compile", "--preset", "smoke", "--out", str(tmp_path / "F" / "p.yaml")]),
+                    2, str(tmp_path / "F"))
+    _one_error_line(runner.invoke(main, ["submit", "--host", "http://127.0.0.1:1", "--package",
+                                         str(tmp_path / "x.yaml")]), 2, "x.yaml", "does not exist")
+
+
+def test_os_errors_naming_a_file_are_expected_failures():
+    import errno as errno_
+
+    from paploss.cli import exit_code_of
+
+    assert exit_code_of(FileNotFoundError(errno_.ENOENT, "No such file or directory", "/x")) == 2
+    assert exit_code_of(PermissionError(errno_.EACCES, "Permission denied", "/x")) == 2
+    assert exit_code_of(OSError(errno_.ENOSPC, "No space left on device", "/x")) == 1
+    assert exit_code_of(OSError("no file named")) is None  # not about a file: a bug
+    assert exit_code_of(KeyError("x")) is None
