@@ -42,6 +42,15 @@ DETR_CFG = ROOT / "configs" / "mmdet" / "paploss_deformable_detr_tiny_shapes.py"
 init_default_scope("mmdet")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a shared, loaded CPU two threads made a training step 12x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def shapes_root(tmp_path_factory) -> Path:
     from paploss.data import make_dataset
