@@ -423,3 +423,188 @@ def test_faster_rcnn_train_config_takes_a_spec_set(tmp_path):
     assert TrainConfig(spec=LossSpec.handcrafted("sqrt").to_json(), **base).spec == LossSpec.handcrafted("sqrt")
     with pytest.raises(ValueError, match="has one loss: give a plain loss spec"):
         TrainConfig(spec=specs, **{**base, "detector": "retinanet_mobilenet_v3_small"})
+
+
+# ------------------------------------------------------------------ MMDetection
+ROOT = Path(__file__).resolve().parents[1]
+MM_TINY = ROOT / "configs" / "mmdet" / "paploss_faster_rcnn_tiny_shapes.py"
+MM_R50 = ROOT / "configs" / "mmdet" / "paploss_faster_rcnn_r50_fpn_1x_coco.py"
+
+
+@pytest.fixture(scope="module")
+def mm():
+    """The MMDetection integration (skipped without the optional extra)."""
+    pytest.importorskip("mmdet", reason="MMDetection is an optional extra: pip install -e '.[mmdet]'")
+    import paploss.integrations.mmdet as pm
+    from mmengine.registry import init_default_scope
+
+    init_default_scope("mmdet")
+    return pm
+
+
+def mm_cfg(path=MM_TINY, root: Path | None = None):
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(str(path))
+    if root is not None:
+        for loader in ("train_dataloader", "val_dataloader", "test_dataloader"):
+            cfg[loader].dataset.data_root = str(root) + "/"
+    return cfg
+
+
+@pytest.mark.mmdet
+def test_faster_rcnn_mmdet_rpn_head_loss_equals_pap_loss_on_every_anchor(mm):
+    from mmdet.registry import MODELS
+    from mmengine.structures import InstanceData
+
+    from tests.test_mmdet import reference_loss  # the RetinaNet head's loop twin: any anchor head, any classes
+
+    gen = torch.Generator().manual_seed(11)
+    spec = LossSpec.searched(LossSpec.from_theta(torch.rand(40, generator=gen).tolist()).points, 2.5)
+    cfg = mm_cfg()
+    head = MODELS.build(dict(cfg.model.rpn_head.to_dict(), spec=spec, train_cfg=cfg.model.train_cfg.rpn.to_dict(),
+                             test_cfg=cfg.model.test_cfg.rpn.to_dict(),
+                             anchor_generator=dict(type="AnchorGenerator", scales=[2], ratios=[0.5, 1.0, 2.0],
+                                                   strides=[8, 16])))
+    metas = [dict(img_shape=(48, 48), pad_shape=(48, 48), batch_input_shape=(48, 48)) for _ in range(2)]
+    gt = [InstanceData(bboxes=random_gt(gen, 2, 48, 1)["boxes"], labels=torch.zeros(2, dtype=torch.long)) for _ in metas]
+    cls_scores = [torch.randn(2, 3, s, s, generator=gen, requires_grad=True) for s in (6, 3)]
+    bbox_preds = [(0.3 * torch.randn(2, 12, s, s, generator=gen)).requires_grad_() for s in (6, 3)]
+    ours = head.loss_by_feat(cls_scores, bbox_preds, gt, metas)
+    assert set(ours) == {"loss_rpn_pap"}
+    ref = reference_loss(head, cls_scores, bbox_preds, gt, metas, spec)
+    assert torch.allclose(ours["loss_rpn_pap"], ref, rtol=1e-5, atol=1e-6)
+    g = torch.autograd.grad(ours["loss_rpn_pap"], cls_scores + bbox_preds)
+    g_ref = [torch.zeros_like(x) if gr is None else gr
+             for x, gr in zip(cls_scores + bbox_preds, torch.autograd.grad(ref, cls_scores + bbox_preds, allow_unused=True))]
+    assert any(x.abs().sum() > 0 for x in g[2:]), "the box branch gets no gradient"
+    for i, (a, b) in enumerate(zip(g, g_ref)):
+        assert torch.allclose(a, (2.5 if i >= 2 else 1.0) * b, rtol=1e-4, atol=1e-6), i
+    # PseudoSampler: every anchor is ranked but those the assigner ignores (the twin
+    # matcher's IoU in [0.3, 0.7) without being a gt's best anchor), no sampling
+    anchors, valid = head.get_anchors([(6, 6), (3, 3)], metas, device="cpu")
+    labels, weights, *_ = head.get_targets(anchors, valid, gt, metas)
+    ignored = sum(m == -2 for n in range(2) for m in twin_match(gt[n].bboxes, torch.cat(anchors[n]), 0.7, 0.3, True))
+    assert int(sum((lab == 0).sum() for lab in labels)) > 0 and ignored > 0
+    assert int(sum((w > 0).sum() for w in weights)) == sum(2 * 3 * s * s for s in (6, 3)) - ignored
+
+
+@pytest.mark.mmdet
+def test_faster_rcnn_mmdet_bbox_head_loss_equals_pap_loss_on_every_roi_and_class(mm):
+    from mmdet.registry import MODELS
+
+    gen = torch.Generator().manual_seed(12)
+    spec = LossSpec.searched(LossSpec.from_theta(torch.rand(40, generator=gen).tolist()).points, 0.4)
+    C, R = 3, 30
+    head = MODELS.build(dict(mm_cfg().model.roi_head.bbox_head.to_dict(), num_classes=C, spec=spec))
+    xy = torch.rand(R, 2, generator=gen) * 60
+    rois = torch.cat([torch.randint(0, 2, (R, 1), generator=gen).float(), xy, xy + 5 + 30 * torch.rand(R, 2, generator=gen)], 1)
+    cls_score = torch.randn(R, C + 1, generator=gen, requires_grad=True)
+    bbox_pred = (0.5 * torch.randn(R, 4 * C, generator=gen)).requires_grad_()
+    labels = torch.randint(0, C + 1, (R,), generator=gen)  # C = background
+    label_weights = (torch.rand(R, generator=gen) > 0.1).float()
+    bbox_targets = 0.5 * torch.randn(R, 4, generator=gen)
+    ours = head.loss(cls_score, bbox_pred, rois, labels, label_weights, bbox_targets, torch.ones(R, 4))
+    assert set(ours) == {"loss_roi_pap"}
+    logits, ts, us = [], [], []
+    for r in range(R):
+        for c in range(C):  # every RoI x foreground class
+            logits.append(cls_score[r, c])
+            ts.append(-1.0 if label_weights[r] == 0 else float(labels[r] == c))
+            if ts[-1] == 1:
+                pred = head.bbox_coder.decode(rois[r:r + 1, 1:], bbox_pred[r:r + 1, 4 * c:4 * c + 4])
+                target = head.bbox_coder.decode(rois[r:r + 1, 1:], bbox_targets[r:r + 1])
+                us.append((generalized_box_iou(pred, target)[0, 0] + 1) / 2)
+            else:
+                us.append(torch.zeros(()))
+    ref = pap_loss(torch.stack(logits), torch.tensor(ts), torch.stack(us), spec)
+    assert torch.allclose(ours["loss_roi_pap"], ref, rtol=1e-5, atol=1e-6)
+    g = torch.autograd.grad(ours["loss_roi_pap"], [cls_score, bbox_pred])
+    g_ref = torch.autograd.grad(ref, [cls_score, bbox_pred])
+    assert torch.allclose(g[0], g_ref[0], rtol=1e-4, atol=1e-7) and g[0][:, C].abs().sum() == 0  # background unranked
+    assert torch.allclose(g[1], 0.4 * g_ref[1], rtol=1e-4, atol=1e-7) and g[1].abs().sum() > 0
+    # inference scores: sigmoid of the foreground logits, background 0
+    scores = head.loss_cls.get_activation(cls_score.detach())
+    assert torch.equal(scores[:, :C], torch.sigmoid(cls_score.detach()[:, :C])) and not scores[:, C].any()
+
+
+@pytest.mark.mmdet
+def test_faster_rcnn_mmdet_heads_take_their_own_spec_from_a_spec_set(mm, tmp_path):
+    from mmdet.registry import MODELS
+
+    specs = from_theta(DET, [0.3] * 41 + [0.7] * 41)
+    path = tmp_path / "loss_specs.json"
+    path.write_text(specs.to_json())
+    for given_spec in (str(path), specs.to_dict(), specs):
+        cfg = mm_cfg()
+        cfg.model.rpn_head.spec = given_spec
+        cfg.model.roi_head.bbox_head.spec = given_spec
+        model = MODELS.build(cfg.model)
+        assert model.rpn_head.spec == specs["rpn"] and model.roi_head.bbox_head.spec == specs["roi"]
+    cfg = mm_cfg()
+    cfg.model.roi_head.bbox_head.spec = SpecSet.of(rpn=specs["rpn"]).to_dict()
+    with pytest.raises(ValueError, match=r"model.roi_head.bbox_head.spec: the spec set has no head 'roi'"):
+        MODELS.build(cfg.model)
+    cfg = mm_cfg()
+    cfg.model.rpn_head.spec = str(tmp_path / "missing.json")
+    with pytest.raises(FileNotFoundError, match="model.rpn_head.spec: no loss-spec file"):
+        MODELS.build(cfg.model)
+    cfg = mm_cfg()
+    cfg.model.rpn_head.quality = "dice"
+    with pytest.raises(ValueError, match="model.rpn_head.quality"):
+        MODELS.build(cfg.model)
+
+
+@pytest.mark.mmdet
+def test_faster_rcnn_mmdet_r50_config_builds_with_pap_heads(mm):
+    from mmdet.registry import MODELS
+
+    cfg = mm_cfg(MM_R50)
+    assert "_base_ = ['./_base_/paploss_faster_rcnn.py']" in MM_R50.read_text()
+    assert cfg.model.backbone.init_cfg is None  # no weight download at run time
+    assert cfg.model.train_cfg.rpn.sampler.type == cfg.model.train_cfg.rcnn.sampler.type == "PseudoSampler"
+    model = MODELS.build(cfg.model)
+    assert type(model.rpn_head).__name__ == "PAPLossRPNHead" and type(model.roi_head.bbox_head).__name__ == "PAPLossBBoxHead"
+    assert model.roi_head.bbox_head.num_classes == 80 and model.backbone.depth == 50
+
+
+@pytest.mark.mmdet
+def test_faster_rcnn_mmdet_training_on_shapes_lowers_the_loss_and_predicts(mm, tmp_path, monkeypatch):
+    import numpy as np
+    from mmengine.dataset import pseudo_collate
+    from mmdet.registry import DATASETS, MODELS
+
+    from paploss.data import make_dataset
+
+    root = make_dataset("shapes", tmp_path / "shapes", n_train=4, n_val=2, image_size=128, seed=0, progress=False)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    cfg = mm_cfg(MM_TINY, root)
+    dataset = DATASETS.build(cfg.train_dataloader.dataset)
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    seen = []
+    loss_fn = model.roi_head.bbox_head.loss
+    monkeypatch.setattr(model.roi_head.bbox_head, "loss", lambda *a, **k: seen.append(a[3].numel()) or loss_fn(*a, **k))
+    batch = pseudo_collate([dataset[i] for i in range(2)])
+    optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
+    totals = []
+    model.train()
+    for _ in range(6):
+        losses = model(**model.data_preprocessor(batch, True), mode="loss")
+        assert set(losses) == {"loss_rpn_pap", "loss_roi_pap"}
+        total = losses["loss_rpn_pap"] + losses["loss_roi_pap"]
+        optimizer.zero_grad()
+        total.backward()
+        optimizer.step()
+        totals.append(total.item())
+    assert all(math.isfinite(v) for v in totals) and totals[-1] < totals[0] - 1e-3, totals
+    assert min(seen) > 2 * 64  # every proposal of the batch reached the box head (no sampler)
+    model.eval()
+    model.roi_head.test_cfg.score_thr = 0.0
+    with torch.no_grad():
+        results = model(**model.data_preprocessor(batch, False), mode="predict")
+    for res in results:
+        assert 0 < len(res.pred_instances.bboxes) <= 100
+        s = res.pred_instances.scores
+        assert bool(((s > 0) & (s < 1)).all()) and int(res.pred_instances.labels.max()) < 5

@@ -40,7 +40,8 @@ from paploss.integrations import mmcv_ops
 mmcv_ops.install()  # before anything imports mmdet.models
 
 import torch  # noqa: E402
-from mmdet.models.dense_heads import RetinaHead  # noqa: E402
+from mmdet.models.dense_heads import RetinaHead, RPNHead  # noqa: E402
+from mmdet.models.roi_heads.bbox_heads import Shared2FCBBoxHead  # noqa: E402
 from mmdet.models.task_modules.coders import DeltaXYWHBBoxCoder  # noqa: E402
 from mmdet.registry import MODELS  # noqa: E402
 from mmdet.structures.bbox import bbox_overlaps, cat_boxes  # noqa: E402
@@ -52,6 +53,9 @@ from paploss import storage  # noqa: E402
 
 __all__ = [
     "PAPLossRetinaHead",
+    "PAPLossRPNHead",
+    "PAPLossBBoxHead",
+    "resolve_head_spec",
     "SpecError",
     "resolve_spec",
     "pap_targets",
@@ -336,3 +340,171 @@ class PAPLossRetinaHead(RetinaHead):
         if not bool(pos.any()):
             loss = loss + 0.0 * deltas.sum()  # keep the box branch in the graph (DDP)
         return loss
+
+
+# ------------------------------------------------------- Faster R-CNN: two heads
+# The two-stage detector of the paper trains both stages with the PAP loss, each head
+# with its own spec (paploss.spec_set: a spec-set file names them ``rpn`` and ``roi``).
+RPN_SPEC_KEY = "model.rpn_head.spec"
+ROI_SPEC_KEY = "model.roi_head.bbox_head.spec"
+
+
+def resolve_head_spec(spec: Any, head: str, key: str) -> LossSpec:
+    """The spec of one head (``"rpn"`` or ``"roi"``): what :func:`resolve_spec` takes, or a
+    spec set (``paploss.spec_set.SpecSet``, its dict, or the path of its JSON file,
+    format ``paploss-specs/1``) whose entry ``head`` is taken. Errors start with ``key``."""
+    from paploss.spec_set import SpecSet, read_spec
+
+    if isinstance(spec, (str, os.PathLike)) and not os.fspath(spec).startswith("models:/"):
+        text = os.fspath(spec)
+        try:
+            content = storage.read_text(text)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{key}: no loss-spec file at {text!r}") from None
+        except (IsADirectoryError, UnicodeDecodeError):
+            return resolve_spec(spec, key)  # its own message
+        try:
+            spec = read_spec(content)
+        except ValueError as exc:
+            raise SpecError(f"{key}: {text!r} is not a loss spec or spec set: {exc}") from None
+    elif isinstance(spec, Mapping) and ("format" in spec or "heads" in spec):
+        try:
+            spec = SpecSet.from_dict(_plain(spec))
+        except ValueError as exc:
+            raise SpecError(f"{key}: {exc}") from None
+    if isinstance(spec, SpecSet):
+        try:
+            return spec[head]
+        except KeyError:
+            raise SpecError(f"{key}: the spec set has no head {head!r} (heads: {list(spec.names)})") from None
+    return resolve_spec(spec, key)
+
+
+def _check_options(key: str, quality: str, top_k: Any) -> None:
+    if quality not in QUALITIES:
+        raise ValueError(f"{key}.quality: must be one of {QUALITIES}, got {quality!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"{key}.top_k: must be a positive integer or None, got {top_k!r}")
+
+
+@MODELS.register_module()
+class PAPLossRPNHead(RPNHead):
+    """MMDetection's RPN head trained with the Parameterized AP Loss (SPEC §1).
+
+    Layers, anchors, assignment and proposals are RPNHead's; the loss ranks the
+    objectness logit of **every** anchor of the batch (use ``PseudoSampler`` in
+    ``train_cfg.rpn``: the config's sampler decides which anchors get targets), the
+    positives' quality ``u`` the (GIoU + 1) / 2 of the decoded proposal against its gt
+    (:func:`box_quality`); the box outputs' gradient is scaled by the spec's
+    ``grad_scale``. The loss is ``{"loss_rpn_pap": ...}``. It is exactly
+    :class:`PAPLossRetinaHead`'s loss with one class (``loss_from_targets`` is shared).
+
+    Args (besides RPNHead's):
+        spec: config key ``model.rpn_head.spec``: what :func:`resolve_spec` takes, or a
+            spec set (its ``rpn`` head; :func:`resolve_head_spec`).
+        top_k, quality: as :class:`PAPLossRetinaHead`.
+    """
+
+    flatten_outputs = PAPLossRetinaHead.flatten_outputs
+    loss_from_targets = PAPLossRetinaHead.loss_from_targets
+
+    def __init__(self, *args: Any, spec: Any = None, top_k: int | None = 100_000, quality: str = "giou",
+                 **kwargs: Any) -> None:
+        key = RPN_SPEC_KEY.rsplit(".", 1)[0]
+        self.spec = resolve_head_spec(spec, "rpn", RPN_SPEC_KEY)
+        _check_options(key, quality, top_k)
+        loss_cls = kwargs.get("loss_cls")
+        if loss_cls is not None and not loss_cls.get("use_sigmoid", False):
+            raise ValueError(f"{key}.loss_cls.use_sigmoid: the RPN's objectness is one logit (use_sigmoid=True), "
+                             f"got loss_cls={dict(loss_cls)!r}")
+        if kwargs.get("reg_decoded_bbox", False):
+            raise ValueError(f"{key}.reg_decoded_bbox: PAPLossRPNHead regresses deltas; set it False")
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.bbox_coder, DeltaXYWHBBoxCoder):
+            raise ValueError(f"{key}.bbox_coder: PAPLossRPNHead needs DeltaXYWHBBoxCoder, "
+                             f"got {type(self.bbox_coder).__name__}")
+        self.top_k, self.quality = top_k, quality
+        print_log(f"PAPLossRPNHead: loss = pap_loss over every anchor, form {self.spec.form}, grad_scale "
+                  f"{self.spec.grad_scale:.4g}, quality {quality}, top_k {top_k}", logger="current")
+
+    def loss_by_feat(self, cls_scores: list[Tensor], bbox_preds: list[Tensor], batch_gt_instances: list,
+                     batch_img_metas: list[dict], batch_gt_instances_ignore: list | None = None) -> dict[str, Tensor]:
+        """``{"loss_rpn_pap": loss}``; cls_scores per level [B, K, H_l, W_l], bbox_preds [B, K·4, H_l, W_l]."""
+        loss = PAPLossRetinaHead.loss_by_feat(self, cls_scores, bbox_preds, batch_gt_instances, batch_img_metas,
+                                              batch_gt_instances_ignore)["loss_pap"]
+        return {"loss_rpn_pap": loss}
+
+
+class _SigmoidScores(torch.nn.Module):
+    """Stands in for the box head's ``loss_cls`` so that MMDetection's prediction scores
+    a PAP-trained head by ``sigmoid`` of its foreground logits (the loss ranks them)
+    instead of a softmax: ``custom_cls_channels`` keeps the C + 1 logits, the
+    background's score is 0 (``multiclass_nms`` drops that column)."""
+
+    custom_cls_channels = True
+    custom_activation = False
+    custom_accuracy = False
+
+    def get_cls_channels(self, num_classes: int) -> int:
+        return num_classes + 1
+
+    def get_activation(self, cls_score: Tensor) -> Tensor:
+        scores = torch.sigmoid(cls_score[:, :-1])
+        return torch.cat([scores, scores.new_zeros(scores.shape[0], 1)], dim=1)
+
+
+@MODELS.register_module()
+class PAPLossBBoxHead(Shared2FCBBoxHead):
+    """Faster R-CNN's box head (``Shared2FCBBoxHead``) trained with the Parameterized AP Loss.
+
+    For R RoIs of the batch (all proposals: use ``PseudoSampler`` in ``train_cfg.rcnn``,
+    as the paper does) and C classes:
+
+    * ``s`` [R, C]: the foreground logits ``cls_score[:, :C]`` (column C, MMDetection's
+      background, is not ranked and scores 0 at inference: :class:`_SigmoidScores`);
+    * ``t`` [R, C]: :func:`pap_targets` of the RoI labels (-1 where ``label_weights`` is 0);
+    * ``u`` [R, C]: :func:`box_quality` of the RoI's box for its own class against its
+      target, on the positive entry, 0 elsewhere;
+    * ``loss = pap_loss(s, t, u, spec, top_k)`` over the whole batch; the box outputs
+      pass through ``scale_grad(·, spec.grad_scale)``.
+
+    The loss is ``{"loss_roi_pap": ...}``; ``loss_cls`` / ``loss_bbox`` of the config are
+    accepted and not used. Args (besides Shared2FCBBoxHead's): ``spec`` (config key
+    ``model.roi_head.bbox_head.spec``; a spec set gives its ``roi`` head), ``top_k``, ``quality``.
+    """
+
+    def __init__(self, *args: Any, spec: Any = None, top_k: int | None = 100_000, quality: str = "giou",
+                 **kwargs: Any) -> None:
+        key = ROI_SPEC_KEY.rsplit(".", 1)[0]
+        self.spec = resolve_head_spec(spec, "roi", ROI_SPEC_KEY)
+        _check_options(key, quality, top_k)
+        if kwargs.get("reg_decoded_bbox", False):
+            raise ValueError(f"{key}.reg_decoded_bbox: PAPLossBBoxHead regresses deltas; set it False")
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.bbox_coder, DeltaXYWHBBoxCoder):
+            raise ValueError(f"{key}.bbox_coder: PAPLossBBoxHead needs DeltaXYWHBBoxCoder, "
+                             f"got {type(self.bbox_coder).__name__}")
+        self.loss_cls = _SigmoidScores()  # fc_cls keeps its C + 1 outputs (built above)
+        self.top_k, self.quality = top_k, quality
+        print_log(f"PAPLossBBoxHead: loss = pap_loss over every RoI x class, form {self.spec.form}, grad_scale "
+                  f"{self.spec.grad_scale:.4g}, quality {quality}, top_k {top_k}", logger="current")
+
+    def loss(self, cls_score: Tensor, bbox_pred: Tensor, rois: Tensor, labels: Tensor, label_weights: Tensor,
+             bbox_targets: Tensor, bbox_weights: Tensor, reduction_override: str | None = None) -> dict[str, Tensor]:
+        """cls_score [R, C + 1]; bbox_pred [R, 4C] (or [R, 4] class-agnostic); labels [R] (C =
+        background); label_weights [R]; bbox_targets [R, 4] encoded deltas (positives)."""
+        C = self.num_classes
+        deltas = scale_grad(bbox_pred, self.spec.grad_scale)
+        targets = pap_targets(labels, label_weights, C)
+        pos = targets.eq(1).any(dim=1)
+        if self.reg_class_agnostic:
+            pos_deltas = deltas.view(deltas.size(0), 4)[pos]
+        else:
+            pos_deltas = deltas.view(deltas.size(0), C, 4)[pos, labels[pos]]
+        u_pos = box_quality(pos_deltas.float(), bbox_targets[pos].float(), self.bbox_coder, self.quality)
+        qualities = torch.zeros_like(targets).to(u_pos.dtype).index_put((pos.nonzero(as_tuple=True)[0], labels[pos]),
+                                                                          u_pos)
+        loss = pap_loss(cls_score[:, :C].float(), targets, qualities, self.spec, top_k=self.top_k)
+        if not bool(pos.any()):
+            loss = loss + 0.0 * deltas.sum()  # keep the box branch in the graph (DDP)
+        return {"loss_roi_pap": loss}
