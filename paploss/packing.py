@@ -123,7 +123,7 @@ def check_fits(trials_per_gpu: int, per_trial_bytes: int, free_bytes: int, total
         raise InputError("trials_per_gpu", f"a trial of about {per_trial_bytes / GiB:.2f} GiB does not fit the "
                          f"{free_bytes / GiB:.2f} GiB free on this GPU now ({total_bytes / GiB:.1f} GiB in all; "
                          f"{k} trials per GPU): other processes hold the rest")
-    return int(most)
+    return most
 
 
 def check_gpu(trials_per_gpu: int, per_trial_bytes: int, device=None) -> int:
@@ -164,8 +164,8 @@ def estimate_trial_bytes(cfg, num_classes: int) -> int:
         CONTEXT_BYTES + 4 x parameter bytes (weights, gradients, momentum, a copy)
                       + 1.5 x batch_size x activations of one image
 
-    where the activations are what autograd saves in one training forward of one image
-    of ``cfg.image_size`` (a random image with one box), float32 (an overestimate under
+    where the activations of one image are half what autograd saves in one training
+    forward of two images of ``cfg.image_size`` (random, one box each), float32 (an overestimate under
     bfloat16 autocast).  ``cfg`` a :class:`paploss.config.TrainConfig` of a paploss
     detector (not ``mmdet:``).  :mod:`bench.gpu_check` prints it beside the measured peak.
     """
@@ -179,9 +179,9 @@ def estimate_trial_bytes(cfg, num_classes: int) -> int:
     with torch.random.fork_rng():
         torch.manual_seed(0)
         model = build_model(cfg, num_classes)
-        images = [torch.rand(3, s, s)]
-    targets = [{"boxes": torch.tensor([[s / 4, s / 4, 3 * s / 4, 3 * s / 4]]), "labels": torch.tensor([0])}]
-    activations = _saved_bytes(model, images, targets)
+        images = [torch.rand(3, s, s) for _ in range(2)]  # two: group norm of a 1x1 map needs more than one
+    targets = [{"boxes": torch.tensor([[s / 4, s / 4, 3 * s / 4, 3 * s / 4]]), "labels": torch.tensor([0])}] * 2
+    activations = _saved_bytes(model, images, targets) / 2
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return int(CONTEXT_BYTES + 4 * param_bytes + _SAFETY * cfg.batch_size * activations)
 

@@ -173,7 +173,7 @@ def test_gather_is_the_identity_without_a_process_group():
     x = torch.randn(5, 3)
     assert gather_rows(x) is x
     s, t, u = torch.randn(2, 4), torch.ones(2, 4), torch.rand(2, 4)
-    gs, gt, gu = gather_ranked_entries(s, t, u, top_k=1)
+    gs, _gt, gu = gather_ranked_entries(s, t, u, top_k=1)
     assert gs.shape == (8,) and torch.equal(gs, s.reshape(-1)) and torch.equal(gu, u.reshape(-1))
 
 

@@ -68,7 +68,8 @@ def test_memory_check_at_its_edges():
     total = 80 * GiB
     assert check_fits(16, 5 * GiB, total, total) == 16          # exactly fits
     assert check_fits(1, 5 * GiB, 5 * GiB, total) == 16         # the last one, into the last 5 GiB
-    with pytest.raises(InputError, match=r"17 trials of about 5.00 GiB each need 85.0 GiB, .* 80.0 GiB: at most 16 fit"):
+    with pytest.raises(InputError, match=r"17 trials of about 5.00 GiB each need 85.0 GiB, .* 80.0 GiB: "
+                                         r"at most 16 fit"):
         check_fits(17, 5 * GiB, total, total)
     with pytest.raises(InputError, match=r"does not fit the 4.00 GiB free on this GPU now"):
         check_fits(8, 5 * GiB, 4 * GiB, total)
@@ -84,7 +85,7 @@ def test_gpu_check_without_cuda_is_one_clear_error():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_check_on_the_gpu():
-    free, total = torch.cuda.mem_get_info()
+    _free, total = torch.cuda.mem_get_info()
     assert check_gpu(2, GiB) == total // GiB
     with pytest.raises(InputError, match="at most"):
         check_gpu(int(total // GiB) + 1, GiB)
