@@ -38,8 +38,8 @@ from typing import Iterator
 from paploss import storage
 from paploss.errors import RunError
 
-__all__ = ["LeaseHeld", "LeaseLost", "Lease", "acquire", "hold", "lease_uri", "owner_id", "file_lock",
-           "LEASE_FORMAT", "DEFAULT_TTL"]
+__all__ = ["LeaseHeld", "LeaseLost", "Lease", "acquire", "hold", "claim", "release", "lease_uri", "owner_id",
+           "file_lock", "LEASE_FORMAT", "DEFAULT_TTL", "RUN_TTL", "OWNER_ENV"]
 
 LEASE_FORMAT = "paploss-lease/1"
 LEASE_FILE = "lease.json"
@@ -56,9 +56,21 @@ class LeaseLost(RunError):
     """This run's lease was taken over (its heartbeat stopped for longer than its ttl)."""
 
 
-def owner_id() -> str:
-    """Who takes a lease: the KFP run id on a cluster (``KFP_RUN_ID``), else
-    ``host:pid:start`` of this process."""
+#: The environment variable through which a lease's owner hands its id to the tasks it
+#: starts (``paploss run``'s kfp.local subprocesses): they take the lease as the same owner.
+OWNER_ENV = "PAPLOSS_LEASE_OWNER"
+
+
+def owner_id(run_id: str | None = None) -> str:
+    """Who takes a lease: ``run_id`` (a KFP run id) when given; else the owner handed
+    down in ``PAPLOSS_LEASE_OWNER``; else the KFP run id of this pod (``KFP_RUN_ID``);
+    else ``host:pid:start`` of this process."""
+    run_id = (run_id or "").strip() or None
+    if run_id:
+        return f"kfp-run:{run_id}"
+    handed = os.environ.get(OWNER_ENV, "").strip()
+    if handed:
+        return handed
     run_id = os.environ.get("KFP_RUN_ID", "").strip()
     if run_id:
         return f"kfp-run:{run_id}"
@@ -313,3 +325,21 @@ def hold(work: str, search_name: str, **kwargs) -> Iterator[Lease]:
         yield lease
     finally:
         lease.release()
+
+
+#: The ttl of a lease a pipeline run holds without a heartbeat thread (:func:`claim`):
+#: each of its tasks renews it when it starts; longer than its longest task.
+RUN_TTL = 6 * 3600.0
+
+
+def claim(work: str, search_name: str, run_id: str | None = None, ttl: float = RUN_TTL) -> Lease:
+    """The lease for a pipeline run whose tasks are separate pods: taken (or renewed,
+    when this run holds it already) by each task as it starts, with no heartbeat
+    thread; :func:`release` at the run's end. Raises :class:`LeaseHeld` when another
+    run holds the search."""
+    return acquire(work, search_name, owner=owner_id(run_id), ttl=ttl, heartbeat=False)
+
+
+def release(work: str, search_name: str, run_id: str | None = None) -> None:
+    """Give back the lease of :func:`claim` if this run (``run_id``, or :func:`owner_id`) holds it."""
+    Lease(lease_uri(work, search_name), search_name, owner_id(run_id)).release()

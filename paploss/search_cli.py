@@ -26,7 +26,7 @@ import click
 from paploss import presets, steps, storage
 from paploss.errors import InputError, mask
 
-__all__ = ["RunSettings", "search", "search_options", "settings_from_options", "preflight", "begin", "run_inprocess",
+__all__ = ["RunSettings", "search", "search_options", "settings_from_options", "preflight", "begin", "end", "run_inprocess",
            "format_table", "absolute_tracking_uri", "wait_lease_option", "ensure_tracking_store"]
 
 
@@ -250,13 +250,28 @@ def begin(s: RunSettings, wait_lease: float = 0.0):
     from paploss import lease
 
     held = lease.acquire(s.work, s.search_name, wait=wait_lease)
+    held.env_before = os.environ.get(lease.OWNER_ENV)
+    os.environ[lease.OWNER_ENV] = held.owner  # the tasks it starts (kfp.local's subprocesses) are the same owner
     try:
         storage.sweep_temp(s.work)
         ensure_tracking_store(s.tracking_uri, s.experiment)
     except BaseException:
-        held.release()
+        end(held)
         raise
     return held
+
+
+def end(held) -> None:
+    """Release the lease of :func:`begin` (also after a failure) and forget its owner."""
+    from paploss import lease
+
+    try:
+        held.release()
+    finally:
+        if getattr(held, "env_before", None) is None:
+            os.environ.pop(lease.OWNER_ENV, None)
+        else:
+            os.environ[lease.OWNER_ENV] = held.env_before
 
 
 def ensure_tracking_store(uri: str, experiment: str) -> str:
@@ -338,6 +353,6 @@ def search(wait_lease: float, **options: Any) -> None:
                    f"{s.preset.samples} samples, in-process")
         report = run_inprocess(s)
     finally:
-        held.release()
+        end(held)
     click.echo(format_table(report, s))
 

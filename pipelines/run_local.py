@@ -36,8 +36,8 @@ from typing import Any, Iterator, TextIO
 import click
 
 from paploss.errors import RunError, mask
-from paploss.search_cli import (RunSettings, begin, format_table, preflight, search_options, settings_from_options,
-                                wait_lease_option)
+from paploss.search_cli import (RunSettings, begin, end, format_table, preflight, search_options,
+                                settings_from_options, wait_lease_option)
 
 __all__ = ["run", "run_pipeline", "pipeline_arguments"]
 
@@ -185,7 +185,7 @@ def run(root: str, cache: bool, image: str | None, wait_lease: float, **options:
     try:
         _run(s, root, cache, image)
     finally:
-        held.release()
+        end(held)
 
 
 def _run(s: RunSettings, root: str, cache: bool, image: str | None) -> None:

@@ -149,3 +149,23 @@ def test_two_real_searches_of_one_name(tmp_path):
     third = lease.acquire(str(tmp_path / "w"), "twice", heartbeat=False)  # ... and is taken over (owner gone)
     assert third.record["pid"] == os.getpid()
     third.release()
+
+
+def test_a_pipeline_run_claims_renews_and_releases(tmp_path, monkeypatch):
+    """On a cluster each task of a run claims the lease as that run (no heartbeat thread);
+    a task of another run is refused; the tasks a CLI run starts are its owner."""
+    work = str(tmp_path / "w")
+    monkeypatch.delenv(lease.OWNER_ENV, raising=False)
+    first = lease.claim(work, "s", run_id="run-1")
+    assert first.record["owner"] == "kfp-run:run-1" and first.ttl == lease.RUN_TTL
+    assert lease.claim(work, "s", run_id="run-1").record["started"] == first.record["started"]  # the next task
+    with pytest.raises(lease.LeaseHeld, match="kfp-run:run-1"):
+        lease.claim(work, "s", run_id="run-2")
+    monkeypatch.setenv("KFP_RUN_ID", "run-1")
+    assert lease.owner_id() == "kfp-run:run-1"
+    monkeypatch.setenv(lease.OWNER_ENV, "host:1:2")
+    assert lease.owner_id() == "host:1:2"  # handed down by paploss run to its tasks
+    lease.release(work, "s", run_id="run-2")  # not its lease: left alone
+    assert storage.exists(lease.lease_uri(work, "s"))
+    lease.release(work, "s", run_id="run-1")
+    assert not storage.exists(lease.lease_uri(work, "s"))
