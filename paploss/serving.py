@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -125,8 +126,10 @@ def save_detector(path: str | Path, checkpoint: str | Path, metadata: Mapping[st
     with tempfile.TemporaryDirectory(prefix="paploss-model-") as tmp:
         code = Path(tmp, "detector.py")
         code.write_text(_MODEL_CODE)
-        mlflow.pyfunc.save_model(
-            str(path), python_model=str(code), artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
-            signature=signature(), pip_requirements=_requirements(), metadata=dict(metadata or {}),
-        )
+        with warnings.catch_warnings():  # no input example on purpose: saving runs no model
+            warnings.filterwarnings("ignore", message=".*input example.*", category=UserWarning)
+            mlflow.pyfunc.save_model(
+                str(path), python_model=str(code), artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
+                signature=signature(), pip_requirements=_requirements(), metadata=dict(metadata or {}),
+            )
     return path

@@ -10,14 +10,22 @@ The retraining gate CI runs (``.github/workflows/retrain.yml``), usable by hand 
 4. find the model version the run registered: the version of ``model_name``
    tagged ``paploss.search_name=<search_name>`` (the pipeline's contract, with its
    ``AP=<float>`` tag and its ``loss_spec.json`` artifact);
-5. compare its AP with the version that holds the gate alias (``champion``):
-   promote the new version (move the alias) when ``AP_new >= AP_champion`` or when
-   there is no champion yet; otherwise leave the alias where it is.
+5. decide as the search's report does (:func:`paploss.tracking.decide_promotion`):
+   with ``--promote-rule beat-baselines`` (the default) the new version gets the
+   gate alias (``champion``) when its AP is at least the champion's (or there is
+   no champion yet) and it is not behind a baseline trained in the same run (the
+   version's ``paploss.baselines`` tag); ``--promote-rule champion`` compares with
+   the champion alone. Every AP is COCO AP x 100 on val (a version registered before
+   the ``paploss.ap_unit`` tag holds a fraction, read x 100).
 
-Exit status: 0 promoted; 1 the new model is worse than the champion (both APs
-printed); 2 bad usage or input (missing host, tracking URI, dataset); 3 the
-infrastructure failed (host unreachable, credentials refused, run failed or
-timed out, no new model version). Nothing is promoted unless the status is 0.
+Output for CI: one line ``promoted=true`` or ``promoted=false``, then the reason
+(which baseline or champion beat it, and by how much).
+
+Exit status: 0 a decision was made, promoted or not (read the ``promoted=`` line;
+with ``--require-promotion``, 1 when not promoted); 2 bad usage or input (missing
+host, tracking URI, dataset); 3 the infrastructure failed (host unreachable,
+credentials refused, run failed or timed out, no new model version, a version
+without an AP). Nothing is promoted unless the line says ``promoted=true``.
 """
 
 from __future__ import annotations
@@ -61,7 +69,10 @@ REQUIRED_PARAMETERS = ("search_name", "model_name", "promote")
 #: Names the dataset parameter may have in the compiled pipeline, in order of preference.
 DATASET_PARAMETERS = ("dataset_uri", "dataset")
 
-EXIT_PROMOTED, EXIT_WORSE, EXIT_USAGE, EXIT_FAILURE = 0, 1, 2, 3
+EXIT_PROMOTED, EXIT_NOT_PROMOTED, EXIT_USAGE, EXIT_FAILURE = 0, 1, 2, 3
+#: A decision was made (promoted or not): exit 0 unless --require-promotion.
+EXIT_DECIDED = 0
+EXIT_WORSE = EXIT_NOT_PROMOTED  # the name before --promote-rule
 
 
 class RetrainError(click.ClickException):
@@ -79,9 +90,9 @@ class UsageError(RetrainError):
 
 
 class GateFailed(click.ClickException):
-    """The new model is worse than the champion; the alias stays where it was."""
+    """Not promoted while ``--require-promotion`` asks for a promotion; the alias stays where it was."""
 
-    exit_code = EXIT_WORSE
+    exit_code = EXIT_NOT_PROMOTED
 
 
 @dataclass(frozen=True)
@@ -92,6 +103,7 @@ class RetrainConfig:
     dataset: str
     tracking_uri: str
     gate: str = "champion"
+    promote_rule: str = "beat-baselines"
     model_name: str = "paploss-retinanet"
     package: str | None = None
     image: str | None = None
@@ -118,6 +130,10 @@ class RetrainResult:
     champion_version: str | None
     champion_ap: float | None
     promoted: bool
+    baselines: dict = field(default_factory=dict)
+    rule: str = "beat-baselines"
+    reason: str = ""
+    ap_unit: str = tracking.AP_UNIT
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -160,7 +176,8 @@ def check_registry(client, tracking_uri: str) -> None:
 
 
 def version_ap(version) -> float:
-    """The ``AP`` tag of a model version as a float; a clear error if absent or not a number."""
+    """The ``AP`` tag of a model version in AP x 100 (:func:`paploss.tracking.version_ap`'s
+    units: a version without ``paploss.ap_unit`` holds a fraction); a clear error if absent or not a number."""
     raw = (version.tags or {}).get(AP_TAG)
     if raw is None:
         raise RetrainError(
@@ -175,7 +192,22 @@ def version_ap(version) -> float:
         ) from None
     if not math.isfinite(ap):
         raise RetrainError("model version has a bad AP", f"{version.name} version {version.version} has {AP_TAG}={raw}")
-    return ap
+    return ap if (version.tags or {}).get(tracking.AP_UNIT_TAG) == tracking.AP_UNIT else tracking.ap100(ap)
+
+
+def version_baselines(version) -> dict[str, float]:
+    """The AP x 100 of each baseline trained beside the version (its ``paploss.baselines``
+    tag, written by the search's report); {} for a version without it (then the rule
+    can only compare with the champion, and the reason says so)."""
+    raw = (version.tags or {}).get(tracking.BASELINES_TAG)
+    if raw is None:
+        return {}
+    try:
+        out = {str(k): float(v) for k, v in json.loads(raw).items()}
+    except (ValueError, AttributeError, TypeError):
+        raise RetrainError("model version has bad baselines",
+                           f"{version.name} version {version.version} has {tracking.BASELINES_TAG}={raw!r}") from None
+    return out
 
 
 def find_version(client, model_name: str, search_name: str):
@@ -386,11 +418,19 @@ def _decide(cfg: RetrainConfig, registry, search_name: str, run_id: str, url: st
             f"tagged {SEARCH_NAME_TAG}={search_name}",
         )
     new_ap = version_ap(new)
+    baselines = version_baselines(new)
     check_loss_spec(cfg.tracking_uri, new)
 
     held = champion(registry, cfg.model_name, cfg.gate)
+    if held is not None and str(held.version) == str(new.version):
+        held = None
     champ_ap = version_ap(held) if held is not None else None
-    promoted = champ_ap is None or new_ap >= champ_ap
+    decision = tracking.decide_promotion(new_ap, baselines, (str(held.version), champ_ap) if held is not None else None,
+                                         cfg.promote_rule)
+    promoted = bool(decision["promote"])
+    reason = decision["reason"]
+    if not baselines and cfg.promote_rule == "beat-baselines":
+        reason += f" (version {new.version} records no baselines: compared with the champion only)"
     result = RetrainResult(
         search_name=search_name,
         run_id=run_id,
@@ -402,15 +442,23 @@ def _decide(cfg: RetrainConfig, registry, search_name: str, run_id: str, url: st
         champion_version=str(held.version) if held is not None else None,
         champion_ap=champ_ap,
         promoted=promoted,
+        baselines=baselines,
+        rule=cfg.promote_rule,
+        reason=reason,
     )
     if promoted:
         registry.set_registered_model_alias(cfg.model_name, cfg.gate, str(new.version))
         before = (
             f"no {cfg.gate} before"
             if held is None
-            else f"{cfg.gate} was version {held.version} with AP {champ_ap:.4f}"
+            else f"{cfg.gate} was version {held.version} with AP {champ_ap:.2f}"
         )
-        echo(f"promoted {cfg.model_name} version {new.version} (AP {new_ap:.4f}) to {cfg.gate}; {before}")
+        echo(f"promoted {cfg.model_name} version {new.version} (AP {new_ap:.2f}) to {cfg.gate}; {before}")
+    else:
+        echo(f"{cfg.model_name} version {new.version} (AP {new_ap:.2f}) stays registered without {cfg.gate}")
+    registry.set_model_version_tag(cfg.model_name, str(new.version), "paploss.promotion", reason[:5000])
+    echo(f"promoted={'true' if promoted else 'false'}")
+    echo(reason)
     return result
 
 
@@ -431,6 +479,12 @@ def _parse_params(values: tuple[str, ...]) -> dict[str, str]:
               help="Dataset URI the cluster reads (s3://... or a path it mounts) [env PAPLOSS_DATASET].")
 @click.option("--gate", default="champion", show_default=True,
               help="Model alias the new version must match or beat, and receives when it does.")
+@click.option("--promote-rule", type=click.Choice(list(tracking.PROMOTE_RULES)), default="beat-baselines",
+              show_default=True,
+              help="beat-baselines: promote when AP is at least the champion's and not behind a baseline of the same "
+                   "run; champion: at least the champion's alone.")
+@click.option("--require-promotion", is_flag=True, default=False,
+              help="Exit 1 when the new version is not promoted (default: exit 0 either way; read promoted=).")
 @click.option("--model-name", default="paploss-retinanet", show_default=True,
               help="Registered model the pipeline writes to.")
 @click.option("--package", type=click.Path(dir_okay=False), default=None,
@@ -452,20 +506,24 @@ def _parse_params(values: tuple[str, ...]) -> dict[str, str]:
               help="Extra pipeline parameter (repeatable), typed as the pipeline declares it.")
 @click.option("--report", type=click.Path(dir_okay=False), default=None,
               help="Write the decision as JSON here (also written when the gate fails).")
-def retrain(host, dataset, gate, model_name, package, image, tracking_uri, experiment, namespace, token,
+def retrain(host, dataset, gate, promote_rule, require_promotion, model_name, package, image, tracking_uri, experiment, namespace, token,
             search_name, timeout_s, poll_s, params, report) -> None:
     """Submit the search pipeline, wait for it, and promote the new model to the
-    GATE alias (champion) when its AP is at least the champion's.
+    GATE alias (champion) when it wins: its AP (x 100, on val) at least the
+    champion's and, by --promote-rule beat-baselines, not behind a baseline
+    trained in the same run.
 
-    Exit status: 0 promoted, 1 worse than the champion (both APs printed),
-    2 bad input, 3 infrastructure failure (unreachable host, refused
-    credentials, failed or timed-out run, no new model version).
+    Prints promoted=true or promoted=false and the reason. Exit status: 0 decided
+    (promoted or not; 1 when not promoted with --require-promotion), 2 bad input,
+    3 infrastructure failure (unreachable host, refused credentials, failed or
+    timed-out run, no new model version).
     """
     cfg = RetrainConfig(
         host=host or "",
         dataset=dataset or "",
         tracking_uri=tracking_uri or "",
         gate=gate,
+        promote_rule=promote_rule,
         model_name=model_name,
         package=package,
         image=image,
@@ -487,11 +545,8 @@ def retrain(host, dataset, gate, model_name, package, image, tracking_uri, exper
         from paploss import storage
 
         storage.write_json(report, result.to_json())
-    if not result.promoted:
-        raise GateFailed(
-            f"{model_name} version {result.new_version} has AP {result.new_ap:.4f} < {gate} "
-            f"version {result.champion_version} AP {result.champion_ap:.4f}; not promoted"
-        )
+    if not result.promoted and require_promotion:
+        raise GateFailed(f"--require-promotion: {result.reason}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -28,10 +28,11 @@ from click.testing import CliRunner
 from pipelines import kfp_remote
 from pipelines.retrain import (
     AP_TAG,
+    EXIT_DECIDED,
     EXIT_FAILURE,
+    EXIT_NOT_PROMOTED,
     EXIT_PROMOTED,
     EXIT_USAGE,
-    EXIT_WORSE,
     SEARCH_NAME_TAG,
     retrain,
 )
@@ -68,7 +69,8 @@ def store(_template_db, tmp_path):
     return SimpleNamespace(uri=uri, client=client, root=tmp_path)
 
 
-def register_version(store, *, search_name: str, ap: float | None, loss_spec: bool = True) -> str:
+def register_version(store, *, search_name: str, ap: float | None, loss_spec: bool = True,
+                     baselines: dict | None = None) -> str:
     """What the pipeline's final training does: a run with loss_spec.json, a registered version."""
     client = store.client
     exp = client.get_experiment_by_name("paploss")
@@ -88,7 +90,11 @@ def register_version(store, *, search_name: str, ap: float | None, loss_spec: bo
             raise
     tags = {SEARCH_NAME_TAG: search_name}
     if ap is not None:
-        tags[AP_TAG] = repr(float(ap))
+        tags[AP_TAG] = repr(float(ap))  # a fraction, as versions before paploss.ap_unit hold it
+    if baselines is not None:  # what the search's report writes: AP x 100 of each baseline
+        tags["paploss.baselines"] = json.dumps(baselines)
+        tags["paploss.ap_unit"] = "AP x 100"
+        tags[AP_TAG] = repr(100 * float(ap))
     version = client.create_model_version(
         MODEL, source=f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=tags
     )
@@ -123,6 +129,7 @@ class Cluster:
     final_state: str = "SUCCEEDED"
     register: bool = True            # does the run register a model version?
     loss_spec: bool = True
+    baselines: dict | None = None    # the paploss.baselines tag the run's report writes, if any
     finishes: bool = True            # False: the run stays RUNNING forever
     token: str | None = None         # a token the API requires, if any
     runs: dict = field(default_factory=dict)
@@ -133,7 +140,8 @@ class Cluster:
         """The pipeline's last step: register the trained model (as promote=False asks, no alias)."""
         params = run["runtime_config"]["parameters"]
         if self.register:
-            register_version(self.store, search_name=params["search_name"], ap=self.ap, loss_spec=self.loss_spec)
+            register_version(self.store, search_name=params["search_name"], ap=self.ap, loss_spec=self.loss_spec,
+                             baselines=self.baselines)
         run["state"] = self.final_state
 
 
@@ -300,17 +308,40 @@ def test_promotion_decision(cluster, package, tmp_path, champion_ap, new_ap, pro
     assert params["tracking_uri"] == cluster.store.uri  # the run logs where the gate looks
     new = store_version_of(cluster.store, params["search_name"])
     decision = json.loads(report.read_text())
-    assert decision["new_version"] == new and decision["new_ap"] == pytest.approx(new_ap)
+    assert decision["new_version"] == new and decision["new_ap"] == pytest.approx(100 * new_ap)  # AP x 100
     assert decision["promoted"] is promoted
     assert decision["champion_version"] == old
+    assert result.exit_code == EXIT_DECIDED, result.output  # a decision either way: CI reads promoted=
     if promoted:
-        assert result.exit_code == EXIT_PROMOTED, result.output
+        assert "promoted=true" in result.output.splitlines()
         assert champion_version(cluster.store) == new
         assert f"promoted {MODEL} version {new}" in result.output
     else:
-        assert result.exit_code == EXIT_WORSE, result.output
+        assert "promoted=false" in result.output.splitlines()
         assert champion_version(cluster.store) == old
-        assert "0.4000" in result.output and "0.5000" in result.output
+        assert f"behind champion version {old} by 10.00 AP (40.00 < 50.00)" in result.output
+        assert invoke(cluster, package, "--require-promotion").exit_code == EXIT_NOT_PROMOTED
+
+
+@pytest.mark.parametrize("rule, promoted", [("beat-baselines", False), ("champion", True)])
+def test_a_version_behind_a_baseline_of_its_run_is_not_promoted(cluster, package, tmp_path, rule, promoted):
+    """The run's report tagged the version with its baselines' AP: focal+giou beat it,
+    so by the default rule it is registered without the alias; the champion rule ignores it."""
+    old = make_champion(cluster.store, 0.30)
+    cluster.ap, cluster.baselines = 0.40, {"focal+l1": 35.0, "focal+giou": 42.5}
+    report = tmp_path / "r.json"
+    result = invoke(cluster, package, "--promote-rule", rule, "--report", str(report))
+    assert result.exit_code == EXIT_DECIDED, result.output
+    new = store_version_of(cluster.store, the_run(cluster)["runtime_config"]["parameters"]["search_name"])
+    decision = json.loads(report.read_text())
+    assert decision["promoted"] is promoted and decision["baselines"] == cluster.baselines
+    assert f"promoted={str(promoted).lower()}" in result.output.splitlines()
+    assert champion_version(cluster.store) == (new if promoted else old)
+    if not promoted:
+        assert "focal+giou beat it by 2.50 AP (42.50 > 40.00)" in result.output
+        assert "focal+l1" not in decision["reason"]
+    tag = cluster.store.client.get_model_version(MODEL, new).tags["paploss.promotion"]
+    assert tag == decision["reason"]
 
 
 def store_version_of(store, search_name: str) -> str:
