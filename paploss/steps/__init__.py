@@ -34,24 +34,24 @@ from paploss.steps.options import (MAX_REWARD_SEEDS, MAX_SEARCH_SPLITS, REWARD_S
                                    train_options, validate_search_params)
 from paploss.steps.report import report
 from paploss.steps.selection import select_loss, selection_trials
-from paploss.steps.state import load_controller, round_trainings, searched_spec, selection_split
+from paploss.steps.state import load_controller, searched_spec
 from paploss.steps.trials import (proxy_config, proxy_trial, reward_noise, round_noise, stored_trial,
                                   trial_results)
 from paploss.steps.update import controller_update, init_search
 from paploss.steps.warm_start import pretrain
-from paploss.steps.work import (SELECTED_STATE, At, _trial_uri, cache_keys, content_key, first_existing, plain,
-                                search_dir, search_split_files, state_uri, tracking_config)
+from paploss.steps.work import (SELECTED_STATE, At, _trial_uri, cache_key, content_key, plain, search_dir,
+                                search_split_files, state_uri, tracking_config)
 
 __all__ = [
     "StepError", "SearchExists", "SearchFailed", "BASELINES", "SEARCHED", "SELECTED_STATE", "SELECT_RANKS",
     "TRIAL_SEEDS", "REWARD_SEED_STRIDE", "MAX_REWARD_SEEDS", "MAX_SEARCH_SPLITS",
     "prepare_data", "pretrain", "init_search", "proxy_trial", "proxy_config", "controller_update",
     "selection_trials", "select_loss", "final_train", "report",
-    "load_controller", "searched_spec", "round_trainings", "selection_split", "stored_trial", "trial_results",
+    "load_controller", "searched_spec", "stored_trial", "trial_results",
     "reward_noise", "round_noise",
     "check_dataset", "check_work", "check_detectors", "check_train_options", "check_reward_seeds",
     "check_search_splits", "check_search_val_fraction", "check_select_rank", "check_selection",
     "validate_search_params", "train_options", "pretrain_options", "reward_seeds_of",
-    "At", "cache_keys", "content_key", "first_existing", "plain", "search_dir", "search_split_files", "state_uri",
+    "At", "cache_key", "content_key", "plain", "search_dir", "search_split_files", "state_uri",
     "tracking_config", "_trial_uri",
 ]

@@ -9,7 +9,7 @@ from typing import Any, Mapping
 from paploss import storage
 from paploss.steps.errors import StepError
 from paploss.steps.options import pretrain_options
-from paploss.steps.work import At, _engine, _local, _log, cache_keys, first_existing
+from paploss.steps.work import At, _engine, _local, _log, cache_key
 
 def pretrain(data: str, work: str, config: Mapping[str, Any] | None = None, seed: int = 0,
              detector: str = "", proxy: Mapping[str, Any] | None = None, *, only_cached: bool = False) -> str:
@@ -29,12 +29,9 @@ def pretrain(data: str, work: str, config: Mapping[str, Any] | None = None, seed
     if str(config.get("detector", "")).startswith(_engine().MMDET_PREFIX):
         _log(f"no warm start for {config['detector']}: the MMDetection config's own init_cfg/load_from applies")
         return ""
-    outs = [storage.join(work, "pretrain", key, "backbone.pt")
-            for key in cache_keys(work, "pretrain", At(data), config, int(seed))]
-    found = first_existing(outs)
-    if found:
-        return found
-    out = outs[0]
+    out = storage.join(work, "pretrain", cache_key(work, "pretrain", At(data), config, int(seed)), "backbone.pt")
+    if storage.exists(out):
+        return out
     if only_cached:
         return ""
     engine = _engine()

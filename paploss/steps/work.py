@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 from paploss import storage
 
@@ -37,27 +37,19 @@ def content_key(*parts: Any) -> str:
 
 
 class At(str):
-    """A URI (data, warm start, state) among :func:`cache_keys`' parts (``At(None)`` is None:
+    """A URI (data, warm start, state) among :func:`cache_key`'s parts (``At(None)`` is None:
     a missing one stays as it was in the key)."""
 
     def __new__(cls, uri: str | None):
         return None if uri is None else super().__new__(cls, uri)
 
 
-def cache_keys(work: str, *parts: Any) -> tuple[str, str]:
-    """(key, legacy key) naming an output in ``work`` by its inputs ``parts``
-    (:func:`content_key`'s). The parts wrapped in :class:`At` are URIs: in the key they are
+def cache_key(work: str, *parts: Any) -> str:
+    """The key naming an output in ``work`` by its inputs ``parts`` (:func:`content_key`'s).
+    The parts wrapped in :class:`At` are URIs: in the key they are
     :func:`storage.location_id`, relative to ``work``, so the key is the same however
-    ``work`` is spelled (``runs/b`` or ``/home/me/runs/b``) and wherever the folder lies.
-    The legacy key has them as spelled, as every key did before (BENCHMARKS.md, issue 8,
-    finding 33): look an output up under both, write a new one under the first."""
-    key = content_key(*(storage.location_id(p, work) if isinstance(p, At) else p for p in parts))
-    return key, content_key(*parts)
-
-
-def first_existing(uris: Sequence[str]) -> str | None:
-    """The first of ``uris`` that exists, or None."""
-    return next((u for u in uris if storage.exists(u)), None)
+    ``work`` is spelled (``runs/b`` or ``/home/me/runs/b``) and wherever the folder lies."""
+    return content_key(*(storage.location_id(p, work) if isinstance(p, At) else p for p in parts))
 
 
 def plain(value: Any) -> Any:
