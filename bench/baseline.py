@@ -1,7 +1,7 @@
 """A search's rewards against a handcrafted loss trained as its proxy trials were.
 
 A reward says little on its own: with ``--search-splits`` each round scores on other
-images, and a proxy's AP moves with its training seed and warm start. ``paploss bench
+images, and a proxy's AP moves with its training seed and warm start. ``python -m bench.search
 --reward-baseline FORM`` trains the handcrafted form FORM (the PAP loss with its exact
 functions, with ``--detach-i3`` where the run has it) as each round's samples were
 trained (the round's seeds, split and warm starts), and as the selection's candidates
@@ -20,45 +20,64 @@ import statistics
 from concurrent.futures import Executor
 from typing import Any, Iterable, Mapping, Sequence
 
-from bench.search import _cached_final, _log, platform_info, warm_start
+from bench.search import _log, platform_info, warm_start
 from paploss import presets, steps, storage
 
-__all__ = ["Run", "round_runs", "selection_runs", "cached", "train", "measure", "gaps", "gaps_text"]
+__all__ = ["Run", "round_trainings", "selection_split", "round_runs", "selection_runs", "cached", "train", "measure",
+           "gaps", "gaps_text"]
 
 #: One proxy training of the baseline: (warm start, training seed, search split).
 Run = tuple[str, int, int]
 
 
+def round_trainings(state: str) -> list[list[dict]]:
+    """Per finished round of the search in ``state``: the proxy trainings that each of
+    its sampled θ had, as ``{"seed", "split", "repeat"}``: the search's seed (plus the
+    round in a search cached with ``trial_seeds`` ``per-round``), one per reward seed
+    (``steps.reward_seeds_of``; the j-th has ``repeat`` j), on split round mod the
+    search's splits."""
+    doc, c = storage.read_json(state), steps.load_controller(state)
+    splits, per_round = int(doc.get("search_splits", 1)), doc.get("trial_seeds") == "per-round"
+    out = []
+    for rec in c.history:
+        seeds = steps.reward_seeds_of(c.config.seed + (rec.round if per_round else 0), int(doc.get("reward_seeds", 1)))
+        out.append([{"seed": seed, "split": rec.round % splits, "repeat": j} for j, seed in enumerate(seeds)])
+    return out
+
+
+def selection_split(state: str) -> int:
+    """The search split a selection after the search in ``state`` trains and scores on
+    (``steps.selection_trials``: the number of rounds mod the search's splits)."""
+    return steps.load_controller(state).round % int(storage.read_json(state).get("search_splits", 1))
+
+
 def round_runs(state: str, inits: Sequence[str]) -> list[list[Run]]:
     """Per finished round of the search in ``state``: the trainings each of its samples
-    had (``steps.round_trainings``), the j-th reward seed from ``inits[j mod len(inits)]``
-    (the bench's rule, ``bench.search._round``)."""
+    had (:func:`round_trainings`), the j-th reward seed from ``inits[j mod len(inits)]``
+    (the bench's rule, ``bench.search.WarmStarts``)."""
     return [[(warm_start(inits, t["repeat"]), int(t["seed"]), int(t["split"])) for t in trainings]
-            for trainings in steps.round_trainings(state)]
+            for trainings in round_trainings(state)]
 
 
 def selection_runs(state: str, inits: Sequence[str], seeds: Sequence[int]) -> dict[int, Run]:
     """``{seed: run}``: the selection's trainings after the search in ``state``, seed s
     from ``inits[s mod len(inits)]`` (give the search's warm start alone for a selection
-    on it), on the selection's split (``steps.selection_split``)."""
-    split = steps.selection_split(state)
+    on it), on the selection's split (:func:`selection_split`)."""
+    split = selection_split(state)
     return {int(s): (warm_start(inits, int(s)), int(s), split) for s in seeds}
-
-
-def _keys(p: presets.Preset, data: str, run: Run, form: str, work: str) -> tuple[str, str]:
-    from paploss.functions import HANDCRAFTED_VERSION
-
-    init, seed, split = run
-    return steps.cache_keys(work, "bench-baseline", steps.At(data), steps.At(init), form, seed, split,
-                            steps.plain(dict(p.proxy)), p.detector, HANDCRAFTED_VERSION)
 
 
 def cached(p: presets.Preset, data: str, run: Run, form: str, work: str) -> tuple[str, str, dict | None]:
     """(key, file, cached result or None) of ``form`` trained as ``run`` on the proxy
     of preset ``p``, in the dataset folder ``work``'s ``baseline/``."""
-    keys = _keys(p, data, run, form, work)
-    uris = [storage.join(work, "baseline", f"{form}-split{run[2]}-seed{run[1]}-{k}.json") for k in keys]
-    return keys[0], uris[0], _cached_final(uris, keys)
+    from paploss.functions import HANDCRAFTED_VERSION
+
+    init, seed, split = run
+    key = steps.cache_key(work, "bench-baseline", steps.At(data), steps.At(init), form, seed, split,
+                          steps.plain(dict(p.proxy)), p.detector, HANDCRAFTED_VERSION)
+    uri = storage.join(work, "baseline", f"{form}-split{split}-seed{seed}-{key}.json")
+    done = storage.read_json(uri) if storage.exists(uri) else None
+    return key, uri, done if done is not None and done.get("key") == key else None
 
 
 def train(p: presets.Preset, data: str, run: Run, form: str, work: str) -> dict:

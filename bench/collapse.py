@@ -18,7 +18,7 @@ box quality u is about ``(1 - I1(u)) + R I3(u)``, R = H2/H1 in the middle. Where
 ``R I3'(u) > I1'(u)`` worse boxes lower it: the boxes are trained worse (u falls from
 0.7 to 0.4 or below within tens of iterations), I3(u) goes to 0 and takes every
 classification gradient with it. The shared form has I3 = I1 and R <= 1, so it never
-can. ``TrainConfig.box_collapse`` (``paploss bench --box-collapse``) stops such trials early.
+can. ``TrainConfig.box_collapse`` (``python -m bench.search --box-collapse``) stops such trials early.
 """
 
 from __future__ import annotations

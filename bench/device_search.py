@@ -1,4 +1,4 @@
-"""A bigger search on one GPU machine, inside a fixed time budget (issue 8).
+"""A bigger search on one GPU machine, inside a fixed time budget.
 
 The 2-core benchmark (:mod:`bench.search`) affords 8 rounds x 4 samples per search;
 the paper searches 40 rounds x 8 samples with sigma 0.2 (SPEC section 3's defaults).
@@ -37,7 +37,15 @@ from pathlib import Path
 import click
 
 from bench import search as B
-from paploss import steps, storage
+from paploss import flow, steps, storage
+
+
+class _OneRound(Exception):
+    """Stops the timing round's search after its first round."""
+
+
+def _stop_after_one(out: dict) -> None:
+    raise _OneRound
 
 
 def _complete_seeds(got: dict, specs: dict, seeds) -> dict:
@@ -128,11 +136,14 @@ def main(work, out_dir, datasets, samples, max_rounds, min_rounds, sigma, proxy_
             for th in threads:
                 th.join()
 
-        # the timing round: one round of S trials on every dataset at once
+        # the timing round: one round of S trials on every dataset at once (flow.search stopped after it)
         def timing_round(d: str) -> None:
-            p, name = presets[d], f"timing-{d}-s{samples}"
-            first = steps.init_search(works[d], name, max_rounds, samples, seed=p.seed, controller=p.controller)
-            B._round(pool, p, data[d], (init[d],), works[d], name, first)
+            p, name = presets[d].with_overrides(rounds=max_rounds, samples=samples), f"timing-{d}-s{samples}"
+            try:
+                flow.search(flow.Search(preset=p, work=works[d], search_name=name), data[d], init[d],
+                            map=B.WarmStarts(pool), on_round=_stop_after_one)
+            except _OneRound:
+                pass
 
         start = time.monotonic()
         in_threads(timing_round)
@@ -154,9 +165,8 @@ def main(work, out_dir, datasets, samples, max_rounds, min_rounds, sigma, proxy_
         states: dict[str, str] = {}
 
         def search(d: str) -> None:
-            p = cfg.preset(d)
-            states[d] = B._search(pool, p, data[d], (init[d],), works[d], search_names[d], p.controller,
-                                  deadline=t0 + search_budget_s + 0.5 * t_round)
+            m = B.WarmStarts(pool, search=(init[d],), deadline=t0 + search_budget_s + 0.5 * t_round)
+            states[d] = B.run_search(cfg, m, cfg.preset(d), data[d], works[d], search_names[d], "searched")
 
         if searching:
             in_threads(search)
@@ -178,23 +188,20 @@ def main(work, out_dir, datasets, samples, max_rounds, min_rounds, sigma, proxy_
                 specs[d]["searched"] = steps.load_controller(states[d]).spec().to_json()
             for name, pattern in extra.items():
                 specs[d][name] = steps.load_controller(pattern.format(dataset=d)).spec().to_json()
-        futures = {}
-        for seed in seed_list:
-            for d in names:
-                for loss, spec in specs[d].items():
-                    futures[pool.submit(B._final_job, cfg.preset(d), data[d], init[d], loss, spec, seed, works[d],
-                                        "final-device")] = (d, loss, seed)
         results: dict = {d: {} for d in names}
         got: dict = {}
-        try:
-            for f in cf.as_completed(futures, timeout=max(1.0, t0 + total_budget_s - time.monotonic())):
-                d, loss, seed = futures[f]
-                got[(d, loss, seed)] = f.result()["metrics"]
-                B._log(f"{d} {loss} seed {seed}: AP {got[(d, loss, seed)].get('AP', math.nan):.4f}")
-                results = _complete_seeds(got, specs, seed_list)
-                _write(out, "results.json", json.dumps(results, indent=1))
-        except cf.TimeoutError:
-            B._log(f"total budget reached: {len(futures) - len(got)} final trainings left out")
+        m = B.WarmStarts(pool, deadline=t0 + total_budget_s)
+        for d in names:  # each dataset's finals through flow.finals; those past the budget are left out
+            jobs = B.final_jobs(seed_list, list(specs[d]), specs[d], (init[d],))
+            docs = B.run_finals(m, cfg.preset(d), data[d], works[d], jobs, name="device-finals")
+            for (loss, seed), doc in docs.items():
+                got[(d, loss, seed)] = doc["metrics"]
+                B._log(f"{d} {loss} seed {seed}: AP {doc['metrics'].get('AP', math.nan):.4f}")
+            left = len(jobs) - len(docs)
+            if left:
+                B._log(f"total budget reached: {left} final trainings of {d} left out")
+            results = _complete_seeds(got, specs, seed_list)
+            _write(out, "results.json", json.dumps(results, indent=1))
         run["finals_done"] = len(got)
         run["finals_all"] = {f"{d}/{loss}/seed{s}": m for (d, loss, s), m in got.items()}
         _write(out, "run.json", json.dumps(run, indent=2))

@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "results are known already: CPU trainings are deterministic)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="training seeds of the new trainings")
     ap.add_argument("--inits", nargs="+", default=None, metavar="BACKBONE",
-                    help="warm starts: seed s trains from the (s mod N)-th, as `paploss bench --warm-starts N "
+                    help="warm starts: seed s trains from the (s mod N)-th, as `python -m bench.search --warm-starts N "
                          "--select-warm-starts` trains its selection [default: the search's own warm start]")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads per training")
@@ -196,14 +196,15 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         best = trials[: args.top]
     if args.final_iterations:
-        from bench.search import BENCH_PRESETS, BenchConfig, final_config
+        from bench.search import BENCH_PRESETS, BenchConfig
 
         # the final schedule and detector do not depend on the dataset; the name only fills the preset
         folder = Path(args.inputs).parent if args.inputs else Path(args.search)
         dataset = folder.name.split("-")[1] if folder.name.startswith("bench-") else "shapes"
         p = BenchConfig(**{**BENCH_PRESETS["default"], "final_iterations": args.final_iterations}).preset(dataset)
-        config = final_config(p, inputs["data"], inputs["init"], "paploss", LossSpec.handcrafted("linear").to_json(),
-                              0).to_dict()
+        # a final's TrainConfig (steps.final_train): the preset's final options on train, scored on val
+        config = {**steps.train_options(p.final, p.detector), "data": inputs["data"], "init": inputs["init"],
+                  "train_ann": "train", "val_ann": "val"}
     else:
         train_ann, val_ann = steps.search_split_files(args.split)
         if not (Path(inputs["data"]) / "annotations" / f"{val_ann}.json").is_file():

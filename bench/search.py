@@ -1,6 +1,6 @@
-"""``paploss bench`` / ``make bench-search``: does the searched loss win?
+"""``python -m bench.search`` / ``make bench-search``: does the searched loss win?
 
-The paper's Tables 2 and 3 measured on the bundled datasets (issue 8). For each
+The paper's Tables 2 and 3 measured on the bundled datasets. For each
 dataset (``shapes``, ``digits``):
 
 1. prepare the data (train / val, and search-train / search-val cut out of train)
@@ -19,35 +19,41 @@ seeds; only the loss differs. Results go to ``<out>/bench_search.json``
 ``<out>/bench_search.md`` (the table, mean ± std over seeds), the figures of the
 searched functions and of the reward per round, and an MLflow run per dataset.
 
-Every piece is cached under ``--work`` (search states per round, one JSON per
+The searches and the finals are the product's own flow (:func:`paploss.flow.search`,
+:func:`paploss.flow.finals`) with the benchmark's :class:`WarmStarts` as their map: a
+process pool that trains each task from its warm start. What is the benchmark's
+alone: several warm starts, the losses and seeds compared, the reward baseline
+(:mod:`bench.baseline`), the report and the MLflow summary. Every piece is cached
+under ``--work`` by the steps (search states per round, one JSON per trial and per
 final training), so a stopped benchmark resumes where it stopped.
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import contextlib
 import dataclasses
 import functools
 import hashlib
+import inspect
 import json
 import math
 import os
 import platform
 import re
+import shutil
 import statistics
+import subprocess
 import sys
 import time
-import concurrent.futures as cf
-import contextlib
-import shutil
-import subprocess
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import click
 
-from paploss import presets, steps, storage
+from paploss import flow, presets, steps, storage
 from paploss.search_cli import int_list
 from paploss.spec import HANDCRAFTED_FORMS, grad_scale_from_theta
 
@@ -169,7 +175,6 @@ class BenchConfig:
     n_train: int | None = None  # images of the bundled train split (None: the pipeline preset's)
     n_val: int | None = None  # images of the bundled val split (None: the pipeline preset's)
     sigma: float | None = None  # the policy's starting spread (None: the controller's default, 0.2)
-    trial_seeds: str = "fixed"  # the proxy trials' training seed: the same every round, or seed + round
     # proxy trainings per sampled loss, seeds steps.REWARD_SEED_STRIDE apart; its reward is their mean.
     # With select_warm_starts, the j-th trains from warm start j mod warm_starts (as selection seed j does)
     reward_seeds: int = 1
@@ -225,8 +230,6 @@ class BenchConfig:
             raise ValueError(f"box_collapse={self.box_collapse} must be a box quality in (0, 1)")
         if self.sigma is not None and not 0.0 < self.sigma <= 1.0:
             raise ValueError(f"sigma={self.sigma} must be in (0, 1]")
-        if self.trial_seeds not in steps.TRIAL_SEEDS:
-            raise ValueError(f"trial_seeds={self.trial_seeds!r} must be one of {steps.TRIAL_SEEDS}")
         steps.check_reward_seeds(self.reward_seeds)  # a StepError is a ValueError
         steps.check_search_splits(self.search_splits)
         steps.check_search_val_fraction(self.search_val_fraction)
@@ -374,7 +377,7 @@ def cuda_mps(enabled: bool = True, folder: str = "/tmp/paploss-mps") -> Iterator
     GPU runs their kernels side by side instead of switching contexts between them
     (16 concurrent 1200-iteration trainings on an H100: 6-7x the throughput of
     time-slicing, finding 16; on an H200, 16 at a time kept it 90-98 % busy, finding 27:
-    BENCHMARKS.md, issue 8). Used by ``paploss bench --mps`` and ``bench.device_search``.
+    BENCHMARKS.md, issue 8). Used by ``python -m bench.search --mps`` and ``bench.device_search``.
     Yields whether MPS runs: False without CUDA, without ``nvidia-cuda-mps-control``,
     when disabled, or when ``CUDA_MPS_PIPE_DIRECTORY`` is set already (a daemon someone
     else runs)."""
@@ -407,52 +410,187 @@ def _pool(jobs: int) -> ProcessPoolExecutor:
 
 
 # ----------------------------------------------------------------------------------
-# The search: the pipeline's own steps, trials of a round run `jobs` at a time
+# The search and the finals: paploss.flow's, trainings `jobs` at a time, each from its warm start
 # ----------------------------------------------------------------------------------
 
 
-def _round(pool: ProcessPoolExecutor, p: presets.Preset, data: str, inits: Sequence[str], work: str, name: str,
-           out: Mapping[str, Any], deadline: float | None = None) -> dict | None:
-    """One round of a search: its proxy trials in ``pool``, then the controller's
-    update. A trial's ``repeat`` j (with ``reward_seeds``) trains from warm start
-    ``inits[j mod len(inits)]``. ``None`` if the trials do not finish before
-    ``deadline`` (a ``time.monotonic()`` value; the unstarted trials are cancelled)."""
-    proxy = steps.train_options(p.proxy, p.detector)
-    futures = [pool.submit(steps.proxy_trial, data, warm_start(inits, json.loads(t).get("repeat", 0)), t, proxy,
-                           work, name, state=out["state"], attempts=p.attempts)
-               for t in out["trials"]]
-    _, pending = cf.wait(futures, timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
-    if pending:
+class OutOfTime(Exception):
+    """A batch of a search's trials did not finish before the :class:`WarmStarts` deadline."""
+
+
+class NotCached(Exception):
+    """A report-only run met a trial that is not cached: its search is read up to there."""
+
+
+class _Untrained(BaseException):
+    # raised in place of a training in a report-only run; a BaseException, so that a proxy
+    # trial (which records an Exception as a failed result) lets it through and writes nothing
+    pass
+
+
+def _refuse_training(*args, **kwargs):
+    raise _Untrained
+
+
+@contextlib.contextmanager
+def _no_training() -> Iterator[None]:
+    """Within: the steps find cached results as usual, and raise :class:`_Untrained`
+    where they would train."""
+    from paploss.steps import finals, trials
+
+    saved = trials._run_training, finals._run_training
+    trials._run_training = finals._run_training = _refuse_training
+    try:
+        yield
+    finally:
+        trials._run_training, finals._run_training = saved
+
+
+def _with_init(fn: Callable, init: str | None) -> Callable:
+    """The flow's task ``fn`` (a ``functools.partial``) with its argument ``init``, the
+    warm start, set to ``init`` (None: ``fn`` as it is)."""
+    if init is None:
+        return fn
+    bound = inspect.signature(fn.func).bind_partial(*fn.args, **fn.keywords)
+    if "init" not in bound.arguments:
+        raise TypeError(f"the flow's task {fn.func.__name__} binds no warm start 'init'")
+    bound.arguments["init"] = init
+    return functools.partial(fn.func, *bound.args, **bound.kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmStarts:
+    """The :data:`paploss.flow.Map` the benchmark gives :func:`paploss.flow.search` and
+    :func:`paploss.flow.finals`: the flow's tasks side by side in ``pool``, each from its
+    own warm start (``warm_start``): a round's trial with reward seed ``repeat`` j from
+    ``search[j mod n]``, a selection trial of seed s from ``select[s mod n]``, a final of
+    seed k from ``finals[k mod n]``; an empty tuple keeps the flow's warm start.
+
+    Without a ``pool`` (report only) the tasks run here and train nothing: a trial not
+    cached raises :class:`NotCached`, a final not cached gives None. With a ``deadline``
+    (``time.monotonic()``) the tasks unfinished by then are cancelled: trials raise
+    :class:`OutOfTime`, finals give None."""
+
+    pool: Executor | None
+    search: tuple = ()
+    select: tuple = ()
+    finals: tuple = ()
+    deadline: float | None = None
+
+    def init_of(self, item: Any) -> str | None:
+        if isinstance(item, flow.Final):
+            inits, index = self.finals, item.seed or 0
+        else:
+            t = json.loads(item)
+            inits, index = (self.select, t["seed"]) if "candidate" in t else (self.search, t.get("repeat", 0))
+        return warm_start(inits, int(index)) if inits else None
+
+    def __call__(self, fn: Callable, items: Sequence[Any]) -> list:
+        tasks = [(_with_init(fn, self.init_of(item)), item) for item in items]
+        if self.pool is None:
+            return [self._cached(task, item) for task, item in tasks]
+        futures = [self.pool.submit(task, item) for task, item in tasks]
+        timeout = None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+        _, pending = cf.wait(futures, timeout=timeout)
         for f in pending:
             f.cancel()
+        if pending and not all(isinstance(item, flow.Final) for item in items):
+            raise OutOfTime(f"{len(pending)} of {len(futures)} trials unfinished at the deadline")
+        return [None if f in pending else f.result() for f in futures]
+
+    @staticmethod
+    def _cached(task: Callable, item: Any) -> Any:
+        try:
+            with _no_training():
+                return task(item)
+        except _Untrained:
+            if isinstance(item, flow.Final):
+                return None
+            raise NotCached(f"trial {item[:120]} is not cached") from None
+
+
+def warm_start(inits: Sequence[str | None], seed: int) -> str | None:
+    """The warm start training seed ``seed`` starts from: ``inits[seed mod len(inits)]``
+    (the finals' and, across warm starts, the selection's rule)."""
+    return inits[seed % len(inits)]
+
+
+def search_preset(cfg: "BenchConfig", p: presets.Preset, mode: str) -> presets.Preset:
+    """The preset of the ``mode`` search under the dataset's preset ``p``: its controller
+    (start, shared form), reward seeds and selection; failed trials tolerated as
+    before reward seeds (a quarter of rounds x samples)."""
+    return p.with_overrides(controller=cfg.controller(p, mode), reward_seeds=cfg.reward_seeds,
+                            select_top=cfg.select_top, select_seeds=list(cfg.select_seeds),
+                            select_rank=cfg.select_rank, max_failed_trials=p.max_failed_trials)
+
+
+def run_search(cfg: "BenchConfig", m: WarmStarts, p: presets.Preset, data: str, work: str, name: str, mode: str,
+               report_only: bool = False) -> str | None:
+    """The ``mode`` search ``name`` in one dataset's folder ``work`` (and its selection)
+    through :func:`paploss.flow.search`, from warm start ``m.search[0]``; returns the state URI of its searched loss. Stopped
+    early (``m``'s deadline, or a report-only run reaching what is not cached): the last
+    finished round's state, or None with a selection (its loss is not chosen yet)."""
+    if report_only and not storage.exists(steps.state_uri(work, name, 0)):
         return None
-    return steps.controller_update(out["state"], [f.result() for f in futures], work, name,
-                                   max_failed_trials=p.max_failed_trials)
+    _search_inputs(p, data, m.search, work, name, write=not report_only)
+    s = flow.Search(preset=search_preset(cfg, p, mode), work=work, search_name=name)
+    last = [steps.state_uri(work, name, 0)]
+    start = [time.monotonic()]
 
+    def on_round(out: Mapping[str, Any]) -> None:
+        last[0] = out["state"]
+        _log(f"{name} round {out['round']}/{p.rounds}: mean reward {out['mean_reward']:.4f}, "
+             f"max {out['max_reward'] or math.nan:.4f} ({time.monotonic() - start[0]:.0f}s)")
+        start[0] = time.monotonic()
 
-def _search(pool: ProcessPoolExecutor, p: presets.Preset, data: str, inits: Sequence[str], work: str, name: str,
-            controller: Mapping[str, Any], deadline: float | None = None, trial_seeds: str = "fixed",
-            reward_seeds: int = 1) -> str:
-    """One PPO search with :mod:`paploss.steps` from warm start ``inits[0]`` (each
-    sampled loss's j-th reward seed from ``inits[j mod len(inits)]``); returns the last
-    finished round's state URI (earlier than round ``p.rounds`` only when ``deadline``
-    stopped it)."""
     try:
-        out = steps.init_search(work, name, p.rounds, p.samples, seed=p.seed, controller=controller,
-                                trial_seeds=trial_seeds, reward_seeds=reward_seeds, search_splits=p.search_splits)
+        return flow.search(s, data, m.search[0], map=m, on_round=on_round)
     except steps.SearchExists as exc:  # the name is bench's: say how to give this search its own
-        raise steps.StepError(f"{exc} (paploss bench: --search-tag TAG runs this one as {name}-TAG beside it)") from None
-    _search_inputs(p, data, inits, work, name, write=True)
-    for r in range(p.rounds):
-        start = time.monotonic()
-        nxt = _round(pool, p, data, inits, work, name, out, deadline)
-        if nxt is None:
-            _log(f"{name}: stopped before round {r + 1} finished (budget); its mean is the one after round {r}")
-            break
-        out = nxt
-        _log(f"{name} round {r + 1}/{p.rounds}: mean reward {out['mean_reward']:.4f}, "
-             f"max {out['max_reward']:.4f} ({time.monotonic() - start:.0f}s)")
-    return out["state"]
+        raise steps.StepError(f"{exc} (--search-tag TAG runs this one as {name}-TAG beside it)") from None
+    except (NotCached, OutOfTime) as exc:
+        _log(f"{name}: {exc}; its loss is the one after round {steps.load_controller(last[0]).round}"
+             + (", not selected: left out" if cfg.select_top else ""))
+        return None if cfg.select_top else last[0]
+
+
+def final_name(loss: str) -> str:
+    """The name a final of ``loss`` gets from ``steps.final_train`` (its result file): a
+    baseline's own, else ``pap.<loss>`` with ``@`` as ``.`` (``square@g1.8`` ->
+    ``pap.square.g1.8``; ``searched`` is the flow's name for a search's own loss)."""
+    return loss if loss in steps.BASELINES else "pap." + loss.replace("@", ".")
+
+
+def final_jobs(seeds: Sequence[int], losses: Sequence[str], specs: Mapping[str, str | None],
+               inits: Sequence[str | None]) -> dict[tuple[str, int], flow.Final]:
+    """``{(loss, seed): flow.Final}`` of every loss with a spec and every seed whose warm
+    start (seed k: ``inits[k mod len(inits)]``) there is; the tag keeps seeds and warm
+    starts apart."""
+    return {(loss, seed): flow.Final(final_name(loss), specs[loss] or "", seed, f"-seed{seed}-w{seed % len(inits)}")
+            for seed in seeds for loss in losses if loss in specs and warm_start(inits, seed)}
+
+
+def final_search(p: presets.Preset, work: str, baseline: bool, name: str = "bench-finals") -> flow.Search:
+    """The :class:`paploss.flow.Search` whose ``final`` trains the finals of one dataset
+    (in ``work``'s search ``name``): the preset's, less ``detach_i3`` for a ``baseline``
+    (focal+l1, focal+giou), which has no PAP loss to take it."""
+    if baseline:
+        p = p.with_overrides(final={k: v for k, v in p.final.items() if k != "detach_i3"})
+    return flow.Search(preset=p, work=work, search_name=name)
+
+
+def run_finals(m: WarmStarts, p: presets.Preset, data: str, work: str, jobs: Mapping[tuple[str, int], flow.Final],
+               name: str = "bench-finals") -> dict[tuple[str, int], dict]:
+    """``{(loss, seed): result}`` of ``jobs`` (:func:`final_jobs`) through
+    :func:`paploss.flow.finals`, trained on ``train`` and scored on ``val`` (never
+    search-val); a final not cached in a report-only run is left out."""
+    groups: dict[bool, list] = {}
+    for key, job in jobs.items():
+        groups.setdefault(job.loss in steps.BASELINES and bool(p.final.get("detach_i3")), []).append((key, job))
+    out = {}
+    for baseline, items in groups.items():
+        docs = flow.finals(final_search(p, work, baseline, name), data, m.finals[0], "", [j for _, j in items], map=m)
+        out.update({key: json.loads(doc) for (key, _), doc in zip(items, docs) if doc is not None})
+    return out
 
 
 def _search_inputs(p: presets.Preset, data: str, inits: Sequence[str], work: str, name: str, write: bool) -> None:
@@ -496,45 +634,6 @@ def input_places(inputs: Mapping[str, Any], where: Callable[[Any], Any]) -> dict
     return out
 
 
-def _select(pool: ProcessPoolExecutor | None, p: presets.Preset, data: str, inits: Sequence[str], work: str,
-            name: str, state: str, top: int, seeds: Sequence[int], rank: str = "reward") -> str | None:
-    """The selection stage after a finished search (``paploss.steps.select_loss``): its
-    ``top`` best samples (ranked by ``rank``, ``steps.SELECT_RANKS``) trained again with
-    each of ``seeds``, ``jobs`` at a time; returns the state holding the choice. Seed s
-    trains from warm start ``inits[s mod len(inits)]``: give the search's warm start
-    alone for the selection on it. Across warm starts, its trials and choice are kept under
-    :func:`selection_name`, apart from the one-warm-start selection's. Without a
-    ``pool`` (report only) nothing is trained: the choice of the cached trials, or None
-    when some are missing."""
-    trials = steps.selection_trials(state, top, seeds, rank)
-    proxy = steps.train_options(p.proxy, p.detector)
-    store = selection_name(name, len(inits))
-    if pool is None:
-        results = [steps.stored_trial(work, store, t, warm_start(inits, json.loads(t)["seed"])) for t in trials]
-        if any(r is None for r in results):
-            return None
-    else:
-        start = time.monotonic()
-        futures = [pool.submit(steps.proxy_trial, data, warm_start(inits, json.loads(t)["seed"]), t, proxy, work,
-                               store, state=state, attempts=p.attempts)
-                   for t in trials]
-        results = [f.result() for f in futures]
-        _log(f"{name} selection: {len(trials)} trials ({time.monotonic() - start:.0f}s)")
-    return steps.select_loss(state, results, work, store, rank=rank)
-
-
-def warm_start(inits: Sequence[str | None], seed: int) -> str | None:
-    """The warm start training seed ``seed`` starts from: ``inits[seed mod len(inits)]``
-    (the finals' and, across warm starts, the selection's rule)."""
-    return inits[seed % len(inits)]
-
-
-def selection_name(name: str, warm_starts: int) -> str:
-    """Where a selection's trials and choice are kept: the search's own folder (one warm
-    start, the search's), or ``<name>-select-ws<N>`` for a selection across N warm starts."""
-    return name if warm_starts == 1 else f"{name}-select-ws{warm_starts}"
-
-
 @functools.cache  # a state file is written once under its round's name: read each one once
 def _controller(state: str):
     return steps.load_controller(state)
@@ -549,73 +648,6 @@ def _searched_spec(state: str) -> str:
 def _selection(state: str) -> dict | None:
     """The selection a search state holds (``paploss.steps.select_loss``), or None."""
     return storage.read_json(state).get("selected")
-
-
-# ----------------------------------------------------------------------------------
-# The final trainings: every loss, every seed, same everything else
-# ----------------------------------------------------------------------------------
-
-
-def final_config(p: presets.Preset, data: str, init: str, loss: str, spec_json: str | None, seed: int):
-    """The ``TrainConfig`` of one final training. Only ``loss``/``spec`` depend on
-    the loss compared: detector, schedule, data, warm start and seed are shared, and
-    the model is evaluated on ``val``, never on search-val (tests check both)."""
-    from paploss.engine import TrainConfig
-    from paploss.spec import LossSpec
-
-    options = steps.train_options(_final_options(p, spec_json), p.detector)
-    spec = LossSpec.from_json(spec_json) if spec_json else None
-    return TrainConfig(**{**options, "data": str(storage.localize(data)), "train_ann": "train", "val_ann": "val",
-                          "loss": "paploss" if spec is not None else loss, "spec": spec,
-                          "init": str(storage.localize(init)), "seed": int(seed), "out_dir": None})
-
-
-def _final_options(p: presets.Preset, spec_json: str | None) -> dict:
-    """The final options of one loss: ``p.final``, less ``detach_i3`` for a baseline
-    (``spec_json`` None: focal+l1, focal+giou), which has no PAP loss to take it, so that
-    a ``--detach-i3`` run trains and keys its baselines as the SPEC's run does."""
-    return dict(p.final) if spec_json else {k: v for k, v in p.final.items() if k != "detach_i3"}
-
-
-def _final_keys(p: presets.Preset, data: str, init: str, loss: str, spec_json: str | None, seed: int,
-                work: str) -> tuple[str, str]:
-    """(key, legacy key) of one final training of the dataset whose folder is ``work``
-    (``steps.cache_keys``: the data and warm start as places in ``work``; as spelled)."""
-    from paploss.functions import HANDCRAFTED_VERSION
-
-    # the handcrafted functions' version: results of an older implementation are not reused
-    return steps.cache_keys(work, "bench-final", steps.At(data), steps.At(init), loss, spec_json, seed,
-                            _final_options(p, spec_json), p.detector, HANDCRAFTED_VERSION)
-
-
-def _final_uri(folder: str, loss: str, seed: int, key: str) -> tuple[str, str]:
-    """Where one final training's result is cached in ``folder``: a file named by its
-    inputs' key, so that finals of another schedule (``--final-iterations``) or warm
-    start live beside it instead of overwriting it; and the unkeyed name that older
-    caches used."""
-    return storage.join(folder, f"{loss}-seed{seed}-{key}.json"), storage.join(folder, f"{loss}-seed{seed}.json")
-
-
-def _cached_final(uris: Sequence[str], keys: Sequence[str]) -> dict | None:
-    """The cached result of one final training: the first of the files ``uris`` that holds
-    it for the inputs one of ``keys`` names."""
-    for uri in uris:
-        if storage.exists(uri):
-            done = storage.read_json(uri)
-            if done.get("key") in keys:
-                return done
-    return None
-
-
-def _final_cache(p: presets.Preset, data: str, init: str, loss: str, spec_json: str | None, seed: int,
-                 work: str, folder: str = "final") -> tuple[str, str, dict | None]:
-    """(key, file, cached result or None) of one final training of the dataset whose
-    folder is ``work``, cached in its ``folder``; looked up under its key, its legacy key
-    and the older unkeyed name."""
-    keys = _final_keys(p, data, init, loss, spec_json, seed, work)
-    folder = storage.join(work, folder)
-    (out, unkeyed), (legacy, _) = (_final_uri(folder, loss, seed, k) for k in keys)
-    return keys[0], out, _cached_final((out, legacy, unkeyed), keys)
 
 
 def tree_digest(path: str | os.PathLike) -> str:
@@ -681,24 +713,6 @@ def platform_info() -> dict[str, Any]:
         pass
     return {"torch": torch.__version__, "cpu": model, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
-
-
-def _final_job(p: presets.Preset, data: str, init: str, loss: str, spec_json: str | None, seed: int,
-               work: str, folder: str = "final") -> dict:
-    """Train on ``train``, evaluate on ``val`` (never search-val); cached in ``work``'s
-    ``folder`` under a name of its inputs' key (an older cache's result is used too,
-    never overwritten)."""
-    from paploss.engine import train
-
-    key, out, done = _final_cache(p, data, init, loss, spec_json, seed, work, folder)
-    if done is not None:
-        return done
-    res = train(final_config(p, data, init, loss, spec_json, seed), progress=False)
-    doc = {"key": key, "loss": loss, "seed": seed,
-           "metrics": dict(res.metrics), "diverged": res.diverged, "seconds": res.seconds, "spec": spec_json,
-           "init": storage.location_id(init, work), "platform": platform_info()}
-    storage.write_json(out, doc)
-    return doc
 
 
 def _found_specs(searched: Mapping[tuple[str, str], str],
@@ -1003,46 +1017,26 @@ def run_bench(cfg: BenchConfig, tracking_uri: str | None = None, report_only: bo
     rewritten after each phase, so a stopped run leaves a usable partial table.
 
     ``report_only``: train nothing; write the results of what ``cfg.work`` already
-    holds (the latest state of each search, the finished final trainings; the
-    rest is left out of the tables), for instance while another process runs."""
+    holds (each search as far as its trials are cached, the finished final trainings;
+    the rest is left out of the tables), for instance while another process runs."""
     if report_only:
         return _run(cfg, None, tracking_uri, report_only=True)
     with _pool(cfg.jobs) as pool:  # one pool for the whole run: a worker imports torch once
         return _run(cfg, pool, tracking_uri)
 
 
-def final_jobs(cfg: BenchConfig, dataset: str, prepared, specs: Mapping[str, str | None],
-               losses: Sequence[str]) -> dict[tuple[str, int], tuple]:
-    """``{(loss, seed): _final_job's arguments}``: seed k of every loss trains from warm
-    start k mod ``len(inits)`` (a warm start not cached in a report-only run: left out)."""
-    p, data, inits = prepared
-    work = storage.join(cfg.work, dataset)
-    return {(loss, seed): (p, data, warm_start(inits, seed), loss, specs[loss], seed, work)
-            for seed in cfg.seeds for loss in losses if loss in specs and warm_start(inits, seed)}
-
-
-def _finals(cfg: BenchConfig, pool: ProcessPoolExecutor | None, dataset: str, prepared,
+def _finals(cfg: BenchConfig, m: WarmStarts, dataset: str, p: presets.Preset, data: str,
             specs: Mapping[str, str | None], losses: Sequence[str], per_loss: dict[str, dict[str, list[float]]]) -> None:
-    jobs = final_jobs(cfg, dataset, prepared, specs, losses)
-    if pool is None:  # report_only: the cached results only
-        docs = ((k, _final_cache(*args)[2]) for k, args in jobs.items())
-    else:
-        futures = {k: pool.submit(_final_job, *args) for k, args in jobs.items()}
-        docs = ((k, fut.result()) for k, fut in futures.items())  # logged as each one finishes, in order
-    for (loss, seed), doc in docs:
+    """Every seed of ``losses`` (seed k from warm start k mod ``cfg.warm_starts``) into ``per_loss``."""
+    jobs = final_jobs(cfg.seeds, losses, specs, m.finals)
+    docs = run_finals(m, p, data, storage.join(cfg.work, dataset), jobs)
+    for (loss, seed) in jobs:
+        doc = docs.get((loss, seed))
         if doc is None:
             continue
-        for m in METRICS:
-            per_loss.setdefault(loss, {k: [] for k in METRICS})[m].append(float(doc["metrics"].get(m, math.nan)))
+        for metric in METRICS:
+            per_loss.setdefault(loss, {k: [] for k in METRICS})[metric].append(float(doc["metrics"].get(metric, math.nan)))
         _log(f"{dataset} {loss} seed {seed}: AP {doc['metrics'].get('AP', math.nan):.4f} ({doc['seconds']:.0f}s)")
-
-
-def _latest_state(work: str, name: str, rounds: int) -> str | None:
-    for r in range(rounds, -1, -1):
-        uri = steps.state_uri(work, name, r)
-        if storage.exists(uri):
-            return uri
-    return None
 
 
 def selection_text(searched: Mapping[tuple[str, str], str], warm_starts: int = 1, rank: str = "reward") -> str:
@@ -1132,7 +1126,7 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
     searches = cfg.searches()
     searched: dict[tuple[str, str], str] = {}
     given = cfg.given_specs()  # searched losses given as files: their searches are not run
-    prepared: dict[str, tuple[presets.Preset, str, tuple[str | None, ...]]] = {}
+    prepared: dict[str, tuple[presets.Preset, str, WarmStarts]] = {}
     inputs: dict[str, dict[str, Any]] = {}
     results: dict[str, dict[str, dict[str, list[float]]]] = {}
     against: dict[tuple[str, str], dict[str, Any]] = {}  # each search against cfg.reward_baseline (bench.baseline)
@@ -1143,55 +1137,33 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
                                   search_splits=p.search_splits, search_val_fraction=p.search_val_fraction)
         inits = tuple(steps.pretrain(data, work, config=p.pretrain, seed=p.seed + w, detector=p.detector,
                                      only_cached=report_only) for w in range(cfg.warm_starts)) if data else (None,)
-        init = inits[0]  # the searches' warm start
-        select_inits = inits[:cfg.selection_warm_starts]  # the selection's seed s: warm_start(select_inits, s)
-        # the search's reward seed j: warm_start(search_inits, j) (one warm start: the search's own)
-        search_inits = select_inits if cfg.reward_seeds > 1 else (init,)
-        if not init:  # report_only and nothing cached for this dataset yet
+        if not inits[0]:  # report_only and nothing cached for this dataset yet
             _log(f"{dataset}: no data or warm start in {cfg.work} yet; left out")
             continue
-        prepared[dataset] = (p, data, inits)
+        select_inits = inits[:cfg.selection_warm_starts]  # the selection's seed s: warm_start(select_inits, s)
+        # the search's reward seed j: warm_start(search_inits, j) (one warm start: the search's own)
+        m = WarmStarts(pool, search=select_inits if cfg.reward_seeds > 1 else inits[:1], select=select_inits,
+                       finals=inits)
+        prepared[dataset] = (p, data, m)
         inputs[dataset] = {"data": data, "data_sha256": tree_digest(storage.localize(data)),
                            "inits": [(uri, *warm_start_info(uri)) for uri in inits if uri]}
         for mode in searches[dataset]:
-            name = cfg.search_name(dataset, mode)
-            if (dataset, mode) in given:
-                continue
-            if report_only:
-                state = _latest_state(work, name, p.rounds)
+            if (dataset, mode) not in given:
+                state = run_search(cfg, m, p, data, work, cfg.search_name(dataset, mode), mode, report_only)
                 if state is not None:
-                    _search_inputs(p, data, search_inits, work, name, write=False)
                     searched[(dataset, mode)] = state
-                    if cfg.select_top:
-                        selected = _select(None, p, data, select_inits, work, name, state, cfg.select_top,
-                                           cfg.select_seeds, cfg.select_rank)
-                        if selected is None:
-                            _log(f"{name}: the selection's trials are not all cached; its loss left out")
-                            del searched[(dataset, mode)]
-                        else:
-                            searched[(dataset, mode)] = selected
-                continue
-            searched[(dataset, mode)] = _search(pool, p, data, search_inits, work, name, cfg.controller(p, mode),
-                                                trial_seeds=cfg.trial_seeds, reward_seeds=cfg.reward_seeds)
-            if cfg.select_top:
-                searched[(dataset, mode)] = _select(pool, p, data, select_inits, work, name,
-                                                    searched[(dataset, mode)], cfg.select_top, cfg.select_seeds,
-                                                    cfg.select_rank)
         if cfg.reward_baseline:
             for mode in searches[dataset]:
                 if (dataset, mode) in searched:  # searched here (a loss given as a file has no rounds)
-                    against[(dataset, mode)] = _against(cfg, pool, p, data, work, searched[(dataset, mode)],
-                                                        search_inits, select_inits)
+                    against[(dataset, mode)] = _against(cfg, pool, p, data, work, searched[(dataset, mode)], m)
         own = [loss for loss in cfg.losses if loss not in TRANSFERS]
-        specs = _loss_specs(cfg, dataset, searched, own, given)
         results[dataset] = {}
-        _finals(cfg, pool, dataset, prepared[dataset], specs, own, results[dataset])
+        _finals(cfg, m, dataset, p, data, _loss_specs(cfg, dataset, searched, own, given), own, results[dataset])
         _write_results(cfg, results, searched, done=False, given=given, inputs=inputs, against=against)
     transfers = [loss for loss in cfg.losses if loss in TRANSFERS]
-    if transfers:
-        for dataset in prepared:
-            specs = _loss_specs(cfg, dataset, searched, transfers, given)
-            _finals(cfg, pool, dataset, prepared[dataset], specs, transfers, results[dataset])
+    for dataset, (p, data, m) in prepared.items() if transfers else ():
+        _finals(cfg, m, dataset, p, data, _loss_specs(cfg, dataset, searched, transfers, given), transfers,
+                results[dataset])
     for dataset in prepared:
         figures = _figures(cfg.out, dataset, searched, given, cfg.reward_baseline, against)
         if tracking_uri:
@@ -1203,31 +1175,53 @@ def _run(cfg: BenchConfig, pool: ProcessPoolExecutor | None, tracking_uri: str |
 
 
 def _against(cfg: BenchConfig, pool: ProcessPoolExecutor | None, p: presets.Preset, data: str, work: str,
-             state: str, search_inits: Sequence[str], select_inits: Sequence[str]) -> dict[str, Any]:
+             state: str, m: WarmStarts) -> dict[str, Any]:
     """The search (and selection) in ``state`` against ``cfg.reward_baseline`` trained as its
     trials were (``bench.baseline.gaps``); without a ``pool``, from the cached trainings."""
     from bench import baseline
 
     doc = storage.read_json(state)
-    rounds = baseline.round_runs(state, search_inits)
-    selection = baseline.selection_runs(state, select_inits, cfg.select_seeds) if doc.get("selected") else {}
+    rounds = baseline.round_runs(state, m.search)
+    selection = baseline.selection_runs(state, m.select, cfg.select_seeds) if doc.get("selected") else {}
     rewards = baseline.measure(pool, p, data, work, cfg.reward_baseline,
                                [run for runs in rounds for run in runs] + list(selection.values()))
     return baseline.gaps(doc, rounds, selection, rewards)
 
 
+#: The options that mean what ``paploss search``'s do: the same click options (their help, their checks).
+SHARED_OPTIONS = ("rounds", "samples", "reward_seeds", "search_splits", "search_val_fraction", "select_top",
+                  "select_seeds", "select_rank", "tracking_uri")
+
+
+def shared_options(*names: str) -> Callable:
+    """A decorator adding the options of ``paploss search`` (:func:`paploss.search_cli.search_options`)
+    whose parameter names are ``names``, in that order: declared once, there."""
+    from paploss.search_cli import search_options
+
+    declared = {p.name: p for p in search_options(lambda: None).__click_params__}
+    missing = sorted(set(names) - set(declared))
+    if missing:
+        raise ValueError(f"paploss search has no options {missing}")
+
+    def decorate(fn: Callable) -> Callable:
+        fn.__click_params__ = [*getattr(fn, "__click_params__", []), *(declared[n] for n in reversed(names))]
+        return fn
+
+    return decorate
+
+
 @click.command("bench")
 @click.option("--preset", type=click.Choice(sorted(BENCH_PRESETS)), default="default", show_default=True,
               help="Sizes: default (about 2 hours on 2 CPU cores), long-proxy (default with 400-iteration "
-                   "proxies as long as the final trainings: better searches, about 3.5 hours, estimated), "
+                   "proxies as long as the final trainings, about 3.5 hours, estimated), "
                    "select-1200 (1200-iteration proxies and finals, the search started at square, 6 rounds, "
-                   "--select-top 4 --select-seeds 1,2: the procedure whose searched loss is first on 3 seeds from one "
-                   "warm start, though less than 2 AP ahead of square across warm starts, about "
-                   "1 h 20 min per dataset for --losses searched-shared,square, 6 min more per further loss), "
+                   "--select-top 4 --select-seeds 1,2; about 1 h 20 min per dataset for "
+                   "--losses searched-shared,square, 6 min more per further loss), "
                    "strong-start (select-1200 on digits from 3 warm starts of 3000 pre-training iterations, "
                    "--detach-i3, 4 rounds x 8 samples at sigma 0.2 on 5 search splits, each round set against "
-                   "square, the searched loss against square over seeds 0-8: findings 34-36, about 2 h 45 min, estimated) or "
-                   "smoke (the plumbing, minutes). Options given override the preset's.")
+                   "square, the searched loss against square over seeds 0-8; about 2 h 45 min, estimated) or "
+                   "smoke (the plumbing, minutes). Options given override the preset's "
+                   "(docs/research/search-quality.md tells what each one showed).")
 @click.option("--datasets", default=None, help="Comma-separated bundled datasets [preset; else shapes,digits].")
 @click.option("--losses", default=None,
               help="Comma-separated losses to compare; also transfer-shared (the shared search's loss of the other "
@@ -1235,8 +1229,7 @@ def _against(cfg: BenchConfig, pool: ProcessPoolExecutor | None, p: presets.Pres
                    f"with its gradient scale set to <scale> (an ablation), e.g. square@g1.8 [preset; else "
                    f"{','.join(LOSSES)}].")
 @click.option("--seeds", default=None, help="Comma-separated seeds of the final trainings [preset].")
-@click.option("--rounds", type=int, default=None, help="PPO rounds per search [preset].")
-@click.option("--samples", type=int, default=None, help="Losses sampled per round [preset].")
+@shared_options("rounds", "samples")
 @click.option("--proxy-iterations", type=int, default=None, help="Iterations of each proxy trial [preset].")
 @click.option("--final-iterations", type=int, default=None, help="Iterations of each final training [preset].")
 @click.option("--pretrain-iterations", type=int, default=None,
@@ -1249,8 +1242,8 @@ def _against(cfg: BenchConfig, pool: ProcessPoolExecutor | None, p: presets.Pres
 @click.option("--detach-i3/--no-detach-i3", default=None,
               help="Train every PAP loss (proxies, selection, the finals of the searched and handcrafted losses) "
                    "without the gradient into the boxes through I3, so that no sampled loss can train its boxes "
-                   "worse (not SPEC §1; BENCHMARKS.md, issue 8, finding 26). Its searches and finals are cached "
-                   "under their own names beside the SPEC's [preset; else off].")
+                   "worse (not SPEC §1). Its searches and finals are cached under their own names beside the "
+                   "SPEC's [preset; else off].")
 @click.option("--search-tag", default=None, metavar="TAG",
               help="Appended to every search's name: a search with other --rounds, --samples or --sigma in the "
                    "same --work, beside the earlier one (same data, warm starts and cached finals) instead of "
@@ -1258,40 +1251,17 @@ def _against(cfg: BenchConfig, pool: ProcessPoolExecutor | None, p: presets.Pres
 @click.option("--box-collapse", type=float, default=None, metavar="U",
               help="Stop a proxy trial early, evaluating it as it is, when its positives' mean box quality u "
                    "(GIoU-based, about 0.7 at the start) stays below U for more than 50 iterations: a loss that "
-                   "trains the boxes worse finds nothing (a quarter of the separate search's early samples; "
-                   "BENCHMARKS.md, issue 8, finding 26). 0.3 stopped 2 of 4 such trials tried, after 62 and 78 iterations; "
-                   "no trial that trained went below it in its first 60. 0.5 stops more of them, but also one that "
-                   "trained to 25 AP [off].")
-@click.option("--trial-seeds", type=click.Choice(steps.TRIAL_SEEDS), default=None,
-              help="Training seed of the proxy trials: the search's seed in every round (fixed), or seed + round "
-                   "(per-round, so that no single training trajectory is tuned to; it measured no better, "
-                   "BENCHMARKS.md, issue 8, finding 10) [preset; else fixed].")
-@click.option("--reward-seeds", type=int, default=None, metavar="N",
-              help="Proxy trainings per sampled loss, with seeds 1000 apart; its reward is their mean (less of one "
-                   "training's luck in the reward, at N times the search's cost). With --select-warm-starts the j-th "
-                   "trains from warm start j mod --warm-starts. Such a search is named ...-rsN [preset; else 1].")
-@click.option("--search-splits", type=int, default=None, metavar="N",
-              help="Search-train/search-val splits drawn from train: search round r trains and scores on split r "
-                   "mod N, the selection on split rounds mod N (with N > rounds one no round scored on), so that "
-                   "neither fits one set of search-val images. Such a search is named ...-ssN [preset; else 1].")
-@click.option("--search-val-fraction", type=float, default=None, metavar="F",
-              help="Share of train each search split holds out as search-val: more images behind each reward, "
-                   "fewer for the proxies to train on. Other data than the default's: use another --work [preset; else 0.2].")
+                   "trains the boxes worse finds nothing. 0.3 stopped 2 of 4 such trials tried, after 62 and 78 "
+                   "iterations; no trial that trained went below it in its first 60. 0.5 stops more of them, but "
+                   "also one that trained to 25 AP [off].")
+@shared_options("reward_seeds", "search_splits", "search_val_fraction")
 @click.option("--start", default=None, metavar="FORM|FILE",
               help=f"Starting mean of the searches: the identity (linear, SPEC §2), the piecewise-linear form of "
-                   f"another handcrafted loss ({', '.join(START_FORMS)}: does a search improve on square when it "
-                   f"starts there?), or a searched loss's LossSpec JSON file, to refine it (a shared loss starts the "
-                   f"separate search with its function in all five places; such a search is named after the file's "
-                   f"digest, beside the others in --work) [preset; else linear].")
-@click.option("--select-top", type=int, default=None,
-              help="Selection after each search: its N best samples trained again on the proxy with each "
-                   "--select-seeds seed; the best mean becomes the searched loss (0: off, the loss is the policy's "
-                   "final mean; BENCHMARKS.md, issue 8, finding 16) [preset; else 0].")
-@click.option("--select-seeds", default=None, help="Training seeds of the selection's trials [preset; else 1,2,3].")
-@click.option("--select-rank", type=click.Choice(steps.SELECT_RANKS), default=None,
-              help="How the selection picks its candidates: 'reward', the best rewards of the whole search; 'round', "
-                   "the best rewards relative to their round's mean (with --search-splits a round on an easy split "
-                   "otherwise fills the ranking) [preset; else reward].")
+                   f"another handcrafted loss ({', '.join(START_FORMS)}), or a searched loss's LossSpec JSON file, "
+                   f"to refine it (a shared loss starts the separate search with its function in all five places; "
+                   f"such a search is named after the file's digest, beside the others in --work) "
+                   f"[preset; else linear].")
+@shared_options("select_top", "select_seeds", "select_rank")
 @click.option("--loss-file", "loss_files", multiple=True, metavar="DATASET:MODE=FILE",
               help="Benchmark this LossSpec file (a run's bench_<dataset>_<mode>_loss.json, or the loss_spec.json "
                    "artifact of a search pipeline's MLflow run) as the searched loss MODE (searched or searched-shared) on DATASET, instead of "
@@ -1301,12 +1271,13 @@ def _against(cfg: BenchConfig, pool: ProcessPoolExecutor | None, p: presets.Pres
                    "--loss-file shapes:searched-shared=docs/bench_shapes_select_searched-shared_loss.json.")
 @click.option("--warm-starts", type=int, default=None,
               help="Warm starts pre-trained (seeds seed, seed+1, ...); final seed k trains from warm start k mod N, "
-                   "the searches from the first. The finals move by several AP with the warm start (BENCHMARKS.md, "
-                   "issue 8, finding 19): N > 1 measures the losses across warm starts [preset; else 1].")
+                   "the searches from the first. The finals move by several AP with the warm start: N > 1 "
+                   "measures the losses across warm starts [preset; else 1].")
 @click.option("--select-warm-starts/--no-select-warm-starts", default=None,
-              help="The selection's seed s trains from warm start s mod --warm-starts (as final seed s does), not "
-                   "from the search's: the loss chosen is the best across warm starts, which the finals measure "
-                   "(on digits no gain: BENCHMARKS.md, issue 8, finding 24) [preset; else off].")
+              help="The selection's seed s trains from warm start s mod --warm-starts (as final seed s does), and "
+                   "with --reward-seeds the search's reward seed j from warm start j mod --warm-starts, not from "
+                   "the search's: the loss chosen is the best across warm starts, which the finals measure "
+                   "[preset; else off].")
 @click.option("--reward-baseline", type=click.Choice([*HANDCRAFTED_FORMS, "none"]), default=None,
               help="Also train this handcrafted form as each search round's samples were trained (the round's "
                    "seeds, search split and warm starts; one training per distinct one) and as the selection's "
@@ -1317,22 +1288,21 @@ def _against(cfg: BenchConfig, pool: ProcessPoolExecutor | None, p: presets.Pres
 @click.option("--mps/--no-mps", default=True, show_default=True,
               help="On a machine with CUDA, run the --jobs trainings under CUDA MPS (started for the run, stopped "
                    "after it), so that the GPU runs their kernels side by side: sixteen 1200-iteration trainings at "
-                   "once took about 3 minutes on one H100 or H200 (BENCHMARKS.md, issue 8, findings 16 and 27). "
-                   "Nothing happens without CUDA or when an MPS daemon is already set up (CUDA_MPS_PIPE_DIRECTORY).")
+                   "once took about 3 minutes on one H100 or H200. Nothing happens without CUDA or when an MPS "
+                   "daemon is already set up (CUDA_MPS_PIPE_DIRECTORY).")
 @click.option("--work", default="runs/bench", show_default=True, help="Cache folder (or s3:// prefix); resumes.")
 @click.option("--out", default="docs", show_default=True, help="Where bench_search.json/.md and figures go.")
 @click.option("--report-only", is_flag=True,
               help="Train nothing: write the tables and figures from what --work already holds.")
-@click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default="sqlite:///mlflow.db", show_default=True,
-              help="MLflow store for the results [env MLFLOW_TRACKING_URI]; '' to skip.")
+@shared_options("tracking_uri")
 def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, final_iterations, pretrain_iterations,
           n_train, n_val, sigma,
-          detach_i3, search_tag, box_collapse, trial_seeds, reward_seeds, search_splits, search_val_fraction, start,
+          detach_i3, search_tag, box_collapse, reward_seeds, search_splits, search_val_fraction, start,
           select_top, select_seeds, select_rank, loss_files, warm_starts, select_warm_starts, reward_baseline, jobs, mps,
           work, out,
           report_only, tracking_uri) -> None:
     """The search-quality benchmark: search on the bundled datasets, then train with
-    every loss and seed and compare AP on the held-out val split (issue 8)."""
+    every loss and seed and compare AP on the held-out val split."""
     base = BENCH_PRESETS[preset]
     fallback = {f.name: f.default for f in dataclasses.fields(BenchConfig)}
 
@@ -1348,7 +1318,7 @@ def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, fi
     given = dict(datasets=names(datasets), losses=names(losses), seeds=numbers(seeds, "--seeds"), rounds=rounds,
                  samples=samples, proxy_iterations=proxy_iterations, final_iterations=final_iterations,
                  pretrain_iterations=pretrain_iterations, n_train=n_train, n_val=n_val, sigma=sigma,
-                 box_collapse=box_collapse, detach_i3=detach_i3, search_tag=search_tag, trial_seeds=trial_seeds,
+                 box_collapse=box_collapse, detach_i3=detach_i3, search_tag=search_tag,
                  reward_seeds=reward_seeds, search_splits=search_splits, search_val_fraction=search_val_fraction,
                  start=start, select_top=select_top, select_seeds=numbers(select_seeds, "--select-seeds"),
                  select_rank=select_rank, warm_starts=warm_starts, select_warm_starts=select_warm_starts,

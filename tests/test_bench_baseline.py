@@ -1,5 +1,5 @@
 """bench.baseline: a handcrafted loss trained as a search's proxy trials were, and the
-search's rewards set against it (``paploss bench --reward-baseline``). The training
+search's rewards set against it (``python -m bench.search --reward-baseline``). The training
 itself, against ``bench.reeval``'s as its twin, is in the slow bench test of
 tests/test_bench_search.py."""
 
@@ -30,11 +30,10 @@ def _search(work: str, name: str, rewards: list[list[float]], **options) -> str:
 def test_runs_are_each_round_s_trainings_and_the_selection_s(tmp_path):
     """Round r's runs: its seeds, its split, the j-th reward seed from warm start j mod N;
     the selection's: seed s from warm start s mod N on the selection's split."""
-    state = _search(str(tmp_path), "s", [[0.1, 0.2], [0.3, 0.1], [0.2, 0.2]], reward_seeds=2, search_splits=2,
-                    trial_seeds="per-round")
+    state = _search(str(tmp_path), "s", [[0.1, 0.2], [0.3, 0.1], [0.2, 0.2]], reward_seeds=2, search_splits=2)
     rounds = baseline.round_runs(state, ["w0", "w1"])
-    assert rounds == [[("w0", 3, 0), ("w1", 1003, 0)], [("w0", 4, 1), ("w1", 1004, 1)],
-                      [("w0", 5, 0), ("w1", 1005, 0)]]
+    assert rounds == [[("w0", 3, 0), ("w1", 1003, 0)], [("w0", 3, 1), ("w1", 1003, 1)],
+                      [("w0", 3, 0), ("w1", 1003, 0)]]
     assert baseline.round_runs(state, ["w0"]) == [[(w.replace("w1", "w0"), s, k) for w, s, k in r] for r in rounds]
     assert baseline.selection_runs(state, ["w0", "w1", "w2"], [1, 2, 3]) == {
         1: ("w1", 1, 1), 2: ("w2", 2, 1), 3: ("w0", 3, 1)}  # 3 rounds mod 2 splits
@@ -106,3 +105,24 @@ def test_config_and_cli_take_a_handcrafted_form_only(tmp_path):
     res = CliRunner().invoke(bench, ["--work", str(tmp_path / "w"), "--out", str(tmp_path / "o"), "--report-only",
                                      "--tracking-uri", "", "--reward-baseline", "cube"])
     assert res.exit_code == 2 and "'cube' is not one of" in res.output, res.output
+
+
+@pytest.mark.parametrize("reward_seeds, search_splits", [(1, 1), (2, 3), (3, 2)])
+def test_round_trainings_are_the_trainings_each_round_s_trials_had(tmp_path, reward_seeds, search_splits):
+    """``round_trainings``: per finished round, the (seed, split, repeat) of the trials
+    the round actually handed out (read off its trials' JSON, the obvious twin), one
+    entry per reward seed; ``selection_split``: the split ``selection_trials`` gives."""
+    work, name = str(tmp_path), f"rt-{reward_seeds}-{search_splits}"
+    out = steps.init_search(work, name, rounds=4, samples=2, seed=7, reward_seeds=reward_seeds,
+                            search_splits=search_splits)
+    handed = []
+    for _ in range(4):
+        trials = [json.loads(t) for t in out["trials"]]
+        handed.append(sorted({(t["seed"], t.get("split", 0), t.get("repeat", 0)) for t in trials}))
+        results = [json.dumps({**t, "reward": 0.1 * i, "failed": False, "error": ""}) for i, t in enumerate(trials)]
+        out = steps.controller_update(out["state"], results, work, name)
+        got = baseline.round_trainings(out["state"])
+        assert [sorted((x["seed"], x["split"], x["repeat"]) for x in rnd) for rnd in got] == handed
+    assert all(len(rnd) == reward_seeds for rnd in handed)
+    picked = {json.loads(t).get("split", 0) for t in steps.selection_trials(out["state"], 2, [1, 2])}
+    assert picked == {baseline.selection_split(out["state"])} == {4 % search_splits}

@@ -44,12 +44,11 @@ def test_device_search_fits_rounds_trains_its_mean_and_skips_short_searches(tmp_
     assert sorted(results["shapes"]) == ["searched", "square", "start"]
     assert all(len(results["shapes"][loss]["AP"]) == 1 for loss in results["shapes"])
     # the final training of "searched" used the search's final mean, "start" the compared state's
-    # each final's file is named by its inputs' key (bench.search._final_uri)
-    (final_file,) = (work / "shapes" / "final-device").glob("searched-seed0-*.json")
-    final = storage.read_json(str(final_file))
+    # each final is flow.finals' (steps.final_train's file of its loss, seed and warm start)
+    finals = steps.search_dir(str(work / "shapes"), "device-finals") + "/final"
+    final = storage.read_json(f"{finals}/pap.searched-seed0-w0.json")
     assert final["spec"] == steps.load_controller(state).spec().to_json()
-    (start_file,) = (work / "shapes" / "final-device").glob("start-seed0-*.json")
-    start = storage.read_json(str(start_file))
+    start = storage.read_json(f"{finals}/pap.start-seed0-w0.json")
     assert start["spec"] == steps.load_controller(timing_state).spec().to_json()
     assert run["finals_all"]["shapes/searched/seed0"] == final["metrics"]
     assert "| searched |" in (tmp_path / "out" / "summary.md").read_text()

@@ -59,6 +59,7 @@ def test_summary_pairs_each_sample_with_the_baseline_seed_by_seed():
     assert "| a | 50.0 | 33.0, 41.0 | 37.0 | +2.0 ± 1.0 |" in table
 
 
+@pytest.mark.slow  # real trainings
 def test_samples_are_trained_again_on_the_search_split_and_cpu_runs_repeat(learnable, tmp_path):  # noqa: F811
     root, backbone = learnable
     proxy = {"preset": "smoke", "iterations": 2, "image_size": 64, "eval_batch_size": 16}
@@ -79,6 +80,7 @@ def test_samples_are_trained_again_on_the_search_split_and_cpu_runs_repeat(learn
     assert final["split"] == "train -> val" and [r["loss"] for r in final["runs"]] == ["r002-s00"]
 
 
+@pytest.mark.slow  # real trainings
 def test_split_k_trains_and_scores_on_that_search_split(learnable, tmp_path, capsys):  # noqa: F811
     """``--split K`` (a search with --search-splits): the trainings read split K's
     annotation files, so the baseline's training loss differs from split 0's; a split the data
@@ -104,6 +106,7 @@ def test_split_k_trains_and_scores_on_that_search_split(learnable, tmp_path, cap
     assert f"--split 2: {data} has no annotations/search_val-2.json" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # real trainings
 def test_the_baseline_alone_across_warm_starts_trains_seed_s_from_warm_start_s_mod_n(learnable, tmp_path):  # noqa: F811
     root, backbone = learnable
     other = tmp_path / "other-backbone.pt"
@@ -143,6 +146,7 @@ def test_bad_options_are_refused_by_name(tmp_path, capsys):
         assert message in capsys.readouterr().err
 
 
+@pytest.mark.slow  # real trainings
 def test_extra_training_fields_reach_every_training_and_the_report(learnable, tmp_path):  # noqa: F811
     """--train '{"detach_i3": true}': every training (sample and baseline) runs with it, the
     report records it, and the runs differ from the SPEC's loss's (the gradient into the

@@ -12,11 +12,70 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.search import (LOSSES, BenchConfig, _loss_specs, _select, final_config, selection_text, goal_check, goal_lines, goal_text, mu_travel,
+from bench.search import (LOSSES, BenchConfig, _loss_specs, selection_text, goal_check, goal_lines, goal_text, mu_travel,
                           reward_table, split_scale, summarize)
-from paploss import presets, steps, storage
+from paploss import flow, presets, steps, storage
 from paploss.search import Controller
 from paploss.spec import LossSpec, form_theta
+
+
+class _Built(Exception):
+    pass
+
+
+def final_config(p, data, init, loss, spec, seed, work="w"):
+    """The TrainConfig a bench final of ``loss`` and ``seed`` trains with: the one
+    ``steps.final_train`` builds, going through ``bench.search.run_finals``'s flow
+    (caught before it trains)."""
+    import bench.search as B
+    from unittest import mock
+
+    seen = []
+
+    def build(cfg, on_step=None):
+        seen.append(cfg)
+        raise _Built
+
+    job = B.final_jobs([seed], [loss], {loss: spec}, [init])[(loss, seed)]
+    with mock.patch("paploss.steps.finals._run_training", build), pytest.raises(_Built):
+        B.run_finals(_InOrder((init,)), p, data, str(work), {(loss, seed): job})
+    return dataclasses.replace(seen[0], out_dir=None)  # a temporary folder for its checkpoint
+
+
+@pytest.mark.parametrize("detach_i3", [False, True])
+@pytest.mark.parametrize("loss", ["square", "focal+l1", "square@g1.8"])
+def test_a_final_trains_the_config_the_benchmark_trained_before_the_flow(tmp_path, loss, detach_i3):
+    """The twin of the finals before they went through ``paploss.flow``: the preset's
+    final options (less ``detach_i3`` for a baseline) on train, scored on val, the
+    loss's spec, the warm start and the seed; the flow's final trains that config."""
+    from paploss.engine import TrainConfig
+
+    cfg = BenchConfig(detach_i3=detach_i3, final_iterations=400)
+    p = cfg.preset("digits")
+    data, init = str(tmp_path / "data"), storage.write_bytes(str(tmp_path / "init.pt"), b"a path passed on")
+    (tmp_path / "data").mkdir()
+    spec = _loss_specs(cfg, "digits", {}, [loss])[loss]
+    options = dict(p.final) if spec else {k: v for k, v in p.final.items() if k != "detach_i3"}
+    before = TrainConfig(**{**steps.train_options(options, p.detector), "data": str(storage.localize(data)),
+                            "train_ann": "train", "val_ann": "val", "loss": "paploss" if spec else loss,
+                            "spec": LossSpec.from_json(spec) if spec else None, "init": str(storage.localize(init)),
+                            "seed": 2, "out_dir": None})
+    assert final_config(p, data, init, loss, spec, 2, work=str(tmp_path)) == before
+
+
+class _InOrder:
+    """A flow Map of bench's WarmStarts rule that runs the tasks here, one after another."""
+
+    def __init__(self, inits):
+        import bench.search as B
+
+        self.m = B.WarmStarts(None, finals=tuple(inits))
+        self.finals = self.m.finals
+
+    def __call__(self, fn, items):
+        import bench.search as B
+
+        return [B._with_init(fn, self.m.init_of(item))(item) for item in items]
 
 
 def test_summarize_mean_and_std_in_ap_points():
@@ -43,7 +102,6 @@ def test_summarize_mean_and_std_in_ap_points():
         ({"final_iterations": -5}, "final_iterations=-5"),
         ({"pretrain_iterations": 0}, "pretrain_iterations=0 must be >= 1"),
         ({"sigma": 0.0}, "sigma=0.0"),
-        ({"trial_seeds": "random"}, "trial_seeds='random'"),
         ({"start": "sigmoid"}, "start 'sigmoid' is neither a form"),
         ({"losses": ("square@g20",)}, "'square@g20'"),
         ({"losses": ("focal+l1@g2",)}, "'focal\\+l1@g2'"),
@@ -236,7 +294,7 @@ def test_select_1200_preset_sets_the_procedure_and_options_override_it(tmp_path,
 
 
 def _report_config(args: list[str], tmp_path, name: str) -> dict:
-    """The config a ``paploss bench --report-only`` run with ``args`` writes in its report."""
+    """The config a ``python -m bench.search --report-only`` run with ``args`` writes in its report."""
     from click.testing import CliRunner
 
     from bench.search import bench
@@ -298,8 +356,8 @@ def test_pretrain_iterations_reach_the_warm_starts_and_name_the_searches(tmp_pat
     assert names == ["bench-digits-searched-detach-i3", "bench-digits-searched-detach-i3-pt3000"]
     # the preset's warm start cached, the longer one is not found in its place
     config = BenchConfig().preset("digits").pretrain
-    short = steps.cache_keys(str(tmp_path), "pretrain", steps.At(str(tmp_path / "data")),
-                             steps.pretrain_options(config), 0)[0]
+    short = steps.cache_key(str(tmp_path), "pretrain", steps.At(str(tmp_path / "data")),
+                            steps.pretrain_options(config), 0)
     storage.write_bytes(str(tmp_path / "pretrain" / short / "backbone.pt"), b"200 iterations")
     assert steps.pretrain(str(tmp_path / "data"), str(tmp_path), config=config, only_cached=True)
     assert steps.pretrain(str(tmp_path / "data"), str(tmp_path), config=p.pretrain, only_cached=True) == ""
@@ -309,8 +367,6 @@ def test_detach_i3_reaches_every_pap_loss_training_and_names_its_searches(prepar
     """--detach-i3: proxies and the finals of PAP losses train with it, the focal finals
     without (the engine refuses it there); its searches and finals live beside the
     SPEC's in one --work (another search name, other final keys)."""
-    from bench.search import _final_keys
-
     _, _, data, init, _ = prepared
     cfg, spec = BenchConfig(detach_i3=True), BenchConfig()
     p, p0 = cfg.preset("digits"), spec.preset("digits")
@@ -319,10 +375,8 @@ def test_detach_i3_reaches_every_pap_loss_training_and_names_its_searches(prepar
     assert final_config(p, data, init, "square", square, 0).detach_i3
     assert not final_config(p0, data, init, "square", square, 0).detach_i3
     assert not final_config(p, data, init, "focal+l1", None, 0).detach_i3
-    key = lambda q, loss, spec: _final_keys(q, data, init, loss, spec, 0, "w")  # noqa: E731
-    assert key(p, "square", square) != key(p0, "square", square)
-    # a baseline trains as in the SPEC's run, so its cached finals are the same ones
-    assert key(p, "focal+l1", None) == key(p0, "focal+l1", None)
+    # a baseline trains as in the SPEC's run
+    assert final_config(p, data, init, "focal+l1", None, 0) == final_config(p0, data, init, "focal+l1", None, 0)
     assert cfg.search_name("digits", "searched") == "bench-digits-searched-detach-i3"
     assert spec.search_name("digits", "searched") == "bench-digits-searched"
 
@@ -512,42 +566,6 @@ def test_report_only_trains_and_builds_nothing(tmp_path):
     assert json.loads((tmp_path / "out" / "bench_search.json").read_text()) == {}
 
 
-def test_cached_final_is_used_only_for_the_same_inputs(prepared, tmp_path):
-    from bench.search import _cached_final, _final_keys
-
-    _, p, data, init, _ = prepared
-    out = [str(tmp_path / "final.json")]
-    keys = lambda loss, seed: _final_keys(p, data, init, loss, None, seed, str(tmp_path))  # noqa: E731
-    assert _cached_final(out, keys("square", 0)) is None
-    for k in keys("square", 0):  # under the key or the legacy one
-        storage.write_json(out[0], {"key": k, "metrics": {"AP": 0.1}})
-        assert _cached_final(out, keys("square", 0))["metrics"] == {"AP": 0.1}
-    assert _cached_final(out, keys("square", 1)) is None  # another seed
-    assert _cached_final(out, keys("linear", 0)) is None  # another loss
-
-
-def test_finals_of_another_schedule_are_kept_beside_each_other(prepared, tmp_path):
-    """``--final-iterations`` in a work folder that holds finals of another schedule:
-    each result gets its own file, neither overwrites the other, and an older cache's
-    unkeyed file is read when (and only when) its key matches."""
-    from bench.search import _cached_final, _final_keys, _final_uri
-
-    _, p, data, init, _ = prepared
-    longer = p.with_overrides(final={**p.final, "iterations": 3 * int(p.final["iterations"])})
-    keys = [_final_keys(q, data, init, "square", None, 0, str(tmp_path)) for q in (p, longer)]
-    assert keys[0][0] != keys[1][0]
-    uris = [_final_uri(str(tmp_path / "shapes" / "final"), "square", 0, k[0]) for k in keys]
-    assert uris[0][0] != uris[1][0] and uris[0][1] == uris[1][1]  # own files; one legacy name
-    for (out, _), k, ap in zip(uris, keys, (0.1, 0.2)):
-        storage.write_json(out, {"key": k[0], "metrics": {"AP": ap}})
-    assert [_cached_final(u, k)["metrics"]["AP"] for u, k in zip(uris, keys)] == [0.1, 0.2]
-
-    uri = _final_uri(str(tmp_path / "old" / "shapes" / "final"), "square", 0, keys[0][0])
-    storage.write_json(uri[1], {"key": keys[0][1], "metrics": {"AP": 0.3}})
-    assert _cached_final(uri, keys[0])["metrics"]["AP"] == 0.3
-    assert _cached_final(uri, keys[1]) is None  # the older file holds the other schedule
-
-
 def test_h2_over_h1_ratio_of_bench_collapse():
     from bench.collapse import h2_over_h1
 
@@ -669,14 +687,14 @@ def test_a_search_with_other_rounds_is_refused_naming_them_and_a_tag_sets_it_bes
     """A cached 4-round search is not taken up by a 6-round run of the same name: the
     refusal names both values and the option that names the new one apart; the tag
     ends every search's name, after the other parts."""
-    from bench.search import _search
+    from bench.search import WarmStarts, run_search
 
-    _, p, data, init, _ = prepared
+    cfg, p, data, init, _ = prepared
     work = str(tmp_path)
-    steps.init_search(work, "s", 4, p.samples, seed=p.seed)
+    steps.init_search(work, "s", 4, p.samples, seed=p.seed, controller=p.controller)
     with pytest.raises(steps.StepError, match=r"'s' already exists .*rounds=4 there, 6 now.*--search-tag TAG runs this "
                                               r"one as s-TAG"):
-        _search(None, p.with_overrides(rounds=6), data, (init,), work, "s", {})
+        run_search(cfg, WarmStarts(None, search=(init,)), p.with_overrides(rounds=6), data, work, "s", "searched")
     assert storage.read_json(steps.state_uri(work, "s", 0))["controller"]["options"]["rounds"] == 4
     tagged = BenchConfig(detach_i3=True, search_tag="r6")
     assert tagged.search_name("digits", "searched") == "bench-digits-searched-detach-i3-r6"
@@ -691,18 +709,29 @@ def test_the_selection_of_a_report_only_run_comes_from_cached_trials_only(prepar
     """``--select-top`` with ``--report-only``: no training; with every selection trial
     cached, the searched loss is the candidate of the best mean, in the specs of the
     finals and in the report."""
-    cfg, p, data, init, states = prepared
-    state, work, name = states[("shapes", "searched-shared")], str(tmp_path), "bench-shapes-searched-shared"
-    assert _select(None, p, data, (init,), work, name, state, 2, (5, 6)) is None  # nothing cached, nothing trained
+    from bench.search import WarmStarts, run_search
+
+    cfg, p, data, init, _ = prepared
+    cfg = dataclasses.replace(cfg, select_top=2, select_seeds=(5, 6))
+    work, name = str(tmp_path), "bench-shapes-searched-shared"
+    q = p.with_overrides(rounds=1, samples=2)
+    out = steps.init_search(work, name, 1, 2, seed=q.seed, controller=cfg.controller(q, "searched-shared"))
+    results = [{**json.loads(t), "reward": 0.1 + 0.1 * k, "failed": False, "error": ""}
+               for k, t in enumerate(out["trials"])]
+    for r in results:  # the round's trials cached as a run stores them
+        storage.write_json(steps._trial_uri(work, name, r["round"], r["sample"]), r)
+    state = steps.controller_update(out["state"], [json.dumps(r) for r in results], work, name)["state"]
+    m = WarmStarts(None, search=(init,), select=(init,))
+    # the rounds are cached, the selection's trials are not: nothing trained, the loss left out
+    assert run_search(cfg, m, q, data, work, name, "searched-shared", report_only=True) is None
     trials = [json.loads(t) for t in steps.selection_trials(state, 2, [5, 6])]
     for t in trials:  # candidate 1 (samples 2, 3) has the better mean
         storage.write_json(steps._trial_uri(work, name, t["round"], t["sample"]),
                            {**t, "reward": 0.1 * t["sample"], "failed": False})
-    chosen = _select(None, p, data, (init,), work, name, state, 2, (5, 6))
+    chosen = run_search(cfg, m, q, data, work, name, "searched-shared", report_only=True)
     assert storage.read_json(chosen)["selected"]["theta"] == trials[2]["theta"]
     specs = _loss_specs(cfg, "shapes", {("shapes", "searched-shared"): chosen}, ["searched-shared"])
-    assert specs["searched-shared"] == steps.searched_spec(chosen).to_json() != _loss_specs(
-        cfg, "shapes", states, ["searched-shared"])["searched-shared"]
+    assert specs["searched-shared"] == steps.searched_spec(chosen).to_json() != steps.searched_spec(state).to_json()
     assert "mean AP x 100 on search-val 5.0, 25.0; selected candidate 1" in selection_text(
         {("shapes", "searched-shared"): chosen})
     assert "seeds 5, 6 (seed s from warm start s mod 3), mean AP" in selection_text(
@@ -779,7 +808,7 @@ def test_a_given_loss_takes_the_place_of_its_search_and_of_transfer(prepared, tm
 
 @pytest.mark.slow
 def test_bench_with_a_loss_file_trains_it_without_searching(tmp_path):
-    """``paploss bench --loss-file`` end to end at the smoke size (real data, warm start,
+    """``python -m bench.search --loss-file`` end to end at the smoke size (real data, warm start,
     trainings, MLflow store): no search is run, the given loss is trained beside
     ``square``, written back as the run's loss file, named in the report and logged;
     ``transfer-shared`` trains the loss given for ``digits``, which is not benchmarked."""
@@ -984,16 +1013,18 @@ def test_weights_digest_names_a_warm_start_by_its_weights_not_its_file(tmp_path)
 def test_final_seed_k_trains_from_warm_start_k_mod_n_for_every_loss(prepared):
     """``--warm-starts N``: the finals of seed k, every loss alike, start from warm start
     k mod N; a warm start missing from a report-only run's cache leaves its seeds out."""
-    from bench.search import final_jobs
+    from bench.search import WarmStarts, final_jobs, final_name
 
     cfg, p, data, _, states = prepared
-    cfg = dataclasses.replace(cfg, seeds=(0, 1, 2, 3), warm_starts=2)
     specs = _loss_specs(cfg, "shapes", states, ["square", "focal+l1", "searched"])
-    jobs = final_jobs(cfg, "shapes", (p, data, ("w0.pt", "w1.pt")), specs, list(specs))
-    assert {(loss, seed): args[2] for (loss, seed), args in jobs.items()} == {
+    jobs = final_jobs((0, 1, 2, 3), list(specs), specs, ("w0.pt", "w1.pt"))
+    m = WarmStarts(None, finals=("w0.pt", "w1.pt"))
+    assert {key: m.init_of(job) for key, job in jobs.items()} == {
         (loss, seed): ("w0.pt", "w1.pt")[seed % 2] for loss in specs for seed in (0, 1, 2, 3)}
-    assert all(args[5] == seed and args[3] == loss for (loss, seed), args in jobs.items())
-    partial = final_jobs(cfg, "shapes", (p, data, ("w0.pt", None)), specs, list(specs))
+    assert all(job.seed == seed and job.loss == final_name(loss) and job.tag == f"-seed{seed}-w{seed % 2}"
+               for (loss, seed), job in jobs.items())
+    assert final_name("focal+l1") == "focal+l1" and final_name("square@g1.8") == "pap.square.g1.8"
+    partial = final_jobs((0, 1, 2, 3), list(specs), specs, ("w0.pt", None))
     assert sorted({seed for _, seed in partial}) == [0, 2]
 
 
