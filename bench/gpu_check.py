@@ -38,6 +38,7 @@ from pathlib import Path
 import click
 
 TRIAL_TIMEOUT_S = 300  # longest wait at the start barrier
+_STARTED = time.time()  # the budget counts from the import, before torch's
 
 
 def _worker(cfg: dict, evaluate: bool, barrier, queue) -> None:
@@ -152,7 +153,7 @@ def main(cpu, ks, trial_iterations, amp_iterations, budget_s, evaluate, mps, out
     from paploss.errors import InputError
     from paploss.packing import check_gpu, estimate_trial_bytes, mps_pipe_directory, mps_running
 
-    t0 = time.time()
+    t0 = _STARTED
     cpu = cpu or not torch.cuda.is_available()
     base, trial_its, amp_its, k_list, data_sizes = _sizes(cpu, trial_iterations, amp_iterations, ks)
     out = Path(out_dir or os.environ.get("OUT") or "runs/gpu-check")
@@ -214,7 +215,9 @@ def main(cpu, ks, trial_iterations, amp_iterations, budget_s, evaluate, mps, out
         print(f"[gpu-check] {row['run']}: {amp_rows[-1]}", flush=True)
 
     print(write(), flush=True)
-    sys.exit(0 if any(r.get("finished") for r in rows + amp_rows) else 1)
+    sys.stderr.flush()
+    # no waiting on stopped trainings' queues and semaphores at exit
+    os._exit(0 if any(r.get("finished") for r in rows + amp_rows) else 1)
 
 
 if __name__ == "__main__":

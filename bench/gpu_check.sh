@@ -12,4 +12,4 @@ PY=${PYTHON:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 BUDGET_S=${BUDGET_S:-480}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-exec timeout --kill-after=10 "$BUDGET_S" "$PY" -m bench.gpu_check --budget-s "$((BUDGET_S - 15))" "$@"
+exec timeout --kill-after=10 "$BUDGET_S" "$PY" -m bench.gpu_check --budget-s "$((BUDGET_S - 30))" "$@"
