@@ -1,14 +1,17 @@
-"""KFP lightweight components: one thin typed wrapper per ``paploss.steps`` function.
+"""KFP lightweight components: one thin typed wrapper per task of :data:`paploss.flow.STAGES`.
 
-Each wrapper only converts KFP's parameter types to the step's arguments and
-calls the step; all logic lives in :mod:`paploss.steps`. Components run in the
-project image (``base_image``), which has ``paploss`` and ``kfp`` installed, so
-``install_kfp_package=False``: no ``pip install`` per task (DESIGN: without it
-every local task re-runs pip and tasks serialise).
+Each wrapper only converts KFP's parameter types to the step's arguments and calls
+the step of :mod:`paploss.steps`; all logic lives there. The tasks after
+``init-search`` share one small dict, ``run`` (the search's context: work folder,
+name, MLflow, resolved training options, attempts…, made once by ``init_search``),
+instead of a dozen parameters each.
 
-``build(image)`` returns the components for an image; the image is baked into the
-compiled pipeline. ``DEFAULT_IMAGE`` comes from ``PAPLOSS_IMAGE`` or is
-``paploss:latest`` (what ``make image`` tags).
+Components run in the project image (``base_image``), which has ``paploss`` and
+``kfp`` installed, so ``install_kfp_package=False``: no ``pip install`` per task
+(without it every local task re-runs pip and tasks serialise). ``build(image)``
+returns the components for an image; the image is baked into the compiled
+pipeline. ``DEFAULT_IMAGE`` comes from ``PAPLOSS_IMAGE`` or is ``paploss:latest``
+(what ``make image`` tags).
 """
 
 import os
@@ -16,6 +19,7 @@ from types import SimpleNamespace
 from typing import Dict, List, NamedTuple
 
 from kfp import dsl
+from kfp.dsl import Markdown, Metrics, Output
 
 DEFAULT_IMAGE = os.environ.get("PAPLOSS_IMAGE", "paploss:latest")
 
@@ -24,8 +28,7 @@ __all__ = ["DEFAULT_IMAGE", "build", "STEP_FUNCTIONS"]
 
 def prepare_data(dataset: str, work: str, split_seed: int, search_val_fraction: float, bundled: Dict,
                  search_splits: int = 1) -> str:
-    """Dataset (``bundled:<name>``, folder or ``s3://``) -> prepared data URI with the
-    search split (``search_splits`` of them)."""
+    """Dataset (``bundled:<name>``, folder or ``s3://``) -> prepared data URI with its search splits."""
     from paploss import steps
 
     return steps.prepare_data(dataset, work, split_seed=split_seed, search_val_fraction=search_val_fraction,
@@ -33,57 +36,53 @@ def prepare_data(dataset: str, work: str, split_seed: int, search_val_fraction: 
 
 
 def pretrain(data: str, work: str, config: Dict, seed: int, detector: str, proxy: Dict) -> str:
-    """Prepared data -> URI of the warm-start backbone (pre-trained on classification,
-    for the proxy trials' detector)."""
+    """Prepared data -> URI of the warm-start backbone (pre-trained on classification)."""
     from paploss import steps
 
     return steps.pretrain(data, work, config=config, seed=seed, detector=detector, proxy=proxy)
 
 
 def init_search(
-    work: str, search_name: str, rounds: int, samples: int, seed: int, controller: Dict,
-    tracking_uri: str, experiment: str, params: Dict, dataset: str, detector: str, proxy: Dict, final: Dict,
-    max_failed_trials: int, attempts: int, model_name: str, reward_seeds: int = 1, search_splits: int = 1,
-) -> NamedTuple("InitOutputs", [("state", str), ("trials", List[str])]):
-    """Controller state v0 and round 0's trials (``reward_seeds`` trials per sampled
-    loss; round r on search split r mod ``search_splits``); opens the MLflow parent
-    run (with the pipeline's parameters as its params)."""
+    work: str, search_name: str, rounds: int, samples: int, seed: int, controller: Dict, tracking_uri: str,
+    experiment: str, params: Dict, detector: str, proxy: Dict, final: Dict, proxy_epochs: float,
+    final_epochs: float, max_failed_trials: int, attempts: int, model_name: str, promote: bool, promote_rule: str,
+    reward_seeds: int = 1, search_splits: int = 1,
+) -> NamedTuple("InitOutputs", [("state", str), ("trials", List[str]), ("run", Dict)]):
+    """Controller state v0, round 0's trials and the search's ``run`` context; opens the MLflow parent run."""
     from collections import namedtuple
 
     from paploss import steps
 
-    params = {**params, "dataset": dataset, "detector": detector, "proxy": proxy, "final": final,
-              "max_failed_trials": max_failed_trials, "attempts": attempts, "model_name": model_name,
-              "work": work, "search_name": search_name}
+    run = steps.run_context(work, search_name, {"uri": tracking_uri, "experiment": experiment}, proxy=proxy,
+                            final=final, detector=detector, proxy_epochs=proxy_epochs, final_epochs=final_epochs,
+                            seed=seed, attempts=attempts, max_failed_trials=max_failed_trials, model_name=model_name,
+                            promote=promote, promote_rule=promote_rule)
+    params = {**params, "detector": detector, "proxy": proxy, "final": final, "proxy_epochs": proxy_epochs,
+              "final_epochs": final_epochs, "max_failed_trials": max_failed_trials, "attempts": attempts,
+              "model_name": model_name, "work": work, "search_name": search_name}
     out = steps.init_search(work, search_name, rounds, samples, seed=seed, controller=controller,
-                            tracking={"uri": tracking_uri, "experiment": experiment}, params=params,
-                            reward_seeds=reward_seeds, search_splits=search_splits)
-    return namedtuple("InitOutputs", ["state", "trials"])(out["state"], out["trials"])
+                            tracking=steps.tracking_of(run), params=params, reward_seeds=reward_seeds,
+                            search_splits=search_splits)
+    return namedtuple("InitOutputs", ["state", "trials", "run"])(out["state"], out["trials"], run)
 
 
-def proxy_trial(
-    data: str, init: str, trial: str, proxy: Dict, detector: str, epochs: float, work: str, search_name: str,
-    state: str, tracking_uri: str, experiment: str, attempts: int,
-) -> str:
+def proxy_trial(data: str, init: str, trial: str, state: str, run: Dict) -> str:
     """One sampled θ -> its reward (search-val AP) as result JSON; failures are results."""
     from paploss import steps
 
-    proxy = steps.train_options(proxy, detector=detector, epochs=epochs)
-    return steps.proxy_trial(data, init, trial, proxy, work, search_name, state=state,
-                             tracking={"uri": tracking_uri, "experiment": experiment}, attempts=attempts)
+    return steps.proxy_trial(data, init, trial, steps.training_options(run, "proxy"), run["work"], run["search_name"],
+                             state=state, tracking=steps.tracking_of(run), attempts=run["attempts"])
 
 
-def controller_update(
-    state: str, results: List[str], work: str, search_name: str, max_failed_trials: int,
-    tracking_uri: str, experiment: str,
-) -> NamedTuple("UpdateOutputs", [("state", str), ("trials", List[str])]):
+def controller_update(state: str, results: List[str], run: Dict
+                      ) -> NamedTuple("UpdateOutputs", [("state", str), ("trials", List[str])]):
     """One PPO round on the collected rewards -> next state and trials."""
     from collections import namedtuple
 
     from paploss import steps
 
-    out = steps.controller_update(state, results, work, search_name, max_failed_trials=max_failed_trials,
-                                  tracking={"uri": tracking_uri, "experiment": experiment})
+    out = steps.controller_update(state, results, run["work"], run["search_name"],
+                                  max_failed_trials=run["max_failed_trials"], tracking=steps.tracking_of(run))
     return namedtuple("UpdateOutputs", ["state", "trials"])(out["state"], out["trials"])
 
 
@@ -94,37 +93,36 @@ def selection_trials(state: str, top: int, seeds: List[int], rank: str) -> List[
     return steps.selection_trials(state, top, seeds, rank)
 
 
-def select_loss(state: str, results: List[str], work: str, search_name: str, tracking_uri: str,
-                experiment: str, rank: str) -> str:
+def select_loss(state: str, results: List[str], rank: str, run: Dict) -> str:
     """The candidate with the best mean reward -> the search state holding that choice."""
     from paploss import steps
 
-    tracking = {"uri": tracking_uri, "experiment": experiment}
-    return steps.select_loss(state, results, work, search_name, tracking=tracking, rank=rank)
+    return steps.select_loss(state, results, run["work"], run["search_name"], tracking=steps.tracking_of(run),
+                             rank=rank)
 
 
-def final_train(
-    data: str, init: str, loss: str, final: Dict, detector: str, epochs: float, work: str, search_name: str,
-    state: str, seed: int, tracking_uri: str, experiment: str, model_name: str, promote: bool,
-) -> str:
-    """Full training with the searched loss or a baseline -> result JSON with val AP."""
+def final_train(data: str, init: str, loss: str, state: str, run: Dict) -> str:
+    """Full training with the searched loss or a baseline -> result JSON with its val AP."""
     from paploss import steps
 
-    final = steps.train_options(final, detector=detector, epochs=epochs)
-    return steps.final_train(data, init, loss, final, work, search_name, state=state, seed=seed,
-                             tracking={"uri": tracking_uri, "experiment": experiment},
-                             model_name=model_name, promote=promote)
+    return steps.final_train(data, init, loss, steps.training_options(run, "final"), run["work"], run["search_name"],
+                             state=state if loss == steps.SEARCHED else "", seed=run["seed"],
+                             tracking=steps.tracking_of(run), model_name=run["model_name"], promote=run["promote"])
 
 
-def report(
-    final_searched: str, final_l1: str, final_giou: str, state: str, work: str, search_name: str,
-    tracking_uri: str, experiment: str,
-) -> str:
-    """The AP table (searched vs baselines) as JSON; closes the MLflow parent run."""
+def report(finals: List[str], state: str, run: Dict, metrics: Output[Metrics], table: Output[Markdown]) -> str:
+    """The AP table (searched vs baselines) as JSON, the promotion decision; closes the MLflow
+    parent run. The KFP run page shows the table (``table``) and the finals' AP (``metrics``)."""
     from paploss import steps
 
-    return steps.report([final_searched, final_l1, final_giou], state, work, search_name,
-                        tracking={"uri": tracking_uri, "experiment": experiment})
+    out = steps.report(finals, state, run["work"], run["search_name"], tracking=steps.tracking_of(run),
+                       model_name=run["model_name"], promote=run["promote"], promote_rule=run["promote_rule"])
+    values, markdown = steps.report_outputs(out)
+    for name, value in values.items():
+        metrics.log_metric(name, value)
+    with open(table.path, "w", encoding="utf-8") as f:
+        f.write(markdown)
+    return out
 
 
 STEP_FUNCTIONS = (prepare_data, pretrain, init_search, proxy_trial, controller_update, selection_trials, select_loss,

@@ -1,37 +1,39 @@
-"""The search pipeline: data → warm start → R rounds of PPO → final trainings → report.
+"""The search pipeline: the flow of :mod:`paploss.flow`, task for task, as Kubeflow Pipelines.
 
 ::
 
-    prepare_data ─► pretrain ─┬─► round 0 ─► round 1 ─► … ─► round R-1 ─► final(searched) ─┐
-    init_search ──────────────┘                                                              ├─► report
-                              └─► final(focal+l1), final(focal+giou) (beside the search) ────┘
-
+    prepare-data ─► pretrain ─► init-search ─► round 0 ─► … ─► round R-1 ─► [selection] ─► finals
+                                                                                          (each loss side by side)
     round r (sub-pipeline "search-round"):
-        ParallelFor trial in trials (parallelism):  proxy_trial(data, init, trial) ─► result JSON
-        controller_update(state, Collected(results)) ─► next state, next trials
+        ParallelFor trial in trials (parallelism):  proxy-trial ─► result JSON
+        controller-update(state, Collected(results)) ─► next state, next trials
+    selection (sub-pipeline, with select_top > 0):
+        selection-trials ─► ParallelFor: proxy-trial ─► select-loss ─► the state holding the choice
+    finals (sub-pipeline):
+        ParallelFor loss in (searched, focal+l1, focal+giou):  final-train ─► report(Collected)
 
-    with select_top > 0, after the last round (sub-pipeline "selection"):
-        selection_trials(state) ─► ParallelFor: proxy_trial ─► select_loss ─► state holding the choice
+Compile-time values live in one :class:`PipelineOptions` (``rounds``, ``parallelism``
+and ``select_top``: the round loop is a Python loop at definition time and
+``ParallelFor`` takes a constant parallelism; the image; the cluster resources);
+everything else is a run-time parameter whose default comes from the preset. The
+sub-pipelines are built by module-level functions from those options.
 
-``rounds``, ``parallelism`` and ``select_top`` are compile-time values (the round loop is a
-Python loop at definition time and KFP's ``ParallelFor`` takes a constant
-parallelism): ``build_pipeline`` makes one pipeline per pair. Everything else is a
-run-time parameter whose default comes from the preset.
-
-Rounds are sub-pipelines so that every value a trial needs from before its loop
-(data, warm start, state) is an *input* of the sub-pipeline: ``kfp.local`` 2.17
-replaces a task output consumed inside ``ParallelFor`` by the loop item.
+Every value a looped task needs from before its loop (data, warm start, state, the
+run context) is an *input* of its sub-pipeline: ``kfp.local`` 2.17 replaces a task
+output consumed inside ``ParallelFor`` by the loop item. The tasks after
+``init-search`` share the search's ``run`` context (a dict made by init-search:
+work folder, name, MLflow, resolved training options) instead of a dozen
+parameters each.
 
 Cluster settings (ignored by ``kfp.local``): proxy trials and final trainings
-request one NVIDIA GPU, CPU and memory, and are retried ``retries`` times by KFP
-(pod failures; Python errors are caught by the trial itself and counted as
-failed trials); with ``kfp-kubernetes`` every task gets the node selector and
-tolerations (run-time parameters) and the S3 credentials from the Kubernetes
-secret named by ``s3_secret``; ``pvc`` mounts a claim at ``/data`` for a dataset
-cache.
+request GPUs, CPU and memory and are retried by KFP (pod failures; Python errors
+are caught by the trial itself and counted as failed trials); with ``kfp-kubernetes``
+every task gets the node selector and tolerations (run-time parameters) and the S3
+credentials from the Kubernetes secret named by ``s3_secret``; ``pvc`` mounts a claim
+at ``/data`` for a dataset cache.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, NamedTuple
 
 from kfp import dsl
@@ -41,12 +43,18 @@ import components
 from paploss.presets import Preset, get_preset
 from paploss.steps.options import check_select_rank, check_selection
 
-__all__ = ["ClusterOptions", "build_pipeline", "PIPELINE_NAME", "SECRET_KEYS"]
+__all__ = ["ClusterOptions", "PipelineOptions", "build_pipeline", "PIPELINE_NAME", "SECRET_KEYS", "FINAL_LOSSES"]
 
 PIPELINE_NAME = "paploss-search"
 #: The keys of the Kubernetes secret named by the ``s3_secret`` parameter, and the
 #: environment variables they become in every task.
 SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY"}
+#: The keys of the Kubernetes secret with MLflow's credentials (``mlflow_secret``, default
+#: :data:`MLFLOW_SECRET`), each optional: user and password, or a token.
+MLFLOW_SECRET = "paploss-mlflow"
+MLFLOW_SECRET_KEYS = {k: k for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")}
+#: The losses of the final trainings: the searched one and the baselines (SPEC §4).
+FINAL_LOSSES = ("searched", "focal+l1", "focal+giou")
 _RoundOutputs = NamedTuple("RoundOutputs", [("state", str), ("trials", List[str])])
 
 
@@ -69,12 +77,46 @@ class ClusterOptions:
             raise ValueError(f"gpus={self.gpus} and retries={self.retries} must be >= 0")
 
 
-def _everywhere(task, p, cluster: ClusterOptions):
+@dataclass(frozen=True)
+class PipelineOptions:
+    """Everything KFP must know before a run: the shape of the DAG, the image, the resources."""
+
+    preset: Preset
+    rounds: int
+    parallelism: int
+    select_top: int
+    image: str
+    cluster: ClusterOptions = field(default_factory=ClusterOptions)
+
+    @classmethod
+    def of(cls, preset: str | Preset = "quick", rounds: int | None = None, parallelism: int | None = None,
+           image: str | None = None, cluster: ClusterOptions | None = None,
+           select_top: int | None = None) -> "PipelineOptions":
+        """The preset's values where not given, checked (``ValueError`` naming the bad one)."""
+        p = get_preset(preset) if isinstance(preset, str) else preset
+        o = cls(preset=p, rounds=p.rounds if rounds is None else int(rounds),
+                parallelism=p.parallelism if parallelism is None else int(parallelism),
+                select_top=p.select_top if select_top is None else int(select_top),
+                image=image or components.DEFAULT_IMAGE, cluster=cluster or ClusterOptions())
+        if o.rounds < 1:
+            raise ValueError(f"rounds={o.rounds} is out of range: a search needs at least one round")
+        if o.parallelism < 1:
+            raise ValueError(f"parallelism={o.parallelism} is out of range: must be >= 1")
+        check_selection(o.select_top, p.select_seeds)  # a StepError is a ValueError
+        check_select_rank(p.select_rank)
+        return o
+
+
+def _everywhere(task, k8s: dict, o: PipelineOptions):
     """Settings of every task: node selector, tolerations, S3 secret, PVC, endpoint."""
-    kubernetes.add_node_selector_json(task, p["node_selector"])
-    kubernetes.add_toleration_json(task, p["tolerations"])
-    kubernetes.use_secret_as_env(task, secret_name=p["s3_secret"], secret_key_to_env=SECRET_KEYS,
+    cluster = o.cluster
+    kubernetes.add_node_selector_json(task, k8s["node_selector"])
+    kubernetes.add_toleration_json(task, k8s["tolerations"])
+    kubernetes.use_secret_as_env(task, secret_name=k8s["s3_secret"], secret_key_to_env=SECRET_KEYS,
                                  optional=cluster.secret_optional)
+    # MLflow credentials for an authenticated server, so tracking_uri holds none (each key optional)
+    kubernetes.use_secret_as_env(task, secret_name=k8s.get("mlflow_secret", MLFLOW_SECRET),
+                                 secret_key_to_env=MLFLOW_SECRET_KEYS, optional=True)
     if cluster.pvc:
         kubernetes.mount_pvc(task, pvc_name=cluster.pvc, mount_path="/data")
         task.set_env_variable("PAPLOSS_CACHE", "/data/paploss-cache")
@@ -83,190 +125,130 @@ def _everywhere(task, p, cluster: ClusterOptions):
     return task
 
 
-def _training(task, cluster: ClusterOptions):
-    """Settings of the training tasks (proxy trials, final trainings)."""
+def _training(task, k8s: dict, o: PipelineOptions):
+    """Settings of the training tasks (warm start, proxy trials, final trainings)."""
+    cluster = o.cluster
     if cluster.gpus:
         task.set_accelerator_type(cluster.accelerator).set_accelerator_limit(cluster.gpus)
     task.set_cpu_request(cluster.cpu).set_memory_request(cluster.memory)
     if cluster.retries:
         task.set_retry(num_retries=cluster.retries, backoff_duration=cluster.backoff)
-    return task
+    return _everywhere(task, k8s, o)
 
 
-def build_pipeline(
-    rounds: int | None = None,
-    parallelism: int | None = None,
-    image: str | None = None,
-    preset: str | Preset = "quick",
-    cluster: ClusterOptions | None = None,
-    select_top: int | None = None,
-):
-    """The ``@dsl.pipeline`` of one search with ``rounds`` rounds and ``parallelism``
-    trials at a time (defaults: the preset's), its components in ``image``; with
-    ``select_top`` > 0 (default: the preset's) a selection stage after the last round
-    trains the ``select_top`` best sampled losses again with each of ``select_seeds``
-    and makes the best mean the searched loss (``paploss.steps.select_loss``).
+def _trials(c, o: PipelineOptions, k8s: dict, data, init, state, trials, run):
+    """A ParallelFor of proxy trials (a round's samples or the selection's candidates)."""
+    with dsl.ParallelFor(trials, parallelism=o.parallelism) as trial:
+        t = c.proxy_trial(data=data, init=init, trial=trial, state=state, run=run).set_display_name("proxy-trial")
+        _training(t, k8s, o)
+    return t
 
-    Run-time parameters (defaults from the preset): ``dataset`` (``bundled:<name>``,
-    a folder or ``s3://`` prefix), ``work`` (folder or ``s3://`` prefix for data,
-    states, checkpoints), ``search_name`` (tags every run and output of this
-    search; the same name resumes it), ``samples``, ``seed``, ``split_seed``,
-    ``search_val_fraction``, ``bundled``, ``detector``, ``proxy_epochs`` and
-    ``final_epochs`` (0 = the preset's schedule), ``proxy``/``final``/
-    ``pretrain_options`` (training options), ``controller`` (PPO options),
-    ``max_failed_trials``, ``attempts``, ``select_seeds``, ``select_rank`` (how the selection ranks the
-    samples, ``paploss.steps.SELECT_RANKS``), ``reward_seeds`` (proxy trainings per sampled
-    loss, their mean its reward), ``search_splits`` (search splits the rounds cycle
-    through), ``tracking_uri`` ("" = the environment's
-    ``MLFLOW_TRACKING_URI``), ``experiment``, ``model_name``, ``promote``,
-    ``node_selector``, ``tolerations``, ``s3_secret``.
-    """
-    p0 = get_preset(preset) if isinstance(preset, str) else preset
-    rounds = p0.rounds if rounds is None else int(rounds)
-    parallelism = p0.parallelism if parallelism is None else int(parallelism)
-    if rounds < 1:
-        raise ValueError(f"rounds={rounds} is out of range: a search needs at least one round")
-    if parallelism < 1:
-        raise ValueError(f"parallelism={parallelism} is out of range: must be >= 1")
-    select_top = p0.select_top if select_top is None else int(select_top)
-    check_selection(select_top, p0.select_seeds)  # a StepError is a ValueError
-    check_select_rank(p0.select_rank)
-    cluster = cluster or ClusterOptions()
-    c = components.build(image)
 
-    def _trial_loop(data, init, state, trials, proxy, detector, proxy_epochs, work, search_name, tracking_uri,
-                    experiment, attempts, p):
-        with dsl.ParallelFor(trials, parallelism=parallelism) as trial:
-            t = c.proxy_trial(
-                data=data, init=init, trial=trial, proxy=proxy, detector=detector, epochs=proxy_epochs,
-                work=work, search_name=search_name, state=state, tracking_uri=tracking_uri,
-                experiment=experiment, attempts=attempts,
-            ).set_display_name("proxy-trial")
-            _everywhere(_training(t, cluster), p, cluster)
-        return t
+def search_round(c, o: PipelineOptions):
+    """The sub-pipeline of one PPO round."""
 
     @dsl.pipeline(name="search-round", description="One PPO round: proxy trials in parallel, then the update.")
-    def search_round(
-        data: str, init: str, state: str, trials: List[str], proxy: Dict, detector: str, proxy_epochs: float,
-        work: str, search_name: str, tracking_uri: str, experiment: str, attempts: int,
-        max_failed_trials: int, node_selector: Dict, tolerations: List[Dict], s3_secret: str,
-    ) -> _RoundOutputs:
-        p = {"node_selector": node_selector, "tolerations": tolerations, "s3_secret": s3_secret}
-        t = _trial_loop(data, init, state, trials, proxy, detector, proxy_epochs, work, search_name, tracking_uri,
-                        experiment, attempts, p)
-        u = c.controller_update(
-            state=state, results=dsl.Collected(t.output), work=work, search_name=search_name,
-            max_failed_trials=max_failed_trials, tracking_uri=tracking_uri, experiment=experiment,
-        ).set_display_name("controller-update")
-        _everywhere(u, p, cluster)
+    def round_pipeline(data: str, init: str, state: str, trials: List[str], run: Dict, node_selector: Dict,
+                       tolerations: List[Dict], s3_secret: str) -> _RoundOutputs:
+        k8s = {"node_selector": node_selector, "tolerations": tolerations, "s3_secret": s3_secret}
+        t = _trials(c, o, k8s, data, init, state, trials, run)
+        u = c.controller_update(state=state, results=dsl.Collected(t.output), run=run)
+        _everywhere(u.set_display_name("controller-update"), k8s, o)
         return _RoundOutputs(u.outputs["state"], u.outputs["trials"])
 
+    return round_pipeline
+
+
+def selection(c, o: PipelineOptions):
+    """The sub-pipeline of the selection stage (``select_top`` > 0)."""
+
     @dsl.pipeline(name="selection", description="Train the best sampled losses again with new seeds; pick the best mean.")
-    def selection(
-        data: str, init: str, state: str, select_seeds: List[int], select_rank: str, proxy: Dict, detector: str,
-        proxy_epochs: float,
-        work: str, search_name: str, tracking_uri: str, experiment: str, attempts: int,
-        node_selector: Dict, tolerations: List[Dict], s3_secret: str,
-    ) -> str:
-        p = {"node_selector": node_selector, "tolerations": tolerations, "s3_secret": s3_secret}
-        sel = c.selection_trials(state=state, top=select_top, seeds=select_seeds, rank=select_rank)
-        sel.set_display_name("selection-trials")
-        _everywhere(sel, p, cluster)
-        t = _trial_loop(data, init, state, sel.output, proxy, detector, proxy_epochs, work, search_name,
-                        tracking_uri, experiment, attempts, p)
-        s = c.select_loss(state=state, results=dsl.Collected(t.output), work=work, search_name=search_name,
-                          tracking_uri=tracking_uri, experiment=experiment, rank=select_rank)
-        s.set_display_name("select-loss")
-        _everywhere(s, p, cluster)
+    def selection_pipeline(data: str, init: str, state: str, select_seeds: List[int], select_rank: str, run: Dict,
+                           node_selector: Dict, tolerations: List[Dict], s3_secret: str) -> str:
+        k8s = {"node_selector": node_selector, "tolerations": tolerations, "s3_secret": s3_secret}
+        sel = c.selection_trials(state=state, top=o.select_top, seeds=select_seeds, rank=select_rank)
+        _everywhere(sel.set_display_name("selection-trials"), k8s, o)
+        t = _trials(c, o, k8s, data, init, state, sel.output, run)
+        s = c.select_loss(state=state, results=dsl.Collected(t.output), rank=select_rank, run=run)
+        _everywhere(s.set_display_name("select-loss"), k8s, o)
         return s.output
+
+    return selection_pipeline
+
+
+def finals(c, o: PipelineOptions):
+    """The sub-pipeline of the final trainings, side by side, and the report."""
+
+    @dsl.pipeline(name="finals", description="Train the searched loss and the baselines side by side; the AP table.")
+    def finals_pipeline(data: str, init: str, state: str, run: Dict, node_selector: Dict, tolerations: List[Dict],
+                        s3_secret: str) -> str:
+        k8s = {"node_selector": node_selector, "tolerations": tolerations, "s3_secret": s3_secret}
+        with dsl.ParallelFor(list(FINAL_LOSSES), parallelism=len(FINAL_LOSSES)) as loss:
+            f = c.final_train(data=data, init=init, loss=loss, state=state, run=run)
+            _training(f.set_display_name("final-train"), k8s, o)
+        rep = c.report(finals=dsl.Collected(f.output), state=state, run=run)
+        _everywhere(rep.set_display_name("report"), k8s, o)
+        return rep.outputs["Output"]
+
+    return finals_pipeline
+
+
+def build_pipeline(rounds: int | None = None, parallelism: int | None = None, image: str | None = None,
+                   preset: str | Preset = "quick", cluster: ClusterOptions | None = None,
+                   select_top: int | None = None):
+    """The ``@dsl.pipeline`` of one search (:meth:`PipelineOptions.of` for the
+    compile-time values); the run-time parameters and their preset defaults are the
+    arguments of ``search_pipeline`` below (``docs/pipeline.md`` says what each does)."""
+    o = PipelineOptions.of(preset, rounds, parallelism, image, cluster, select_top)
+    p, c = o.preset, components.build(o.image)
+    round_pipeline, selection_pipeline, finals_pipeline = search_round(c, o), selection(c, o), finals(c, o)
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
-        description=f"Search a Parameterized AP Loss with PPO ({rounds} rounds), then train it beside the baselines.",
+        description=f"Search a Parameterized AP Loss with PPO ({o.rounds} rounds), then train it beside the baselines.",
     )
     def search_pipeline(
-        dataset: str = p0.dataset,
-        work: str = "s3://paploss/work",
-        search_name: str = "paploss-search",
-        samples: int = p0.samples,
-        seed: int = p0.seed,
-        split_seed: int = p0.split_seed,
-        search_val_fraction: float = p0.search_val_fraction,
-        bundled: Dict = p0.bundled,
-        detector: str = p0.detector,
-        proxy_epochs: float = 0.0,
-        final_epochs: float = 0.0,
-        proxy: Dict = p0.proxy,
-        final: Dict = p0.final,
-        pretrain_options: Dict = p0.pretrain,
-        controller: Dict = p0.controller,
-        max_failed_trials: int = p0.max_failed_trials,
-        attempts: int = p0.attempts,
-        select_seeds: List[int] = list(p0.select_seeds),
-        select_rank: str = p0.select_rank,
-        reward_seeds: int = p0.reward_seeds,
-        search_splits: int = p0.search_splits,
-        tracking_uri: str = "",
-        experiment: str = "paploss",
-        model_name: str = "paploss-retinanet",
-        promote: bool = True,
+        dataset: str = p.dataset, work: str = "s3://paploss/work", search_name: str = "paploss-search",
+        samples: int = p.samples, seed: int = p.seed, split_seed: int = p.split_seed,
+        search_val_fraction: float = p.search_val_fraction, bundled: Dict = p.bundled, detector: str = p.detector,
+        proxy_epochs: float = 0.0, final_epochs: float = 0.0, proxy: Dict = p.proxy, final: Dict = p.final,
+        pretrain_options: Dict = p.pretrain, controller: Dict = p.controller,
+        max_failed_trials: int = p.max_failed_trials, attempts: int = p.attempts,
+        select_seeds: List[int] = list(p.select_seeds), select_rank: str = p.select_rank,
+        reward_seeds: int = p.reward_seeds, search_splits: int = p.search_splits, tracking_uri: str = "",
+        experiment: str = "paploss", model_name: str = "paploss-retinanet", promote: bool = True,
+        promote_rule: str = "beat-baselines",
         node_selector: Dict = {},  # noqa: B006 - KFP reads defaults from the signature
         tolerations: List[Dict] = [],  # noqa: B006
         s3_secret: str = "paploss-s3",
     ) -> str:
-        p = {"node_selector": node_selector, "tolerations": tolerations, "s3_secret": s3_secret}
-        tr = {"tracking_uri": tracking_uri, "experiment": experiment}
+        k8s = {"node_selector": node_selector, "tolerations": tolerations, "s3_secret": s3_secret}
         prep = c.prepare_data(dataset=dataset, work=work, split_seed=split_seed,
                               search_val_fraction=search_val_fraction, bundled=bundled, search_splits=search_splits)
-        prep.set_display_name("prepare-data")
-        _everywhere(prep, p, cluster)
+        _everywhere(prep.set_display_name("prepare-data"), k8s, o)
         warm = c.pretrain(data=prep.output, work=work, config=pretrain_options, seed=seed, detector=detector,
                           proxy=proxy)
-        warm.set_display_name("pretrain")
-        _everywhere(_training(warm, cluster), p, cluster)
+        _training(warm.set_display_name("pretrain"), k8s, o)
         init = c.init_search(
-            work=work, search_name=search_name, rounds=rounds, samples=samples, seed=seed,
-            controller=controller, params={"rounds": rounds, "parallelism": parallelism, "image": image or components.DEFAULT_IMAGE},
-            dataset=dataset, detector=detector, proxy=proxy, final=final, max_failed_trials=max_failed_trials,
-            attempts=attempts, model_name=model_name, reward_seeds=reward_seeds,
-            search_splits=search_splits, **tr,
-        ).set_display_name("init-search")
-        _everywhere(init, p, cluster)
-        state, trials = init.outputs["state"], init.outputs["trials"]
-        for r in range(rounds):
-            rd = search_round(
-                data=prep.output, init=warm.output, state=state, trials=trials, proxy=proxy, detector=detector,
-                proxy_epochs=proxy_epochs, work=work, search_name=search_name, attempts=attempts,
-                max_failed_trials=max_failed_trials, node_selector=node_selector, tolerations=tolerations,
-                s3_secret=s3_secret, **tr,
-            ).set_display_name(f"round-{r}")
-            state, trials = rd.outputs["state"], rd.outputs["trials"]
-        if select_top > 0:
-            state = selection(
-                data=prep.output, init=warm.output, state=state, select_seeds=select_seeds, select_rank=select_rank,
-                proxy=proxy, detector=detector, proxy_epochs=proxy_epochs, work=work, search_name=search_name,
-                attempts=attempts, node_selector=node_selector, tolerations=tolerations, s3_secret=s3_secret, **tr,
-            ).set_display_name("selection").output
-        finals = []
-        for loss in ("searched", "focal+l1", "focal+giou"):
-            f = c.final_train(
-                data=prep.output, init=warm.output, loss=loss, final=final, detector=detector, epochs=final_epochs,
-                work=work, search_name=search_name, state=state if loss == "searched" else "", seed=seed,
-                model_name=model_name, promote=promote, **tr,
-            ).set_display_name(f"final-{loss.replace('+', '-')}")
-            if loss != "searched":
-                f.after(init)  # the baselines run beside the search, once its MLflow run exists
-            _everywhere(_training(f, cluster), p, cluster)
-            finals.append(f)
-        rep = c.report(
-            final_searched=finals[0].output, final_l1=finals[1].output, final_giou=finals[2].output,
-            state=state, work=work, search_name=search_name, **tr,
-        ).set_display_name("report")
-        _everywhere(rep, p, cluster)
-        return rep.output
+            work=work, search_name=search_name, rounds=o.rounds, samples=samples, seed=seed, controller=controller,
+            tracking_uri=tracking_uri, experiment=experiment,
+            params={"rounds": o.rounds, "parallelism": o.parallelism, "image": o.image, "dataset": dataset},
+            detector=detector, proxy=proxy, final=final, proxy_epochs=proxy_epochs, final_epochs=final_epochs,
+            max_failed_trials=max_failed_trials, attempts=attempts, model_name=model_name, promote=promote,
+            promote_rule=promote_rule, reward_seeds=reward_seeds, search_splits=search_splits,
+        )
+        _everywhere(init.set_display_name("init-search"), k8s, o)
+        state, trials, run = init.outputs["state"], init.outputs["trials"], init.outputs["run"]
+        for r in range(o.rounds):
+            rd = round_pipeline(data=prep.output, init=warm.output, state=state, trials=trials, run=run, **k8s)
+            state, trials = rd.set_display_name(f"round-{r}").outputs["state"], rd.outputs["trials"]
+        if o.select_top > 0:
+            state = selection_pipeline(data=prep.output, init=warm.output, state=state, select_seeds=select_seeds,
+                                       select_rank=select_rank, run=run, **k8s).set_display_name("selection").output
+        return finals_pipeline(data=prep.output, init=warm.output, state=state, run=run,
+                               **k8s).set_display_name("finals").output
 
-    search_pipeline.rounds = rounds  # type: ignore[attr-defined]
-    search_pipeline.parallelism = parallelism  # type: ignore[attr-defined]
-    search_pipeline.select_top = select_top  # type: ignore[attr-defined]
+    search_pipeline.rounds = o.rounds  # type: ignore[attr-defined]
+    search_pipeline.parallelism = o.parallelism  # type: ignore[attr-defined]
+    search_pipeline.select_top = o.select_top  # type: ignore[attr-defined]
     return search_pipeline
-

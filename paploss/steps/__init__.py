@@ -32,7 +32,8 @@ from paploss.steps.options import (MAX_REWARD_SEEDS, MAX_SEARCH_SPLITS, REWARD_S
                                    check_search_val_fraction, check_select_rank, check_selection,
                                    check_train_options, check_work, pretrain_options, reward_seeds_of,
                                    train_options, validate_search_params)
-from paploss.steps.report import report
+from paploss.steps.context import run_context, tracking_of, training_options
+from paploss.steps.report import report, report_outputs
 from paploss.steps.selection import select_loss, selection_trials
 from paploss.steps.state import load_controller, searched_spec
 from paploss.steps.trials import (proxy_config, proxy_trial, reward_noise, round_noise, stored_trial,
@@ -46,7 +47,7 @@ __all__ = [
     "StepError", "SearchExists", "SearchFailed", "BASELINES", "SEARCHED", "SELECTED_STATE", "SELECT_RANKS",
     "TRIAL_SEEDS", "REWARD_SEED_STRIDE", "MAX_REWARD_SEEDS", "MAX_SEARCH_SPLITS",
     "prepare_data", "pretrain", "init_search", "proxy_trial", "proxy_config", "controller_update",
-    "selection_trials", "select_loss", "final_train", "report",
+    "selection_trials", "select_loss", "final_train", "report", "report_outputs", "run_context", "training_options", "tracking_of",
     "load_controller", "searched_spec", "stored_trial", "trial_results",
     "reward_noise", "round_noise",
     "check_dataset", "check_work", "check_detectors", "check_train_options", "check_reward_seeds",
