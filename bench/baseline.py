@@ -32,17 +32,14 @@ Run = tuple[str, int, int]
 
 def round_trainings(state: str) -> list[list[dict]]:
     """Per finished round of the search in ``state``: the proxy trainings that each of
-    its sampled θ had, as ``{"seed", "split", "repeat"}``: the search's seed (plus the
-    round in a search cached with ``trial_seeds`` ``per-round``), one per reward seed
-    (``steps.reward_seeds_of``; the j-th has ``repeat`` j), on split round mod the
-    search's splits."""
+    its sampled θ had, as ``{"seed", "split", "repeat"}``: the search's seed, one per
+    reward seed (``steps.reward_seeds_of``; the j-th has ``repeat`` j), on split round
+    mod the search's splits."""
     doc, c = storage.read_json(state), steps.load_controller(state)
-    splits, per_round = int(doc.get("search_splits", 1)), doc.get("trial_seeds") == "per-round"
-    out = []
-    for rec in c.history:
-        seeds = steps.reward_seeds_of(c.config.seed + (rec.round if per_round else 0), int(doc.get("reward_seeds", 1)))
-        out.append([{"seed": seed, "split": rec.round % splits, "repeat": j} for j, seed in enumerate(seeds)])
-    return out
+    seeds = steps.reward_seeds_of(c.config.seed, int(doc.get("reward_seeds", 1)))
+    splits = int(doc.get("search_splits", 1))
+    return [[{"seed": seed, "split": rec.round % splits, "repeat": j} for j, seed in enumerate(seeds)]
+            for rec in c.history]
 
 
 def selection_split(state: str) -> int:

@@ -190,8 +190,8 @@ def main(work, out_dir, datasets, samples, max_rounds, min_rounds, sigma, proxy_
                 specs[d][name] = steps.load_controller(pattern.format(dataset=d)).spec().to_json()
         results: dict = {d: {} for d in names}
         got: dict = {}
-        m = B.WarmStarts(pool, deadline=t0 + total_budget_s)
         for d in names:  # each dataset's finals through flow.finals; those past the budget are left out
+            m = B.WarmStarts(pool, finals=(init[d],), deadline=t0 + total_budget_s)
             jobs = B.final_jobs(seed_list, list(specs[d]), specs[d], (init[d],))
             docs = B.run_finals(m, cfg.preset(d), data[d], works[d], jobs, name="device-finals")
             for (loss, seed), doc in docs.items():

@@ -540,7 +540,7 @@ def run_search(cfg: "BenchConfig", m: WarmStarts, p: presets.Preset, data: str, 
     def on_round(out: Mapping[str, Any]) -> None:
         last[0] = out["state"]
         _log(f"{name} round {out['round']}/{p.rounds}: mean reward {out['mean_reward']:.4f}, "
-             f"max {out['max_reward'] or math.nan:.4f} ({time.monotonic() - start[0]:.0f}s)")
+             f"max {math.nan if out['max_reward'] is None else out['max_reward']:.4f} ({time.monotonic() - start[0]:.0f}s)")
         start[0] = time.monotonic()
 
     try:

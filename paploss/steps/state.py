@@ -55,11 +55,8 @@ def _split_field(round: int, search_splits: int) -> dict:
 def _round_runs(controller, rnd: int, opts: _SearchOptions) -> tuple[list[int], dict]:
     """The training seeds each sampled θ of round ``rnd`` gets (one per reward seed) and
     the round's ``split`` field (:func:`_split_field`). Every trial of a round shares the
-    round's seed (its rewards compare losses, not seeds): the search's seed, or with
-    ``per-round`` seed + round, so that the search does not tune its losses to one
-    training trajectory (on the benchmark it measured no better than ``fixed``)."""
-    base = controller.config.seed + (int(rnd) if opts.trial_seeds == "per-round" else 0)
-    return reward_seeds_of(base, opts.reward_seeds), _split_field(rnd, opts.search_splits)
+    round's seed, the search's (its rewards compare losses, not seeds)."""
+    return reward_seeds_of(controller.config.seed, opts.reward_seeds), _split_field(rnd, opts.search_splits)
 
 
 def _trials_of(controller, samples: int, opts: _SearchOptions) -> list[str]:
