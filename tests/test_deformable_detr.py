@@ -433,3 +433,29 @@ def test_deformable_detr_tiny_is_a_detector_name(shapes_root, monkeypatch):
     cfg = TrainConfig(data=str(shapes_root), detector="deformable_detr_tiny", loss="paploss",
                       spec=LossSpec.handcrafted("linear"), iterations=2)
     assert train(cfg) == "ran" and len(seen) == 1 and seen[0].resolve() == DETR_CFG
+
+
+def test_deformable_detr_two_stage_proposals_get_the_loss_with_one_class(monkeypatch):
+    """With ``as_two_stage`` the encoder's proposals are ranked too: every ground truth
+    relabelled class 0, every proposal x class entry ranked (``enc_loss_pap``)."""
+    gen = torch.Generator().manual_seed(5)
+    head = MODELS.build(head_cfg(spec=LossSpec.handcrafted("square"), num_pred_layer=3, as_two_stage=True))
+    metas = [dict(img_shape=(128, 128), pad_shape=(128, 128), batch_input_shape=(128, 128))]
+    gt, boxes, _perm, _t = _known_matching(gen, 3, 20)
+    gt.labels = torch.tensor([4, 2, 3])
+    calls = []
+
+    def recording(logits, targets, qualities, spec_, **kw):
+        calls.append(targets.detach().clone())
+        return pap_loss(logits, targets, qualities, spec_, **kw)
+
+    monkeypatch.setattr(pd, "pap_loss", recording)
+    cls = torch.randn(2, 1, 12, 5, generator=gen)
+    dec_boxes = torch.rand(2, 1, 12, 4, generator=gen) * 0.5 + 0.25
+    enc_cls = torch.randn(1, 20, 5, generator=gen, requires_grad=True)
+    losses = head.loss_by_feat(cls, dec_boxes, enc_cls, boxes[None].clone().requires_grad_(), [gt], metas)
+    assert set(losses) == {"loss_pap", "d0.loss_pap", "enc_loss_pap"} and len(calls) == 3
+    enc_targets = calls[-1].view(20, 5)
+    assert enc_targets.numel() == 20 * 5 and int(enc_targets[:, 0].sum()) == 3 and int(enc_targets[:, 1:].sum()) == 0
+    assert gt.labels.tolist() == [4, 2, 3]  # the caller's ground truths are not relabelled
+    assert torch.autograd.grad(losses["enc_loss_pap"], enc_cls)[0].abs().sum() > 0

@@ -422,7 +422,12 @@ class MultiScaleDeformableAttention(_base_module()):
     ) -> Tensor:
         """query [Q, B, E] (or [B, Q, E]); value [S, B, E] (default: query);
         key_padding_mask [B, S] (True: padding, read as 0); reference_points
-        [B, Q, L, 2 or 4] in [0, 1]; spatial_shapes [L, 2] (h, w). Returns query's shape."""
+        [B, Q, L, 2 or 4] in [0, 1]; spatial_shapes [L, 2] (h, w). Returns query's shape.
+        ``residual``, mmcv's old name of ``identity``, is still read."""
+        if "residual" in kwargs:
+            if identity is not None:
+                raise ValueError("MultiScaleDeformableAttention: give identity or its old name residual, not both")
+            identity = kwargs.pop("residual")
         if value is None:
             value = query
         if identity is None:
