@@ -118,6 +118,9 @@ def pretrain(data, out_file, ann, detector, iterations, image_size, crop_size, b
 @click.option("--checkpoint-every", type=int, default=None)
 @click.option("--no-resume", is_flag=True, help="Start over even if --out holds a checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--config", "config_json", default=None, metavar="JSON",
+              help='More training options (fields of paploss.config.TrainConfig without a flag of their own), '
+                   'e.g. \'{"fpn_channels": 32, "anchor_size": 8}\'; the flags above win.')
 @click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True,
               help="Nodes of a distributed training (with --trainjob).")
 @click.option("--gpus-per-node", type=click.IntRange(min=0), default=1, show_default=True,
@@ -138,7 +141,7 @@ def pretrain(data, out_file, ann, detector, iterations, image_size, crop_size, b
 @click.option("--service-account", default=None, help="TrainJob: service account of its pods.")
 def train(data, out_dir, preset, loss, spec, form, detach_i3, train_ann, val_ann, detector, image_size, batch_size, iterations,
           epochs, lr, optimizer, warmup_iters, init, backbone_weights, seed, device, threads, checkpoint_every,
-          no_resume, quiet, **placement):
+          no_resume, quiet, config_json, **placement):
     """Train a detector with a loss and write checkpoint.pt and metrics.json to --out.
     Prints the metrics (COCO AP on --val-ann) as JSON. With --trainjob, the same
     training runs on the cluster as a Kubeflow Trainer TrainJob (docs/deployment.md)."""
@@ -150,7 +153,7 @@ def train(data, out_dir, preset, loss, spec, form, detach_i3, train_ann, val_ann
             return trainjob.train_command(ctx, ctx.params)
     from paploss.engine import PROXY_PRESETS, TrainConfig, train as run
 
-    base = dict(PROXY_PRESETS[preset]) if preset else {}
+    base = {**(dict(PROXY_PRESETS[preset]) if preset else {}), **_config_option(config_json)}
     spec_obj = _spec(spec, form)
     if form and loss not in (None, "paploss"):
         raise InputError("--form", f"--form needs --loss paploss, got --loss {loss}")
@@ -175,6 +178,19 @@ def train(data, out_dir, preset, loss, spec, form, detach_i3, train_ann, val_ann
     result = run(config, progress=not quiet)
     click.echo(json.dumps({"metrics": result.metrics, "diverged": result.diverged, "iterations": result.iterations,
                            "seconds": round(result.seconds, 1), "checkpoint": result.checkpoint}))
+
+
+def _config_option(text: str | None) -> dict:
+    """``--config``'s JSON object of TrainConfig fields ({} when not given)."""
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError("--config", f"not JSON ({exc.msg}): {text[:200]!r}") from None
+    if not isinstance(value, dict):
+        raise InputError("--config", f"must be a JSON object of training options, got {text[:200]!r}")
+    return value
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

@@ -284,23 +284,27 @@ _CONFIG_TO_OPTION = {"num_threads": "threads", "out": "out_dir"}
 
 def train_args_from_options(options: Mapping[str, Any]) -> list[str]:
     """``paploss train`` arguments for training options given by name (the option names
-    of ``paploss train``, or the TrainConfig fields ``num_threads`` / ``out_dir``), e.g.
-    ``{"data": "s3://…", "out_dir": "s3://…", "preset": "paper", "iterations": 90000}``.
-    ``resume=False`` becomes ``--no-resume``. A name without a ``paploss train`` option
-    is refused (the TrainJob could not pass it on)."""
+    of ``paploss train``, or TrainConfig fields), e.g. ``{"data": "s3://…", "out_dir":
+    "s3://…", "preset": "paper", "iterations": 90000}``. ``resume=False`` becomes
+    ``--no-resume``; a TrainConfig field without a flag of its own goes into ``--config``
+    (a JSON object), so every option reaches the job."""
+    import json
+
     from paploss.engine_cli import train
 
-    values = {}
+    values: dict[str, Any] = {}
+    config: dict[str, Any] = {}
+    known = {p.name for p in train.params} - {"config_json"}
     for key, value in options.items():
         name = _CONFIG_TO_OPTION.get(key, key)
         if key == "resume":
             name, value = "no_resume", not value
-        values[name] = value
-    known = {p.name for p in train.params}
-    unknown = sorted(k for k in values if k not in known)
-    if unknown:
-        raise ValueError(f"training option(s) {unknown} have no `paploss train` flag, so a TrainJob cannot pass them "
-                         f"on; known: {sorted(known)}")
+        if name in known:
+            values[name] = value
+        else:
+            config[key] = value
+    if config:
+        values["config_json"] = json.dumps(config, sort_keys=True)
     return forward_args(train, values, given=values)
 
 

@@ -163,8 +163,10 @@ def test_train_args_from_training_options():
     assert params["out_dir"] == "s3://o" and params["threads"] == 4 and params["no_resume"] and params["detach_i3"]
     unset = train_args_from_options({"data": "s3://d", "epochs": None, "iterations": 5, "detach_i3": False})
     assert unset == ["--data", "s3://d", "--iterations", "5"]  # None and False flags are left out
-    with pytest.raises(ValueError, match=r"\['fpn_channels'\] have no `paploss train` flag"):
-        train_args_from_options({"data": "s3://d", "fpn_channels": 32})
+    # fields without a flag of their own travel in --config, so every option reaches the job
+    extra = train_args_from_options({"data": "s3://d", "fpn_channels": 32, "lr_steps": [0.5, 0.9]})
+    assert extra == ["--data", "s3://d", "--config", '{"fpn_channels": 32, "lr_steps": [0.5, 0.9]}']
+    assert train_command.make_context("train", extra).params["config_json"] == '{"fpn_channels": 32, "lr_steps": [0.5, 0.9]}'
 
 
 def test_final_resources():

@@ -7,7 +7,7 @@ import re
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from paploss import storage
 from paploss.steps.errors import SearchFailed, StepError
@@ -38,6 +38,7 @@ def final_train(
     promote: bool = True,
     spec: str = "",
     tag: str = "",
+    trainer: Callable[[dict], Mapping[str, Any]] | None = None,
 ) -> str:
     """Train the detector on train and evaluate it on the real val set (SPEC §4).
 
@@ -47,7 +48,10 @@ def final_train(
     (a LossSpec as JSON: a handcrafted form, the search's starting loss, a loss
     file). ``tag`` is added to the result's file name (``final/<loss><tag>.json``),
     e.g. to keep the finals of several seeds apart. Logs a nested ``paploss.kind=final``
-    run (opened as training starts); the searched one registers a version of
+    run (opened as training starts). ``trainer``: where the training runs when not in
+    this process (e.g. a multi-GPU job on a cluster): it gets the training's options by
+    ``paploss train`` name (data, out_dir and init as URIs, the spec as a file's URI) and
+    returns ``{"metrics", "diverged", "checkpoint"}``. The searched one registers a version of
     ``model_name`` without the ``champion`` alias: the report, which knows the
     baselines, decides that (``promote`` is kept for callers and not used here). Returns JSON
     ``{"loss", "metrics", "checkpoint", "diverged", "seconds", "model_version", "promoted"}``.
@@ -71,24 +75,18 @@ def final_train(
 
         tr.start_final(tracking, search_name, f"{loss}{tag}")
     start = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="paploss-final-") as tmp:
-        losses: list[float] = []
-        cfg = _train_config(
-            final, "final config",
-            data=str(_local(data)), train_ann="train", val_ann="val",
-            loss="paploss" if spec is not None else loss, spec=spec,
-            init=str(_local(init)) if init else None, seed=int(seed), out_dir=tmp,
-        )
-        _log(f"final training with {loss}")
-        res = _run_training(cfg, on_step=lambda it, value: losses.append(float(value)))
-        ckpt_uri = storage.join(search_dir(work, search_name), "final", f"{loss}{tag}", "checkpoint.pt")
-        if res.checkpoint:
-            storage.write_bytes(ckpt_uri, Path(res.checkpoint).read_bytes())
-        else:
-            ckpt_uri = ""
+    folder = storage.join(search_dir(work, search_name), "final", f"{loss}{tag}")
+    _log(f"final training with {loss}")
+    losses: list[float] = []
+    if trainer is None:
+        res, ckpt_uri = _train_here(final, data, init, loss, spec, seed, losses, storage.join(folder, "checkpoint.pt"))
+        metrics, diverged = res.metrics, res.diverged
+    else:
+        done = _train_elsewhere(trainer, final, data, init, loss, spec, seed, folder)
+        metrics, diverged, ckpt_uri = done["metrics"], done["diverged"], done.get("checkpoint") or ""
     result = {
-        "loss": loss, "key": key, "metrics": {k: float(v) for k, v in dict(res.metrics).items()},
-        "checkpoint": ckpt_uri, "diverged": bool(res.diverged), "seconds": round(time.monotonic() - start, 3),
+        "loss": loss, "key": key, "metrics": {k: float(v) for k, v in dict(metrics).items()},
+        "checkpoint": ckpt_uri, "diverged": bool(diverged), "seconds": round(time.monotonic() - start, 3),
         "spec": spec.to_json() if spec is not None else None, "model_version": None, "promoted": False,
     }
     if tracking is not None:
@@ -101,6 +99,38 @@ def final_train(
     ap = result["metrics"].get("AP", float("nan"))
     _log(f"final {loss}: AP {ap:.4f}" + (f", model version {result['model_version']}" if result["model_version"] else ""))
     return json.dumps(result)
+
+
+def _train_here(final, data, init, loss, spec, seed, losses: list, ckpt_uri: str):
+    """One final training in this process; its checkpoint goes to ``ckpt_uri``.
+    Returns ``(TrainResult, ckpt_uri or "" when it wrote none)``."""
+    with tempfile.TemporaryDirectory(prefix="paploss-final-") as tmp:
+        cfg = _train_config(
+            final, "final config",
+            data=str(_local(data)), train_ann="train", val_ann="val",
+            loss="paploss" if spec is not None else loss, spec=spec,
+            init=str(_local(init)) if init else None, seed=int(seed), out_dir=tmp,
+        )
+        res = _run_training(cfg, on_step=lambda it, value: losses.append(float(value)))
+        if not res.checkpoint:
+            return res, ""
+        storage.write_bytes(ckpt_uri, Path(res.checkpoint).read_bytes())
+        return res, ckpt_uri
+
+
+def _train_elsewhere(trainer, final, data, init, loss, spec, seed, folder: str) -> Mapping[str, Any]:
+    """One final training handed to ``trainer``; its outputs go to ``folder`` (the work folder)."""
+    spec_uri = None
+    if spec is not None:
+        spec_uri = storage.write_text(storage.join(folder, "spec.json"), spec.to_json())
+    options = {**dict(final), "data": data, "train_ann": "train", "val_ann": "val",
+               "loss": "paploss" if spec is not None else loss, "spec": spec_uri, "init": init or None,
+               "seed": int(seed), "out_dir": folder}
+    done = dict(trainer({k: v for k, v in options.items() if v is not None}))
+    missing = [k for k in ("metrics", "diverged") if k not in done]
+    if missing:
+        raise SearchFailed(f"the final training of {loss} elsewhere returned no {', '.join(missing)}")
+    return done
 
 
 _LOSS_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9+._-]{0,63}$")
