@@ -7,7 +7,6 @@ skipped with the reason. ``pytest -k deformable_detr`` selects them all.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import math
