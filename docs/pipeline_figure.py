@@ -22,7 +22,9 @@ drawing, not of :func:`pipeline_graph`'s edges.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import textwrap
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +43,9 @@ class Node:
     (``taskInfo.name``: ``final-focal-l1``), ``component`` the component it runs,
     ``dag`` the DAG it belongs to (``root`` or a sub-pipeline's component name),
     ``kind`` ``"task"`` (a container), ``"pipeline"`` (a sub-pipeline) or ``"loop"``
-    (a ``ParallelFor``), ``parallelism`` the loop's limit (0: none or not a loop).
+    (a ``ParallelFor``), ``parallelism`` the loop's limit (0: none or not a loop),
+    ``items`` what a loop runs over: the name of the list it is given (``trials``) or,
+    for a list fixed at compile time, its values (``searched, focal+l1, focal+giou``).
     """
 
     task: str
@@ -50,6 +54,7 @@ class Node:
     dag: str
     kind: str
     parallelism: int = 0
+    items: str = ""
 
 
 @dataclass
@@ -100,6 +105,18 @@ def _producers(task: dict) -> set[str]:
     return found
 
 
+def _loop_items(task: dict) -> str:
+    """What a ``ParallelFor`` task runs over ("" for other tasks)."""
+    items = (task.get("parameterIterator") or task.get("artifactIterator") or {}).get("items", {})
+    if "raw" in items:
+        values = json.loads(items["raw"]) if isinstance(items["raw"], str) else items["raw"]
+        return ", ".join(str(v) for v in values)
+    name = (items.get("inputParameter") or items.get("inputArtifact") or "").removeprefix("pipelinechannel--")
+    if name.endswith("-Output"):  # a task's return value: name the task
+        return f"output of {name.removesuffix('-Output')}"
+    return name
+
+
 def pipeline_graph(spec: dict) -> Graph:
     """The tasks and edges of ``spec`` (a compiled pipeline spec), root DAG and every
     sub-pipeline it reaches."""
@@ -120,7 +137,8 @@ def pipeline_graph(spec: dict) -> Graph:
             kind = "loop" if loop else ("pipeline" if "dag" in comp else "task")
             graph.nodes[dag_name].append(Node(
                 task=key, label=task.get("taskInfo", {}).get("name", key), component=comp_name, dag=dag_name,
-                kind=kind, parallelism=int(task.get("iteratorPolicy", {}).get("parallelismLimit", 0))))
+                kind=kind, parallelism=int(task.get("iteratorPolicy", {}).get("parallelismLimit", 0)),
+                items=_loop_items(task)))
             for before in set(task.get("dependentTasks", [])) | _producers(task):
                 if before in tasks:
                     graph.edges[dag_name].add((before, key))
@@ -218,7 +236,11 @@ _COLOURS = {  # fill, edge
 }
 
 
-def _family(node: Node) -> str:
+def _family(node: Node, graph: Graph) -> str:
+    if node.kind == "loop":  # a loop is what it runs
+        inside = graph.nodes.get(graph.children.get((node.dag, node.task), ""), [])
+        if inside:
+            return _family(inside[0], graph)
     name = f"{node.task} {node.component}"
     if "final" in name:
         return "final"
@@ -233,15 +255,23 @@ def _label(node: Node, graph: Graph) -> str:
     if node.kind == "loop":
         inside = graph.nodes.get(graph.children.get((node.dag, node.task), ""), [])
         names = ", ".join(n.label for n in inside) or node.label
-        limit = f"\n{node.parallelism} at a time" if node.parallelism else ""
-        return f"{names} × trials\n(ParallelFor){limit}"
+        limit = f", {node.parallelism} at a time" if node.parallelism else ""
+        if "," in node.items or not node.items:  # values fixed at compile time
+            head = [f"{names} for each of"] + textwrap.wrap(node.items, 26)
+        else:
+            head = textwrap.wrap(f"{names} × {node.items}", 26)
+        return "\n".join(head + [f"(ParallelFor{limit})"])
     text = node.label if node.label == node.task else f"{node.label}\n({node.task})"
     if node.kind == "pipeline":
         text += "\n[sub-pipeline]"
     return text
 
 
-_BOX_W, _BOX_H, _DX, _DY = 2.3, 0.8, 3.1, 1.15
+def _height(label: str) -> float:
+    return max(_BOX_H, 0.2 * label.count("\n") + 0.45)
+
+
+_BOX_W, _BOX_H, _DX, _DY = 2.5, 0.8, 3.3, 1.15
 
 
 def _draw_dag(ax, graph: Graph, dag: str, title: str, top: float) -> float:
@@ -264,17 +294,20 @@ def _draw_dag(ax, graph: Graph, dag: str, title: str, top: float) -> float:
                                      color="#555555", shrinkA=0, shrinkB=2, zorder=1))
     for n, node in nodes.items():
         x, y = xy[n]
-        fill, edge = _COLOURS[_family(node)]
+        fill, edge = _COLOURS[_family(node, graph)]
+        label = _label(node, graph)
+        h = _height(label)
         style = dict(boxstyle="round,pad=0.02,rounding_size=0.12", fc=fill, ec=edge, lw=1.6, zorder=2)
         if node.kind == "loop":  # a deck of cards: several trials side by side
             for k in (2, 1):
-                ax.add_patch(FancyBboxPatch((x - _BOX_W / 2 + 0.09 * k, y - _BOX_H / 2 - 0.09 * k), _BOX_W, _BOX_H,
+                ax.add_patch(FancyBboxPatch((x - _BOX_W / 2 + 0.09 * k, y - h / 2 - 0.09 * k), _BOX_W, h,
                                             **{**style, "zorder": 2 - 0.1 * k}))
         if node.kind == "pipeline":
             style.update(ls="--", lw=2.0)
-        ax.add_patch(FancyBboxPatch((x - _BOX_W / 2, y - _BOX_H / 2), _BOX_W, _BOX_H, **style))
-        ax.text(x, y, _label(node, graph), ha="center", va="center", fontsize=8.5, zorder=3)
-    return min(y for _, y in xy.values()) - _BOX_H / 2 - 0.3
+        ax.add_patch(FancyBboxPatch((x - _BOX_W / 2, y - h / 2), _BOX_W, h, **style))
+        ax.text(x, y, label, ha="center", va="center", fontsize=8.5, zorder=3)
+    tallest = max(_height(_label(n, graph)) for n in nodes.values())
+    return min(y for _, y in xy.values()) - tallest / 2 - 0.3
 
 
 def _panels(graph: Graph) -> list[tuple[str, str]]:
@@ -294,7 +327,17 @@ def _panels(graph: Graph) -> list[tuple[str, str]]:
                  for (p, t), c in graph.children.items()
                  if (tuple(sorted(n.label for n in graph.nodes[c])), tuple(sorted(graph.edges[c]))) == shape]
         panels.append((child, f"inside {', '.join(users)} (sub-pipeline {child.removeprefix('comp-')})"))
-    return panels
+    order = {child: _first_column(graph, child) for child, _ in panels[1:]}
+    return panels[:1] + sorted(panels[1:], key=lambda p: (order[p[0]], p[1]))
+
+
+def _first_column(graph: Graph, dag: str) -> tuple[int, ...]:
+    """Where ``dag`` first runs: the columns of the tasks that lead to it from the root."""
+    for (parent, task), child in graph.children.items():
+        if child == dag:
+            depth = layers([n.task for n in graph.nodes[parent]], graph.edges[parent])[task]
+            return (*(_first_column(graph, parent) if parent != "root" else ()), depth)
+    return ()
 
 
 def render(graph: Graph, out: Path, preset: str) -> Path:
