@@ -332,3 +332,11 @@ def test_os_errors_naming_a_file_are_expected_failures():
     assert exit_code_of(OSError(errno_.ENOSPC, "No space left on device", "/x")) == 1
     assert exit_code_of(OSError("no file named")) is None  # not about a file: a bug
     assert exit_code_of(KeyError("x")) is None
+
+
+def test_retrain_says_one_line_and_masks_the_tracking_uri(tmp_path):
+    r = _run(["retrain", "--host", "http://127.0.0.1:1", "--dataset", "s3://x/y", "--tracking-uri",
+              "http://me:pw@127.0.0.1:1"], tmp_path)
+    assert r.returncode != 0 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("Error: ") and "127.0.0.1:1" in r.stderr, r.stderr
+    assert "me:pw" not in r.stderr
