@@ -101,13 +101,20 @@ def select_loss(state: str, results: List[str], rank: str, run: Dict) -> str:
                              rank=rank)
 
 
-def final_train(data: str, init: str, loss: str, state: str, run: Dict) -> str:
-    """Full training with the searched loss or a baseline -> result JSON with its val AP."""
+def final_train(data: str, init: str, loss: str, state: str, run: Dict, placement: Dict, kfp_run_id: str,
+                node_selector: Dict, tolerations: List[Dict], s3_secret: str, mlflow_secret: str) -> str:
+    """Full training with the searched loss or a baseline -> result JSON with its val AP; on
+    more than one GPU (``placement``) the training is a Kubeflow Trainer TrainJob this task waits for."""
     from paploss import steps
+    from pipelines.trainjob import final_trainer
 
+    trainer = final_trainer(placement, search_name=run["search_name"], task=loss, run_id=kfp_run_id,
+                            tracking_uri=run["tracking"].get("uri", ""), s3_secret=s3_secret,
+                            mlflow_secret=mlflow_secret, node_selector=node_selector, tolerations=tolerations)
     return steps.final_train(data, init, loss, steps.training_options(run, "final"), run["work"], run["search_name"],
                              state=state if loss == steps.SEARCHED else "", seed=run["seed"],
-                             tracking=steps.tracking_of(run), model_name=run["model_name"], promote=run["promote"])
+                             tracking=steps.tracking_of(run), model_name=run["model_name"], promote=run["promote"],
+                             trainer=trainer)
 
 
 def report(finals: List[str], state: str, run: Dict, metrics: Output[Metrics], table: Output[Markdown]) -> str:

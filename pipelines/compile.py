@@ -81,10 +81,24 @@ def compile_pipeline(
 @click.option("--retries", type=int, default=2, show_default=True, help="KFP retries of a training task.")
 @click.option("--s3-endpoint", default="", help="AWS_ENDPOINT_URL of every task (MinIO etc.).")
 @click.option("--pvc", default="", help="A PersistentVolumeClaim mounted at /data as the dataset cache.")
+@click.option("--trials-per-gpu", type=int, default=1, show_default=True,
+              help="Proxy trials sharing one GPU under CUDA MPS (each requests one of the GPU's shares, cpu/k, "
+                   "memory/k; the cluster's device plugin must advertise each GPU k times: docs/deployment.md).")
+@click.option("--final-nodes", type=int, default=1, show_default=True,
+              help="Nodes of each final training; with more than one GPU in all, a final is a Kubeflow Trainer "
+                   "TrainJob (torchrun, DDP) that its task waits for.")
+@click.option("--final-gpus-per-node", type=int, default=1, show_default=True, help="GPUs per node of a final.")
+@click.option("--max-gpus", type=int, default=0, show_default=True,
+              help="Cap on the GPUs the final trainings hold at once (finals beside each other x GPUs per final; "
+                   "0: no cap).")
+@click.option("--trainjob-runtime", default="torch-distributed", show_default=True,
+              help="The ClusterTrainingRuntime of the finals' TrainJobs.")
+@click.option("--service-account", default="", help="Service account of the TrainJobs' pods [namespace default].")
 @click.option("--compact/--no-compact", default=True, show_default=True,
               help="Keep one copy of each distinct component definition (kfp writes one per use, e.g. per round).")
 def compile_cmd(out, image, preset, rounds, parallelism, select_top, accelerator, gpus, cpu, memory, retries,
-                s3_endpoint, pvc, compact):
+                s3_endpoint, pvc, trials_per_gpu, final_nodes, final_gpus_per_node, max_gpus, trainjob_runtime,
+                service_account, compact):
     """Compile the search pipeline to Kubeflow Pipelines YAML (submit it with
     `paploss submit`). Rounds and parallelism are fixed here; everything else is a
     run-time parameter."""
@@ -92,7 +106,9 @@ def compile_cmd(out, image, preset, rounds, parallelism, select_top, accelerator
 
     try:
         cluster = ClusterOptions(accelerator=accelerator, gpus=gpus, cpu=cpu, memory=memory, retries=retries,
-                                 s3_endpoint=s3_endpoint, pvc=pvc)
+                                 s3_endpoint=s3_endpoint, pvc=pvc, trials_per_gpu=trials_per_gpu,
+                                 final_nodes=final_nodes, final_gpus_per_node=final_gpus_per_node, max_gpus=max_gpus,
+                                 trainjob_runtime=trainjob_runtime, service_account=service_account)
         path = compile_pipeline(out, image=image, preset=preset, rounds=rounds, parallelism=parallelism,
                                 cluster=cluster, select_top=select_top, compact=compact)
     except ValueError as exc:

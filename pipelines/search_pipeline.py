@@ -71,10 +71,38 @@ class ClusterOptions:
     s3_endpoint: str = ""  # AWS_ENDPOINT_URL of every task ("" = AWS's default)
     pvc: str = ""  # a PersistentVolumeClaim mounted at /data (dataset cache) in every task
     secret_optional: bool = True  # run even if the secret is missing (e.g. IAM roles provide S3 access)
+    trials_per_gpu: int = 1  # proxy trials sharing one GPU under CUDA MPS (paploss.packing)
+    final_nodes: int = 1  # a final on more than one GPU is a Kubeflow Trainer TrainJob (pipelines.trainjob)
+    final_gpus_per_node: int = 1
+    max_gpus: int = 0  # the GPUs the finals hold at once (0: no cap)
+    trainjob_runtime: str = "torch-distributed"  # the ClusterTrainingRuntime of the TrainJobs
+    service_account: str = ""  # of the TrainJobs' pods ("" = the namespace's default)
 
     def __post_init__(self) -> None:
         if self.gpus < 0 or self.retries < 0:
             raise ValueError(f"gpus={self.gpus} and retries={self.retries} must be >= 0")
+        self.finals_resources  # noqa: B018 - checks final_nodes, final_gpus_per_node, max_gpus
+        if self.trials_per_gpu > 1:
+            self.trial_resources  # noqa: B018 - checks trials_per_gpu against cpu and memory
+
+    @property
+    def finals_resources(self):
+        """The final trainings' GPUs (:class:`pipelines.trainjob.FinalResources`)."""
+        from pipelines.trainjob import FinalResources
+
+        return FinalResources(self.final_nodes, self.final_gpus_per_node, self.max_gpus)
+
+    @property
+    def trial_resources(self):
+        """What one proxy trial requests (:func:`paploss.packing.trial_resources`)."""
+        from paploss.packing import trial_resources
+
+        return trial_resources(self.trials_per_gpu, cpu=self.cpu, memory=self.memory, accelerator=self.accelerator)
+
+    def placement(self, image: str) -> dict:
+        """The finals' placement, a constant input of the final-train task."""
+        return {"nodes": self.final_nodes, "gpus_per_node": self.final_gpus_per_node, "image": image,
+                "runtime": self.trainjob_runtime, "service_account": self.service_account}
 
 
 @dataclass(frozen=True)
@@ -115,7 +143,7 @@ def _everywhere(task, k8s: dict, o: PipelineOptions):
     kubernetes.use_secret_as_env(task, secret_name=k8s["s3_secret"], secret_key_to_env=SECRET_KEYS,
                                  optional=cluster.secret_optional)
     # MLflow credentials for an authenticated server, so tracking_uri holds none (each key optional)
-    kubernetes.use_secret_as_env(task, secret_name=k8s.get("mlflow_secret", MLFLOW_SECRET),
+    kubernetes.use_secret_as_env(task, secret_name=k8s["mlflow_secret"],
                                  secret_key_to_env=MLFLOW_SECRET_KEYS, optional=True)
     if cluster.pvc:
         kubernetes.mount_pvc(task, pvc_name=cluster.pvc, mount_path="/data")
@@ -125,22 +153,39 @@ def _everywhere(task, k8s: dict, o: PipelineOptions):
     return task
 
 
-def _training(task, k8s: dict, o: PipelineOptions):
-    """Settings of the training tasks (warm start, proxy trials, final trainings)."""
+def _training(task, k8s: dict, o: PipelineOptions, *, gpus: int | None = None, cpu: str = "", memory: str = ""):
+    """Settings of the training tasks (warm start, proxy trials, final trainings):
+    ``gpus`` (default the cluster's), CPU and memory requests, retries."""
     cluster = o.cluster
-    if cluster.gpus:
-        task.set_accelerator_type(cluster.accelerator).set_accelerator_limit(cluster.gpus)
-    task.set_cpu_request(cluster.cpu).set_memory_request(cluster.memory)
+    gpus = cluster.gpus if gpus is None else gpus
+    if gpus:
+        task.set_accelerator_type(cluster.accelerator).set_accelerator_limit(gpus)
+    task.set_cpu_request(cpu or cluster.cpu).set_memory_request(memory or cluster.memory)
     if cluster.retries:
         task.set_retry(num_retries=cluster.retries, backoff_duration=cluster.backoff)
     return _everywhere(task, k8s, o)
+
+
+def _proxy(task, k8s: dict, o: PipelineOptions):
+    """A proxy trial's resources: one GPU, or one of its ``trials_per_gpu`` shares."""
+    if o.cluster.trials_per_gpu == 1 or not o.cluster.gpus:
+        return _training(task, k8s, o)
+    share = o.cluster.trial_resources
+    return _training(task, k8s, o, gpus=share.accelerator_limit, cpu=share.cpu, memory=share.memory)
+
+
+def _final(task, k8s: dict, o: PipelineOptions):
+    """A final training's resources; a final that runs as a TrainJob only waits for it."""
+    if o.cluster.finals_resources.distributed:
+        return _training(task, k8s, o, gpus=0, cpu="500m", memory="1G")
+    return _training(task, k8s, o)
 
 
 def _trials(c, o: PipelineOptions, k8s: dict, data, init, state, trials, run):
     """A ParallelFor of proxy trials (a round's samples or the selection's candidates)."""
     with dsl.ParallelFor(trials, parallelism=o.parallelism) as trial:
         t = c.proxy_trial(data=data, init=init, trial=trial, state=state, run=run).set_display_name("proxy-trial")
-        _training(t, k8s, o)
+        _proxy(t, k8s, o)
     return t
 
 
@@ -149,8 +194,9 @@ def search_round(c, o: PipelineOptions):
 
     @dsl.pipeline(name="search-round", description="One PPO round: proxy trials in parallel, then the update.")
     def round_pipeline(data: str, init: str, state: str, trials: List[str], run: Dict, node_selector: Dict,
-                       tolerations: List[Dict], s3_secret: str) -> _RoundOutputs:
-        k8s = {"node_selector": node_selector, "tolerations": tolerations, "s3_secret": s3_secret}
+                       tolerations: List[Dict], s3_secret: str, mlflow_secret: str) -> _RoundOutputs:
+        k8s = {"node_selector": node_selector, "tolerations": tolerations, "s3_secret": s3_secret,
+               "mlflow_secret": mlflow_secret}
         t = _trials(c, o, k8s, data, init, state, trials, run)
         u = c.controller_update(state=state, results=dsl.Collected(t.output), run=run)
         _everywhere(u.set_display_name("controller-update"), k8s, o)
@@ -164,8 +210,9 @@ def selection(c, o: PipelineOptions):
 
     @dsl.pipeline(name="selection", description="Train the best sampled losses again with new seeds; pick the best mean.")
     def selection_pipeline(data: str, init: str, state: str, select_seeds: List[int], select_rank: str, run: Dict,
-                           node_selector: Dict, tolerations: List[Dict], s3_secret: str) -> str:
-        k8s = {"node_selector": node_selector, "tolerations": tolerations, "s3_secret": s3_secret}
+                           node_selector: Dict, tolerations: List[Dict], s3_secret: str, mlflow_secret: str) -> str:
+        k8s = {"node_selector": node_selector, "tolerations": tolerations, "s3_secret": s3_secret,
+               "mlflow_secret": mlflow_secret}
         sel = c.selection_trials(state=state, top=o.select_top, seeds=select_seeds, rank=select_rank)
         _everywhere(sel.set_display_name("selection-trials"), k8s, o)
         t = _trials(c, o, k8s, data, init, state, sel.output, run)
@@ -181,11 +228,15 @@ def finals(c, o: PipelineOptions):
 
     @dsl.pipeline(name="finals", description="Train the searched loss and the baselines side by side; the AP table.")
     def finals_pipeline(data: str, init: str, state: str, run: Dict, node_selector: Dict, tolerations: List[Dict],
-                        s3_secret: str) -> str:
-        k8s = {"node_selector": node_selector, "tolerations": tolerations, "s3_secret": s3_secret}
-        with dsl.ParallelFor(list(FINAL_LOSSES), parallelism=len(FINAL_LOSSES)) as loss:
-            f = c.final_train(data=data, init=init, loss=loss, state=state, run=run)
-            _training(f.set_display_name("final-train"), k8s, o)
+                        s3_secret: str, mlflow_secret: str) -> str:
+        k8s = {"node_selector": node_selector, "tolerations": tolerations, "s3_secret": s3_secret,
+               "mlflow_secret": mlflow_secret}
+        at_once = o.cluster.finals_resources.at_once(len(FINAL_LOSSES))  # the GPU cap
+        with dsl.ParallelFor(list(FINAL_LOSSES), parallelism=at_once) as loss:
+            f = c.final_train(data=data, init=init, loss=loss, state=state, run=run,
+                              placement=o.cluster.placement(o.image), kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                              **k8s)
+            _final(f.set_display_name("final-train"), k8s, o)
         rep = c.report(finals=dsl.Collected(f.output), state=state, run=run)
         _everywhere(rep.set_display_name("report"), k8s, o)
         return rep.outputs["Output"]
@@ -220,9 +271,10 @@ def build_pipeline(rounds: int | None = None, parallelism: int | None = None, im
         promote_rule: str = "beat-baselines",
         node_selector: Dict = {},  # noqa: B006 - KFP reads defaults from the signature
         tolerations: List[Dict] = [],  # noqa: B006
-        s3_secret: str = "paploss-s3",
+        s3_secret: str = "paploss-s3", mlflow_secret: str = MLFLOW_SECRET,
     ) -> str:
-        k8s = {"node_selector": node_selector, "tolerations": tolerations, "s3_secret": s3_secret}
+        k8s = {"node_selector": node_selector, "tolerations": tolerations, "s3_secret": s3_secret,
+               "mlflow_secret": mlflow_secret}
         prep = c.prepare_data(dataset=dataset, work=work, split_seed=split_seed,
                               search_val_fraction=search_val_fraction, bundled=bundled, search_splits=search_splits)
         _everywhere(prep.set_display_name("prepare-data"), k8s, o)

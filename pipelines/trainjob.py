@@ -688,3 +688,38 @@ def train_command(ctx, params: Mapping[str, Any]) -> None:
     except TrainJobError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps({**done, "trainjob": result["metadata"]["name"]}))
+
+
+# ------------------------------------------------------------------ the pipeline's final-train task
+
+
+def final_trainer(placement: Mapping[str, Any], *, search_name: str, task: str, run_id: str = "",
+                  tracking_uri: str = "", s3_secret: str = "paploss-s3", mlflow_secret: str = "",
+                  node_selector: Mapping[str, str] | None = None, tolerations: Sequence[Mapping[str, Any]] = (),
+                  dry_run: bool = False, k8s_api: str = "", echo: Callable[[str], None] | None = print):
+    """The ``trainer`` of :func:`paploss.steps.final_train` for a final on several GPUs: a
+    function of the training's options that runs them as a TrainJob (``placement``:
+    ``{"nodes", "gpus_per_node", "image", "runtime", "service_account"}``, the pipeline's
+    compile options), waits, and returns what rank 0 wrote; None when ``placement`` asks
+    for one GPU (the final trains in the task itself). With ``dry_run`` the function
+    returns the manifest under ``"trainjob"`` and trains nothing."""
+    nodes, gpus = int(placement.get("nodes", 1)), int(placement.get("gpus_per_node", 1))
+    if not FinalResources(nodes, gpus).distributed:
+        return None
+    extra = {k: placement[k] for k in ("runtime", "service_account") if placement.get(k)}
+    if mlflow_secret:
+        extra["mlflow_secret"] = mlflow_secret
+
+    def train_there(options: Mapping[str, Any]) -> dict:
+        args = train_args_from_options({**options, "quiet": True})
+        job = run_final_trainjob(
+            args, nodes=nodes, gpus_per_node=gpus, image=str(placement.get("image", "")), search_name=search_name,
+            task=task, run_id=run_id, dry_run=dry_run, k8s_api=k8s_api, echo=echo, s3_secret=s3_secret,
+            s3_endpoint=os.environ.get("AWS_ENDPOINT_URL", ""),
+            tracking_uri=tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", ""),
+            node_selector=dict(node_selector or {}), tolerations=list(tolerations), **extra)
+        if dry_run:
+            return {"metrics": {}, "diverged": False, "checkpoint": "", "trainjob": job}
+        return read_result(args, job)
+
+    return train_there
