@@ -304,6 +304,10 @@ def test_faster_rcnn_one_loss_spec_is_used_on_both_heads_and_bad_specs_fail():
         tiny_model(spec=SpecSet.of(rpn=square))
     with pytest.raises(ValueError, match="loss 'paploss' needs a LossSpec"):
         tiny_model(spec=None)
+    with pytest.raises(ValueError, match=r"unknown quality 'dice'; known: \['giou', 'iou', 'l1'\]"):
+        tiny_model(spec=square, quality="dice")
+    with pytest.raises(ValueError, match=r"unknown loss 'ce\+dice'"):
+        tiny_model(loss="ce+dice")
     with pytest.raises(ValueError, match="has one loss: give a plain loss spec"):
         build_detector("retinanet_mobilenet_v3_small", 3, loss="paploss", spec=SpecSet.of(rpn=square, roi=square))
 
@@ -706,3 +710,35 @@ def test_faster_rcnn_cli_300_iterations_reports_coco_ap(shapes64, tmp_path):
     assert result["iterations"] == 300 and not result["diverged"]
     assert result["metrics"]["AP50"] > 0.01, result["metrics"]
     assert evaluated == pytest.approx(result["metrics"])
+
+
+@pytest.mark.mmdet
+@pytest.mark.slow
+def test_faster_rcnn_mmdet_train_tool_with_custom_imports(mm, tmp_path):
+    """The user's path: MMDetection's own tools/train.py on the tiny Faster R-CNN config;
+    custom_imports loads both PAP heads, whose losses are logged."""
+    import os
+    import subprocess
+    import sys
+
+    import mmdet
+
+    from paploss.data import make_dataset
+
+    root = make_dataset("shapes", tmp_path / "shapes", n_train=8, n_val=4, image_size=128, seed=0, progress=False)
+    tool = Path(mmdet.__file__).parent / ".mim" / "tools" / "train.py"
+    data = str(root) + "/"
+    ann = data + "annotations/val.json"
+    opts = [f"train_dataloader.dataset.data_root={data}", f"val_dataloader.dataset.data_root={data}",
+            f"test_dataloader.dataset.data_root={data}", f"val_evaluator.ann_file={ann}", f"test_evaluator.ann_file={ann}",
+            "train_cfg.max_epochs=1", "train_cfg.val_interval=1", "train_dataloader.batch_size=4",
+            "default_hooks.logger.interval=1"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(tool), str(MM_TINY), "--work-dir", str(tmp_path / "work"),
+                           "--cfg-options", *opts], capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "work" / "epoch_1.pth").exists()
+    log = "\n".join(p.read_text() for p in (tmp_path / "work").rglob("*.log"))
+    assert "PAPLossRPNHead: loss = pap_loss" in log and "PAPLossBBoxHead: loss = pap_loss" in log
+    assert "loss_rpn_pap:" in log and "loss_roi_pap:" in log
+    assert "bbox_mAP" in log or "testing results of the whole dataset is empty" in log

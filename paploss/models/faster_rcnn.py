@@ -54,6 +54,8 @@ from torchvision.ops import MultiScaleRoIAlign, boxes as box_ops
 from torchvision.ops.misc import Conv2dNormActivation
 
 from paploss.models.backbones import build_backbone
+from paploss.models.retinanet import check_loss
+from paploss.models.targets import QUALITIES
 from paploss.models.two_stage_targets import KeepAll, delta_quality, roi_targets, rpn_targets
 
 __all__ = ["PAPRegionProposalNetwork", "PAPRoIHeads", "TwoStageDetector", "build_faster_rcnn", "GIOU_WEIGHT"]
@@ -69,10 +71,9 @@ class _PapOptions:
     ranked = None  # the last step's entry counts: {"entries", "ranked", "positives"}
 
     def _set_options(self, loss: str, spec, quality: str, top_k: int | None, detach_i3: bool) -> None:
-        if loss not in ("focal+l1", "focal+giou", "paploss"):
-            raise ValueError(f"unknown loss {loss!r}; known: ['focal+l1', 'focal+giou', 'paploss']")
-        if loss == "paploss" and spec is None:
-            raise ValueError(f"{type(self).__name__}: loss 'paploss' needs a LossSpec")
+        check_loss(loss, spec)
+        if quality not in QUALITIES:
+            raise ValueError(f"unknown quality {quality!r}; known: {list(QUALITIES)}")
         self.loss, self.spec, self.quality, self.top_k, self.detach_i3 = loss, spec, quality, top_k, detach_i3
 
     def _pap(self, logits: Tensor, t: Tensor, u: Tensor) -> Tensor:
