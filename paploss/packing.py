@@ -211,3 +211,32 @@ def packing_note(trials_per_gpu: int) -> str | None:
                 "take turns on the GPU (time-slicing), far slower than side by side under MPS")
     return None
 
+
+
+# ----------------------------------------------------------------------------- a trial's own check
+#: Set by the pipeline on every proxy-trial task when ``trials_per_gpu`` > 1.
+TRIALS_PER_GPU_ENV = "PAPLOSS_TRIALS_PER_GPU"
+
+
+def check_packed_trial(cfg) -> str | None:
+    """Before a proxy trial trains: when the pipeline packs k > 1 trials per GPU
+    (``$PAPLOSS_TRIALS_PER_GPU``) and this trial trains on CUDA, check that k trials of
+    its estimated size fit the GPU and that this one fits what is free now (one
+    :class:`InputError` line otherwise). Returns :func:`packing_note` (a warning when no
+    MPS daemon is up), None when there is nothing to say or no packing."""
+    try:
+        k = int(os.environ.get(TRIALS_PER_GPU_ENV, "1") or 1)
+    except ValueError:
+        raise InputError(TRIALS_PER_GPU_ENV, f"must be an integer, got {os.environ[TRIALS_PER_GPU_ENV]!r}") from None
+    if k <= 1:
+        return None
+    from paploss.engine import resolve_device
+
+    if resolve_device(cfg.device).type != "cuda":
+        return None
+    import json
+
+    with open(Path(cfg.data) / "annotations" / f"{cfg.train_ann}.json", encoding="utf-8") as f:
+        num_classes = len(json.load(f)["categories"])
+    check_gpu(k, estimate_trial_bytes(cfg, num_classes))
+    return packing_note(k)

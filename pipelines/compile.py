@@ -84,6 +84,9 @@ def compile_pipeline(
 @click.option("--trials-per-gpu", type=int, default=1, show_default=True,
               help="Proxy trials sharing one GPU under CUDA MPS (each requests one of the GPU's shares, cpu/k, "
                    "memory/k; the cluster's device plugin must advertise each GPU k times: docs/deployment.md).")
+@click.option("--trial-accelerator", default="",
+              help="The resource a packed proxy trial requests, e.g. nvidia.com/gpu.shared where the device plugin "
+                   "advertises MPS shares under their own name [--accelerator].")
 @click.option("--final-nodes", type=int, default=1, show_default=True,
               help="Nodes of each final training; with more than one GPU in all, a final is a Kubeflow Trainer "
                    "TrainJob (torchrun, DDP) that its task waits for.")
@@ -97,7 +100,7 @@ def compile_pipeline(
 @click.option("--compact/--no-compact", default=True, show_default=True,
               help="Keep one copy of each distinct component definition (kfp writes one per use, e.g. per round).")
 def compile_cmd(out, image, preset, rounds, parallelism, select_top, accelerator, gpus, cpu, memory, retries,
-                s3_endpoint, pvc, trials_per_gpu, final_nodes, final_gpus_per_node, max_gpus, trainjob_runtime,
+                s3_endpoint, pvc, trials_per_gpu, trial_accelerator, final_nodes, final_gpus_per_node, max_gpus, trainjob_runtime,
                 service_account, compact):
     """Compile the search pipeline to Kubeflow Pipelines YAML (submit it with
     `paploss submit`). Rounds and parallelism are fixed here; everything else is a
@@ -106,7 +109,7 @@ def compile_cmd(out, image, preset, rounds, parallelism, select_top, accelerator
 
     try:
         cluster = ClusterOptions(accelerator=accelerator, gpus=gpus, cpu=cpu, memory=memory, retries=retries,
-                                 s3_endpoint=s3_endpoint, pvc=pvc, trials_per_gpu=trials_per_gpu,
+                                 s3_endpoint=s3_endpoint, pvc=pvc, trials_per_gpu=trials_per_gpu, trial_accelerator=trial_accelerator,
                                  final_nodes=final_nodes, final_gpus_per_node=final_gpus_per_node, max_gpus=max_gpus,
                                  trainjob_runtime=trainjob_runtime, service_account=service_account)
         path = compile_pipeline(out, image=image, preset=preset, rounds=rounds, parallelism=parallelism,

@@ -118,3 +118,20 @@ def test_trial_memory_estimate_grows_with_the_batch_and_the_image():
     assert big - one > 2 * (two - one)                        # 4x the pixels: 3-4x the activations
     with pytest.raises(InputError, match="num_classes: must be an integer >= 1"):
         estimate_trial_bytes(TrainConfig(**base, batch_size=1), 0)
+
+
+def test_a_packed_trial_checks_nothing_on_the_cpu_or_unpacked(monkeypatch, tmp_path):
+    """The trial's own check (``check_packed_trial``) runs only for k > 1 on CUDA; a bad
+    value of the pipeline's variable is one line naming it."""
+    from paploss.config import TrainConfig
+    from paploss.errors import InputError
+    from paploss.packing import TRIALS_PER_GPU_ENV, check_packed_trial
+
+    cfg = TrainConfig(data=str(tmp_path), iterations=1, device="cpu")
+    monkeypatch.delenv(TRIALS_PER_GPU_ENV, raising=False)
+    assert check_packed_trial(cfg) is None
+    monkeypatch.setenv(TRIALS_PER_GPU_ENV, "8")
+    assert check_packed_trial(cfg) is None  # on the CPU nothing is packed
+    monkeypatch.setenv(TRIALS_PER_GPU_ENV, "eight")
+    with pytest.raises(InputError, match="PAPLOSS_TRIALS_PER_GPU: must be an integer, got 'eight'"):
+        check_packed_trial(cfg)

@@ -11,7 +11,7 @@ import time
 import traceback
 from typing import Any, Mapping, Sequence
 
-from paploss import storage
+from paploss import packing, storage
 from paploss.steps.errors import SearchFailed, StepError
 from paploss.steps.options import _SearchOptions, _train_config
 from paploss.steps.state import _read_state, load_controller
@@ -176,6 +176,9 @@ def proxy_trial(
             result["spec"] = spec.to_json() if spec is not None else None
             with tempfile.TemporaryDirectory(prefix="paploss-trial-") as tmp:
                 cfg, metric = proxy_config(proxy, data, k, spec, init, int(t["seed"]), out_dir=tmp)
+                note = packing.check_packed_trial(cfg)  # k trials on one GPU: do they fit?
+                if note:
+                    _log(note)
                 res = _run_training(cfg, on_step=lambda it, loss: losses.append(float(loss)))
             metrics = {k: float(v) for k, v in dict(res.metrics).items()}
             if metric not in metrics:
