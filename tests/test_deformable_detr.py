@@ -458,3 +458,32 @@ def test_deformable_detr_two_stage_proposals_get_the_loss_with_one_class(monkeyp
     assert enc_targets.numel() == 20 * 5 and int(enc_targets[:, 0].sum()) == 3 and int(enc_targets[:, 1:].sum()) == 0
     assert gt.labels.tolist() == [4, 2, 3]  # the caller's ground truths are not relabelled
     assert torch.autograd.grad(losses["enc_loss_pap"], enc_cls)[0].abs().sum() > 0
+
+
+@pytest.mark.slow
+def test_deformable_detr_mmdet_train_tool_with_custom_imports(shapes_root, tmp_path):
+    """The user's path: MMDetection's own tools/train.py; custom_imports loads the head
+    and, before it, the deformable attention."""
+    import os
+
+    import mmdet
+
+    tool = Path(mmdet.__file__).parent / ".mim" / "tools" / "train.py"
+    root = str(shapes_root) + "/"
+    ann = root + "annotations/val.json"
+    opts = [
+        f"train_dataloader.dataset.data_root={root}", f"val_dataloader.dataset.data_root={root}",
+        f"test_dataloader.dataset.data_root={root}", f"val_evaluator.ann_file={ann}", f"test_evaluator.ann_file={ann}",
+        "train_cfg.max_epochs=1", "train_cfg.val_interval=1", "train_dataloader.batch_size=4",
+        "default_hooks.logger.interval=1", "default_hooks.checkpoint.interval=1",
+    ]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(
+        [sys.executable, str(tool), str(DETR_CFG), "--work-dir", str(tmp_path), "--cfg-options", *opts],
+        capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert (tmp_path / "epoch_1.pth").exists()
+    log = "\n".join(p.read_text() for p in tmp_path.rglob("*.log"))
+    assert "PAPLossDeformableDETRHead: loss = pap_loss per decoder layer" in log
+    assert "loss_pap:" in log and "d0.loss_pap:" in log and "bbox_mAP" in log
