@@ -101,20 +101,41 @@ def select_loss(state: str, results: List[str], rank: str, run: Dict) -> str:
                              rank=rank)
 
 
-def final_train(data: str, init: str, loss: str, state: str, run: Dict, placement: Dict, kfp_run_id: str,
+def lr_trial(data: str, init: str, item: str, state: str, sweep: Dict, run: Dict) -> str:
+    """One training of the lr sweep (``item`` = ``"<loss>@<lr>"``, briefly on search-train) -> its search-val AP."""
+    from paploss import steps
+
+    loss = item.rpartition("@")[0]
+    return steps.lr_trial(data, init, item, steps.training_options(run, "final"), sweep, run["work"],
+                          run["search_name"], state=state if loss == steps.SEARCHED else "", seed=run["seed"])
+
+
+def lr_pick(results: List[str], run: Dict) -> str:
+    """The sweep's results -> the best learning rate of each loss, as JSON ``{loss: lr}``."""
+    from paploss import steps
+
+    return steps.lr_pick(results, run["work"], run["search_name"], tracking=steps.tracking_of(run))
+
+
+def final_train(data: str, init: str, loss: str, state: str, run: Dict, lrs: str, placement: Dict, kfp_run_id: str,
                 node_selector: Dict, tolerations: List[Dict], s3_secret: str, mlflow_secret: str) -> str:
-    """Full training with the searched loss or a baseline -> result JSON with its val AP; on
+    """Full training with the searched loss, the search's start or a baseline, at its learning rate of
+    ``lrs`` (the lr sweep's JSON ``{loss: lr}``) -> result JSON with its val AP; on
     more than one GPU (``placement``) the training is a Kubeflow Trainer TrainJob this task waits for."""
+    import json
+
     from paploss import steps
     from pipelines.trainjob import final_trainer
 
     trainer = final_trainer(placement, search_name=run["search_name"], task=loss, run_id=kfp_run_id,
                             tracking_uri=run["tracking"].get("uri", ""), s3_secret=s3_secret,
                             mlflow_secret=mlflow_secret, node_selector=node_selector, tolerations=tolerations)
-    return steps.final_train(data, init, loss, steps.training_options(run, "final"), run["work"], run["search_name"],
+    options = steps.loss_options(steps.training_options(run, "final"), loss, json.loads(lrs or "{}").get(loss))
+    return steps.final_train(data, init, loss, options, run["work"], run["search_name"],
                              state=state if loss == steps.SEARCHED else "", seed=run["seed"],
                              tracking=steps.tracking_of(run), model_name=run["model_name"], promote=run["promote"],
-                             trainer=trainer)
+                             trainer=trainer,
+                             spec=steps.start_spec(run["work"], run["search_name"]) if loss == steps.START else "")
 
 
 def report(finals: List[str], state: str, run: Dict, metrics: Output[Metrics], table: Output[Markdown]) -> str:
@@ -133,7 +154,7 @@ def report(finals: List[str], state: str, run: Dict, metrics: Output[Metrics], t
 
 
 STEP_FUNCTIONS = (prepare_data, pretrain, init_search, proxy_trial, controller_update, selection_trials, select_loss,
-                  final_train, report)
+                  lr_trial, lr_pick, final_train, report)
 
 
 def build(image: str | None = None) -> SimpleNamespace:

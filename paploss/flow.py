@@ -2,9 +2,10 @@
 
 ::
 
-    prepare-data ─► pretrain ─► init-search ─► round 1 … R ─► [selection] ─► final-train × losses ─► report
+    prepare-data ─► pretrain ─► init-search ─► round 1 … R ─► [selection] ─► lr sweep ─► final-train × losses ─► report
                                                round r: proxy-trial × S (side by side) ─► controller-update
                                                selection: selection-trials ─► proxy-trial × (top × seeds) ─► select-loss
+                                               lr sweep: lr-trial × (losses × lrs) (side by side) ─► lr-pick
 
 :data:`STAGES` names every task of a search, in order; each is one function of
 :mod:`paploss.steps`. Three runners walk the same flow:
@@ -23,18 +24,19 @@ finished output instead of redoing it, so any runner resumes any other's search.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from paploss import steps
 from paploss.presets import Preset
 
-__all__ = ["STAGES", "Search", "Final", "Map", "in_order", "prepare", "search", "finals", "run"]
+__all__ = ["STAGES", "Search", "Final", "Map", "in_order", "processes", "prepare", "search", "lr_sweep", "finals",
+           "final_losses", "run"]
 
 #: The tasks of a search, in the order they first run (the KFP pipeline's component names).
 STAGES = ("prepare-data", "pretrain", "init-search", "proxy-trial", "controller-update", "selection-trials",
-          "select-loss", "final-train", "report")
+          "select-loss", "lr-trial", "lr-pick", "final-train", "report")
 
 #: How a runner trains a batch of independent tasks (a round's trials, the finals):
 #: ``map(fn, items)`` returns ``[fn(item) for item in items]`` in that order, computed
@@ -45,6 +47,27 @@ Map = Callable[[Callable[[Any], Any], Sequence[Any]], list]
 def in_order(fn: Callable[[Any], Any], items: Sequence[Any]) -> list:
     """The plain :data:`Map`: one task after another in this process."""
     return [fn(item) for item in items]
+
+
+def processes(workers: int) -> Map:
+    """A :data:`Map` that runs up to ``workers`` tasks side by side, each in its own
+    process (``spawn``: a fresh interpreter, so torch's threads are its own); one
+    worker is :func:`in_order`. The trainings' ``num_threads`` should be the cores
+    divided by ``workers`` (the presets set it)."""
+    if workers <= 1:
+        return in_order
+
+    def run_side_by_side(fn: Callable[[Any], Any], items: Sequence[Any]) -> list:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        items = list(items)
+        if len(items) <= 1:
+            return in_order(fn, items)
+        with ProcessPoolExecutor(min(workers, len(items)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            return list(pool.map(fn, items))
+
+    return run_side_by_side
 
 
 @dataclass(frozen=True)
@@ -125,8 +148,8 @@ def search(s: Search, data: str, init: str, *, map: Map = in_order,
 
 @dataclass(frozen=True)
 class Final:
-    """One final training: ``loss`` (``searched``, a baseline, or a name for the PAP
-    loss of ``spec``, a LossSpec JSON), its ``seed`` (None: the preset's) and the
+    """One final training: ``loss`` (``searched``, ``start``, a baseline, or a name for
+    the PAP loss of ``spec``, a LossSpec JSON), its ``seed`` (None: the preset's) and the
     ``tag`` that keeps its result apart from the same loss's other finals."""
 
     loss: str
@@ -135,20 +158,58 @@ class Final:
     tag: str = ""
 
 
+def final_losses(s: Search) -> tuple[str, ...]:
+    """The losses of a search's table: the searched loss, the search's start (the
+    controller's starting mean μ) and the baselines."""
+    return (steps.SEARCHED, steps.START, *steps.BASELINES)
+
+
+def _jobs(losses: Iterable[str | Final] | None, s: Search) -> list[Final]:
+    return [x if isinstance(x, Final) else Final(x) for x in (losses or final_losses(s))]
+
+
+def lr_sweep(s: Search, data: str, init: str, state: str, losses: Iterable[str | Final] | None = None, *,
+             map: Map = in_order) -> dict[str, float]:
+    """Stages lr-trial × (losses × the preset's ``lr_sweep`` lrs), side by side through
+    ``map``, and lr-pick: the best learning rate of each loss (``{loss: lr}``). Losses
+    that share a name share a sweep (the first one's spec)."""
+    specs: dict[str, str] = {}
+    for job in _jobs(losses, s):
+        specs.setdefault(job.loss, job.spec)
+    items = steps.sweep_items(list(specs), s.preset.lr_sweep, s.final)
+    trial = partial(_lr_trial, data, init, s.final, dict(s.preset.lr_sweep), s.work, s.search_name, state,
+                    s.preset.seed, specs)
+    results = map(trial, items)
+    return json.loads(steps.lr_pick(results, s.work, s.search_name, tracking=s.tracking))
+
+
+def _lr_trial(data, init, final, sweep, work, search_name, state, seed, specs, item: str) -> str:
+    loss = item.rpartition("@")[0]
+    return steps.lr_trial(data, init, item, final, sweep, work, search_name,
+                          state=state if loss == steps.SEARCHED else "", spec=specs.get(loss, ""), seed=seed)
+
+
 def finals(s: Search, data: str, init: str, state: str, losses: Iterable[str | Final] | None = None, *,
-           map: Map = in_order) -> list[str]:
-    """Stage final-train for each of ``losses`` (names or :class:`Final`; default: the
-    searched loss and the baselines), side by side through ``map``; returns their
-    result JSONs in order."""
-    jobs = [x if isinstance(x, Final) else Final(x) for x in (losses or (steps.SEARCHED, *steps.BASELINES))]
+           map: Map = in_order, lrs: Mapping[str, float] | None = None) -> list[str]:
+    """Stage final-train for each of ``losses`` (names or :class:`Final`; default
+    :func:`final_losses`), side by side through ``map``, each at its learning rate of
+    ``lrs`` (None: :func:`lr_sweep` first, which keeps the finals' lr when the preset
+    sweeps no lrs); returns their result JSONs in order."""
+    jobs = _jobs(losses, s)
+    if lrs is None:
+        sweeps = len(steps.sweep_lrs(s.preset.lr_sweep)) >= 2
+        lrs = lr_sweep(s, data, init, state, jobs, map=map) if sweeps else {}
+    jobs = [replace(j, spec=steps.start_spec(s.work, s.search_name)) if j.loss == steps.START and not j.spec else j
+            for j in jobs]
     train = partial(_final_train, data, init, s.final, s.work, s.search_name, state, s.preset.seed, s.tracking,
-                    s.model_name, s.promote)
+                    s.model_name, s.promote, dict(lrs))
     return map(train, jobs)
 
 
-def _final_train(data, init, final, work, search_name, state, seed, tracking, model_name, promote, job: Final) -> str:
-    return steps.final_train(data, init, job.loss, final, work, search_name,
-                             state=state if job.loss == steps.SEARCHED else "",
+def _final_train(data, init, final, work, search_name, state, seed, tracking, model_name, promote, lrs,
+                 job: Final) -> str:
+    return steps.final_train(data, init, job.loss, steps.loss_options(final, job.loss, lrs.get(job.loss)), work,
+                             search_name, state=state if job.loss == steps.SEARCHED else "",
                              seed=seed if job.seed is None else job.seed, tracking=tracking, model_name=model_name,
                              promote=promote, spec=job.spec, tag=job.tag)
 

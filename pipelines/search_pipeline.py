@@ -2,15 +2,17 @@
 
 ::
 
-    prepare-data ─► pretrain ─► init-search ─► round 0 ─► … ─► round R-1 ─► [selection] ─► finals
+    prepare-data ─► pretrain ─► init-search ─► round 0 ─► … ─► round R-1 ─► [selection] ─► lr sweep ─► finals
                                                                                           (each loss side by side)
     round r (sub-pipeline "search-round"):
         ParallelFor trial in trials (parallelism):  proxy-trial ─► result JSON
         controller-update(state, Collected(results)) ─► next state, next trials
     selection (sub-pipeline, with select_top > 0):
         selection-trials ─► ParallelFor: proxy-trial ─► select-loss ─► the state holding the choice
+    lr sweep (sub-pipeline):
+        ParallelFor (loss, lr) in FINAL_LOSSES × the preset's lrs:  lr-trial ─► lr-pick ─► {loss: lr}
     finals (sub-pipeline):
-        ParallelFor loss in (searched, focal+l1, focal+giou):  final-train ─► report(Collected)
+        ParallelFor loss in (searched, start, focal+l1, focal+giou):  final-train at its lr ─► report(Collected)
 
 Compile-time values live in one :class:`PipelineOptions` (``rounds``, ``parallelism``
 and ``select_top``: the round loop is a Python loop at definition time and
@@ -40,6 +42,7 @@ from kfp import dsl
 from kfp import kubernetes
 
 import components
+from paploss.packing import TRIALS_PER_GPU_ENV
 from paploss.presets import Preset, get_preset
 from paploss.steps.options import check_select_rank, check_selection
 
@@ -53,8 +56,8 @@ SECRET_KEYS = {"AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"
 #: :data:`MLFLOW_SECRET`), each optional: user and password, or a token.
 MLFLOW_SECRET = "paploss-mlflow"
 MLFLOW_SECRET_KEYS = {k: k for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")}
-#: The losses of the final trainings: the searched one and the baselines (SPEC §4).
-FINAL_LOSSES = ("searched", "focal+l1", "focal+giou")
+#: The losses of the final trainings: the searched one, the search's start and the baselines (SPEC §4).
+FINAL_LOSSES = ("searched", "start", "focal+l1", "focal+giou")
 _RoundOutputs = NamedTuple("RoundOutputs", [("state", str), ("trials", List[str])])
 
 
@@ -72,6 +75,7 @@ class ClusterOptions:
     pvc: str = ""  # a PersistentVolumeClaim mounted at /data (dataset cache) in every task
     secret_optional: bool = True  # run even if the secret is missing (e.g. IAM roles provide S3 access)
     trials_per_gpu: int = 1  # proxy trials sharing one GPU under CUDA MPS (paploss.packing)
+    trial_accelerator: str = ""  # the resource a packed trial requests ("" = accelerator; e.g. nvidia.com/gpu.shared)
     final_nodes: int = 1  # a final on more than one GPU is a Kubeflow Trainer TrainJob (pipelines.trainjob)
     final_gpus_per_node: int = 1
     max_gpus: int = 0  # the GPUs the finals hold at once (0: no cap)
@@ -97,7 +101,8 @@ class ClusterOptions:
         """What one proxy trial requests (:func:`paploss.packing.trial_resources`)."""
         from paploss.packing import trial_resources
 
-        return trial_resources(self.trials_per_gpu, cpu=self.cpu, memory=self.memory, accelerator=self.accelerator)
+        return trial_resources(self.trials_per_gpu, cpu=self.cpu, memory=self.memory,
+                               accelerator=self.trial_accelerator or self.accelerator)
 
     def placement(self, image: str) -> dict:
         """The finals' placement, a constant input of the final-train task."""
@@ -153,13 +158,14 @@ def _everywhere(task, k8s: dict, o: PipelineOptions):
     return task
 
 
-def _training(task, k8s: dict, o: PipelineOptions, *, gpus: int | None = None, cpu: str = "", memory: str = ""):
+def _training(task, k8s: dict, o: PipelineOptions, *, gpus: int | None = None, cpu: str = "", memory: str = "",
+              accelerator: str = ""):
     """Settings of the training tasks (warm start, proxy trials, final trainings):
-    ``gpus`` (default the cluster's), CPU and memory requests, retries."""
+    ``gpus`` of ``accelerator`` (defaults: the cluster's), CPU and memory requests, retries."""
     cluster = o.cluster
     gpus = cluster.gpus if gpus is None else gpus
     if gpus:
-        task.set_accelerator_type(cluster.accelerator).set_accelerator_limit(gpus)
+        task.set_accelerator_type(accelerator or cluster.accelerator).set_accelerator_limit(gpus)
     task.set_cpu_request(cpu or cluster.cpu).set_memory_request(memory or cluster.memory)
     if cluster.retries:
         task.set_retry(num_retries=cluster.retries, backoff_duration=cluster.backoff)
@@ -171,7 +177,9 @@ def _proxy(task, k8s: dict, o: PipelineOptions):
     if o.cluster.trials_per_gpu == 1 or not o.cluster.gpus:
         return _training(task, k8s, o)
     share = o.cluster.trial_resources
-    return _training(task, k8s, o, gpus=share.accelerator_limit, cpu=share.cpu, memory=share.memory)
+    task.set_env_variable(TRIALS_PER_GPU_ENV, str(o.cluster.trials_per_gpu))  # the trial checks the GPU's memory
+    return _training(task, k8s, o, gpus=share.accelerator_limit, cpu=share.cpu, memory=share.memory,
+                     accelerator=share.accelerator)
 
 
 def _final(task, k8s: dict, o: PipelineOptions):
@@ -223,17 +231,39 @@ def selection(c, o: PipelineOptions):
     return selection_pipeline
 
 
+def lr_sweep(c, o: PipelineOptions):
+    """The sub-pipeline of the learning-rate sweep: each final loss × each lr of the
+    preset's sweep (a compile-time list), side by side, then the best lr per loss."""
+    from paploss import steps
+
+    items = steps.sweep_items(FINAL_LOSSES, o.preset.lr_sweep, steps.train_options(o.preset.final, o.preset.detector))
+
+    @dsl.pipeline(name="lr-sweep", description="Train each final loss briefly at each lr; pick its best on search-val.")
+    def sweep_pipeline(data: str, init: str, state: str, run: Dict, node_selector: Dict, tolerations: List[Dict],
+                       s3_secret: str, mlflow_secret: str) -> str:
+        k8s = {"node_selector": node_selector, "tolerations": tolerations, "s3_secret": s3_secret,
+               "mlflow_secret": mlflow_secret}
+        with dsl.ParallelFor(items, parallelism=o.parallelism) as item:
+            t = c.lr_trial(data=data, init=init, item=item, state=state, sweep=dict(o.preset.lr_sweep), run=run)
+            _proxy(t.set_display_name("lr-trial"), k8s, o)
+        pick = c.lr_pick(results=dsl.Collected(t.output), run=run)
+        _everywhere(pick.set_display_name("lr-pick"), k8s, o)
+        return pick.output
+
+    return sweep_pipeline
+
+
 def finals(c, o: PipelineOptions):
-    """The sub-pipeline of the final trainings, side by side, and the report."""
+    """The sub-pipeline of the final trainings, side by side, each at its lr of the sweep, and the report."""
 
     @dsl.pipeline(name="finals", description="Train the searched loss and the baselines side by side; the AP table.")
-    def finals_pipeline(data: str, init: str, state: str, run: Dict, node_selector: Dict, tolerations: List[Dict],
-                        s3_secret: str, mlflow_secret: str) -> str:
+    def finals_pipeline(data: str, init: str, state: str, run: Dict, lrs: str, node_selector: Dict,
+                        tolerations: List[Dict], s3_secret: str, mlflow_secret: str) -> str:
         k8s = {"node_selector": node_selector, "tolerations": tolerations, "s3_secret": s3_secret,
                "mlflow_secret": mlflow_secret}
         at_once = o.cluster.finals_resources.at_once(len(FINAL_LOSSES))  # the GPU cap
         with dsl.ParallelFor(list(FINAL_LOSSES), parallelism=at_once) as loss:
-            f = c.final_train(data=data, init=init, loss=loss, state=state, run=run,
+            f = c.final_train(data=data, init=init, loss=loss, state=state, run=run, lrs=lrs,
                               placement=o.cluster.placement(o.image), kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                               **k8s)
             _final(f.set_display_name("final-train"), k8s, o)
@@ -253,6 +283,7 @@ def build_pipeline(rounds: int | None = None, parallelism: int | None = None, im
     o = PipelineOptions.of(preset, rounds, parallelism, image, cluster, select_top)
     p, c = o.preset, components.build(o.image)
     round_pipeline, selection_pipeline, finals_pipeline = search_round(c, o), selection(c, o), finals(c, o)
+    sweep_pipeline = lr_sweep(c, o)
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
@@ -297,7 +328,9 @@ def build_pipeline(rounds: int | None = None, parallelism: int | None = None, im
         if o.select_top > 0:
             state = selection_pipeline(data=prep.output, init=warm.output, state=state, select_seeds=select_seeds,
                                        select_rank=select_rank, run=run, **k8s).set_display_name("selection").output
-        return finals_pipeline(data=prep.output, init=warm.output, state=state, run=run,
+        lrs = sweep_pipeline(data=prep.output, init=warm.output, state=state, run=run,
+                             **k8s).set_display_name("lr-sweep").output
+        return finals_pipeline(data=prep.output, init=warm.output, state=state, run=run, lrs=lrs,
                                **k8s).set_display_name("finals").output
 
     search_pipeline.rounds = o.rounds  # type: ignore[attr-defined]

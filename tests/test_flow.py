@@ -57,8 +57,11 @@ def test_the_in_process_run_walks_the_stages_in_order(tmp_path, monkeypatch):
     report = flow.run(s)
     first = list(dict.fromkeys(seen))
     assert first == list(flow.STAGES)
-    assert seen.count("proxy-trial") == p.samples + 1 and seen.count("final-train") == 1 + len(steps.BASELINES)
-    assert set(report["final"]) == {steps.SEARCHED, *steps.BASELINES}
+    losses = flow.final_losses(s)
+    assert losses == (steps.SEARCHED, steps.START, *steps.BASELINES)
+    assert seen.count("proxy-trial") == p.samples + 1 and seen.count("final-train") == len(losses)
+    assert seen.count("lr-trial") == len(losses) * len(p.lr_sweep["lrs"])
+    assert set(report["final"]) == set(losses)
 
 
 @pytest.mark.slow

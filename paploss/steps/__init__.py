@@ -20,13 +20,14 @@ in-process runner of :mod:`paploss.flow` calls them directly). They share three 
 Stages: :mod:`~paploss.steps.data` → :mod:`~paploss.steps.warm_start` →
 :mod:`~paploss.steps.update` (init, then one PPO update per round) with
 :mod:`~paploss.steps.trials` → :mod:`~paploss.steps.selection` (optional) →
-:mod:`~paploss.steps.finals` → :mod:`~paploss.steps.report`; their options are
+:mod:`~paploss.steps.lr_sweep` → :mod:`~paploss.steps.finals` → :mod:`~paploss.steps.report`; their options are
 checked by :mod:`~paploss.steps.options` before any of them runs.
 """
 
 from paploss.steps.data import prepare_data
 from paploss.steps.errors import SearchExists, SearchFailed, StepError
 from paploss.steps.finals import BASELINES, SEARCHED, final_train
+from paploss.steps.lr_sweep import START, loss_options, lr_trial, lr_pick, start_spec, sweep_items, sweep_lrs
 from paploss.steps.options import (MAX_REWARD_SEEDS, MAX_SEARCH_SPLITS, REWARD_SEED_STRIDE, SELECT_RANKS, TRIAL_SEEDS,
                                    check_dataset, check_detectors, check_reward_seeds, check_search_splits,
                                    check_search_val_fraction, check_select_rank, check_selection,
@@ -47,7 +48,8 @@ __all__ = [
     "StepError", "SearchExists", "SearchFailed", "BASELINES", "SEARCHED", "SELECTED_STATE", "SELECT_RANKS",
     "TRIAL_SEEDS", "REWARD_SEED_STRIDE", "MAX_REWARD_SEEDS", "MAX_SEARCH_SPLITS",
     "prepare_data", "pretrain", "init_search", "proxy_trial", "proxy_config", "controller_update",
-    "selection_trials", "select_loss", "final_train", "report", "report_outputs", "run_context", "training_options", "tracking_of",
+    "selection_trials", "select_loss", "final_train", "START", "start_spec", "loss_options", "sweep_lrs",
+    "sweep_items", "lr_trial", "lr_pick", "report", "report_outputs", "run_context", "training_options", "tracking_of",
     "load_controller", "searched_spec", "stored_trial", "trial_results",
     "reward_noise", "round_noise",
     "check_dataset", "check_work", "check_detectors", "check_train_options", "check_reward_seeds",
