@@ -487,3 +487,21 @@ def test_deformable_detr_mmdet_train_tool_with_custom_imports(shapes_root, tmp_p
     log = "\n".join(p.read_text() for p in tmp_path.rglob("*.log"))
     assert "PAPLossDeformableDETRHead: loss = pap_loss per decoder layer" in log
     assert "loss_pap:" in log and "d0.loss_pap:" in log and "bbox_mAP" in log
+
+
+def test_deformable_detr_collapse_is_seen_by_the_divergence_stop():
+    """A Deformable DETR's total sums a PAP loss per decoder layer (2.0 when both collapse):
+    the divergence stop reads the last layer's ``loss_pap``, which is 1.0 then (SPEC §3)."""
+    from types import SimpleNamespace
+
+    from paploss.integrations.mmdet_train import Diverged, DivergenceHook
+
+    seen = []
+    hook = DivergenceHook(patience=1, on_step=lambda i, v: seen.append(v))
+    collapsed = {"loss": torch.tensor(2.0), "loss_pap": torch.tensor(1.0), "d0.loss_pap": torch.tensor(1.0)}
+    hook.after_train_iter(SimpleNamespace(iter=0), 0, outputs=collapsed)
+    with pytest.raises(Diverged, match="2 iterations"):
+        hook.after_train_iter(SimpleNamespace(iter=1), 1, outputs=collapsed)
+    hook = DivergenceHook(patience=0, on_step=lambda i, v: seen.append(v))
+    hook.after_train_iter(SimpleNamespace(iter=0), 0, outputs={"loss": torch.tensor(1.7), "loss_cls": torch.tensor(1.0)})
+    assert seen == [1.0, 1.0, pytest.approx(1.7)] and hook.bad == 0  # a baseline: its total, not a part

@@ -67,8 +67,10 @@ class Diverged(RuntimeError):
 class DivergenceHook(Hook):
     """Counts bad iterations (loss not finite, or 1.0 to 1e-6) and stops after ``patience`` of them.
 
-    Also reports every iteration's loss to ``on_step(iteration, loss)`` and keeps the
-    metrics of the last validation.
+    The loss read is ``loss_pap`` when the model has it (the PAP loss; with a Deformable
+    DETR the last decoder layer's), else the total ``loss``. Also reports every
+    iteration's loss to ``on_step(iteration, loss)`` and keeps the metrics of the last
+    validation.
     """
 
     priority = "VERY_LOW"
@@ -96,7 +98,10 @@ class DivergenceHook(Hook):
                 )
 
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
-        loss = (outputs or {}).get("loss")
+        outputs = outputs or {}
+        # the PAP loss itself where there is one: a Deformable DETR's total sums a PAP loss per
+        # decoder layer, and only its last layer's ``loss_pap`` reads 1.0 when it collapses
+        loss = outputs.get("loss_pap", outputs.get("loss"))
         if loss is None:
             raise KeyError(f"the model's train_step returned no 'loss' (got keys {sorted(outputs or {})})")
         self.observe(int(runner.iter), float(loss.detach() if hasattr(loss, "detach") else loss))
