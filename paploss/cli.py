@@ -35,8 +35,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 #: family: "module:Class" -> exit code. They print as one line too.
 EXPECTED: dict[str, int] = {
     "paploss.tracking:TrackingError": 1,
-    "pipelines.kfp_remote:KfpError": 1,
-    "pipelines.trainjob:TrainJobError": 1,
 }
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import click
 
+from paploss.errors import check_writable
 from paploss.presets import PRESETS, get_preset
 
 __all__ = ["compile_pipeline", "compile_cmd"]
@@ -47,6 +48,7 @@ def compile_pipeline(
     path = Path(package_path)
     if path.suffix not in (".yaml", ".yml", ".json"):
         raise ValueError(f"package_path={package_path!r} must end in .yaml, .yml or .json")
+    check_writable(path, "--out", folder=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
     os.close(fd)

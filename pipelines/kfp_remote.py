@@ -24,6 +24,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from paploss.errors import RunError
+
 __all__ = [
     "KfpError",
     "KfpHostError",
@@ -43,12 +45,14 @@ __all__ = [
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "SKIPPED", "CANCELED", "ERROR"})
 
 
-class KfpError(Exception):
-    """Base class of the errors of this module."""
+class KfpError(RunError):
+    """Base class of the errors of this module: expected failures, one line each."""
 
 
 class KfpHostError(KfpError, ValueError):
-    """The Kubeflow host is missing or is not an http(s) URL."""
+    """The Kubeflow host is missing or is not an http(s) URL (bad input: exit 2)."""
+
+    exit_code = 2
 
 
 class KfpUnreachableError(KfpError, ConnectionError):

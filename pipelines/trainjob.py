@@ -48,6 +48,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
+from paploss.errors import RunError
+
 __all__ = [
     "API_VERSION", "DEFAULT_RUNTIME", "TrainJobOptions", "TrainJobError", "KubeClient", "FinalResources",
     "build_trainjob", "trainjob_name", "check_remote_args", "forward_args", "train_args_from_options",
@@ -73,7 +75,7 @@ REMOTE_OPTIONS = ("--data", "--out", "--init", "--spec")
 _NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 
-class TrainJobError(RuntimeError):
+class TrainJobError(RunError):
     """A TrainJob could not be created, failed, or Kubeflow Trainer is missing (one line)."""
 
 

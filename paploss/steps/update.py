@@ -143,10 +143,7 @@ def controller_update(
     ``SearchFailed`` (and no new state is written). Logs the round's metrics and
     figures on the parent MLflow run.
     """
-    from paploss.search import Controller
-
-    doc = storage.read_json(state)
-    c = Controller.from_state_dict(doc["controller"])
+    doc, c = _read_state(state)  # a corrupt state is one line naming the file
     parsed = sorted((json.loads(x) if isinstance(x, str) else dict(x) for x in results), key=lambda d: d["sample"])
     rounds_seen = {int(p["round"]) for p in parsed}
     if rounds_seen != {c.round}:
@@ -176,8 +173,7 @@ def controller_update(
                         f"not split {split} (round {r} of a search over search_splits={search_splits})")
     out = state_uri(work, search_name, r + 1)
     if storage.exists(out):
-        done = storage.read_json(out)
-        nxt = Controller.from_state_dict(done["controller"])
+        done, nxt = _read_state(out)
         if nxt.round == r + 1 and [list(t) for t in nxt.history[r].thetas] == expected:
             return _update_output(out, nxt, done["failed_trials"], samples, opts)
     failed_now = [p for p in parsed if p["failed"]]
