@@ -12,7 +12,7 @@ HOST ?=
 MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 export MLFLOW_TRACKING_URI
 
-.PHONY: install run test test-fast ui compile submit bench bench-controller bench-search image lock clean help
+.PHONY: install run test test-fast ui compile submit bench bench-controller bench-search docs-figure image lock clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -50,7 +50,10 @@ bench-controller: install  ## the PPO controller on a toy reward (how close it g
 	$(BIN)/python -m bench.toy_search
 
 bench-search: install  ## the search-quality benchmark of BENCHMARKS.md (long: about 2 hours on 2 CPU cores)
-	$(BIN)/python -m bench.search --out docs
+	$(BIN)/python -m bench.search --out runs/bench-search
+
+docs-figure: install  ## redraw docs/pipeline.png from the compiled pipeline (after changing the pipeline)
+	$(BIN)/python docs/pipeline_figure.py
 
 lock: install  ## refresh the images' pinned requirements from pyproject.toml (run after changing dependencies)
 	$(BIN)/python docker/make_lock.py
