@@ -1,10 +1,10 @@
-"""Which sampled losses collapse in a search, and why (BENCHMARKS.md, issue 8).
+"""Which sampled losses collapse in a search, and why (docs/research/search-quality.md).
 
     python -m bench.collapse SEARCH_DIR [SEARCH_DIR ...]
 
 ``SEARCH_DIR`` is a search's folder (``steps.search_dir``: ``trials/rNNN-sMM.json`` hold
 every finished trial's spec and reward). Prints, per search, the reward table of
-``paploss bench`` (mean, max and collapsed trials per round, from the trial files,
+``python -m bench.search`` (mean, max and collapsed trials per round, from the trial files,
 so an unfinished round shows too); the mean over the collapsed and the other
 trials of ``mean H2`` and ``mean H1`` on x in [0.4, 0.6] and of their ratio, and the
 range of their worse-box gain (:func:`worse_box_gain`); and the trials whose stored box
@@ -12,8 +12,7 @@ quality record (trials trained since it is kept) fell below 0.5.
 
 In the separate searches on both datasets, every trial with mean H2 above 0.3 there
 collapsed, and the same samples with H1 raised to the identity collapsed too, while no
-trial of the shared searches collapsed (BENCHMARKS.md, issue 8, finding 22). Why
-(finding 26): with the scores near each other, one positive's loss as a function of its
+trial of the shared searches collapsed. Why: with the scores near each other, one positive's loss as a function of its
 box quality u is about ``(1 - I1(u)) + R I3(u)``, R = H2/H1 in the middle. Where
 ``R I3'(u) > I1'(u)`` worse boxes lower it: the boxes are trained worse (u falls from
 0.7 to 0.4 or below within tens of iterations), I3(u) goes to 0 and takes every
@@ -52,7 +51,7 @@ def h2_over_h1(spec_json: str) -> float:
 
 
 def worse_box_gain(spec_json: str) -> float:
-    """How much worse boxes can lower one positive's loss, read from θ alone (finding 26):
+    """How much worse boxes can lower one positive's loss, read from θ alone:
     ``l(u) = (1 - I1(u)) + R I3(u)`` with R = :func:`h2_over_h1` (the ranking ratio while
     the scores are near each other), and the gain ``l(1) - min_u l(u)`` (0 when the best
     box is the best for the loss, as for every shared loss, whose R <= 1 and I3 = I1)."""

@@ -1,5 +1,5 @@
 """The paired gap between two losses' final trainings, each read from a benchmark's
-``bench_search.json`` (BENCHMARKS.md, issue 8, from finding 27 on):
+``bench_search.json`` (the results of ``python -m bench.search``):
 
     python -m bench.paired A.json:DATASET:LOSS B.json:DATASET:LOSS [--metric AP75] [--minus C D]
 

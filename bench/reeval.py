@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "schedule with this many iterations): does the sample win where the benchmark measures?")
     ap.add_argument("--train", default=None, metavar="JSON",
                     help='extra TrainConfig fields of every training, e.g. \'{"detach_i3": true}\' or '
-                         '\'{"box_collapse": 0.3}\' (BENCHMARKS.md, issue 8, finding 26)')
+                         '\'{"box_collapse": 0.3}\'')
     ap.add_argument("--split", type=int, default=0, metavar="K",
                     help="train and score on search split K (a search with --search-splits: its selection's split "
                          "is the number of rounds mod N) [0: search_train -> search_val]")

@@ -1085,7 +1085,7 @@ def inputs_text(inputs: Mapping[str, Mapping[str, Any]]) -> str:
              for d, i in sorted(inputs.items())]
     info = platform_info()
     lines.append(f"- platform of this run: torch {info['torch']}, {info['cpu']} ({info['cpu_capability']}), "
-                 f"{info['cuda'] or 'no GPU'}; each final's own is in its cached result (`platform`)")
+                 f"{info['cuda'] or 'no GPU'}")
     return "\n\n## Inputs\n\n" + "\n".join(lines) + "\n"
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import os
 from pathlib import Path
 
@@ -806,6 +807,17 @@ def test_a_given_loss_takes_the_place_of_its_search_and_of_transfer(prepared, tm
     assert shapes["transfer"] == steps.searched_spec(states[("digits", "searched")]).to_json()
 
 
+def _finals_of(work) -> dict:
+    """``{(loss, seed): result + {"w": warm start index}}`` of a dataset's bench finals
+    (``steps.final_train``'s files ``pap.<loss>-seed<k>-w<i>.json`` in its search ``bench-finals``)."""
+    got = {}
+    for f in (work / "searches" / "bench-finals" / "final").glob("*.json"):
+        name, seed, w = re.fullmatch(r"(.+)-seed(\d+)-w(\d+)\.json", f.name).groups()
+        loss = name[len("pap."):].replace(".g", "@g") if name.startswith("pap.") else name
+        got[(loss, int(seed))] = {**json.loads(f.read_text()), "w": int(w)}
+    return got
+
+
 @pytest.mark.slow
 def test_bench_with_a_loss_file_trains_it_without_searching(tmp_path):
     """``python -m bench.search --loss-file`` end to end at the smoke size (real data, warm start,
@@ -832,18 +844,14 @@ def test_bench_with_a_loss_file_trains_it_without_searching(tmp_path):
            "--tracking-uri", uri, "--jobs", "1"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert not (work / "shapes" / "searches").exists()  # the search was not run
-    docs = {(d["loss"], d["seed"]): d for d in (json.loads(f.read_text()) for f in (work / "shapes" / "final").iterdir())}
+    assert [f.name for f in (work / "shapes" / "searches").iterdir()] == ["bench-finals"]  # the search was not run
+    docs = _finals_of(work / "shapes")
     assert set(docs) == {(loss, seed) for loss in ("searched-shared", "square", "transfer-shared") for seed in (0, 1)}
     assert not (work / "digits").exists()  # the dataset of the transferred loss is not prepared
     assert LossSpec.from_json(docs[("transfer-shared", 1)]["spec"]) == other
-    assert docs[("transfer-shared", 1)]["init"] == docs[("square", 1)]["init"]
-    # seed k of every loss from warm start k mod 2: two warm starts, each shared by both losses
-    assert docs[("square", 0)]["init"] == docs[("searched-shared", 0)]["init"] != docs[("square", 1)]["init"]
-    assert docs[("square", 1)]["init"] == docs[("searched-shared", 1)]["init"]
-    finals = {loss: docs[(loss, 0)] for loss in ("searched-shared", "square")}
-    assert LossSpec.from_json(finals["searched-shared"]["spec"]) == spec
-    assert finals["square"]["platform"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    # seed k of every loss from warm start k mod 2
+    assert {key: d["w"] for key, d in docs.items()} == {key: key[1] % 2 for key in docs}
+    assert LossSpec.from_json(docs[("searched-shared", 0)]["spec"]) == spec
     assert LossSpec.from_json((out / "bench_shapes_searched-shared_loss.json").read_text()) == spec
     results = json.loads((out / "bench_search.json").read_text())["shapes"]
     assert [round(v, 6) for v in results["searched-shared"]["AP"]] == [
@@ -855,7 +863,8 @@ def test_bench_with_a_loss_file_trains_it_without_searching(tmp_path):
     assert "## Searches" not in md  # none was run: no empty reward table
     data = next((work / "shapes" / "data").iterdir())
     assert f"- shapes: data `{data}` (sha256 `{tree_digest(data)[:16]}`)" in md
-    warm = storage.at_location(docs[("square", 1)]["init"], str(work / "shapes"))  # a place in the work folder
+    warm = re.search(r"warm start 1 `([^`]+)`", md).group(1)
+    assert warm.startswith(str(work / "shapes" / "pretrain"))
     accuracy = torch.load(warm, weights_only=True)["train_accuracy"]
     assert f"warm start 1 `{warm}` (weights sha256 `{weights_digest(warm)[:16]}`, crop accuracy " \
         f"{100 * accuracy:.0f} % after 10 iterations)" in md
@@ -877,8 +886,7 @@ def test_bench_with_a_loss_file_trains_it_without_searching(tmp_path):
 @pytest.mark.slow
 def test_bench_selection_across_warm_starts_trains_seed_s_from_warm_start_s_mod_n(tmp_path):
     """``--select-warm-starts`` end to end at the smoke size: the selection's seed s
-    trains from warm start s mod N (as final seed s does), its trials and choice are
-    kept apart from the search's folder, and the loss trained as ``searched-shared``
+    trains from warm start s mod N (as final seed s does), and the loss trained as ``searched-shared``
     is the candidate with the best mean over those trials. With ``--reward-seeds 2``
     each sampled loss's j-th trial trains from warm start j mod N too, and its reward
     is the mean of its two. With ``--search-splits 3`` round r trains and scores on
@@ -896,20 +904,19 @@ def test_bench_selection_across_warm_starts_trains_seed_s_from_warm_start_s_mod_
            "--jobs", "1", "--reward-baseline", "square"]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    searches = work / "shapes" / "searches"
-    finals = {(d["loss"], d["seed"]): d for d in (json.loads(f.read_text()) for f in (work / "shapes" / "final").iterdir())}
-    inits = [finals[("searched-shared", k)]["init"] for k in (0, 1)]  # final seed k: warm start k mod 2
+    finals = _finals_of(work / "shapes")
+    assert {key: d["w"] for key, d in finals.items()} == {("searched-shared", k): k for k in (0, 1)}
+    search = work / "shapes" / "searches" / "bench-shapes-searched-shared-rs2-ss3"
+    trials = [json.loads(f.read_text()) for f in sorted((search / "trials").glob("r*.json"))]
+    search_trials, picked = [t for t in trials if t["round"] < 2], [t for t in trials if t["round"] == 2]
+    inits = [search_trials[0]["init"], search_trials[1]["init"]]  # reward seed j from warm start j
     assert inits[0] != inits[1]
-    search = searches / "bench-shapes-searched-shared-rs2-ss3"
-    search_trials = [json.loads(f.read_text()) for f in sorted((search / "trials").iterdir())]
     assert [t["seed"] for t in search_trials] == [0, 1000] * 4  # 2 rounds x 2 samples x 2 reward seeds
     assert [t["split"] for t in search_trials] == [0] * 4 + [1] * 4
     assert all(t["init"] == inits[t["seed"] // 1000] and not t["failed"] for t in search_trials)
     c = steps.load_controller(str(search / "state" / "round-002.json"))
     assert [r for rec in c.history for r in rec.rewards] == pytest.approx(
         [(a["reward"] + b["reward"]) / 2 for a, b in zip(search_trials[::2], search_trials[1::2])])
-    picked = [json.loads(f.read_text())
-              for f in (searches / "bench-shapes-searched-shared-rs2-ss3-select-ws2" / "trials").iterdir()]
     assert sorted(t["seed"] for t in picked) == [1, 1, 2, 2] and {t["split"] for t in picked} == {2}
     relative = sorted(((r - sum(rec.rewards) / len(rec.rewards), [float(v) for v in theta]) for rec in c.history
                        for r, theta in zip(rec.rewards, rec.thetas)), key=lambda x: -x[0])
@@ -923,7 +930,6 @@ def test_bench_selection_across_warm_starts_trains_seed_s_from_warm_start_s_mod_
     best = max(means, key=lambda theta: sum(means[theta]) / 2)
     assert LossSpec.from_json(finals[("searched-shared", 0)]["spec"]) == LossSpec.from_json(
         next(t["spec"] for t in picked if tuple(t["theta"]) == best))
-    assert not (search / "trials" / "r002-s00.json").exists()  # none in the search's
     report = (out / "bench_search.md").read_text()
     assert "re-trained with seeds 1, 2 (seed s from warm start s mod 2)" in report
     # the search table's noise column: each round's from its two trainings per sample
@@ -1042,3 +1048,25 @@ def test_cuda_mps_is_off_without_a_gpu_or_when_disabled(monkeypatch):
     with cuda_mps(enabled=True) as on:
         assert on is False
     assert dict(os.environ) == before
+
+
+def test_options_that_paploss_search_has_are_its_own():
+    """Every option the benchmark shares with ``paploss search`` is declared there once:
+    the same flags, type, default and help; and none of the benchmark's own options
+    repeats one of them under another help."""
+    from bench.search import SHARED_OPTIONS, bench
+    from paploss.search_cli import search
+
+    ours = {p.name: p for p in bench.params}
+    theirs = {p.name: p for p in search.params}
+    for name in SHARED_OPTIONS:
+        a, b = ours[name], theirs[name]
+        assert (a.opts, a.secondary_opts, a.type.to_info_dict(), a.default, a.help, a.envvar) == \
+            (b.opts, b.secondary_opts, b.type.to_info_dict(), b.default, b.help, b.envvar), name
+    flags = {flag: name for name, p in theirs.items() for flag in p.opts}
+    repeated = {p.name for p in bench.params for flag in p.opts if flag in flags and p.name not in SHARED_OPTIONS}
+    assert repeated == {"preset", "work"}  # bench's own sizes and cache folder: other choices, other default
+    with pytest.raises(ValueError, match=r"paploss search has no options \['trial_seeds'\]"):
+        from bench.search import shared_options
+
+        shared_options("rounds", "trial_seeds")
