@@ -53,21 +53,62 @@ def processes(workers: int) -> Map:
     """A :data:`Map` that runs up to ``workers`` tasks side by side, each in its own
     process (``spawn``: a fresh interpreter, so torch's threads are its own); one
     worker is :func:`in_order`. The trainings' ``num_threads`` should be the cores
-    divided by ``workers`` (the presets set it)."""
+    divided by ``workers`` (the presets set it). What the tasks print comes back to
+    this process's ``sys.stdout`` line by line (a progress display sees it)."""
     if workers <= 1:
         return in_order
 
     def run_side_by_side(fn: Callable[[Any], Any], items: Sequence[Any]) -> list:
         import multiprocessing
+        import sys
+        import threading
         from concurrent.futures import ProcessPoolExecutor
 
         items = list(items)
         if len(items) <= 1:
             return in_order(fn, items)
-        with ProcessPoolExecutor(min(workers, len(items)), mp_context=multiprocessing.get_context("spawn")) as pool:
-            return list(pool.map(fn, items))
+        ctx = multiprocessing.get_context("spawn")
+        lines = ctx.Queue()
+
+        def drain() -> None:
+            for line in iter(lines.get, None):
+                sys.stdout.write(line)
+                sys.stdout.flush()
+
+        echo = threading.Thread(target=drain, daemon=True)
+        echo.start()
+        try:
+            with ProcessPoolExecutor(min(workers, len(items)), mp_context=ctx, initializer=_print_to,
+                                     initargs=(lines,)) as pool:
+                return list(pool.map(fn, items))
+        finally:
+            lines.put(None)
+            echo.join()
 
     return run_side_by_side
+
+
+class _QueueLines:
+    """A worker's ``sys.stdout``: whole lines into the parent's queue."""
+
+    def __init__(self, queue) -> None:
+        self.queue, self.buf = queue, ""
+
+    def write(self, text: str) -> int:
+        self.buf += text
+        *done, self.buf = self.buf.split("\n")
+        for line in done:
+            self.queue.put(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def _print_to(queue) -> None:
+    import sys
+
+    sys.stdout = _QueueLines(queue)
 
 
 @dataclass(frozen=True)

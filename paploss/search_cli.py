@@ -25,6 +25,7 @@ import click
 
 from paploss import presets, steps, storage
 from paploss.errors import InputError, mask
+from paploss.spec_set import detector_names, resolve_detector
 
 __all__ = ["RunSettings", "search", "search_options", "settings_from_options", "preflight", "begin", "end", "run_inprocess",
            "format_table", "absolute_tracking_uri", "wait_lease_option", "ensure_tracking_store"]
@@ -101,7 +102,10 @@ def search_options(fn: Callable) -> Callable:
                      help="Failed trials tolerated per search before it stops [a quarter of all trials]."),
         click.option("--attempts", type=int, default=None, help="Tries of a trial before it counts as failed [2]."),
         click.option("--seed", type=int, default=None, help="Seed of the controller and of every training [0]."),
-        click.option("--detector", default=None, help="Detector name for paploss.engine [engine default]."),
+        click.option("--detector", default=None, metavar="NAME",
+                     help="Detector of every training: " + ", ".join(detector_names()) + " or mmdet:<config file>; "
+                          "the search's θ has 41 numbers per PAP-loss head (82 for a Faster R-CNN: RPN and RoI "
+                          "head) [preset]."),
         click.option("--select-top", type=int, default=None,
                      help="After the last round, train the N best sampled losses again with each --select-seeds "
                           "seed and take the best mean as the searched loss (0: off, the searched loss is the "
@@ -157,6 +161,20 @@ def int_list(text: str, option: str) -> list[int]:
         raise InputError(option, f"{text!r} is not a comma-separated list of integers") from None
 
 
+def _detector(name: str | None) -> str | None:
+    """``--detector``: a known name, an MMDetection one resolved to its config
+    (:func:`paploss.spec_set.resolve_detector`), or ``mmdet:<config file>``."""
+    if name is None or name.startswith("mmdet:"):
+        return name
+    if name not in detector_names():
+        raise InputError("--detector", f"{name!r} is not a detector; known: {', '.join(detector_names())} "
+                         "or mmdet:<config file>")
+    try:
+        return resolve_detector(name)
+    except ValueError as exc:
+        raise InputError("--detector", str(exc)) from None
+
+
 def settings_from_options(
     preset: str, dataset, work, search_name, rounds, samples, parallelism, max_failed_trials, attempts, seed,
     detector, proxy_epochs, final_epochs, proxy_json, final_json, controller_json, tracking_uri, experiment,
@@ -174,7 +192,7 @@ def settings_from_options(
         select_rank=select_rank,
         dataset=dataset, rounds=rounds, samples=samples, parallelism=parallelism, reward_seeds=reward_seeds,
         search_splits=search_splits, search_val_fraction=search_val_fraction, max_failed_trials=max_failed_trials,
-        attempts=attempts, seed=seed, detector=detector,
+        attempts=attempts, seed=seed, detector=_detector(detector),
         proxy={**base.proxy, **extra_proxy} if extra_proxy else None,
         final={**base.final, **extra_final} if extra_final else None,
         controller={**base.controller, **controller} if controller else None,
@@ -200,7 +218,7 @@ def preflight(s: RunSettings) -> None:
     S3 endpoint answers); the MLflow server or folder (answers). Raises an
     :class:`~paploss.errors.InputError` (exit 2) naming the option; writes nothing."""
     from paploss.steps.options import check_pretrain_options, check_tracking_uri
-    from paploss.steps.update import check_search
+    from paploss.steps.update import check_search, trials_detector
     from paploss.tracking import TrackingError, check_tracking
 
     p = s.preset
@@ -218,13 +236,19 @@ def preflight(s: RunSettings) -> None:
             raise steps.StepError(f"{name}={value} must be >= 0 (0: the preset's schedule)")
     steps.check_train_options(steps.train_options(p.proxy, p.detector, s.proxy_epochs), "proxy options",
                               loss="paploss")
-    steps.check_train_options(steps.train_options(p.final, p.detector, s.final_epochs), "final options")
+    final = steps.train_options(p.final, p.detector, s.final_epochs)
+    steps.check_train_options(final, "final options", loss="paploss")
+    steps.check_train_options(steps.loss_options(final, steps.BASELINES[0]), "final options")
+    lrs = steps.sweep_lrs(p.lr_sweep)
+    steps.check_train_options({**final, **{k: v for k, v in p.lr_sweep.items() if k != "lrs"},
+                               **({"lr": lrs[0]} if lrs else {})}, "lr_sweep options", loss="paploss")
     check_pretrain_options(p.pretrain, p.proxy, p.detector)
     steps.check_detectors(p.proxy, p.final, p.pretrain, p.detector)
     check_tracking_uri(s.tracking_uri)
     steps.check_work(s.work)
     check_search(s.work, s.search_name, p.rounds, p.samples, seed=p.seed, controller=p.controller,
-                 reward_seeds=p.reward_seeds, search_splits=p.search_splits)
+                 reward_seeds=p.reward_seeds, search_splits=p.search_splits,
+                 detector=trials_detector({"detector": p.detector, "proxy": p.proxy}))
     steps.check_dataset(p.dataset)
     try:
         check_tracking(s.tracking_uri)
@@ -296,16 +320,50 @@ def ensure_tracking_store(uri: str, experiment: str) -> str:
 
 
 def run_inprocess(s: RunSettings, *, progress: bool = True) -> dict:
-    """The whole search in this process (:func:`paploss.flow.run`); returns the report (the AP table)."""
-    from tqdm.auto import tqdm
+    """The whole search in this process (:func:`paploss.flow.run`), ``parallelism``
+    trainings side by side in worker processes (:func:`paploss.flow.processes`), shown
+    by the progress display (:mod:`paploss.progress`); returns the report (the AP table)."""
+    import sys
 
     from paploss import flow
+    from paploss.progress import Plan, Progress
 
-    bar = tqdm(total=s.preset.rounds, desc="rounds", disable=not progress, leave=False)
-    try:
-        return flow.run(s.search(), on_round=lambda out: bar.update(1))
-    finally:
-        bar.close()
+    search = s.search()
+    run_map = flow.processes(s.preset.parallelism)
+    if not progress:
+        return flow.run(search, map=run_map)
+    console = sys.stdout
+    show = Progress(Plan.of(s.preset, finals=len(flow.final_losses(search))), console)
+    with show:
+        sys.stdout = _Lines(show, console)
+        try:
+            return flow.run(search, map=run_map)
+        finally:
+            sys.stdout = console
+
+
+class _Lines:
+    """``sys.stdout`` during an in-process search: ``paploss>`` lines to the progress
+    display, any other text on to ``console``."""
+
+    def __init__(self, show, console) -> None:
+        self.show, self.console, self.buf = show, console, ""
+
+    def write(self, text: str) -> int:
+        self.buf += text
+        *done, self.buf = self.buf.split("\n")
+        for line in done:
+            if line.strip().startswith("paploss>"):
+                self.show.feed(line)
+            else:
+                self.console.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.console.flush()
+
+    def isatty(self) -> bool:
+        return False
 
 
 def format_table(report: Mapping[str, Any], s: RunSettings | None = None) -> str:
@@ -318,6 +376,12 @@ def format_table(report: Mapping[str, Any], s: RunSettings | None = None) -> str
             for k in keys))  # COCO gives -1 where a size class has no objects
     lines.append(f"(COCO AP x 100 on the real val split; {report['rounds']} rounds, "
                  f"{report['failed_trials']} failed trials)")
+    if isinstance(report.get("searched_minus_start"), (int, float)):
+        lines.append(f"searched - start: {report['searched_minus_start']:+.2f} AP (what the search changed "
+                     "from its starting loss)")
+    if report.get("lrs"):
+        lines.append("learning rates (each loss's best of the sweep on search-val): "
+                     + ", ".join(f"{loss} {lr:g}" for loss, lr in report["lrs"].items()))
     sel = report.get("selection")
     if sel:
         pick = sel["candidate"]
@@ -343,8 +407,7 @@ def format_table(report: Mapping[str, Any], s: RunSettings | None = None) -> str
 @wait_lease_option
 def search(wait_lease: float, **options: Any) -> None:
     """Run the PPO loss search in this process (no Kubeflow): the same steps as
-    `paploss run`, one after another. Trials run one at a time (--parallelism only
-    matters for `paploss run` and the cluster)."""
+    `paploss run`; --parallelism trainings side by side in worker processes."""
     s = settings_from_options(**options)
     preflight(s)
     held = begin(s, wait_lease)

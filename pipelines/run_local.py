@@ -17,7 +17,7 @@ loop item: each round is a sub-pipeline whose inputs carry those values
 ``builtins.print`` from parallel threads without a lock, so the indentation grows
 without bound: while the pipeline runs, :func:`_plain_print` makes it a no-op.
 KFP's own log (every task's output) goes to ``{root}/logs/<search>.log``; the
-console shows the ``paploss>`` progress lines (per trial and per round) and the
+console shows the progress display (:mod:`paploss.progress`: stage, round, trial, ETA) and the
 final table.
 """
 
@@ -60,11 +60,13 @@ def pipeline_arguments(s: RunSettings) -> dict[str, Any]:
 
 class _Tee(io.TextIOBase):
     """Everything to the log file; lines starting with ``paploss>`` (wherever kfp
-    indents them) also to the console; credentials in URIs masked in both
-    (:func:`paploss.errors.mask`). Keeps the last lines for error messages."""
+    indents them) also to ``show`` (the progress display,
+    :class:`paploss.progress.Progress`) or, without one, to the console; credentials
+    in URIs masked in both (:func:`paploss.errors.mask`). Keeps the last lines for
+    error messages."""
 
-    def __init__(self, log: TextIO, console: TextIO | None, keep: int = 400) -> None:
-        self.log, self.console = log, console
+    def __init__(self, log: TextIO, console: TextIO | None, keep: int = 400, show: Any = None) -> None:
+        self.log, self.console, self.show = log, console, show
         self.tail: deque[str] = deque(maxlen=keep)
         self._buf = ""
         self._lock = threading.Lock()
@@ -79,7 +81,9 @@ class _Tee(io.TextIOBase):
             for line in lines:
                 self.tail.append(line)
                 stripped = line.strip()
-                if self.console is not None and stripped.startswith("paploss>"):
+                if self.show is not None:
+                    self.show.feed(stripped)
+                elif self.console is not None and stripped.startswith("paploss>"):
                     self.console.write(stripped[len("paploss>"):].strip() + "\n")
                     self.console.flush()
         return n
@@ -141,8 +145,13 @@ def run_pipeline(s: RunSettings, root: str | Path = "runs", cache: bool = True, 
         enable_caching=cache,
         raise_on_error=True,
     )
-    with open(log_path, "a", encoding="utf-8") as log:
-        tee = _Tee(log, console)
+    from paploss.flow import final_losses
+    from paploss.progress import Plan, Progress
+
+    show = Progress(Plan.of(s.preset, finals=len(final_losses(s.search("kfp.local")))), console) \
+        if console is not None else None
+    with open(log_path, "a", encoding="utf-8") as log, (show or contextlib.nullcontext()):
+        tee = _Tee(log, console, show=show)
         old_out, old_err = sys.stdout, sys.stderr
         # kfp.local logs some events (cache hits) through the root logger outside its
         # own logging context: send them to the log too, and leave no handler behind

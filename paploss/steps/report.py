@@ -8,6 +8,7 @@ from typing import Any, Mapping, Sequence
 
 from paploss import storage
 from paploss.steps.finals import SEARCHED
+from paploss.steps.lr_sweep import START
 from paploss.steps.state import _read_state, _searched_spec_of
 from paploss.steps.errors import StepError
 from paploss.steps.work import search_dir
@@ -33,7 +34,9 @@ def report(
     by ``promote_rule`` ``beat-baselines`` (the default), not behind a baseline of
     this search; ``champion`` ignores the baselines. ``promote`` is off by default so
     that a caller that does not pass it (the retrain gate) decides itself. The
-    table's ``promotion`` says what was decided and why."""
+    table's ``promotion`` says what was decided and why. With the search's start among
+    the finals, ``searched_minus_start`` is the searched loss's AP x 100 minus its
+    start's; ``lrs`` holds the lr sweep's choices when there was one."""
     from paploss import tracking as tr
 
     if promote_rule not in tr.PROMOTE_RULES:
@@ -52,6 +55,12 @@ def report(
         "model_version": next((row.get("model_version") for row in rows if row["loss"] == SEARCHED), None),
         "ap_unit": "the metrics here are COCO AP as fractions; MLflow, the console and the promotion say AP x 100",
     }
+    finals_ap = {loss: m.get("AP") for loss, m in table["final"].items()}
+    if isinstance(finals_ap.get(SEARCHED), (int, float)) and isinstance(finals_ap.get(START), (int, float)):
+        table["searched_minus_start"] = tr.ap100(finals_ap[SEARCHED]) - tr.ap100(finals_ap[START])  # AP x 100
+    sweep = storage.join(search_dir(work, search_name), "lr_sweep.json")
+    if storage.exists(sweep):
+        table["lrs"] = storage.read_json(sweep).get("lrs", {})
     if tracking is not None:
         decision = tr.record_report(tracking, search_name, table, model_name=model_name, promote=bool(promote),
                                     rule=promote_rule, searched=SEARCHED)
