@@ -13,7 +13,7 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["FORMATS", "draw_functions", "functions_figure", "reward_figure"]
+__all__ = ["FORMATS", "draw_functions", "functions_figure", "detectors_figure", "reward_figure"]
 
 #: The encodings a figure can be returned in.
 FORMATS = ("png", "pdf", "svg")
@@ -46,29 +46,77 @@ def draw_functions(spec, ax, title: str | None = None):
     return ax
 
 
+def _draw_one(ax, spec, name: str, xs: torch.Tensor, title: str) -> None:
+    """Function ``name`` of ``spec`` on ``ax`` with its control points (red dots)."""
+    ax.plot(xs.numpy(), spec.function(name)(xs).numpy(), color="tab:blue")
+    pts = spec.points_of(name)
+    if pts is not None:
+        ax.plot(pts[0::2], pts[1::2], "o", color="tab:red", markersize=4)
+    ax.set_title(title, fontsize="medium")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+
+
+def _heads(spec) -> list[tuple[str, object]]:
+    """``[(head name, LossSpec), ...]`` of a ``SpecSet``; ``[("", spec)]`` of a ``LossSpec``."""
+    from paploss.spec_set import SpecSet
+
+    return list(spec.heads) if isinstance(spec, SpecSet) else [("", spec)]
+
+
 def functions_figure(spec, title: str | None = None, fmt: str = "png") -> bytes:
     """The five functions of ``spec`` side by side (1×5), each with its control points
-    (red dots; the searched forms), like the paper's Figure 1."""
+    (red dots; the searched forms), like the paper's Figure 1. A
+    :class:`~paploss.spec_set.SpecSet` (a detector with several heads) gets one row per
+    head, each row titled by its head and its gradient scale (heads × 5)."""
     from matplotlib.figure import Figure
 
     from paploss.spec import FUNCTIONS
 
+    heads = _heads(spec)
     xs = torch.linspace(0.0, 1.0, 401, dtype=torch.float64)
-    fig = Figure(figsize=(17, 3.6))
-    axes = fig.subplots(1, 5, sharey=True)
-    for ax, name in zip(axes, FUNCTIONS):
-        ax.plot(xs.numpy(), spec.function(name)(xs).numpy(), color="tab:blue")
-        pts = spec.points_of(name)
-        if pts is not None:
-            ax.plot(pts[0::2], pts[1::2], "o", color="tab:red", markersize=4)
-        ax.set_title(name)
-        ax.set_xlabel("x = d/2 + 1/2" if name.startswith("H") else "u")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-    fig.suptitle(_label(spec, title))
+    fig = Figure(figsize=(17, 3.6 * len(heads)))
+    axes = fig.subplots(len(heads), 5, sharey=True, squeeze=False)
+    for row, (head, one) in zip(axes, heads):
+        for ax, name in zip(row, FUNCTIONS):
+            _draw_one(ax, one, name, xs, f"{head}: {name}" if head else name)
+            ax.set_xlabel("x = d/2 + 1/2" if name.startswith("H") else "u")
+        if head:
+            row[0].set_ylabel(f"{head} head\n{_label(one, None)}")
+    if len(heads) == 1:
+        fig.suptitle(_label(spec, title))
+    else:
+        fig.suptitle(title or "one loss per head")
     fig.tight_layout()
     return _encode(fig, fmt, dpi=110)
+
+
+def detectors_figure(specs, fmt: str = "png") -> bytes:
+    """Each detector's searched loss, a column per detector (the paper's Figure 1 on
+    several detectors): ``specs`` maps a detector's name to its ``LossSpec`` or
+    ``SpecSet``; a spec set takes a column per head (``faster_rcnn_mobilenet_v3 / rpn``).
+    Rows: the five functions; each column is titled by its detector (and head) and its
+    gradient scale."""
+    from matplotlib.figure import Figure
+
+    from paploss.spec import FUNCTIONS
+
+    if not specs:
+        raise ValueError("detectors_figure needs at least one detector's spec")
+    columns = [(f"{det} / {head}" if head else det, one) for det, spec in dict(specs).items()
+               for head, one in _heads(spec)]
+    xs = torch.linspace(0.0, 1.0, 401, dtype=torch.float64)
+    fig = Figure(figsize=(3.4 * len(columns), 2.3 * len(FUNCTIONS)))
+    axes = fig.subplots(len(FUNCTIONS), len(columns), sharey=True, squeeze=False)
+    for j, (label, one) in enumerate(columns):
+        for i, name in enumerate(FUNCTIONS):
+            _draw_one(axes[i][j], one, name, xs, f"{label}\n{_label(one, None)}" if i == 0 else "")
+            if j == 0:
+                axes[i][j].set_ylabel(name)
+        axes[-1][j].set_xlabel("x (H) / u (I)")
+    fig.tight_layout()
+    return _encode(fig, fmt, dpi=90)
 
 
 def reward_figure(history: Sequence[Sequence[float | None]], noise: Sequence[tuple[float, float] | None] = (),

@@ -18,6 +18,14 @@ where ``f_1..f_n`` are the searched ``functions`` in the order given (default
 and θ_g the gradient scale g = 10^(2 θ_g - 1). In ``shared`` mode one θ(f) of 8
 numbers serves all five places (D = 8 or 9).
 
+A detector with several PAP-loss heads (``heads``, e.g. ``("rpn", "roi")`` for a
+Faster R-CNN: :func:`paploss.spec_set.head_names`) searches one such block per head,
+in the order given, and its θ is a :class:`~paploss.spec_set.SpecSet`::
+
+    [ θ(head_1) (D_1) | θ(head_2) (D_1) | ... ]           (D = D_1 × heads, 82 for two)
+
+The policy is the same PPO over one vector; only θ → loss reads the heads.
+
 Policy (SPEC §3): independent truncated normals on [0, 1], one per number, with
 mean mu = sigmoid(m), where the logits m [D] are learned, and spread sigma [D].
 Everything is computed in float64: the inverse-CDF sampler clamps 2q - 1 to
@@ -320,7 +328,8 @@ class ControllerConfig:
     ``paploss.spec.theta_to_points`` gives them. A function in neither (only H1
     may be left out) is the step function of SPEC §1. ``shared``: one 8-number
     function for all five places. ``grad_scale``: search the gradient scale
-    (else g = 1). ``samples``: the default S of :meth:`Controller.sample`.
+    (else g = 1). ``heads``: the detector's PAP-loss heads, each with its own
+    block of θ (() = one loss). ``samples``: the default S of :meth:`Controller.sample`.
     ``min_reward``: the reward of a failed trial (NaN or Inf reward).
     """
 
@@ -335,6 +344,7 @@ class ControllerConfig:
     shared: bool = False
     samples: int = 8
     min_reward: float = 0.0
+    heads: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         from paploss.spec import FUNCTIONS, validate_points
@@ -367,6 +377,12 @@ class ControllerConfig:
         if not functions:
             raise ValueError("functions is empty: search at least one function (or use shared=True)")
         object.__setattr__(self, "functions", functions)
+        if isinstance(self.heads, str) or not isinstance(self.heads, Sequence):
+            raise ValueError(f"heads must be a sequence of head names such as ('rpn', 'roi'), got {self.heads!r}")
+        heads = tuple(self.heads)
+        if len(heads) == 1 or len(set(heads)) != len(heads) or not all(isinstance(h, str) and h for h in heads):
+            raise ValueError(f"heads={heads!r}: give () for one loss, or two or more distinct head names")
+        object.__setattr__(self, "heads", heads)
 
         if self.fixed is None:
             object.__setattr__(self, "fixed", {})
@@ -400,21 +416,31 @@ class ControllerConfig:
                 )
 
     @property
-    def dim(self) -> int:
-        """D, the number of searched numbers."""
+    def head_dim(self) -> int:
+        """The numbers of one head's θ block (D for a detector with one loss)."""
         n = 1 if self.shared else len(self.functions)
         return 8 * n + int(self.grad_scale)
 
     @property
+    def dim(self) -> int:
+        """D, the number of searched numbers: one block per head."""
+        return self.head_dim * max(1, len(self.heads))
+
+    @property
     def parameter_names(self) -> list[str]:
-        """Names of the D numbers of θ, e.g. ``H2.theta1`` .. ``H1.theta8``, ``grad_scale``."""
+        """Names of the D numbers of θ, e.g. ``H2.theta1`` .. ``H1.theta8``, ``grad_scale``;
+        with heads each prefixed by its head (``rpn.H2.theta1`` .. ``roi.grad_scale``)."""
         groups = ("shared",) if self.shared else self.functions
         names = [f"{g}.theta{k}" for g in groups for k in range(1, 9)]
-        return names + (["grad_scale"] if self.grad_scale else [])
+        names += ["grad_scale"] if self.grad_scale else []
+        if not self.heads:
+            return names
+        return [f"{h}.{n}" for h in self.heads for n in names]
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["functions"] = list(self.functions)
+        d["heads"] = list(self.heads)
         d["fixed"] = {k: list(v) for k, v in self.fixed.items()}
         return d
 
@@ -439,6 +465,8 @@ class Controller:
         seed: sampling seed; round r draws from :func:`round_generator` (seed, r).
         fixed: functions not searched, name -> 12 control-point numbers.
         shared: one function for all five places (D = 8 + grad_scale).
+        heads: the detector's PAP-loss heads (``paploss.spec_set.head_names``), one
+            block of θ each; θ → loss is then a ``SpecSet``. () = one loss.
         samples: default number of samples per round.
         min_reward: the reward given to failed trials (NaN or Inf rewards).
 
@@ -461,6 +489,7 @@ class Controller:
         shared: bool = False,
         samples: int = 8,
         min_reward: float = 0.0,
+        heads: Sequence[str] = (),
     ) -> None:
         config = ControllerConfig(
             rounds=rounds,
@@ -474,13 +503,15 @@ class Controller:
             shared=shared,
             samples=samples,
             min_reward=min_reward,
+            heads=tuple(heads) if isinstance(heads, (list, tuple)) else heads,
         )
         D = config.dim
         if mu is None:
             from paploss.spec import IDENTITY_THETA8
 
             groups = 1 if config.shared else len(config.functions)
-            mu_t = torch.tensor(list(IDENTITY_THETA8) * groups + [0.5] * int(config.grad_scale), dtype=DTYPE)
+            block = list(IDENTITY_THETA8) * groups + [0.5] * int(config.grad_scale)
+            mu_t = torch.tensor(block * max(1, len(config.heads)), dtype=DTYPE)
         else:
             mu_t = _vector(mu, "mu", D)
             bad = [(i, v) for i, v in enumerate(mu_t.tolist()) if not 0.0 <= v <= 1.0]
@@ -649,16 +680,18 @@ class Controller:
     def _describe(self) -> str:
         cfg = self._config
         what = "shared" if cfg.shared else "functions=" + ",".join(cfg.functions)
-        return f"{what}, grad_scale={cfg.grad_scale}"
+        heads = f", heads={','.join(cfg.heads)}" if cfg.heads else ""
+        return f"{what}, grad_scale={cfg.grad_scale}{heads}"
 
     # -- θ -> loss spec --------------------------------------------------------------
 
     def spec(self):
-        """The LossSpec of the current mean μ: the searched loss."""
+        """The LossSpec of the current mean μ: the searched loss (a ``SpecSet`` with heads)."""
         return self._spec(self.mu.tolist())
 
     def spec_of(self, theta: Sequence[float] | torch.Tensor):
-        """The LossSpec of one θ [D] (a row of :meth:`sample`)."""
+        """The LossSpec of one θ [D] (a row of :meth:`sample`); with ``heads`` a
+        :class:`~paploss.spec_set.SpecSet`, head k from θ's k-th block."""
         t = _vector(theta, "theta", self.dim)
         bad = [(i, v) for i, v in enumerate(t.tolist()) if not 0.0 <= v <= 1.0]
         if bad:
@@ -667,6 +700,15 @@ class Controller:
         return self._spec(t.tolist())
 
     def _spec(self, theta: list[float]):
+        cfg = self._config
+        if cfg.heads:
+            from paploss.spec_set import SpecSet
+
+            k = cfg.head_dim
+            return SpecSet(tuple((h, self._head_spec(theta[i * k:(i + 1) * k])) for i, h in enumerate(cfg.heads)))
+        return self._head_spec(theta)
+
+    def _head_spec(self, theta: list[float]):
         from paploss.spec import FUNCTIONS, LossSpec, grad_scale_from_theta, theta_to_points
 
         cfg = self._config
@@ -729,7 +771,7 @@ class Controller:
         unknown = sorted(set(opts) - known)
         if unknown:
             raise ValueError(f"controller state: unknown option(s) {unknown}")
-        absent = sorted(known - set(opts))
+        absent = sorted(known - set(opts) - {"heads"})  # states from before heads: one loss
         if absent:
             raise ValueError(f"controller state: option(s) {absent} missing")
         state_functions = _as_list(state["functions"], "functions")

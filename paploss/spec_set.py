@@ -24,6 +24,11 @@ fixed head order :func:`head_names` (``rpn`` then ``roi`` for Faster R-CNN)::
 :func:`theta_dim`, :func:`from_theta`, :func:`to_theta` and :func:`split_theta` map
 between θ and specs for any detector name; a detector with one head (and an
 ``mmdet:<config>`` detector) has no head names and takes a plain ``LossSpec``.
+
+Detectors by name (:func:`detector_names`): the torchvision ones of
+``paploss.models.DETECTORS`` and the MMDetection configs of :data:`MMDET_DETECTORS`
+(``deformable_detr_tiny``), which :func:`resolve_detector` turns into the
+``mmdet:<config file>`` the engine trains.
 """
 
 from __future__ import annotations
@@ -47,12 +52,17 @@ __all__ = [
     "read_spec",
     "spec_for_heads",
     "check_spec",
+    "MMDET_DETECTORS",
+    "resolve_detector",
+    "detector_names",
 ]
 
 SPECS_FORMAT = "paploss-specs/1"
 # detector family (paploss.models.DETECTORS) -> its PAP-loss heads, in θ order
 FAMILY_HEADS: dict[str, tuple[str, ...]] = {"faster_rcnn": ("rpn", "roi")}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+# detector name -> its MMDetection config, relative to the repository root (one loss each)
+MMDET_DETECTORS: dict[str, str] = {"deformable_detr_tiny": "configs/mmdet/paploss_deformable_detr_tiny_shapes.py"}
 
 
 @dataclass(frozen=True)
@@ -164,12 +174,36 @@ def read_spec(source: str | bytes | Mapping[str, Any]) -> LossSpec | SpecSet:
 
 
 # ------------------------------------------------------------------ per detector
+def detector_names() -> list[str]:
+    """Every detector name ``--detector`` takes (``mmdet:<config>`` aside), sorted."""
+    from paploss.models import DETECTORS
+
+    return sorted({*DETECTORS, *MMDET_DETECTORS})
+
+
+def resolve_detector(detector: str) -> str:
+    """The name the engine trains: an :data:`MMDET_DETECTORS` name becomes
+    ``mmdet:<absolute config path>`` (the config must exist); any other name is
+    returned as it is ("" too: the engine's default)."""
+    if not isinstance(detector, str):
+        raise ValueError(f"detector must be a name, got {detector!r}")
+    if detector not in MMDET_DETECTORS:
+        return detector
+    from pathlib import Path
+
+    config = Path(__file__).resolve().parents[1] / MMDET_DETECTORS[detector]
+    if not config.is_file():
+        raise ValueError(f"detector {detector}: its MMDetection config {config} is missing (a checkout of the "
+                         "repository has it under configs/mmdet/)")
+    return f"mmdet:{config}"
+
+
 def head_names(detector: str) -> tuple[str, ...]:
     """The PAP-loss heads of ``detector`` in θ order: ``("rpn", "roi")`` for a Faster
     R-CNN, ``()`` for a detector with one loss (RetinaNet, ``mmdet:<config>``)."""
     if not isinstance(detector, str):
         raise ValueError(f"detector must be a name, got {detector!r}")
-    if detector.startswith("mmdet:"):
+    if detector.startswith("mmdet:") or detector in MMDET_DETECTORS:
         return ()
     from paploss.models import DETECTORS
 

@@ -149,9 +149,9 @@ def _given_spec(loss: str, spec: str, tag: str):
         return None
     if not spec:
         raise StepError(f"loss={loss!r} is not {SEARCHED!r} or a baseline {list(BASELINES)}: give its spec (LossSpec JSON)")
-    from paploss.spec import LossSpec
+    from paploss.spec_set import read_spec
 
-    try:
-        return LossSpec.from_json(spec)
+    try:  # a LossSpec, or a SpecSet (one per head) for a detector with several heads
+        return read_spec(spec)
     except ValueError as exc:
         raise StepError(f"spec of loss {loss!r}: {exc}") from None

@@ -119,9 +119,9 @@ def lr_trial(data: str, init: str, item: str, final: Mapping[str, Any], sweep: M
             raise StepError("lr_trial of the searched loss needs the final search state")
         pap = searched_spec(state)
     elif loss == START:
-        from paploss.spec import LossSpec
+        from paploss.spec_set import read_spec
 
-        pap = LossSpec.from_json(spec or start_spec(work, search_name))
+        pap = read_spec(spec or start_spec(work, search_name))  # a SpecSet for a detector with several heads
     else:
         pap = _given_spec(loss, spec, "")
     options = {**loss_options(final, loss, lr), **{k: v for k, v in dict(sweep or {}).items() if k != "lrs"}}

@@ -89,9 +89,9 @@ def searched_spec(state: str):
 
 
 def _searched_spec_of(doc: Mapping[str, Any], controller):
-    from paploss.spec import LossSpec
+    from paploss.spec_set import read_spec
 
-    if doc.get("selected"):
-        return LossSpec.from_json(doc["selected"]["spec"])
+    if doc.get("selected"):  # a LossSpec, or a SpecSet for a detector with several heads
+        return read_spec(doc["selected"]["spec"])
     return controller.spec()
 

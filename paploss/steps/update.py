@@ -26,13 +26,16 @@ def check_search(
     trial_seeds: str = "fixed",
     reward_seeds: int = 1,
     search_splits: int = 1,
+    detector: str = "",
 ):
     """The controller a search starts from, and whether its first state exists: checks,
     before any work, that the controller options build a controller (``sigma`` > 0,
     known option names, ...) and that a search of that name in ``work``, if there is
     one, has these settings (its controller options, seed, trial seeds, reward seeds
-    and splits). Returns ``(controller, exists)``; raises :class:`StepError` naming the
-    option, or :class:`SearchExists` naming what differs. Reads, never writes."""
+    and splits). ``detector``: the trials' detector; a detector with several PAP-loss
+    heads (:func:`paploss.spec_set.head_names`) gives the controller one block of θ per
+    head ("" = one loss). Returns ``(controller, exists)``; raises :class:`StepError`
+    naming the option, or :class:`SearchExists` naming what differs. Reads, never writes."""
     from paploss.search import Controller
 
     _check_name(search_name)
@@ -42,6 +45,7 @@ def check_search(
     for bad in ("rounds", "seed", "samples"):
         if bad in options:
             raise StepError(f"controller option {bad!r} is a search parameter: pass it as {bad}=")
+    options = _with_heads(options, detector)
     opts = _SearchOptions(trial_seeds, reward_seeds, search_splits)
     try:
         c = Controller(rounds=int(rounds), seed=int(seed), samples=int(samples), **options)
@@ -76,6 +80,31 @@ def check_search(
     return c, True
 
 
+def _with_heads(options: dict, detector: str) -> dict:
+    """The controller options with the heads of ``detector`` (none for a one-loss detector)."""
+    from paploss.spec_set import head_names
+
+    try:
+        heads = list(head_names(detector)) if detector else []
+    except ValueError as exc:
+        raise StepError(f"detector: {exc}") from None
+    if "heads" in options and list(options["heads"] or []) != heads:
+        raise StepError(f"controller option heads={options['heads']!r} does not fit detector {detector or '(default)'!r}, "
+                        f"whose PAP-loss heads are {heads}")
+    return {**options, "heads": heads} if heads else options
+
+
+def trials_detector(params: Mapping[str, Any] | None) -> str:
+    """The detector the proxy trials train, as a search's ``params`` record it: the
+    ``detector`` parameter, else the ``proxy`` options' own (:func:`train_options`'s
+    rule), "" when neither names one (the engine's default, one loss)."""
+    from paploss.steps.options import train_options
+
+    params = dict(params or {})
+    proxy = params.get("proxy") if isinstance(params.get("proxy"), Mapping) else {}
+    return str(train_options(proxy, str(params.get("detector") or "")).get("detector") or "")
+
+
 def init_search(
     work: str,
     search_name: str,
@@ -88,6 +117,7 @@ def init_search(
     trial_seeds: str = "fixed",
     reward_seeds: int = 1,
     search_splits: int = 1,
+    detector: str | None = None,
 ) -> dict:
     """Controller state before round 0 and round 0's trials.
 
@@ -102,11 +132,17 @@ def init_search(
     ``search_splits``: how many search splits (:func:`prepare_data`'s, the same
     number) the rounds cycle through: round r's trials train on split r mod n and
     are scored on its search-val, so that the search does not fit one set of
-    search-val images. Returns ``{"state": uri, "trials": [json, …]}``.
+    search-val images. ``detector``: the trials' detector, whose PAP-loss heads set θ's
+    length (41 numbers per head: 82 for a Faster R-CNN); None takes the one ``params``
+    record (:func:`trials_detector`: the pipeline's run-time ``detector`` parameter, else
+    the proxy options'). Returns ``{"state": uri, "trials": [json, …]}``.
     """
+    if detector is None:
+        detector = trials_detector(params)
     c, exists = check_search(work, search_name, rounds, samples, seed=seed, controller=controller,
-                             trial_seeds=trial_seeds, reward_seeds=reward_seeds, search_splits=search_splits)
-    options = plain(dict(controller or {}))
+                             trial_seeds=trial_seeds, reward_seeds=reward_seeds, search_splits=search_splits,
+                             detector=detector)
+    options = _with_heads(plain(dict(controller or {})), detector)
     opts = _SearchOptions(trial_seeds, reward_seeds, search_splits)
     uri = state_uri(work, search_name, 0)
     if not exists:
