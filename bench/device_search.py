@@ -24,7 +24,6 @@ states, for the figures and ``mu_travel``).
 
 from __future__ import annotations
 
-import concurrent.futures as cf
 import json
 import math
 import contextlib

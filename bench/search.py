@@ -57,8 +57,9 @@ from paploss import flow, presets, steps, storage
 from paploss.search_cli import int_list
 from paploss.spec import HANDCRAFTED_FORMS, grad_scale_from_theta
 
-__all__ = ["BenchConfig", "LOSSES", "KNOWN_LOSSES", "TRANSFERS", "split_scale", "BENCH_PRESETS", "run_bench", "summarize", "goal_check", "goal_lines", "goal_text", "reward_table", "mu_travel",
-           "bench"]
+__all__ = ["BenchConfig", "LOSSES", "KNOWN_LOSSES", "TRANSFERS", "split_scale", "BENCH_PRESETS", "WarmStarts",
+           "run_search", "run_finals", "final_jobs", "run_bench", "summarize", "goal_check", "goal_lines", "goal_text",
+           "reward_table", "mu_travel", "shared_options", "bench"]
 
 DATASETS = ("shapes", "digits")  # the bundled datasets; a transfer loss takes its loss from the other one
 
@@ -478,11 +479,14 @@ class WarmStarts:
     deadline: float | None = None
 
     def init_of(self, item: Any) -> str | None:
+        """The warm start of one of the flow's tasks (None: the flow's own)."""
         if isinstance(item, flow.Final):
             inits, index = self.finals, item.seed or 0
-        else:
+        elif isinstance(item, str) and item.startswith("{"):  # a proxy trial
             t = json.loads(item)
             inits, index = (self.select, t["seed"]) if "candidate" in t else (self.search, t.get("repeat", 0))
+        else:
+            return None
         return warm_start(inits, int(index)) if inits else None
 
     def __call__(self, fn: Callable, items: Sequence[Any]) -> list:
@@ -569,28 +573,17 @@ def final_jobs(seeds: Sequence[int], losses: Sequence[str], specs: Mapping[str, 
             for seed in seeds for loss in losses if loss in specs and warm_start(inits, seed)}
 
 
-def final_search(p: presets.Preset, work: str, baseline: bool, name: str = "bench-finals") -> flow.Search:
-    """The :class:`paploss.flow.Search` whose ``final`` trains the finals of one dataset
-    (in ``work``'s search ``name``): the preset's, less ``detach_i3`` for a ``baseline``
-    (focal+l1, focal+giou), which has no PAP loss to take it."""
-    if baseline:
-        p = p.with_overrides(final={k: v for k, v in p.final.items() if k != "detach_i3"})
-    return flow.Search(preset=p, work=work, search_name=name)
-
-
 def run_finals(m: WarmStarts, p: presets.Preset, data: str, work: str, jobs: Mapping[tuple[str, int], flow.Final],
                name: str = "bench-finals") -> dict[tuple[str, int], dict]:
     """``{(loss, seed): result}`` of ``jobs`` (:func:`final_jobs`) through
-    :func:`paploss.flow.finals`, trained on ``train`` and scored on ``val`` (never
-    search-val); a final not cached in a report-only run is left out."""
-    groups: dict[bool, list] = {}
-    for key, job in jobs.items():
-        groups.setdefault(job.loss in steps.BASELINES and bool(p.final.get("detach_i3")), []).append((key, job))
-    out = {}
-    for baseline, items in groups.items():
-        docs = flow.finals(final_search(p, work, baseline, name), data, m.finals[0], "", [j for _, j in items], map=m)
-        out.update({key: json.loads(doc) for (key, _), doc in zip(items, docs) if doc is not None})
-    return out
+    :func:`paploss.flow.finals` in ``work``'s search ``name``: trained on ``train`` and
+    scored on ``val`` (never search-val) with the preset's final options (a baseline's
+    without the PAP loss's own, ``steps.loss_options``) and its learning rate (no lr
+    sweep: every loss compared at the same one); a final not cached in a report-only
+    run, or past ``m``'s deadline, is left out."""
+    s = flow.Search(preset=p, work=work, search_name=name)
+    docs = flow.finals(s, data, m.finals[0], "", list(jobs.values()), map=m, lrs={})
+    return {key: json.loads(doc) for key, doc in zip(jobs, docs) if doc is not None}
 
 
 def _search_inputs(p: presets.Preset, data: str, inits: Sequence[str], work: str, name: str, write: bool) -> None:

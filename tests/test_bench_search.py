@@ -15,7 +15,7 @@ import torch
 
 from bench.search import (LOSSES, BenchConfig, _loss_specs, selection_text, goal_check, goal_lines, goal_text, mu_travel,
                           reward_table, split_scale, summarize)
-from paploss import flow, presets, steps, storage
+from paploss import presets, steps, storage
 from paploss.search import Controller
 from paploss.spec import LossSpec, form_theta
 
