@@ -42,7 +42,7 @@ import json
 import math
 import os
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -188,7 +188,75 @@ def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None,
 
 
 def _train(cfg, device, rank, world, on_step, progress, t0) -> TrainResult:
+    """The body of :func:`train` once the device and the process group are set: data,
+    model and optimizer, an optional resume, the iterations, then evaluation and the
+    final checkpoint."""
     root = storage.localize(cfg.data)
+    train_coco, val_coco, train_set = _load_train_data(cfg, root)
+    total = cfg.iterations or max(1, math.ceil(cfg.epochs * len(train_set) / cfg.batch_size))
+    torch.manual_seed(cfg.seed)
+    model, params, opt = _build_training(cfg, train_set.num_classes, device, world)
+
+    ckpt_uri = storage.join(cfg.out_dir, CHECKPOINT) if cfg.out_dir else None
+    run = _RunState()
+    if ckpt_uri and cfg.resume and storage.exists(ckpt_uri):
+        run, done, metrics = _resume(cfg, ckpt_uri, model, opt)
+        if done:
+            return TrainResult(metrics=metrics, diverged=run.diverged, losses=run.losses, checkpoint=ckpt_uri,
+                               seconds=time.time() - t0, iterations=run.start, box_collapsed=run.collapsed,
+                               box_quality=run.qualities)
+
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    use_amp = amp_enabled(cfg.amp, device)
+    model.train()
+    bar = tqdm(range(run.start, total), desc=f"train {cfg.loss}", disable=not progress or rank != 0,
+               initial=run.start, total=total, leave=False)
+    for it in bar:
+        if run.diverged or run.collapsed:
+            break
+        lr = lr_at(cfg, it, total)
+        value = _step(cfg, net, opt, params, train_set, it, lr, device, rank, world, use_amp)
+        _record_step(cfg, run, value, model, device, world)
+        if on_step is not None:
+            on_step(it, value)
+        bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2g}")
+        if ckpt_uri and rank == 0 and cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < total:
+            checkpoints.save(ckpt_uri, _state(cfg, model, opt, it + 1, run.losses, run.bad, run.diverged, train_coco,
+                                              done=False, box_quality=run.qualities))
+    bar.close()
+
+    metrics = _final_metrics(cfg, model, val_coco, root, run.diverged, device, rank, world, progress)
+    iterations = len(run.losses)
+    if ckpt_uri and rank == 0:
+        _write_final(cfg, ckpt_uri, model, opt, run, train_coco, metrics, t0)
+    if world > 1:
+        torch.distributed.barrier()
+    return TrainResult(metrics=metrics, diverged=run.diverged, losses=run.losses, checkpoint=ckpt_uri,
+                       seconds=time.time() - t0, iterations=iterations, box_collapsed=run.collapsed,
+                       box_quality=run.qualities)
+
+
+@dataclass
+class _RunState:
+    """Where a run stands after ``start`` iterations: the loss of each iteration, the bad
+    ones counted for the divergence stop, the positives' mean box quality u of each
+    iteration (PAP loss only) with the iterations whose u was below ``cfg.box_collapse``
+    (``low``), and whether either stop has fired."""
+
+    start: int = 0
+    losses: list = field(default_factory=list)
+    bad: int = 0
+    diverged: bool = False
+    qualities: list = field(default_factory=list)
+    low: int = 0
+    collapsed: bool = False
+
+
+def _load_train_data(cfg: TrainConfig, root: Path) -> tuple[dict, dict, CocoDetection]:
+    """The training and validation splits of ``root`` and the training set; the two
+    splits must have the same categories and the training split at least one image."""
     train_coco = load_split(root, cfg.train_ann)
     val_coco = load_split(root, cfg.val_ann)
     train_cats = sorted((c["id"], c["name"]) for c in train_coco["categories"])
@@ -197,10 +265,13 @@ def _train(cfg, device, rank, world, on_step, progress, t0) -> TrainResult:
     train_set = CocoDetection(train_coco, root / "images")
     if len(train_set) == 0:
         raise ValueError(f"{cfg.data}: split {cfg.train_ann!r} has no images")
-    total = cfg.iterations or max(1, math.ceil(cfg.epochs * len(train_set) / cfg.batch_size))
+    return train_coco, val_coco, train_set
 
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, train_set.num_classes)
+
+def _build_training(cfg: TrainConfig, num_classes: int, device: torch.device, world: int):
+    """The model (backbone from ``cfg.init`` when given, global batch norm under DDP) on
+    ``device``, its trainable parameters, and their SGD or AdamW optimizer."""
+    model = build_model(cfg, num_classes)
     if cfg.init:
         load_backbone(model, cfg.init, cfg)
     if world > 1:  # batch norm over the global batch (same parameters, buffers and state dict keys)
@@ -211,77 +282,72 @@ def _train(cfg, device, rank, world, on_step, progress, t0) -> TrainResult:
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return model, params, opt
 
-    ckpt_uri = storage.join(cfg.out_dir, CHECKPOINT) if cfg.out_dir else None
-    start, losses, bad, diverged = 0, [], 0, False
-    qualities: list[float] = []  # the positives' mean box quality u per iteration (PAP loss only)
-    low, collapsed = 0, False  # box-collapse stop: iterations with u below cfg.box_collapse, and the stop
-    if ckpt_uri and cfg.resume and storage.exists(ckpt_uri):
-        state = checkpoints.load(ckpt_uri, checkpoints.CHECKPOINT, keys=_STATE_KEYS)
-        if _fingerprint(state["config"]) != _fingerprint(cfg.to_dict()):
-            raise ValueError(f"{ckpt_uri} holds a run of a different config; use another out_dir or resume=False")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start, losses, bad, diverged = state["iteration"], list(state["losses"]), state["bad"], state["diverged"]
-        qualities = list(state.get("box_quality", []))
-        if cfg.box_collapse is not None:
-            low = sum(q < cfg.box_collapse for q in qualities)
-            collapsed = low > cfg.diverge_patience
-        if state.get("done"):
-            return TrainResult(metrics=state["metrics"], diverged=diverged, losses=losses, checkpoint=ckpt_uri,
-                               seconds=time.time() - t0, iterations=start, box_collapsed=collapsed,
-                               box_quality=qualities)
 
-    net = model
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    use_amp = amp_enabled(cfg.amp, device)
+def _resume(cfg: TrainConfig, ckpt_uri: str, model, opt) -> tuple[_RunState, bool, dict | None]:
+    """Load the checkpoint of a run of ``cfg`` into ``model`` and ``opt``; returns where
+    the run stands, whether it had finished, and its metrics (None before the end). A
+    checkpoint of another config is refused."""
+    state = checkpoints.load(ckpt_uri, checkpoints.CHECKPOINT, keys=_STATE_KEYS)
+    if _fingerprint(state["config"]) != _fingerprint(cfg.to_dict()):
+        raise ValueError(f"{ckpt_uri} holds a run of a different config; use another out_dir or resume=False")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    run = _RunState(start=state["iteration"], losses=list(state["losses"]), bad=state["bad"],
+                    diverged=state["diverged"], qualities=list(state.get("box_quality", [])))
+    if cfg.box_collapse is not None:
+        run.low = sum(q < cfg.box_collapse for q in run.qualities)
+        run.collapsed = run.low > cfg.diverge_patience
+    return run, bool(state.get("done")), state["metrics"]
+
+
+def _step(cfg, net, opt, params, train_set, it, lr, device, rank, world, use_amp) -> float:
+    """One optimizer step, iteration ``it`` at learning rate ``lr``: this process's share
+    of the batch of :func:`batch_plan`, the loss (bfloat16 autocast when ``use_amp``), and
+    its mean over the processes, which is returned. A non-finite loss is not applied."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    idx, flips = batch_plan(cfg.seed, it, cfg.batch_size, len(train_set))
     per_rank = cfg.batch_size // world
-    model.train()
-    bar = tqdm(range(start, total), desc=f"train {cfg.loss}", disable=not progress or rank != 0,
-               initial=start, total=total, leave=False)
-    for it in bar:
-        if diverged or collapsed:
-            break
-        lr = lr_at(cfg, it, total)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        idx, flips = batch_plan(cfg.seed, it, cfg.batch_size, len(train_set))
-        mine = slice(rank * per_rank, (rank + 1) * per_rank)
-        items = [train_set.get(i, hflip=cfg.hflip and f) for i, f in zip(idx[mine], flips[mine])]
-        images = [im.to(device) for im, _ in items]
-        targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for _, t in items]
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss_dict = net(images, targets)
-        loss = sum(loss_dict.values())
-        value = float(loss.detach())
-        if world > 1:  # every rank must take the same decisions
-            v = torch.tensor([value], device=device)
-            torch.distributed.all_reduce(v)
-            value = float(v) / world
-        opt.zero_grad(set_to_none=True)
-        if math.isfinite(value):
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-        bad += _is_bad(value)
-        losses.append(value)
-        if bad > cfg.diverge_patience:
-            diverged = True
-        if cfg.loss == "paploss":
-            qualities.append(_box_quality(model, device, world))
-            if cfg.box_collapse is not None:
-                low += qualities[-1] < cfg.box_collapse
-                collapsed = low > cfg.diverge_patience
-        if on_step is not None:
-            on_step(it, value)
-        bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2g}")
-        if ckpt_uri and rank == 0 and cfg.checkpoint_every and (it + 1) % cfg.checkpoint_every == 0 and it + 1 < total:
-            checkpoints.save(ckpt_uri, _state(cfg, model, opt, it + 1, losses, bad, diverged, train_coco, done=False,
-                                   box_quality=qualities))
-    bar.close()
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    items = [train_set.get(i, hflip=cfg.hflip and f) for i, f in zip(idx[mine], flips[mine])]
+    images = [im.to(device) for im, _ in items]
+    targets = [{"boxes": t["boxes"].to(device), "labels": t["labels"].to(device)} for _, t in items]
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_amp):
+        loss_dict = net(images, targets)
+    loss = sum(loss_dict.values())
+    value = float(loss.detach())
+    if world > 1:  # every rank must take the same decisions
+        v = torch.tensor([value], device=device)
+        torch.distributed.all_reduce(v)
+        value = float(v) / world
+    opt.zero_grad(set_to_none=True)
+    if math.isfinite(value):
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+    return value
 
+
+def _record_step(cfg: TrainConfig, run: _RunState, value: float, model, device, world: int) -> None:
+    """Add an iteration's loss ``value`` to ``run`` and apply the two stops: the
+    divergence stop on bad losses, and (PAP loss) the box-collapse stop on low u."""
+    run.bad += _is_bad(value)
+    run.losses.append(value)
+    if run.bad > cfg.diverge_patience:
+        run.diverged = True
+    if cfg.loss == "paploss":
+        run.qualities.append(_box_quality(model, device, world))
+        if cfg.box_collapse is not None:
+            run.low += run.qualities[-1] < cfg.box_collapse
+            run.collapsed = run.low > cfg.diverge_patience
+
+
+def _final_metrics(cfg, model, val_coco, root, diverged, device, rank, world, progress) -> dict:
+    """COCO AP of the trained model on the validation split, evaluated on rank 0 and
+    shared with every process; all 0 (reward 0) for a diverged run."""
     if diverged:
         metrics = {k: 0.0 for k in METRICS}
     elif rank == 0:
@@ -293,18 +359,19 @@ def _train(cfg, device, rank, world, on_step, progress, t0) -> TrainResult:
         box = [metrics]
         torch.distributed.broadcast_object_list(box, src=0)
         metrics = box[0]
-    iterations = len(losses)
-    if ckpt_uri and rank == 0:
-        checkpoints.save(ckpt_uri, _state(cfg, model, opt, iterations, losses, bad, diverged, train_coco, done=True, metrics=metrics,
-                               box_quality=qualities))
-        storage.write_json(storage.join(cfg.out_dir, METRICS_FILE),
-                           {"metrics": metrics, "diverged": diverged, "box_collapsed": collapsed, "iterations": iterations,
-                            "final_loss": losses[-1] if losses else None, "seconds": time.time() - t0,
-                            "config": cfg.to_dict()})
-    if world > 1:
-        torch.distributed.barrier()
-    return TrainResult(metrics=metrics, diverged=diverged, losses=losses, checkpoint=ckpt_uri,
-                       seconds=time.time() - t0, iterations=iterations, box_collapsed=collapsed, box_quality=qualities)
+    return metrics
+
+
+def _write_final(cfg, ckpt_uri, model, opt, run: _RunState, train_coco, metrics, t0) -> None:
+    """The finished run's checkpoint (``done=True``, with its metrics) and ``metrics.json``
+    beside it."""
+    iterations = len(run.losses)
+    checkpoints.save(ckpt_uri, _state(cfg, model, opt, iterations, run.losses, run.bad, run.diverged, train_coco,
+                                      done=True, metrics=metrics, box_quality=run.qualities))
+    storage.write_json(storage.join(cfg.out_dir, METRICS_FILE),
+                       {"metrics": metrics, "diverged": run.diverged, "box_collapsed": run.collapsed,
+                        "iterations": iterations, "final_loss": run.losses[-1] if run.losses else None,
+                        "seconds": time.time() - t0, "config": cfg.to_dict()})
 
 
 def _box_quality(model: torch.nn.Module, device: torch.device, world: int) -> float:
@@ -404,8 +471,6 @@ def pretrain(
     are resized to ``crop_size``; images are first resized to ``image_size`` so
     object scales match the detector's.  SGD with cosine decay.  The file holds the
     body's state dict, the backbone name and the final training accuracy."""
-    from torchvision.ops import box_iou, roi_align
-
     if num_threads:
         torch.set_num_threads(num_threads)
     if detector not in DETECTORS:
@@ -416,18 +481,11 @@ def pretrain(
     ds = CocoDetection(coco, root / "images")
     K = ds.num_classes
     torch.manual_seed(seed)
-    body = build_detector(detector, K, width_mult=width_mult, fpn_channels=16).backbone.body
-    last = list(body.return_layers.values())[-1]
-    body.eval()
-    with torch.no_grad():
-        ch = body(torch.zeros(1, 3, crop_size, crop_size))[last].shape[1]
-    classifier = torch.nn.Linear(ch, K + 1)
+    body, last, classifier = _crop_classifier(detector, K, width_mult, crop_size)
     net = torch.nn.ModuleDict({"body": body, "fc": classifier}).to(dev)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
-    mean = torch.tensor([0.485, 0.456, 0.406], device=dev).view(1, 3, 1, 1)
-    std = torch.tensor([0.229, 0.224, 0.225], device=dev).view(1, 3, 1, 1)
     gen = torch.Generator().manual_seed(seed)
-    objects = [(i, b, int(l)) for i in range(len(ds)) for b, l in zip(*(lambda t: (t["boxes"], t["labels"]))(ds.get(i)[1]))]
+    objects = _pretrain_objects(ds)
     if not objects:
         raise ValueError(f"{data}: split {ann!r} has no boxes to pre-train on")
     correct = seen = 0
@@ -435,45 +493,10 @@ def pretrain(
     net.train()
     for it in bar:
         for group in opt.param_groups:
-            group["lr"] = lr * 0.5 * (1 + math.cos(math.pi * it / iterations)) * min(1.0, (it + 1) / 20)
+            group["lr"] = _pretrain_lr(lr, it, iterations)
         picks = torch.randint(len(objects), (batch_size,), generator=gen).tolist()
-        rois, labels, imgs = [], [], []
-        for j, p in enumerate(picks):
-            i, box, label = objects[p]
-            img, tgt = ds.get(i)
-            H, W = img.shape[-2:]
-            scale = image_size / max(H, W)
-            if scale != 1.0:
-                img = torch.nn.functional.interpolate(img[None], scale_factor=scale, mode="bilinear", align_corners=False)[0]
-                box, gt = box * scale, tgt["boxes"] * scale
-            else:
-                gt = tgt["boxes"]
-            H, W = img.shape[-2:]
-            if j % 4 == 3:  # background crop
-                size = torch.empty(2).uniform_(0.1, 0.4, generator=gen) * torch.tensor([W, H])
-                for _ in range(10):
-                    xy = torch.rand(2, generator=gen) * (torch.tensor([W, H]) - size)
-                    cand = torch.cat([xy, xy + size])[None]
-                    if len(gt) == 0 or box_iou(cand, gt).max() < 0.1:
-                        break
-                box, label = cand[0], K
-            else:
-                c = (box[:2] + box[2:]) / 2
-                wh = (box[2:] - box[:2]) * torch.empty(2).uniform_(1.0, 1.6, generator=gen)
-                c = c + (torch.rand(2, generator=gen) - 0.5) * 0.2 * wh
-                box = torch.cat([c - wh / 2, c + wh / 2])
-            if torch.rand(1, generator=gen).item() < 0.5:
-                img, box = img.flip(-1), torch.stack([W - box[2], box[1], W - box[0], box[3]])
-            imgs.append(img)
-            rois.append(torch.cat([torch.tensor([float(j)]), box]))
-            labels.append(label)
-        batch = torch.stack([torch.nn.functional.pad(im, (0, image_size - im.shape[-1], 0, image_size - im.shape[-2]))
-                             for im in imgs]).to(dev)
-        crops = roi_align(batch, torch.stack(rois).to(dev), output_size=crop_size, aligned=True)
-        x = (crops - mean) / std
-        feats = body(x)[last].mean(dim=(2, 3))
-        logits = classifier(feats)
-        y = torch.tensor(labels, device=dev)
+        x, y = _crop_batch(ds, objects, picks, image_size, crop_size, K, gen, dev)
+        logits = classifier(body(x)[last].mean(dim=(2, 3)))
         loss = torch.nn.functional.cross_entropy(logits, y, label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -489,3 +512,98 @@ def pretrain(
                      "classes": [c["name"] for c in sorted(coco["categories"], key=lambda c: c["id"])],
                      "data": str(data), "ann": ann, "seed": seed})
     return out_file
+
+
+# ImageNet's per-channel mean and standard deviation, which crops are normalised with
+_MEAN = (0.485, 0.456, 0.406)
+_STD = (0.229, 0.224, 0.225)
+
+
+def _crop_classifier(detector: str, K: int, width_mult: float, crop_size: int):
+    """The backbone body of ``detector`` (weights from the current torch seed), the name
+    of its last feature map, and a linear classifier of that map's pooled channels into
+    the K classes plus background."""
+    body = build_detector(detector, K, width_mult=width_mult, fpn_channels=16).backbone.body
+    last = list(body.return_layers.values())[-1]
+    body.eval()
+    with torch.no_grad():
+        ch = body(torch.zeros(1, 3, crop_size, crop_size))[last].shape[1]
+    return body, last, torch.nn.Linear(ch, K + 1)
+
+
+def _pretrain_objects(ds: CocoDetection) -> list[tuple[int, torch.Tensor, int]]:
+    """Every ground-truth box of ``ds`` as ``(image index, box xyxy, label)``, in image order."""
+    objects = []
+    for i in range(len(ds)):
+        target = ds.get(i)[1]
+        objects += [(i, b, int(l)) for b, l in zip(target["boxes"], target["labels"])]
+    return objects
+
+
+def _pretrain_lr(lr: float, it: int, iterations: int) -> float:
+    """Cosine decay from ``lr`` over ``iterations``, with a linear warm-up over the first 20."""
+    return lr * 0.5 * (1 + math.cos(math.pi * it / iterations)) * min(1.0, (it + 1) / 20)
+
+
+def _crop_batch(ds, objects, picks, image_size, crop_size, K, gen, dev) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalised crops ``(B, 3, crop_size, crop_size)`` and labels ``(B,)`` of one
+    pre-training batch: for each picked object a crop of it (:func:`_object_crop`), every
+    fourth one (j % 4 == 3) a background crop of its image (:func:`_background_crop`,
+    label K), each flipped with probability 1/2. Draws from ``gen`` in batch order."""
+    from torchvision.ops import roi_align
+
+    rois, labels, imgs = [], [], []
+    for j, p in enumerate(picks):
+        i, box, label = objects[p]
+        img, gt, box = _resized(ds, i, box, image_size)
+        H, W = img.shape[-2:]
+        if j % 4 == 3:
+            box, label = _background_crop(gt, W, H, gen), K
+        else:
+            box = _object_crop(box, gen)
+        if torch.rand(1, generator=gen).item() < 0.5:
+            img, box = img.flip(-1), torch.stack([W - box[2], box[1], W - box[0], box[3]])
+        imgs.append(img)
+        rois.append(torch.cat([torch.tensor([float(j)]), box]))
+        labels.append(label)
+    batch = torch.stack([torch.nn.functional.pad(im, (0, image_size - im.shape[-1], 0, image_size - im.shape[-2]))
+                         for im in imgs]).to(dev)
+    crops = roi_align(batch, torch.stack(rois).to(dev), output_size=crop_size, aligned=True)
+    mean = torch.tensor(_MEAN, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(_STD, device=dev).view(1, 3, 1, 1)
+    return (crops - mean) / std, torch.tensor(labels, device=dev)
+
+
+def _resized(ds: CocoDetection, i: int, box: torch.Tensor, image_size: int):
+    """Image ``i`` of ``ds`` resized so that its longer side is ``image_size``, with its
+    ground-truth boxes and ``box`` scaled alike: ``(image, boxes, box)``."""
+    img, tgt = ds.get(i)
+    H, W = img.shape[-2:]
+    scale = image_size / max(H, W)
+    if scale == 1.0:
+        return img, tgt["boxes"], box
+    img = torch.nn.functional.interpolate(img[None], scale_factor=scale, mode="bilinear", align_corners=False)[0]
+    return img, tgt["boxes"] * scale, box * scale
+
+
+def _background_crop(gt: torch.Tensor, W: int, H: int, gen: torch.Generator) -> torch.Tensor:
+    """A random box of 0.1-0.4 of the image's width and height that overlaps no box of
+    ``gt`` by IoU 0.1 or more (the last of 10 tries otherwise)."""
+    from torchvision.ops import box_iou
+
+    size = torch.empty(2).uniform_(0.1, 0.4, generator=gen) * torch.tensor([W, H])
+    for _ in range(10):
+        xy = torch.rand(2, generator=gen) * (torch.tensor([W, H]) - size)
+        cand = torch.cat([xy, xy + size])[None]
+        if len(gt) == 0 or box_iou(cand, gt).max() < 0.1:
+            break
+    return cand[0]
+
+
+def _object_crop(box: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """``box`` with random context: enlarged 1.0-1.6x per side length and its centre
+    shifted by up to 10% of the new size."""
+    c = (box[:2] + box[2:]) / 2
+    wh = (box[2:] - box[:2]) * torch.empty(2).uniform_(1.0, 1.6, generator=gen)
+    c = c + (torch.rand(2, generator=gen) - 0.5) * 0.2 * wh
+    return torch.cat([c - wh / 2, c + wh / 2])
