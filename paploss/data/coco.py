@@ -70,6 +70,23 @@ def validate_coco(
     small overshoots clipped, ``area`` and ``iscrowd`` filled in).
 
     ``source`` names the file in error messages."""
+    _check_layout(coco, source)
+    categories = _clean_categories(coco["categories"], source)
+    images = _clean_images(coco["images"], source, images_dir)
+    annotations, dropped = _clean_annotations(coco["annotations"], source, images, categories, tolerance)
+    if dropped:
+        warnings.warn(
+            f"{source}: dropped {len(dropped)} degenerate box(es) with non-positive width or height "
+            f"(annotation ids {dropped[:10]}{' ...' if len(dropped) > 10 else ''})",
+            stacklevel=3,
+        )
+    info = dict(coco["info"]) if isinstance(coco.get("info"), dict) else {}
+    info["dropped_degenerate"] = len(dropped)
+    return {"info": info, "images": images, "annotations": annotations, "categories": categories}
+
+
+def _check_layout(coco: Any, source: str) -> None:
+    """A COCO file is an object with the lists ``images``, ``annotations`` and ``categories``."""
     if not isinstance(coco, dict):
         raise CocoFormatError(f"{source}: not a COCO annotation file (top level is {type(coco).__name__}, expected an object)")
     missing = [k for k in ("images", "annotations", "categories") if k not in coco]
@@ -81,9 +98,13 @@ def validate_coco(
         if not isinstance(coco[key], list):
             raise CocoFormatError(f"{source}: '{key}' must be a list, got {type(coco[key]).__name__}")
 
+
+def _clean_categories(raw: list, source: str) -> list[dict]:
+    """The categories (at least one), each with a unique integer ``id``, a ``name`` and a
+    ``supercategory`` ("" when absent)."""
     categories = []
     cat_ids: set[int] = set()
-    for i, cat in enumerate(coco["categories"]):
+    for i, cat in enumerate(raw):
         if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or "name" not in cat:
             raise CocoFormatError(f"{source}: category #{i} must have an integer 'id' and a 'name', got {cat!r}")
         if cat["id"] in cat_ids:
@@ -92,10 +113,15 @@ def validate_coco(
         categories.append({"id": cat["id"], "name": str(cat["name"]), "supercategory": cat.get("supercategory", "")})
     if not categories:
         raise CocoFormatError(f"{source}: no categories")
+    return categories
 
+
+def _clean_images(raw: list, source: str, images_dir: str | os.PathLike | None) -> list[dict]:
+    """The images, each with a unique integer ``id``, a ``file_name`` (a file of
+    ``images_dir`` when given) and a positive ``width`` and ``height``."""
     images = []
-    by_id: dict[int, dict] = {}
-    for i, img in enumerate(coco["images"]):
+    ids: set[int] = set()
+    for i, img in enumerate(raw):
         if not isinstance(img, dict):
             raise CocoFormatError(f"{source}: image #{i} is not an object: {img!r}")
         for key in ("id", "file_name", "width", "height"):
@@ -103,7 +129,7 @@ def validate_coco(
                 raise CocoFormatError(f"{source}: image id {img.get('id', f'#{i}')} has no '{key}'")
         if not isinstance(img["id"], int):
             raise CocoFormatError(f"{source}: image #{i} has a non-integer id {img['id']!r}")
-        if img["id"] in by_id:
+        if img["id"] in ids:
             raise CocoFormatError(f"{source}: duplicate image id {img['id']}")
         if not (_is_number(img["width"]) and _is_number(img["height"]) and img["width"] > 0 and img["height"] > 0):
             raise CocoFormatError(
@@ -115,21 +141,27 @@ def validate_coco(
                 raise CocoFormatError(
                     f"{source}: image id {img['id']}: missing image file {path} (file_name {img['file_name']!r})"
                 )
-        clean = {"id": img["id"], "file_name": str(img["file_name"]), "width": int(img["width"]), "height": int(img["height"])}
-        images.append(clean)
-        by_id[img["id"]] = clean
+        images.append({"id": img["id"], "file_name": str(img["file_name"]), "width": int(img["width"]),
+                       "height": int(img["height"])})
+        ids.add(img["id"])
+    return images
 
+
+def _clean_annotations(
+    raw: list, source: str, images: list[dict], categories: list[dict], tolerance: float
+) -> tuple[list[dict], list[int]]:
+    """The annotations with their boxes clipped to their image, and the ids of those
+    dropped as degenerate (non-positive width or height, before or after clipping).
+
+    Each needs a unique integer ``id``, a known ``image_id`` and ``category_id``, and a
+    box ``[x, y, w, h]`` of 4 finite numbers inside its image up to ``tolerance`` pixels."""
+    by_id = {img["id"]: img for img in images}
+    cat_ids = {cat["id"] for cat in categories}
     annotations = []
     ann_ids: set[int] = set()
     dropped: list = []
-    for i, ann in enumerate(coco["annotations"]):
-        if not isinstance(ann, dict):
-            raise CocoFormatError(f"{source}: annotation #{i} is not an object: {ann!r}")
-        aid = ann.get("id")
-        if not isinstance(aid, int):
-            raise CocoFormatError(f"{source}: annotation #{i} has no integer 'id' (got {aid!r})")
-        if aid in ann_ids:
-            raise CocoFormatError(f"{source}: duplicate annotation id {aid}")
+    for i, ann in enumerate(raw):
+        aid = _annotation_id(ann, i, source, ann_ids)
         ann_ids.add(aid)
         img = by_id.get(ann.get("image_id"))
         if img is None:
@@ -139,42 +171,54 @@ def validate_coco(
                 f"{source}: annotation id {aid}: unknown category_id {ann.get('category_id')!r} "
                 f"(known: {sorted(cat_ids)})"
             )
-        bbox = ann.get("bbox")
-        if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
-            raise CocoFormatError(f"{source}: annotation id {aid}: bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}")
-        x, y, w, h = (float(v) for v in bbox)
-        if w <= 0 or h <= 0:
+        box = _clipped_box(ann.get("bbox"), aid, img, source, tolerance)
+        if box is None:
             dropped.append(aid)
             continue
-        W, H = img["width"], img["height"]
-        if x < -tolerance or y < -tolerance or x + w > W + tolerance or y + h > H + tolerance:
-            raise CocoFormatError(
-                f"{source}: annotation id {aid}: bbox {list(bbox)} lies outside its image id {img['id']} "
-                f"({W}x{H}, file {img['file_name']})"
-            )
-        x0, y0 = max(x, 0.0), max(y, 0.0)
-        x1, y1 = min(x + w, float(W)), min(y + h, float(H))
-        if x1 - x0 <= 0 or y1 - y0 <= 0:
-            dropped.append(aid)
-            continue
-        iscrowd = int(ann.get("iscrowd", 0) or 0)
+        x0, y0, x1, y1 = box
         annotations.append({
             "id": aid,
             "image_id": img["id"],
             "category_id": ann["category_id"],
             "bbox": [x0, y0, x1 - x0, y1 - y0],
             "area": float(ann["area"]) if _is_number(ann.get("area")) else (x1 - x0) * (y1 - y0),
-            "iscrowd": iscrowd,
+            "iscrowd": int(ann.get("iscrowd", 0) or 0),
         })
-    if dropped:
-        warnings.warn(
-            f"{source}: dropped {len(dropped)} degenerate box(es) with non-positive width or height "
-            f"(annotation ids {dropped[:10]}{' ...' if len(dropped) > 10 else ''})",
-            stacklevel=3,
+    return annotations, dropped
+
+
+def _annotation_id(ann: Any, i: int, source: str, seen: set[int]) -> int:
+    """The integer ``id`` of annotation #``i``, which must be an object and the id unseen."""
+    if not isinstance(ann, dict):
+        raise CocoFormatError(f"{source}: annotation #{i} is not an object: {ann!r}")
+    aid = ann.get("id")
+    if not isinstance(aid, int):
+        raise CocoFormatError(f"{source}: annotation #{i} has no integer 'id' (got {aid!r})")
+    if aid in seen:
+        raise CocoFormatError(f"{source}: duplicate annotation id {aid}")
+    return aid
+
+
+def _clipped_box(bbox: Any, aid: int, img: dict, source: str, tolerance: float) -> tuple[float, ...] | None:
+    """Box ``[x, y, w, h]`` of annotation ``aid`` as corners ``(x0, y0, x1, y1)`` clipped
+    to its image; None when degenerate. A box outside the image by more than
+    ``tolerance`` pixels is an error."""
+    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(_is_number(v) for v in bbox)):
+        raise CocoFormatError(f"{source}: annotation id {aid}: bbox must be 4 finite numbers [x, y, w, h], got {bbox!r}")
+    x, y, w, h = (float(v) for v in bbox)
+    if w <= 0 or h <= 0:
+        return None
+    W, H = img["width"], img["height"]
+    if x < -tolerance or y < -tolerance or x + w > W + tolerance or y + h > H + tolerance:
+        raise CocoFormatError(
+            f"{source}: annotation id {aid}: bbox {list(bbox)} lies outside its image id {img['id']} "
+            f"({W}x{H}, file {img['file_name']})"
         )
-    info = dict(coco["info"]) if isinstance(coco.get("info"), dict) else {}
-    info["dropped_degenerate"] = len(dropped)
-    return {"info": info, "images": images, "annotations": annotations, "categories": categories}
+    x0, y0 = max(x, 0.0), max(y, 0.0)
+    x1, y1 = min(x + w, float(W)), min(y + h, float(H))
+    if x1 - x0 <= 0 or y1 - y0 <= 0:
+        return None
+    return x0, y0, x1, y1
 
 
 def load_coco(
