@@ -227,7 +227,7 @@ class Progress:
             if ev.stage == "finals":
                 self.detail = f"final training: {ev.loss}"
                 return "\n".join(x for x in (head, f"final {ev.loss}: training") if x)
-            self.detail = ev.text
+            self.detail = f"round 1/{self.plan.rounds}: trials training" if ev.stage == "search" else ev.text
             return "\n".join(x for x in (head, ev.text) if x)
         if ev.kind == "trial":
             self._learn("trial", ev.seconds)
@@ -243,7 +243,7 @@ class Progress:
             return "\n".join(x for x in (head, line + self._suffix()) if x)
         if ev.kind == "round":
             line = f"round {ev.round}/{p.rounds} done: mean reward {100 * ev.reward:.2f} AP"
-            self.detail = line
+            self.detail = f"round {ev.round + 1}/{p.rounds}: trials training" if ev.round < p.rounds else line
             return line + self._suffix()
         if ev.kind == "sweep":
             self._learn("sweep", ev.seconds)
