@@ -395,9 +395,9 @@ def format_table(report: Mapping[str, Any], s: RunSettings | None = None) -> str
         lines.append(report["promotion"]["reason"])
     if s is not None:
         lines.append(f"MLflow: experiment {s.experiment!r}, parent run {s.search_name!r} at {mask(s.tracking_uri)}")
-        from paploss.tracking import ui_command
+        from paploss.tracking import ui_lines
 
-        lines.append(f"look at it with: make ui   (or: {mask(ui_command(s.tracking_uri))})")
+        lines += [mask(line) for line in ui_lines(s.tracking_uri, s.experiment)]
         lines.append(f"outputs: {steps.search_dir(s.work, s.search_name)}")
     return "\n".join(lines)
 

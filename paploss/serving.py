@@ -31,6 +31,7 @@ Loading therefore needs ``paploss`` installed (the project's image has it).
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -126,10 +127,16 @@ def save_detector(path: str | Path, checkpoint: str | Path, metadata: Mapping[st
     with tempfile.TemporaryDirectory(prefix="paploss-model-") as tmp:
         code = Path(tmp, "detector.py")
         code.write_text(_MODEL_CODE)
+        bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # the checkpoint's copy draws no bar
         with warnings.catch_warnings():  # no input example on purpose: saving runs no model
             warnings.filterwarnings("ignore", message=".*input example.*", category=UserWarning)
             mlflow.pyfunc.save_model(
                 str(path), python_model=str(code), artifacts={CHECKPOINT_ARTIFACT: str(checkpoint)},
                 signature=signature(), pip_requirements=_requirements(), metadata=dict(metadata or {}),
             )
+        if bar is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
     return path

@@ -74,7 +74,7 @@ __all__ = [
     "make_client", "client_of", "check_tracking", "experiment_id", "run_key", "claim_run", "runs_with_key",
     "find_search_run", "start_search", "finish_search", "log_trial", "log_round", "log_final",
     "register_detector", "version_of_run", "champion_version", "version_ap", "set_champion", "promote_if_better",
-    "decide_promotion", "offline_decision", "ap100", "ui_command", "report_markdown", "lineage",
+    "decide_promotion", "offline_decision", "ap100", "save_runs_views", "runs_url", "ui_lines", "RUNS_VIEW", "FINALS_VIEW", "ui_command", "report_markdown", "lineage",
     "open_search", "start_trial", "record_trial", "record_round", "record_selection", "start_final",
     "record_final", "record_report",
 ]
@@ -161,6 +161,19 @@ def ui_command(tracking_uri: str) -> str:
     exe = Path(sys.executable).parent / "mlflow"
     prog = str(exe.absolute()) if exe.exists() else "mlflow"
     return f"{prog} ui --backend-store-uri {tracking_uri} --port 5000"
+
+
+def ui_lines(tracking_uri: str, experiment: str) -> list[str]:
+    """How to look at a search in the MLflow UI: the command (:func:`ui_command`) and
+    the address of the experiment's finals and trials (:func:`runs_url`), when it exists."""
+    lines = [f"look at it with: make ui   (or: {ui_command(tracking_uri)})"]
+    try:
+        exp = make_client(tracking_uri).get_experiment_by_name(experiment)
+    except Exception:  # noqa: BLE001 - a hint, never a failure
+        exp = None
+    if exp is not None:
+        lines.append(f"  then open {runs_url(exp.experiment_id, view=FINALS_VIEW)}")
+    return lines
 
 
 def experiment_id(client, name: str) -> str:
@@ -616,7 +629,7 @@ def decide_promotion(ap: float, baselines: Mapping[str, float], champion: tuple[
     held = "no champion before" if champion is None else \
         f"champion version {champion[0]} had {float(champion[1]):.2f}"
     ahead = "" if rule != "beat-baselines" or not baselines else \
-        "; ahead of " + ", ".join(f"{k} ({float(v):.2f})" for k, v in baselines.items())
+        "; not behind " + ", ".join(f"{k} ({float(v):.2f})" for k, v in baselines.items())
     note = "" if rule == "beat-baselines" or not behind else \
         "; behind " + ", ".join(f"{k} by {g:.2f}" for k, g in behind.items()) + " (rule champion ignores baselines)"
     return {"promote": True, "rule": rule, "behind": behind,
@@ -714,6 +727,52 @@ def report_markdown(table: Mapping[str, Any], decision: Mapping[str, Any] | None
                   f"[rewards.png](get-artifact?path=rewards.png&run_uuid={parent_run_id}) · "
                   f"[report.json](get-artifact?path=report.json&run_uuid={parent_run_id})"]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the UI's runs view
+
+#: The saved view of the runs table this module keeps on the experiment (MLflow 3's
+#: "Views" menu; an experiment tag ``mlflow.sharedViewState.<id>``).
+RUNS_VIEW = "paploss"
+_VIEW_TAG = "mlflow.sharedViewState."
+#: Its columns: what a user sorts finals and trials by (AP x 100, the reward, duration).
+RUNS_VIEW_COLUMNS = ("attributes.`Duration`", "metrics.`AP`", "metrics.`AP50`", "metrics.`reward`",
+                     "metrics.`AP.searched`", "metrics.`AP.focal_l1`", "metrics.`AP.focal_giou`",
+                     "tags.`paploss.loss`")
+
+
+#: The second view: the finals and trials side by side (their parent rows left out,
+#: so none is folded away), best AP first.
+FINALS_VIEW = "paploss-finals"
+
+
+def _set_view(client, experiment: str, view: str, name: str, state: Mapping[str, Any]) -> None:
+    old = (client.get_experiment(experiment).tags or {}).get(_VIEW_TAG + view)
+    now = int(time.time() * 1000)
+    try:
+        created = int(json.loads(old)["createdAt"]) if old else now
+    except (ValueError, KeyError, TypeError):
+        created = now
+    client.set_experiment_tag(experiment, _VIEW_TAG + view, json.dumps(
+        {"name": name, "createdAt": created, "updatedAt": now, "state": json.dumps(dict(state))}))
+
+
+def save_runs_views(client, experiment: str) -> None:
+    """Keep the experiment's two saved views of the runs table (MLflow 3's "Views"
+    menu), both with :data:`RUNS_VIEW_COLUMNS` shown: :data:`RUNS_VIEW`, every run,
+    newest first; :data:`FINALS_VIEW`, the finals and trials only, best AP first.
+    :func:`runs_url` opens one."""
+    columns = list(RUNS_VIEW_COLUMNS)
+    _set_view(client, experiment, RUNS_VIEW, "paploss: AP, reward, duration",
+              {"selectedColumns": columns, "orderByKey": "attributes.start_time", "orderByAsc": False})
+    _set_view(client, experiment, FINALS_VIEW, "paploss: finals and trials by AP",
+              {"selectedColumns": columns, "orderByKey": "metrics.`AP`", "orderByAsc": False,
+               "searchFilter": f"tags.`{KIND}` != 'search'"})
+
+
+def runs_url(experiment_id: str, base: str = "http://127.0.0.1:5000", view: str = RUNS_VIEW) -> str:
+    """The UI address of the experiment's runs table in the model-training view, opened on a saved view."""
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning&viewStateShareKey={view}"
 
 
 # ----------------------------------------------------------------------------- what the steps call
@@ -837,5 +896,6 @@ def record_report(tracking: Mapping[str, str], search_name: str, table: Mapping[
                 items.append((f"{k}.{loss.replace('+', '_')}", ap100(metrics[k]), 0))
     _log_metrics(client, run_id, items)
     client.log_batch(run_id, tags=[RunTag("mlflow.note.content", report_markdown(table, decision, run_id))])
+    save_runs_views(client, parent.info.experiment_id)
     finish_search(client, run_id)
     return decision

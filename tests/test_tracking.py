@@ -445,3 +445,27 @@ T._whole_search({data!r}, {str(tmp_path / 'w')!r}, "sk", {uri!r}, "msk")
     finally:
         mp.undo()
     _assert_repaired(client, "sk", "msk", report)
+
+
+def test_saved_views_open_the_runs_table_on_ap_reward_and_duration(client):
+    """The report keeps two saved views (experiment tags MLflow 3's UI reads as its
+    "Views"): every run, and the finals and trials best AP first; the printed address
+    opens the second in the model-training view."""
+    exp = tr.experiment_id(client, "views")
+    tr.save_runs_views(client, exp)
+    tr.save_runs_views(client, exp)  # kept, not duplicated: its creation time stays
+    tags = client.get_experiment(exp).tags
+    envelopes = {k[len("mlflow.sharedViewState."):]: json.loads(v) for k, v in tags.items()
+                 if k.startswith("mlflow.sharedViewState.")}
+    assert set(envelopes) == {tr.RUNS_VIEW, tr.FINALS_VIEW}
+    finals = envelopes[tr.FINALS_VIEW]
+    assert isinstance(finals["name"], str) and finals["updatedAt"] >= finals["createdAt"]
+    state = json.loads(finals["state"])
+    assert {"metrics.`AP`", "metrics.`AP50`", "metrics.`reward`", "attributes.`Duration`"} <= set(state["selectedColumns"])
+    assert state["orderByKey"] == "metrics.`AP`" and state["searchFilter"] == "tags.`paploss.kind` != 'search'"
+    url = tr.runs_url(exp, view=tr.FINALS_VIEW)
+    assert url == (f"http://127.0.0.1:5000/#/experiments/{exp}/runs?workflowType=machine_learning"
+                   f"&viewStateShareKey={tr.FINALS_VIEW}")
+    lines = tr.ui_lines(client.tracking_uri, "views")
+    assert lines[0].startswith("look at it with: make ui   (or: /") and lines[1].endswith(url)
+    assert len(tr.ui_lines(client.tracking_uri, "no-such-experiment")) == 1
