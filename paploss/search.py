@@ -751,67 +751,10 @@ class Controller:
         for exactly that search. A corrupt state, one of another format or
         version, or one for other functions raises ValueError naming what.
         """
-        if not isinstance(state, Mapping):
-            raise ValueError(f"controller state must be a JSON object, got {type(state).__name__}")
-        fmt = state.get("format")
-        if fmt != STATE_FORMAT:
-            raise ValueError(f"controller state has format={fmt!r}, expected {STATE_FORMAT!r}")
-        version = state.get("version")
-        if version != STATE_VERSION:
-            raise ValueError(f"controller state has version={version!r}; this paploss reads version {STATE_VERSION}")
-        required = ("functions", "options", "logits", "mu", "sigma", "round", "history")
-        missing = [k for k in required if k not in state]
-        if missing:
-            raise ValueError(f"controller state lacks the field(s) {missing}")
-
-        opts = state["options"]
-        if not isinstance(opts, Mapping):
-            raise ValueError(f"controller state: options must be a JSON object, got {type(opts).__name__}")
-        known = {f.name for f in dataclasses.fields(ControllerConfig)}
-        unknown = sorted(set(opts) - known)
-        if unknown:
-            raise ValueError(f"controller state: unknown option(s) {unknown}")
-        absent = sorted(known - set(opts) - {"heads"})  # states from before heads: one loss
-        if absent:
-            raise ValueError(f"controller state: option(s) {absent} missing")
-        state_functions = _as_list(state["functions"], "functions")
-        if list(opts.get("functions", state_functions)) != list(state_functions):
-            raise ValueError(
-                f"controller state is inconsistent: functions={state_functions} but options.functions={opts.get('functions')}"
-            )
-        try:
-            config = ControllerConfig(**{**dict(opts), "functions": tuple(state_functions)})
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"controller state: bad options: {exc}") from None
-        if functions is not None and tuple(functions) != config.functions:
-            raise ValueError(f"controller state is for functions={list(config.functions)}, not {list(functions)}")
-        if shared is not None and shared != config.shared:
-            raise ValueError(f"controller state has shared={config.shared}, not {shared}")
-        if grad_scale is not None and grad_scale != config.grad_scale:
-            raise ValueError(f"controller state has grad_scale={config.grad_scale}, not {grad_scale}")
-
-        D = config.dim
-        logits = _vector(state["logits"], "controller state: logits", D)
-        mu = _vector(state["mu"], "controller state: mu", D)
-        if not torch.allclose(torch.sigmoid(logits), mu, rtol=0.0, atol=1e-12):
-            raise ValueError("controller state is inconsistent: mu is not sigmoid(logits)")
-        sigma = _vector(state["sigma"], "controller state: sigma", D)
-        if not bool((sigma > 0).all()):
-            raise ValueError(f"controller state: sigma must be > 0, got {sigma.tolist()}")
-        rnd = _as_int(state["round"], "controller state: round", low=0)
-        if rnd > config.rounds:
-            raise ValueError(f"controller state: round={rnd} is beyond rounds={config.rounds}")
-        history_raw = _as_list(state["history"], "controller state: history")
-        if len(history_raw) != rnd:
-            raise ValueError(f"controller state: round={rnd} but history has {len(history_raw)} rounds")
-        history = []
-        for r, raw in enumerate(history_raw):
-            rec = RoundRecord.from_dict(raw, f"controller state: history[{r}]")
-            _check_record(rec, r, D, f"controller state: history[{r}]")
-            history.append(rec)
-        if history and (history[-1].sigma_after != sigma.tolist()
-                        or not torch.allclose(torch.tensor(history[-1].mu_after, dtype=DTYPE), mu, rtol=0.0, atol=1e-12)):
-            raise ValueError("controller state is inconsistent: mu/sigma differ from the last round's mu_after/sigma_after")
+        _check_state_header(state)
+        config = _state_config(state, functions=functions, shared=shared, grad_scale=grad_scale)
+        logits, mu, sigma = _state_policy(state, config.dim)
+        rnd, history = _state_history(state, config, mu, sigma)
 
         c = cls.__new__(cls)
         c._config = config
@@ -834,6 +777,100 @@ class Controller:
 
     def __repr__(self) -> str:
         return f"Controller({self._describe()}, D={self.dim}, round={self._round}/{self.rounds})"
+
+
+# --------------------------------------------------------------------------
+# Reading a state (Controller.from_state_dict)
+# --------------------------------------------------------------------------
+
+
+def _check_state_header(state: Any) -> None:
+    """A controller state is a mapping of this module's format and version with every field."""
+    if not isinstance(state, Mapping):
+        raise ValueError(f"controller state must be a JSON object, got {type(state).__name__}")
+    fmt = state.get("format")
+    if fmt != STATE_FORMAT:
+        raise ValueError(f"controller state has format={fmt!r}, expected {STATE_FORMAT!r}")
+    version = state.get("version")
+    if version != STATE_VERSION:
+        raise ValueError(f"controller state has version={version!r}; this paploss reads version {STATE_VERSION}")
+    required = ("functions", "options", "logits", "mu", "sigma", "round", "history")
+    missing = [k for k in required if k not in state]
+    if missing:
+        raise ValueError(f"controller state lacks the field(s) {missing}")
+
+
+def _state_config(
+    state: Mapping[str, Any],
+    *,
+    functions: Sequence[str] | None,
+    shared: bool | None,
+    grad_scale: bool | None,
+) -> ControllerConfig:
+    """The search options of a state: exactly the fields of :class:`ControllerConfig`,
+    consistent with the state's ``functions`` and, where given, with the expected
+    ``functions``, ``shared`` and ``grad_scale``."""
+    opts = state["options"]
+    if not isinstance(opts, Mapping):
+        raise ValueError(f"controller state: options must be a JSON object, got {type(opts).__name__}")
+    known = {f.name for f in dataclasses.fields(ControllerConfig)}
+    unknown = sorted(set(opts) - known)
+    if unknown:
+        raise ValueError(f"controller state: unknown option(s) {unknown}")
+    absent = sorted(known - set(opts) - {"heads"})  # states from before heads: one loss
+    if absent:
+        raise ValueError(f"controller state: option(s) {absent} missing")
+    state_functions = _as_list(state["functions"], "functions")
+    if list(opts.get("functions", state_functions)) != list(state_functions):
+        raise ValueError(
+            f"controller state is inconsistent: functions={state_functions} but options.functions={opts.get('functions')}"
+        )
+    try:
+        config = ControllerConfig(**{**dict(opts), "functions": tuple(state_functions)})
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"controller state: bad options: {exc}") from None
+    if functions is not None and tuple(functions) != config.functions:
+        raise ValueError(f"controller state is for functions={list(config.functions)}, not {list(functions)}")
+    if shared is not None and shared != config.shared:
+        raise ValueError(f"controller state has shared={config.shared}, not {shared}")
+    if grad_scale is not None and grad_scale != config.grad_scale:
+        raise ValueError(f"controller state has grad_scale={config.grad_scale}, not {grad_scale}")
+    return config
+
+
+def _state_policy(state: Mapping[str, Any], D: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The policy of a state: ``logits``, ``mu`` = sigmoid(logits) and ``sigma`` > 0, D numbers each."""
+    logits = _vector(state["logits"], "controller state: logits", D)
+    mu = _vector(state["mu"], "controller state: mu", D)
+    if not torch.allclose(torch.sigmoid(logits), mu, rtol=0.0, atol=1e-12):
+        raise ValueError("controller state is inconsistent: mu is not sigmoid(logits)")
+    sigma = _vector(state["sigma"], "controller state: sigma", D)
+    if not bool((sigma > 0).all()):
+        raise ValueError(f"controller state: sigma must be > 0, got {sigma.tolist()}")
+    return logits, mu, sigma
+
+
+def _state_history(
+    state: Mapping[str, Any], config: ControllerConfig, mu: torch.Tensor, sigma: torch.Tensor
+) -> tuple[int, list[RoundRecord]]:
+    """The round of a state (at most ``config.rounds``) and its one record per past round,
+    the last of which ends at the state's ``mu`` and ``sigma``."""
+    D = config.dim
+    rnd = _as_int(state["round"], "controller state: round", low=0)
+    if rnd > config.rounds:
+        raise ValueError(f"controller state: round={rnd} is beyond rounds={config.rounds}")
+    history_raw = _as_list(state["history"], "controller state: history")
+    if len(history_raw) != rnd:
+        raise ValueError(f"controller state: round={rnd} but history has {len(history_raw)} rounds")
+    history = []
+    for r, raw in enumerate(history_raw):
+        rec = RoundRecord.from_dict(raw, f"controller state: history[{r}]")
+        _check_record(rec, r, D, f"controller state: history[{r}]")
+        history.append(rec)
+    if history and (history[-1].sigma_after != sigma.tolist()
+                    or not torch.allclose(torch.tensor(history[-1].mu_after, dtype=DTYPE), mu, rtol=0.0, atol=1e-12)):
+        raise ValueError("controller state is inconsistent: mu/sigma differ from the last round's mu_after/sigma_after")
+    return rnd, history
 
 
 # --------------------------------------------------------------------------
