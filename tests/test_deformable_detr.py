@@ -420,7 +420,7 @@ def test_deformable_detr_cli_train_reports_coco_ap(tmp_path):
 
 
 @pytest.mark.xfail(strict=True, raises=(ValueError, AssertionError),
-                   reason="the name deformable_detr_tiny is resolved in paploss/engine.py (TrainConfig, train), not wired yet")
+                   reason="the name deformable_detr_tiny is not wired yet (paploss/config.py TrainConfig, paploss/engine.py train)")
 def test_deformable_detr_tiny_is_a_detector_name(shapes_root, monkeypatch):
     """``--detector deformable_detr_tiny`` trains the tiny config through MMDetection.
     (Strict xfail until the name is registered: then remove the marker.)"""
