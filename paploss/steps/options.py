@@ -231,8 +231,8 @@ def pretrain_options(config: Mapping[str, Any] | None, proxy: Mapping[str, Any] 
 
 
 #: The proxy trials' training seed: the search's seed in every round. A state file records
-#: it (``trial_seeds``); the benchmark's ``per-round`` (seed + round) measured no better
-#: and is gone, so a state file that names it is refused.
+#: it (``trial_seeds``); ``per-round`` (seed + round) measured no better and is gone, so
+#: a state file that names it is refused.
 TRIAL_SEEDS = ("fixed",)
 
 
