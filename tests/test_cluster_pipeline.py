@@ -39,7 +39,8 @@ def _final_task(spec: dict) -> dict:
 
 def test_finals_on_2_nodes_x_8_gpus_wait_for_trainjobs_under_the_gpu_cap(tmp_path):
     spec, _ = _compile(tmp_path, "--final-nodes", "2", "--final-gpus-per-node", "8", "--max-gpus", "16",
-                       "--trials-per-gpu", "4", "--cpu", "8", "--memory", "32G")
+                       "--trials-per-gpu", "4", "--trial-accelerator", "nvidia.com/gpu.shared", "--cpu", "8",
+                       "--memory", "32G")
     final = _executor(spec, "final-train")
     assert "accelerator" not in final["resources"]  # the task waits; the TrainJob holds the GPUs
     placement = _final_task(spec)["inputs"]["parameters"]["placement"]["runtimeValue"]["constant"]
@@ -50,8 +51,10 @@ def test_finals_on_2_nodes_x_8_gpus_wait_for_trainjobs_under_the_gpu_cap(tmp_pat
     (loop,) = [t for c in comps.values() for t in c.get("dag", {}).get("tasks", {}).values()
                if t["componentRef"]["name"] in final_loops]
     assert loop["iteratorPolicy"]["parallelismLimit"] == 1  # a 16-GPU cap, 16 GPUs a final: one at a time
-    trial = _executor(spec, "proxy-trial")["resources"]
-    assert trial["accelerator"]["resourceCount"] == "1"
+    trial = _executor(spec, "proxy-trial")
+    assert {"name": "PAPLOSS_TRIALS_PER_GPU", "value": "4"} in trial["env"]
+    trial = trial["resources"]
+    assert trial["accelerator"]["resourceType"] == "nvidia.com/gpu.shared" and trial["accelerator"]["resourceCount"] == "1"
     assert trial["resourceCpuRequest"] == "2000m" and trial["resourceMemoryRequest"] == "7629Mi"  # 8 CPUs, 32G / 4
 
 
@@ -89,8 +92,9 @@ def test_each_final_of_the_compiled_pipeline_creates_a_valid_trainjob(tmp_path, 
         trainer = final_trainer(placement, search_name="coco", task=loss, run_id="run-1", s3_secret="s3-keys",
                                 mlflow_secret="mlflow-auth", dry_run=True, echo=None)
         seen = []
-        result = json.loads(steps.final_train(data, init, loss, final, work, "coco",
-                                              state=state if loss == "searched" else "",
+        spec = steps.start_spec(work, "coco") if loss == steps.START else ""  # as the final-train task does
+        result = json.loads(steps.final_train(data, init, loss, steps.loss_options(final, loss), work, "coco",
+                                              state=state if loss == "searched" else "", spec=spec,
                                               trainer=lambda o, t=trainer: seen.append(t(o)) or seen[-1]))
         assert result["loss"] == loss and result["checkpoint"] == ""
         jobs[loss] = seen[0]["trainjob"]
@@ -103,6 +107,6 @@ def test_each_final_of_the_compiled_pipeline_creates_a_valid_trainjob(tmp_path, 
         args = trainer["args"]
         assert args[args.index("--data") + 1] == data and args[args.index("--init") + 1] == init
         assert args[args.index("--out") + 1] == f"{work}/searches/coco/final/{loss}"
-        assert ("--spec" in args) == (loss == "searched")
+        assert ("--spec" in args) == (loss in ("searched", steps.START))
         env = {e["name"]: e for e in trainer["env"]}
         assert env["AWS_ACCESS_KEY_ID"]["valueFrom"]["secretKeyRef"]["name"] == "s3-keys"
