@@ -43,8 +43,15 @@ def test_bench_references_are_found():
 
 
 def test_no_product_module_names_bench():
+    """No import of bench, no importlib target in it, and no docstring or comment that
+    sends a reader to one of its modules (``bench.<module>``, ``python -m bench``): the
+    product is read without the laboratory."""
     hits = {str(f.relative_to(ROOT)): refs for f in _product_files() if (refs := _bench_references(f.read_text()))}
     assert hits == {}
+    named = {f"{f.relative_to(ROOT)}:{n}": line.strip() for f in [*_product_files(), *(ROOT / "docker").glob("*")]
+             if f.is_file() for n, line in enumerate(f.read_text(errors="replace").splitlines(), 1)
+             if re.search(r"\bbench[.:][a-z_]|-m bench\b", line)}
+    assert named == {}
 
 
 _IMPORT_ALL = """
