@@ -46,17 +46,22 @@ def init_search(
     work: str, search_name: str, rounds: int, samples: int, seed: int, controller: Dict, tracking_uri: str,
     experiment: str, params: Dict, detector: str, proxy: Dict, final: Dict, proxy_epochs: float,
     final_epochs: float, max_failed_trials: int, attempts: int, model_name: str, promote: bool, promote_rule: str,
-    reward_seeds: int = 1, search_splits: int = 1,
+    reward_seeds: int = 1, search_splits: int = 1, kfp_run_id: str = "",
 ) -> NamedTuple("InitOutputs", [("state", str), ("trials", List[str]), ("run", Dict)]):
-    """Controller state v0, round 0's trials and the search's ``run`` context; opens the MLflow parent run."""
+    """Controller state v0, round 0's trials and the search's ``run`` context; takes the
+    search's lease for this pipeline run (a second run of the same search stops here, one
+    line) and opens the MLflow parent run."""
     from collections import namedtuple
 
-    from paploss import steps
+    from paploss import lease, steps
+
+    lease.claim(work, search_name, run_id=kfp_run_id)
 
     run = steps.run_context(work, search_name, {"uri": tracking_uri, "experiment": experiment}, proxy=proxy,
                             final=final, detector=detector, proxy_epochs=proxy_epochs, final_epochs=final_epochs,
                             seed=seed, attempts=attempts, max_failed_trials=max_failed_trials, model_name=model_name,
                             promote=promote, promote_rule=promote_rule)
+    run["kfp_run_id"] = kfp_run_id  # the lease's owner on a cluster; the report gives it back
     params = {**params, "detector": detector, "proxy": proxy, "final": final, "proxy_epochs": proxy_epochs,
               "final_epochs": final_epochs, "max_failed_trials": max_failed_trials, "attempts": attempts,
               "model_name": model_name, "work": work, "search_name": search_name}
@@ -150,6 +155,9 @@ def report(finals: List[str], state: str, run: Dict, metrics: Output[Metrics], t
         metrics.log_metric(name, value)
     with open(table.path, "w", encoding="utf-8") as f:
         f.write(markdown)
+    from paploss import lease
+
+    lease.release_run(run["work"], run["search_name"], run_id=run.get("kfp_run_id", ""))  # the search is done
     return out
 
 

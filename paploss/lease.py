@@ -62,16 +62,14 @@ OWNER_ENV = "PAPLOSS_LEASE_OWNER"
 
 
 def owner_id(run_id: str | None = None) -> str:
-    """Who takes a lease: ``run_id`` (a KFP run id) when given; else the owner handed
-    down in ``PAPLOSS_LEASE_OWNER``; else the KFP run id of this pod (``KFP_RUN_ID``);
-    else ``host:pid:start`` of this process."""
-    run_id = (run_id or "").strip() or None
-    if run_id:
-        return f"kfp-run:{run_id}"
+    """Who takes a lease: the owner handed down in ``PAPLOSS_LEASE_OWNER`` (``paploss run``
+    holds the lease and its kfp.local tasks re-enter it); else ``run_id`` (a KFP run id)
+    when given; else the KFP run id of this pod (``KFP_RUN_ID``); else ``host:pid:start``
+    of this process."""
     handed = os.environ.get(OWNER_ENV, "").strip()
     if handed:
         return handed
-    run_id = os.environ.get("KFP_RUN_ID", "").strip()
+    run_id = (run_id or "").strip() or os.environ.get("KFP_RUN_ID", "").strip()
     if run_id:
         return f"kfp-run:{run_id}"
     return f"{socket.gethostname()}:{os.getpid()}:{int(_STARTED)}"
@@ -343,3 +341,10 @@ def claim(work: str, search_name: str, run_id: str | None = None, ttl: float = R
 def release(work: str, search_name: str, run_id: str | None = None) -> None:
     """Give back the lease of :func:`claim` if this run (``run_id``, or :func:`owner_id`) holds it."""
     Lease(lease_uri(work, search_name), search_name, owner_id(run_id)).release()
+
+
+def release_run(work: str, search_name: str, run_id: str | None = None) -> None:
+    """At a pipeline run's end: :func:`release` its lease, unless a command that hands its
+    lease down (``PAPLOSS_LEASE_OWNER``: ``paploss run``) holds it and releases it itself."""
+    if not os.environ.get(OWNER_ENV, "").strip():
+        release(work, search_name, run_id)

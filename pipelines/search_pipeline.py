@@ -319,6 +319,7 @@ def build_pipeline(rounds: int | None = None, parallelism: int | None = None, im
             detector=detector, proxy=proxy, final=final, proxy_epochs=proxy_epochs, final_epochs=final_epochs,
             max_failed_trials=max_failed_trials, attempts=attempts, model_name=model_name, promote=promote,
             promote_rule=promote_rule, reward_seeds=reward_seeds, search_splits=search_splits,
+            kfp_run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
         )
         _everywhere(init.set_display_name("init-search"), k8s, o)
         state, trials, run = init.outputs["state"], init.outputs["trials"], init.outputs["run"]

@@ -165,7 +165,33 @@ def test_a_pipeline_run_claims_renews_and_releases(tmp_path, monkeypatch):
     assert lease.owner_id() == "kfp-run:run-1"
     monkeypatch.setenv(lease.OWNER_ENV, "host:1:2")
     assert lease.owner_id() == "host:1:2"  # handed down by paploss run to its tasks
+    assert lease.owner_id("run-1") == "host:1:2"  # ... which re-enter the command's lease whatever their run id
+    monkeypatch.delenv(lease.OWNER_ENV)
     lease.release(work, "s", run_id="run-2")  # not its lease: left alone
     assert storage.exists(lease.lease_uri(work, "s"))
     lease.release(work, "s", run_id="run-1")
     assert not storage.exists(lease.lease_uri(work, "s"))
+
+
+def test_a_pipeline_run_claims_the_search_and_gives_it_back_at_its_end(tmp_path, monkeypatch):
+    """On a cluster the init-search task claims the search for its KFP run and the report
+    gives it back; another run is refused in between; under ``paploss run`` (a handed-down
+    owner) the tasks re-enter the command's lease and leave its release to the command."""
+    from paploss import lease
+
+    work = str(tmp_path)
+    monkeypatch.delenv(lease.OWNER_ENV, raising=False)
+    lease.claim(work, "s", run_id="run-a")
+    lease.claim(work, "s", run_id="run-a")  # a retried task of the same run renews it
+    with pytest.raises(lease.LeaseHeld):
+        lease.claim(work, "s", run_id="run-b")
+    lease.release_run(work, "s", run_id="run-a")
+    lease.claim(work, "s", run_id="run-b")  # free again
+    lease.release_run(work, "s", run_id="run-b")
+    monkeypatch.setenv(lease.OWNER_ENV, "paploss-run-cli")
+    lease.claim(work, "t", run_id="ignored-under-the-cli")
+    assert lease.owner_id("x") == "paploss-run-cli"
+    lease.release_run(work, "t", run_id="x")  # the command releases, not the task
+    monkeypatch.delenv(lease.OWNER_ENV)
+    with pytest.raises(lease.LeaseHeld):
+        lease.claim(work, "t", run_id="run-c")
