@@ -102,7 +102,8 @@ def pretrain(data, out_file, ann, detector, iterations, image_size, crop_size, b
 @click.option("--train-ann", default=None, help="Training split [default: train].")
 @click.option("--val-ann", default=None, help="Evaluation split [default: val].")
 @click.option("--detector", default=None, help="retinanet_mobilenet_v3 | retinanet_mobilenet_v3_small | retinanet_resnet50 "
-              "| faster_rcnn_mobilenet_v3 | faster_rcnn_mobilenet_v3_small")
+              "| faster_rcnn_mobilenet_v3 | faster_rcnn_mobilenet_v3_small | deformable_detr_tiny (MMDetection) "
+              "| mmdet:<config file>")
 @click.option("--image-size", type=int, default=None)
 @click.option("--batch-size", type=int, default=None)
 @click.option("--iterations", type=int, default=None)
@@ -159,6 +160,13 @@ def train(data, out_dir, preset, loss, spec, form, detach_i3, train_ann, val_ann
         raise InputError("--form", f"--form needs --loss paploss, got --loss {loss}")
     if spec_obj is None and (loss or base.get("loss")) == "paploss":
         spec_obj = default_spec()  # documented in --loss's help
+    if detector:
+        from paploss.spec_set import resolve_detector
+
+        try:
+            detector = resolve_detector(detector)  # deformable_detr_tiny -> mmdet:<its config>
+        except ValueError as exc:
+            raise InputError("--detector", one_line(exc)) from None
     over = dict(loss=loss or ("paploss" if spec_obj is not None else None), spec=spec_obj, train_ann=train_ann,
                 val_ann=val_ann, detector=detector, image_size=image_size, batch_size=batch_size, lr=lr,
                 optimizer=optimizer, warmup_iters=warmup_iters, init=init, backbone_weights=backbone_weights,

@@ -436,11 +436,8 @@ def test_deformable_detr_tiny_names_the_tiny_config(shapes_root, monkeypatch):
     assert train(cfg) == "ran" and seen == [DETR_CFG]
 
 
-@pytest.mark.xfail(strict=True, reason="paploss train does not resolve --detector deformable_detr_tiny yet "
-                                       "(paploss/engine_cli.py train: resolve_detector as paploss search does)")
 def test_deformable_detr_tiny_in_paploss_train(shapes_root, monkeypatch):
-    """``paploss train --detector deformable_detr_tiny`` trains the tiny config. (Strict xfail
-    until paploss/engine_cli.py resolves the name: then remove the marker.)"""
+    """``paploss train --detector deformable_detr_tiny`` trains the tiny config."""
     from click.testing import CliRunner
 
     import paploss.engine
