@@ -153,7 +153,7 @@ def lr_pick(results: Sequence[str | Mapping[str, Any]], work: str, search_name: 
     """The best learning rate per loss (highest search-val AP; a tie goes to the smaller
     lr) as JSON ``{loss: lr}`` (``{}`` when nothing trained: a sweep of fewer than two
     learning rates, every final keeps its lr); the whole sweep goes to ``lr_sweep.json`` in the search
-    folder and the choices onto the search's MLflow run as parameters ``lr.<loss>``."""
+    folder and the choices onto the search's MLflow run as its parameter ``lrs`` (the same JSON)."""
     rows = [json.loads(r) if isinstance(r, str) else dict(r) for r in results]
     if not rows:
         raise StepError("lr_pick: the lr sweep gave no results")
@@ -171,5 +171,5 @@ def lr_pick(results: Sequence[str | Mapping[str, Any]], work: str, search_name: 
     if tracking is not None:
         from paploss import tracking as tr
 
-        tr.open_search(tracking, search_name, {f"lr.{loss}": lr for loss, lr in lrs.items()})
+        tr.open_search(tracking, search_name, {"lrs": lrs})  # a param: JSON {loss: lr}
     return json.dumps(lrs)
