@@ -12,7 +12,7 @@ HOST ?=
 MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
 export MLFLOW_TRACKING_URI
 
-.PHONY: install run test test-fast ui compile submit bench bench-controller bench-search docs-figure image lock clean help
+.PHONY: install run test test-fast ui compile submit bench bench-controller bench-search bench-table1 docs-figure image lock clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s $$'\t'
@@ -51,6 +51,9 @@ bench-controller: install  ## the PPO controller on a toy reward (how close it g
 
 bench-search: install  ## the search-quality benchmark of BENCHMARKS.md (long: about 2 hours on 2 CPU cores)
 	$(BIN)/python -m bench.search --out runs/bench-search
+
+bench-table1: install  ## Table 1 and Figure 1 on shapes for the three detectors (BENCHMARKS.md; about an hour on 2 CPU cores)
+	$(BIN)/python -m bench.table1 --preset small --out runs/table1
 
 docs-figure: install  ## redraw docs/pipeline.png from the compiled pipeline (after changing the pipeline)
 	$(BIN)/python docs/pipeline_figure.py
