@@ -151,8 +151,13 @@ def load_backbone(model: torch.nn.Module, init: str, cfg: TrainConfig) -> dict:
     return blob
 
 
-def _is_bad(loss: float) -> bool:
-    return not math.isfinite(loss) or abs(loss - 1.0) <= 1e-6
+def _is_bad(loss: float, heads: tuple[float, ...] = ()) -> bool:
+    """SPEC §3's sign of a failed training: the loss is NaN or exactly 1.0 (to 1e-6).
+    With several PAP-loss heads (Faster R-CNN's RPN and RoI head: ``heads``, each one's
+    loss) the sum is their count when all collapse, so each is checked for 1.0."""
+    if not math.isfinite(loss) or abs(loss - 1.0) <= 1e-6:
+        return True
+    return len(heads) > 1 and all(abs(h - 1.0) <= 1e-6 for h in heads)
 
 
 # ----------------------------------------------------------------------------- train
@@ -217,8 +222,8 @@ def _train(cfg, device, rank, world, on_step, progress, t0) -> TrainResult:
         if run.diverged or run.collapsed:
             break
         lr = lr_at(cfg, it, total)
-        value = _step(cfg, net, opt, params, train_set, it, lr, device, rank, world, use_amp)
-        _record_step(cfg, run, value, model, device, world)
+        value, heads = _step(cfg, net, opt, params, train_set, it, lr, device, rank, world, use_amp)
+        _record_step(cfg, run, value, model, device, world, heads)
         if on_step is not None:
             on_step(it, value)
         bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2g}")
@@ -302,10 +307,11 @@ def _resume(cfg: TrainConfig, ckpt_uri: str, model, opt) -> tuple[_RunState, boo
     return run, bool(state.get("done")), state["metrics"]
 
 
-def _step(cfg, net, opt, params, train_set, it, lr, device, rank, world, use_amp) -> float:
+def _step(cfg, net, opt, params, train_set, it, lr, device, rank, world, use_amp) -> tuple[float, tuple[float, ...]]:
     """One optimizer step, iteration ``it`` at learning rate ``lr``: this process's share
-    of the batch of :func:`batch_plan`, the loss (bfloat16 autocast when ``use_amp``), and
-    its mean over the processes, which is returned. A non-finite loss is not applied."""
+    of the batch of :func:`batch_plan`, the loss (bfloat16 autocast when ``use_amp``).
+    Returns its mean over the processes and the PAP-loss heads' own losses (the
+    ``paploss*`` entries of the model's loss dict). A non-finite loss is not applied."""
     for group in opt.param_groups:
         group["lr"] = lr
     idx, flips = batch_plan(cfg.seed, it, cfg.batch_size, len(train_set))
@@ -318,23 +324,26 @@ def _step(cfg, net, opt, params, train_set, it, lr, device, rank, world, use_amp
         loss_dict = net(images, targets)
     loss = sum(loss_dict.values())
     value = float(loss.detach())
+    heads = [float(v.detach()) for k, v in loss_dict.items() if k.startswith("paploss")]
     if world > 1:  # every rank must take the same decisions
-        v = torch.tensor([value], device=device)
+        v = torch.tensor([value, *heads], device=device)
         torch.distributed.all_reduce(v)
-        value = float(v) / world
+        value, heads = float(v[0]) / world, [float(h) / world for h in v[1:]]
     opt.zero_grad(set_to_none=True)
     if math.isfinite(value):
         loss.backward()
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
-    return value
+    return value, tuple(heads)
 
 
-def _record_step(cfg: TrainConfig, run: _RunState, value: float, model, device, world: int) -> None:
+def _record_step(cfg: TrainConfig, run: _RunState, value: float, model, device, world: int,
+                 heads: tuple[float, ...] = ()) -> None:
     """Add an iteration's loss ``value`` to ``run`` and apply the two stops: the
-    divergence stop on bad losses, and (PAP loss) the box-collapse stop on low u."""
-    run.bad += _is_bad(value)
+    divergence stop on bad losses (:func:`_is_bad`, per PAP head with ``heads``), and
+    (PAP loss) the box-collapse stop on low u."""
+    run.bad += _is_bad(value, heads)
     run.losses.append(value)
     if run.bad > cfg.diverge_patience:
         run.diverged = True

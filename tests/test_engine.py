@@ -281,3 +281,14 @@ def test_cli_pretrain_train_evaluate(tiny, tmp_path):
     r = runner.invoke(main, ["train", "--data", str(tiny), "--loss", "focal+dice", "--iterations", "1"])
     assert r.exit_code != 0 and "known: ['focal+l1', 'focal+giou', 'paploss']" in r.output
     assert "--init" in runner.invoke(main, ["train", "--help"]).output
+
+
+def test_a_failed_training_is_seen_per_pap_head():
+    """SPEC §3's stop (loss NaN or exactly 1.0): with two PAP-loss heads (Faster R-CNN)
+    a collapse sums to 2.0, so each head's loss is checked; one head at 1.0 is not a
+    collapse of the training, and a single head is checked as the whole loss."""
+    from paploss.engine import _is_bad
+
+    assert _is_bad(float("nan")) and _is_bad(1.0) and _is_bad(1.0 + 5e-7) and not _is_bad(0.7)
+    assert _is_bad(2.0, (1.0, 1.0)) and not _is_bad(1.7, (1.0, 0.7)) and not _is_bad(2.0, (1.2, 0.8))
+    assert not _is_bad(0.9, (0.9,)) and _is_bad(1.0, (1.0,))
