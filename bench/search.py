@@ -56,6 +56,7 @@ import click
 from paploss import flow, presets, steps, storage
 from paploss.search_cli import int_list
 from paploss.spec import HANDCRAFTED_FORMS, grad_scale_from_theta
+from paploss.spec_set import detector_names, resolve_detector
 
 __all__ = ["BenchConfig", "LOSSES", "KNOWN_LOSSES", "TRANSFERS", "split_scale", "BENCH_PRESETS", "WarmStarts",
            "run_search", "run_finals", "final_jobs", "run_bench", "summarize", "goal_check", "goal_lines", "goal_text",
@@ -213,6 +214,9 @@ class BenchConfig:
     # earlier one in the same --work (whose data, warm starts and finals it shares) instead of refused
     search_tag: str = ""
     jobs: int = 2  # trainings run at a time (one CPU thread each)
+    # every training's detector (paploss search --detector: a name of paploss.spec_set.detector_names or
+    # mmdet:<config>; "" = the pipeline preset's). The command keeps another detector's cache in --work/<detector>
+    detector: str = ""
     work: str = "runs/bench"
     out: str = "docs"
 
@@ -231,6 +235,9 @@ class BenchConfig:
             raise ValueError(f"box_collapse={self.box_collapse} must be a box quality in (0, 1)")
         if self.sigma is not None and not 0.0 < self.sigma <= 1.0:
             raise ValueError(f"sigma={self.sigma} must be in (0, 1]")
+        if self.detector and not self.detector.startswith("mmdet:") and self.detector not in detector_names():
+            raise ValueError(f"detector {self.detector!r} is unknown; known: {', '.join(detector_names())} "
+                             "or mmdet:<config file>")
         steps.check_reward_seeds(self.reward_seeds)  # a StepError is a ValueError
         steps.check_search_splits(self.search_splits)
         steps.check_search_val_fraction(self.search_val_fraction)
@@ -342,7 +349,11 @@ class BenchConfig:
         shared = mode == "searched-shared"
         options = {**p.controller, **({"shared": True} if shared else {})}
         if self.start != "linear":  # linear: the Controller's own start, the identity
-            options["mu"] = start_theta(self.start, shared)
+            from paploss.spec_set import head_names
+
+            # one block per PAP-loss head of the detector (two for a Faster R-CNN), each the start's θ
+            heads = len(head_names(p.detector)) if p.detector else 0
+            options["mu"] = list(start_theta(self.start, shared)) * max(1, heads)
         return options
 
     def preset(self, dataset: str) -> presets.Preset:
@@ -365,6 +376,8 @@ class BenchConfig:
         sizes = {k: int(v) for k, v in (("n_train", self.n_train), ("n_val", self.n_val)) if v}
         if sizes:
             p = p.with_overrides(bundled={**p.bundled, **sizes})
+        if self.detector:  # the search's θ then has 41 numbers per PAP-loss head (steps.init_search)
+            p = p.with_overrides(detector=resolve_detector(self.detector))
         return p
 
 
@@ -1182,7 +1195,7 @@ def _against(cfg: BenchConfig, pool: ProcessPoolExecutor | None, p: presets.Pres
 
 
 #: The options that mean what ``paploss search``'s do: the same click options (their help, their checks).
-SHARED_OPTIONS = ("rounds", "samples", "reward_seeds", "search_splits", "search_val_fraction", "select_top",
+SHARED_OPTIONS = ("detector", "rounds", "samples", "reward_seeds", "search_splits", "search_val_fraction", "select_top",
                   "select_seeds", "select_rank", "tracking_uri")
 
 
@@ -1222,7 +1235,7 @@ def shared_options(*names: str) -> Callable:
                    f"with its gradient scale set to <scale> (an ablation), e.g. square@g1.8 [preset; else "
                    f"{','.join(LOSSES)}].")
 @click.option("--seeds", default=None, help="Comma-separated seeds of the final trainings [preset].")
-@shared_options("rounds", "samples")
+@shared_options("detector", "rounds", "samples")
 @click.option("--proxy-iterations", type=int, default=None, help="Iterations of each proxy trial [preset].")
 @click.option("--final-iterations", type=int, default=None, help="Iterations of each final training [preset].")
 @click.option("--pretrain-iterations", type=int, default=None,
@@ -1288,7 +1301,7 @@ def shared_options(*names: str) -> Callable:
 @click.option("--report-only", is_flag=True,
               help="Train nothing: write the tables and figures from what --work already holds.")
 @shared_options("tracking_uri")
-def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, final_iterations, pretrain_iterations,
+def bench(preset, datasets, losses, seeds, detector, rounds, samples, proxy_iterations, final_iterations, pretrain_iterations,
           n_train, n_val, sigma,
           detach_i3, search_tag, box_collapse, reward_seeds, search_splits, search_val_fraction, start,
           select_top, select_seeds, select_rank, loss_files, warm_starts, select_warm_starts, reward_baseline, jobs, mps,
@@ -1315,7 +1328,9 @@ def bench(preset, datasets, losses, seeds, rounds, samples, proxy_iterations, fi
                  reward_seeds=reward_seeds, search_splits=search_splits, search_val_fraction=search_val_fraction,
                  start=start, select_top=select_top, select_seeds=numbers(select_seeds, "--select-seeds"),
                  select_rank=select_rank, warm_starts=warm_starts, select_warm_starts=select_warm_starts,
-                 reward_baseline="" if reward_baseline == "none" else reward_baseline, jobs=jobs)
+                 reward_baseline="" if reward_baseline == "none" else reward_baseline, jobs=jobs, detector=detector)
+    if detector:  # another detector's data, warm starts, searches and finals: a cache of its own
+        work = storage.join(work, detector.replace("mmdet:", "mmdet-").replace("/", "_"))
     try:
         cfg = BenchConfig(pipeline_preset=base["pipeline_preset"], **{k: pick(k, v) for k, v in given.items()},
                           loss_files=tuple(parse_loss_file(f) for f in loss_files), work=work, out=out)

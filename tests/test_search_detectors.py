@@ -192,3 +192,18 @@ def test_deformable_detr_search_end_to_end(cli_env):
         assert not t["failed"] and len(t["theta"]) == 41 and isinstance(read_spec(t["spec"]), LossSpec)
     assert isinstance(read_spec(report["searched_spec"]), LossSpec)
     assert {"searched", "focal+l1", "focal+giou"} <= set(report["final"])
+
+
+def test_the_search_benchmark_takes_the_detector():
+    """bench.search's --detector (shared with paploss search): the preset's detector, a
+    starting mean with one block per head, and an unknown name refused."""
+    from bench.search import SHARED_OPTIONS, BenchConfig
+
+    assert "detector" in SHARED_OPTIONS
+    cfg = BenchConfig(detector=FRCNN, start="square")
+    p = cfg.preset("shapes")
+    assert p.detector == FRCNN and len(cfg.controller(p, "searched")["mu"]) == 82
+    assert BenchConfig(detector=DETR).preset("shapes").detector == resolve_detector(DETR)
+    assert len(BenchConfig(start="square").controller(BenchConfig().preset("shapes"), "searched")["mu"]) == 41
+    with pytest.raises(ValueError, match="detector 'yolo' is unknown"):
+        BenchConfig(detector="yolo")
