@@ -120,6 +120,7 @@ _PATTERNS: list[tuple[re.Pattern, Callable[[re.Match], Event]]] = [
      lambda m: Event("stage", m.string, stage="lr-sweep", loss=m[1], lr=float(m[2]))),
     (re.compile(rf"^lr sweep (\S+) at lr (\S+): search-val AP {_NUM} \((\d+)s"),
      lambda m: Event("sweep", m.string, loss=m[1], lr=float(m[2]), reward=float(m[3]) / 100, seconds=float(m[4]))),
+    (re.compile(r"^lr sweep: "), lambda m: Event("stage", m.string, stage="lr-sweep")),
     (re.compile(r"^final training with (\S+)"), lambda m: Event("stage", m.string, stage="finals", loss=m[1])),
     (re.compile(rf"^final (\S+): AP {_NUM}"), lambda m: Event("final", m.string, loss=m[1], reward=float(m[2]))),
 ]
@@ -221,7 +222,7 @@ class Progress:
         p = self.plan
         if ev.kind == "stage":
             head = self._set_stage(ev.stage)
-            if ev.stage == "lr-sweep":
+            if ev.stage == "lr-sweep" and ev.lr is not None:
                 self.detail = f"lr sweep: {ev.loss} at lr {ev.lr:g}"
                 return head
             if ev.stage == "finals":

@@ -38,6 +38,7 @@ def test_parse_reads_the_steps_lines_wherever_indented():
     sweep = parse("paploss> lr sweep start at lr 0.02: search-val AP 3.50 (41s)")
     assert (sweep.kind, sweep.loss, sweep.lr, sweep.reward, sweep.seconds) == ("sweep", "start", 0.02, 0.035, 41.0)
     assert parse("paploss> pre-training the warm start (x)").stage == "pretrain"
+    assert parse("paploss> lr sweep: focal+l1 lr 0.02, start lr 0.01").stage == "lr-sweep"
     assert parse("paploss> something new").kind == "note"
     assert parse("an executor line of kfp") is None
 
