@@ -167,7 +167,7 @@ def estimate_trial_bytes(cfg, num_classes: int) -> int:
     where the activations of one image are half what autograd saves in one training
     forward of two images of ``cfg.image_size`` (random, one box each), float32 (an overestimate under
     bfloat16 autocast).  ``cfg`` a :class:`paploss.config.TrainConfig` of a paploss
-    detector (not ``mmdet:``).  :mod:`bench.gpu_check` prints it beside the measured peak.
+    detector (not ``mmdet:``).  The GPU check script prints it beside the measured peak.
     """
     import torch
 

@@ -122,8 +122,9 @@ def test_train_options_expand_engine_presets():
     with pytest.raises(steps.StepError, match="final options: detach_i3 needs the PAP loss"):
         steps.check_train_options({"preset": "smoke", "detach_i3": True}, "final options")
     for name, p in presets.PRESETS.items():
-        steps.check_train_options(p.proxy, f"{name} proxy")
-        steps.check_train_options(p.final, f"{name} final")
+        steps.check_train_options(p.proxy, f"{name} proxy", loss="paploss")  # proxies train the PAP loss only
+        steps.check_train_options(p.final, f"{name} final", loss="paploss")  # as the preflight checks them:
+        steps.check_train_options(steps.loss_options(p.final, steps.BASELINES[0]), f"{name} final")  # baselines too
         steps.check_detectors(p.proxy, p.final, p.pretrain, p.detector)
     with pytest.raises(steps.StepError, match="detectors must agree"):
         steps.check_detectors({"preset": "smoke"}, {"preset": "smoke", "detector": "retinanet_mobilenet_v3"}, {})
@@ -271,45 +272,13 @@ def test_controller_update_is_idempotent_and_checks_its_inputs(tiny_data):
     assert steps.init_search(work, "idem", rounds=3, samples=3, seed=1)["trials"] == out["trials"]
 
 
-def test_per_round_trial_seeds_move_with_the_round_and_are_kept_in_the_state(tiny_data):
-    """``trial_seeds="per-round"``: all trials of round r train with seed + r; the
-    state files keep the choice, a reopen with the other choice is refused, and
-    results trained with another seed are rejected. ``fixed`` (the default) keeps
-    the search's seed in every round."""
-    work, _ = tiny_data
-    out = steps.init_search(work, "per-round", rounds=3, samples=2, seed=5, trial_seeds="per-round")
-    assert [json.loads(t)["seed"] for t in out["trials"]] == [5, 5]
-    nxt = steps.controller_update(out["state"], _fake_results(out["trials"]), work, "per-round")
-    assert [json.loads(t)["seed"] for t in nxt["trials"]] == [6, 6]
-    doc = storage.read_json(nxt["state"])
-    assert (Controller.from_state_dict(doc["controller"]).config.seed, doc["trial_seeds"]) == (5, "per-round")
-    with pytest.raises(steps.StepError, match=r"trained with seeds \[5\], not the search's 6"):
-        steps.controller_update(nxt["state"], _fake_results(nxt["trials"], seed=5), work, "per-round")
-    last = steps.controller_update(nxt["state"], _fake_results(nxt["trials"]), work, "per-round")
-    assert [json.loads(t)["seed"] for t in last["trials"]] == [7, 7]
-    with pytest.raises(steps.StepError, match="trial_seeds='per-round', not 'fixed'"):
-        steps.init_search(work, "per-round", rounds=3, samples=2, seed=5)
-    with pytest.raises(steps.StepError, match="trial_seeds must be one of"):
-        steps.init_search(work, "bogus", rounds=3, samples=2, seed=5, trial_seeds="random")
-    assert not storage.exists(steps.state_uri(work, "bogus", 0))
-
-    fixed = steps.init_search(work, "fixed", rounds=3, samples=2, seed=5)
-    nxt = steps.controller_update(fixed["state"], _fake_results(fixed["trials"]), work, "fixed")
-    assert [json.loads(t)["seed"] for t in fixed["trials"] + nxt["trials"]] == [5, 5, 5, 5]
-    # a state file from before trial_seeds existed: fixed, the search's seed
-    old = {k: v for k, v in storage.read_json(fixed["state"]).items() if k != "trial_seeds"}
-    storage.write_json(fixed["state"], old)
-    redo = steps.controller_update(fixed["state"], _fake_results(fixed["trials"]), work, "fixed")
-    assert redo["trials"] == nxt["trials"]
-
-
 def test_reward_seeds_train_each_theta_n_times_and_reward_it_by_the_mean(tiny_data):
     """``reward_seeds=n``: each sampled θ is n trials (seeds REWARD_SEED_STRIDE apart,
     numbered θ-major), its reward the mean of theirs (a failed one fails the θ), and
     the controller moves as one given those means directly; the choice is kept in the
     state, results of other seeds are refused, and the selection keeps off every one."""
     work, _ = tiny_data
-    out = steps.init_search(work, "rs2", rounds=3, samples=3, seed=5, reward_seeds=2, trial_seeds="per-round")
+    out = steps.init_search(work, "rs2", rounds=3, samples=3, seed=5, reward_seeds=2)
     trials = [json.loads(t) for t in out["trials"]]
     assert [(t["sample"], t["seed"], t["repeat"]) for t in trials] == [
         (0, 5, 0), (1, 1005, 1), (2, 5, 0), (3, 1005, 1), (4, 5, 0), (5, 1005, 1)]
@@ -325,7 +294,7 @@ def test_reward_seeds_train_each_theta_n_times_and_reward_it_by_the_mean(tiny_da
     assert c.mu.tolist() == pytest.approx(twin.mu.tolist(), abs=1e-12)
     assert nxt["mean_reward"] == pytest.approx(0.22) and nxt["max_reward"] == pytest.approx(0.3)
     assert storage.read_json(nxt["state"])["reward_seeds"] == 2
-    assert [json.loads(t)["seed"] for t in nxt["trials"]] == [6, 1006] * 3  # per-round: seed + round, then + stride
+    assert [json.loads(t)["seed"] for t in nxt["trials"]] == [5, 1005] * 3  # the search's seed, then + stride
     # one failed trial of a θ fails the θ (min_reward); failed_trials counts trainings
     trials = [json.loads(t) for t in nxt["trials"]]
     results = [json.dumps({**t, "reward": None if k == 3 else 0.2, "failed": k == 3, "error": "x" if k == 3 else ""})
@@ -337,10 +306,10 @@ def test_reward_seeds_train_each_theta_n_times_and_reward_it_by_the_mean(tiny_da
         steps.controller_update(out["state"], first[:5], work, "rs2")
     one_seed = [json.dumps({**json.loads(t), "seed": 5, "reward": 0.1, "failed": False, "error": ""})
                 for t in out["trials"]]
-    with pytest.raises(steps.StepError, match=r"not the search's \[5, 1005\] \(trial_seeds='per-round', reward_seeds=2\)"):
+    with pytest.raises(steps.StepError, match=r"not the search's \[5, 1005\] \(trial_seeds='fixed', reward_seeds=2\)"):
         steps.controller_update(out["state"], one_seed, work, "rs2")
     with pytest.raises(steps.SearchExists, match="with reward_seeds=2, not 1"):
-        steps.init_search(work, "rs2", rounds=3, samples=3, seed=5, trial_seeds="per-round")
+        steps.init_search(work, "rs2", rounds=3, samples=3, seed=5)
     for bad in (0, True, 9, 1.5):
         with pytest.raises(steps.StepError, match=f"reward_seeds={bad!r} is out of range"):
             steps.init_search(work, "rs-bad", rounds=3, samples=3, reward_seeds=bad)
@@ -430,29 +399,6 @@ def test_search_splits_are_drawn_beside_the_first_and_cycled_by_round(tiny_data)
     one = steps.init_search(work, "ss1", rounds=2, samples=2, seed=3)
     assert "search_splits" not in storage.read_json(one["state"])
     assert all("split" not in json.loads(t) for t in one["trials"])
-
-
-@pytest.mark.parametrize("trial_seeds, reward_seeds, search_splits", [
-    ("fixed", 1, 1), ("per-round", 2, 3), ("fixed", 3, 2), ("per-round", 1, 1)])
-def test_round_trainings_are_the_trainings_each_round_s_trials_had(tiny_data, trial_seeds, reward_seeds,
-                                                                   search_splits):
-    """``round_trainings``: per finished round, the (seed, split, repeat) of the trials
-    the round actually handed out (read off its trials' JSON, the obvious twin), one
-    entry per reward seed; ``selection_split``: the split ``selection_trials`` gives."""
-    work, _ = tiny_data
-    name = f"rt-{trial_seeds}-{reward_seeds}-{search_splits}"
-    out = steps.init_search(work, name, rounds=4, samples=2, seed=7, trial_seeds=trial_seeds,
-                            reward_seeds=reward_seeds, search_splits=search_splits)
-    handed = []
-    for _ in range(4):
-        trials = [json.loads(t) for t in out["trials"]]
-        handed.append(sorted({(t["seed"], t.get("split", 0), t.get("repeat", 0)) for t in trials}))
-        out = steps.controller_update(out["state"], _fake_results(out["trials"]), work, name)
-        got = steps.round_trainings(out["state"])
-        assert [sorted((x["seed"], x["split"], x["repeat"]) for x in rnd) for rnd in got] == handed
-    assert all(len(rnd) == reward_seeds for rnd in handed)
-    picked = {json.loads(t).get("split", 0) for t in steps.selection_trials(out["state"], 2, [1, 2])}
-    assert picked == {steps.selection_split(out["state"])} == {4 % search_splits}
 
 
 def test_a_proxy_trial_trains_and_scores_on_its_split(tiny_data, tmp_path, monkeypatch):
@@ -561,15 +507,6 @@ def test_bad_selections_are_refused_by_name(tiny_data, top, seeds, message):
         steps.selection_trials(state, top, seeds)
 
 
-def test_per_round_searches_keep_every_rounds_seed_out_of_the_selection(tiny_data):
-    work, _ = tiny_data
-    state = _finished_search(work, "sel-per-round", seed=5, trial_seeds="per-round")
-    # the best candidates come from round 1 (seed 6) and round 0 (seed 5)
-    with pytest.raises(steps.StepError, match="holds 6, the training seed of candidate r001-s02"):
-        steps.selection_trials(state, 2, [6, 9])
-    assert len(steps.selection_trials(state, 2, [7, 9])) == 4
-
-
 def test_select_loss_takes_the_best_mean_and_the_final_training_uses_it(tiny_data):
     work, data = tiny_data
     state = _finished_search(work, "sel-pick")
@@ -606,12 +543,10 @@ def test_select_loss_takes_the_best_mean_and_the_final_training_uses_it(tiny_dat
     assert report["searched_spec"] == final["spec"] and report["selection"]["theta"] == trials[4]["theta"]
 
 
-def test_outputs_are_found_however_work_is_spelled_and_under_the_keys_of_before(tiny_data, monkeypatch):
+def test_outputs_are_found_however_work_is_spelled(tiny_data, monkeypatch):
     """Warm start, selection and final training are named by keys in which the data,
     warm start and state are places in the work folder (``storage.location_id``): a run
-    that spells the folder another way (relative here, absolute before) finds them, and
-    outputs cached under the keys of before (the paths as spelled) are still found
-    (BENCHMARKS.md, issue 8, finding 33)."""
+    that spells the folder another way (relative here, absolute before) finds them."""
     work, data = tiny_data
     monkeypatch.chdir(os.path.dirname(work))
     rel = os.path.basename(work)
@@ -619,11 +554,7 @@ def test_outputs_are_found_however_work_is_spelled_and_under_the_keys_of_before(
     config = {"iterations": 1, "batch_size": 4, "num_threads": 1}
     init = steps.pretrain(data, work, config=config)
     assert os.path.realpath(steps.pretrain(rel_data, rel, config=config, only_cached=True)) == init
-    other = {**config, "lr": 0.01}  # a warm start cached under the key of before, spelled relative
-    old = steps.content_key("pretrain", rel_data, steps.pretrain_options(other), 0)
-    legacy = storage.write_bytes(os.path.join(rel, "pretrain", old, "backbone.pt"), b"cached before")
-    assert steps.pretrain(rel_data, rel, config=other, only_cached=True) == legacy
-    assert steps.pretrain(data, work, config=other, only_cached=True) == ""  # that key held the spelling
+    assert steps.pretrain(data, work, config={**config, "lr": 0.01}, only_cached=True) == ""  # other options
 
     state = _finished_search(work, "spelled")
     trials = [json.loads(t) for t in steps.selection_trials(state, 2, [1])]
@@ -637,10 +568,6 @@ def test_outputs_are_found_however_work_is_spelled_and_under_the_keys_of_before(
     rel_init = os.path.join(rel, os.path.relpath(init, work))
     again = json.loads(steps.final_train(rel_data, rel_init, "focal+l1", final, rel, "spelled"))
     assert again["seconds"] == first["seconds"] and again["metrics"] == first["metrics"]  # read back, not retrained
-    out = os.path.join(steps.search_dir(work, "spelled"), "final", "focal+l1.json")
-    before = steps.content_key(rel_data, rel_init, "focal+l1", final, "", 0)  # the key of before, spelled relative
-    storage.write_json(out, {**storage.read_json(out), "key": before, "seconds": -1.0})
-    assert json.loads(steps.final_train(rel_data, rel_init, "focal+l1", final, rel, "spelled"))["seconds"] == -1.0
 
 
 def test_a_stored_trial_of_another_seed_is_not_reused(tiny_data, tmp_path):

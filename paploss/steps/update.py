@@ -125,8 +125,8 @@ def init_search(
     ``lr``, ``steps``, ``clip_eps``, ``functions``, ``grad_scale``, ``shared``,
     ``fixed``, ``min_reward``, ``mu``). Opens (or, on resume, reopens) the
     search's parent run in MLflow with ``params``. ``trial_seeds``: the proxy
-    trials' training seed, ``fixed`` (``seed`` for every trial) or ``per-round``
-    (``seed + round``). ``reward_seeds``: how many proxy trainings, with seeds
+    trials' training seed, ``fixed`` (``seed`` for every trial; the only choice, kept in
+    the state files). ``reward_seeds``: how many proxy trainings, with seeds
     REWARD_SEED_STRIDE apart, each sampled θ gets; its reward is their mean (less
     of one training's luck in the reward, at that many times the cost).
     ``search_splits``: how many search splits (:func:`prepare_data`'s, the same
