@@ -53,10 +53,12 @@ def one_line(exc: BaseException) -> str:
 
 #: ``scheme://user:password@host`` (or ``scheme://token@host``): the part before ``@``.
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^/@:\s?#]*)(?::(?P<pw>[^/@\s?#]*))?@")
-#: Query parameters that carry a secret (``?token=...``, ``&X-Amz-Signature=...``).
+#: Query parameters that carry a secret (``?token=...``, ``&X-Amz-Signature=...``): the
+#: secret word is the whole name or its last part after ``_``, ``-`` or ``.`` (so
+#: ``access_key`` is masked and MLflow's ``viewStateShareKey`` is not).
 _SECRET_QUERY = re.compile(
-    r"(?P<key>[?&;](?:[A-Za-z0-9_.-]*(?:token|password|passwd|pwd|secret|signature|credential|apikey|api_key|"
-    r"access_key|auth|sig|key))=)(?P<value>[^&;#\s'\"]+)",
+    r"(?P<key>[?&;](?:[A-Za-z0-9_.-]*[_.-])?(?:token|password|passwd|pwd|secret|signature|credential|apikey|"
+    r"auth|sig|key)=)(?P<value>[^&;#\s'\"]+)",
     re.IGNORECASE,
 )
 MASK = "***"

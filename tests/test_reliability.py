@@ -123,6 +123,10 @@ def test_stale_temporaries_are_swept(tmp_path):
     ("sqlite:////tmp/mlflow.db", "sqlite:////tmp/mlflow.db"),
     ("s3://bucket/work", "s3://bucket/work"),
     ("mail me@example.org", "mail me@example.org"),
+    ("http://h/?access_key=1&api_key=2&monkey=3", "http://h/?access_key=***&api_key=***&monkey=3"),
+    # the MLflow UI link the run prints: a view's share key is no secret and must stay clickable
+    ("http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning&viewStateShareKey=ab12",
+     "http://127.0.0.1:5000/#/experiments/1/runs?workflowType=machine_learning&viewStateShareKey=ab12"),
 ])
 def test_mask(text, shown):
     assert mask(text) == shown
