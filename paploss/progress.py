@@ -172,6 +172,7 @@ class Progress:
         self.stage = ""
         self.detail = ""
         self.done = _Done()
+        self._learned_at = self.start
         self._status = ""  # the status line now on screen (tty)
         self._lock = threading.RLock()
         self._stop = threading.Event()
@@ -203,15 +204,17 @@ class Progress:
         if seconds is not None and iterations:
             self.done.seconds += float(seconds)
             self.done.iterations += iterations
+        self._learned_at = self.clock()
 
     def eta(self) -> float | None:
-        """Seconds still to go, from the measured seconds per iteration; None before a training finished."""
+        """Seconds still to go, from the measured seconds per iteration, less the time since
+        the last training finished; None before one finished."""
         if not self.done.iterations:
             return None
         per_iteration = self.done.seconds / self.done.iterations
         left = sum(max(0, count - self.done.trainings[kind]) * its
                    for kind, (count, its) in self.plan.iterations().items())
-        return per_iteration * left / max(1, self.plan.parallelism)
+        return max(0.0, per_iteration * left / max(1, self.plan.parallelism) - (self.clock() - self._learned_at))
 
     def _suffix(self) -> str:
         eta = self.eta()

@@ -67,6 +67,8 @@ def test_the_eta_learns_from_the_trainings_done():
     assert show.eta() == pytest.approx(0.3 * 3000 / 2)
     show.feed("paploss> final searched: AP 0.3000")  # a final done: 400 iterations fewer to go
     assert show.eta() == pytest.approx(0.3 * 2600 / 2)
+    clock.t += 60  # counts down while nothing finishes
+    assert show.eta() == pytest.approx(0.3 * 2600 / 2 - 60)
 
 
 def test_without_a_terminal_a_quiet_minute_gets_a_line():
