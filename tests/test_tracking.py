@@ -362,23 +362,28 @@ def _assert_repaired(client, name: str, model: str, report: dict) -> None:
     assert report["promoted"] is True
 
 
-def _kill_and_resume(kill_env, monkeypatch, pick) -> None:
-    """Run a whole search counting its MLflow writes; then, for each write ``pick``
-    chooses, a fresh search killed right after that write and run again."""
+def _kill_and_resume(kill_env, monkeypatch, pick, prefix: str) -> None:
+    """Run a whole search counting its MLflow writes (once the experiment exists, as
+    for every search after the first); then, for each write ``pick`` chooses, a fresh
+    search (named ``<prefix><write>``) killed right after that write and run again."""
     data, uri, work = kill_env
     _patch(monkeypatch)
     real = tr.make_client
     client = real(uri)
+    _assert_repaired(client, f"{prefix}-a", f"m{prefix}-a",
+                     _whole_search(data, str(work / f"{prefix}-a"), f"{prefix}-a", uri, f"m{prefix}-a"))
     count = _Death(10**9)
     monkeypatch.setattr(tr, "make_client", lambda u=None: count.client(real(u)))
-    _assert_repaired(client, "k0", "mk0", _whole_search(data, str(work / "k0"), "k0", uri, "mk0"))
+    _assert_repaired(client, f"{prefix}-b", f"m{prefix}-b",
+                     _whole_search(data, str(work / f"{prefix}-b"), f"{prefix}-b", uri, f"m{prefix}-b"))
     assert count.n >= 25 and "create_model_version" in count.calls
     for at in pick(count.calls):
-        name, model = f"k{at}", f"mk{at}"
+        name, model = f"{prefix}{at}", f"m{prefix}{at}"
         death = _Death(at)
         monkeypatch.setattr(tr, "make_client", lambda u=None, d=death: d.client(real(u)))
         with pytest.raises(Killed):
             _whole_search(data, str(work / name), name, uri, model)
+        assert death.calls[-1] == count.calls[at - 1]  # killed after the very write counted
         monkeypatch.setattr(tr, "make_client", real)
         _assert_repaired(client, name, model, _whole_search(data, str(work / name), name, uri, model))
 
@@ -390,7 +395,7 @@ def test_kill_at_a_trial_start_a_registration_and_a_promotion_then_resume(kill_e
     def pick(calls):
         return [calls.index("create_run", calls.index("create_run") + 1) + 1,  # the first trial's run
                 calls.index("create_model_version") + 1, calls.index("set_registered_model_alias") + 1]
-    _kill_and_resume(kill_env, monkeypatch, pick)
+    _kill_and_resume(kill_env, monkeypatch, pick, "k")
 
 
 @pytest.mark.slow
@@ -398,7 +403,7 @@ def test_kill_at_each_logging_point_then_resume(kill_env, monkeypatch):
     """A task killed right after each MLflow write of a whole search (init, trials,
     update, finals and registration, report), then the search run again: every key
     has exactly one run, FINISHED, and the searched detector one model version."""
-    _kill_and_resume(kill_env, monkeypatch, lambda calls: range(1, len(calls) + 1))
+    _kill_and_resume(kill_env, monkeypatch, lambda calls: range(1, len(calls) + 1), "all")
 
 
 @pytest.mark.slow
