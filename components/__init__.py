@@ -129,8 +129,12 @@ def final_train(data: str, init: str, loss: str, state: str, run: Dict, lrs: str
     more than one GPU (``placement``) the training is a Kubeflow Trainer TrainJob this task waits for."""
     import json
 
+    import os
+
     from paploss import steps
     from pipelines.trainjob import final_trainer
+
+    os.environ.setdefault("KFP_RUN_ID", kfp_run_id)  # the registered model's lineage tag
 
     trainer = final_trainer(placement, search_name=run["search_name"], task=loss, run_id=kfp_run_id,
                             tracking_uri=run["tracking"].get("uri", ""), s3_secret=s3_secret,
