@@ -24,7 +24,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv and install paploss with its test tools
 
-run: install  ## the main job: a real search on the bundled dataset through kfp.local (PRESET=smoke|quick|paper)
+run: install  ## the main job: a real search on the bundled dataset through kfp.local (PRESET=demo|smoke|quick|paper)
 	$(BIN)/paploss run --preset $(PRESET)
 
 test: install  ## the whole test suite, slow end-to-end tests included

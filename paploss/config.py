@@ -13,7 +13,6 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from paploss import storage
-from paploss.models import DETECTORS, check_loss
 
 __all__ = ["MMDET_PREFIX", "PROXY_PRESETS", "TrainConfig", "TrainResult"]
 
@@ -83,6 +82,8 @@ class TrainConfig:
             self.spec = read_spec(storage.read_text(self.spec) if not self.spec.lstrip().startswith("{") else self.spec)
         if self.spec is not None and not isinstance(self.spec, (LossSpec, SpecSet)):
             raise ValueError(f"spec must be a LossSpec, a SpecSet, a dict or JSON, got {type(self.spec).__name__}")
+        from paploss.models import DETECTORS, check_loss  # here: a config is read without torchvision
+
         check_loss(self.loss, self.spec)
         if self.detector.startswith(MMDET_PREFIX):
             if not self.detector[len(MMDET_PREFIX):]:

@@ -84,9 +84,10 @@ def _json_option(value: str | None, name: str) -> dict | None:
 def search_options(fn: Callable) -> Callable:
     """The options shared by ``paploss search`` and ``paploss run``."""
     opts = [
-        click.option("--preset", type=click.Choice(sorted(presets.PRESETS)), default="quick", show_default=True,
-                     help="Sizes of the search: smoke (plumbing, ~3 min), quick (~10 min on 2 CPU cores), "
-                          "paper (40 rounds x 8 samples)."),
+        click.option("--preset", type=click.Choice(sorted(presets.PRESETS)), default="demo", show_default=True,
+                     help="Sizes of the search: demo (make run: the method against the baselines in minutes on "
+                          "2 CPU cores), smoke (plumbing), quick (the benchmark's small search), paper (40 rounds x "
+                          "8 samples, a GPU cluster)."),
         click.option("--dataset", default=None,
                      help="bundled:shapes | bundled:digits | a COCO folder or s3:// prefix with images/ and "
                           "annotations/{train,val}.json [preset: bundled:shapes]."),

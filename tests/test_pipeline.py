@@ -194,7 +194,7 @@ def _check_mlflow(client, experiment: str, search_name: str, rounds: int = ROUND
     assert {"functions.png", "rewards.png", "report.json", "loss_spec.json"} <= arts
     assert len(client.list_artifacts(parent.info.run_id, "functions")) == rounds
     finals = {r.data.tags["paploss.loss"]: r for r in by_kind["final"]}
-    assert set(finals) == {"searched", "focal+l1", "focal+giou"}
+    assert set(finals) == {"searched", "start", "focal+l1", "focal+giou"}
     for r in finals.values():
         assert {"AP", "AP50", "AP75", "APs", "APm", "APl"} <= set(r.data.metrics)
     versions = client.search_model_versions("name = 'paploss-retinanet'")
@@ -216,7 +216,7 @@ def test_inprocess_search_fills_the_sqlite_store(cli_env):
     uri = f"sqlite:///{cli_env / 'mlflow.db'}"
     _check_mlflow(MlflowClient(uri, uri), "paploss", "inproc")
     report = storage.read_json(cli_env / "w" / "searches" / "inproc" / "report.json")
-    assert report["rounds"] == ROUNDS and set(report["final"]) == {"searched", "focal+l1", "focal+giou"}
+    assert report["rounds"] == ROUNDS and set(report["final"]) == {"searched", "start", "focal+l1", "focal+giou"}
 
 
 @pytest.mark.slow
