@@ -377,7 +377,7 @@ def render(graph: Graph, out: Path, preset: str) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Compile the paploss search pipeline and draw its tasks (root DAG and sub-pipelines) to a PNG.")
-    parser.add_argument("--preset", default="quick", help="pipeline preset to compile (default: quick, as `make run`)")
+    parser.add_argument("--preset", default="demo", help="pipeline preset to compile (default: demo, as `make run`)")
     parser.add_argument("--select-top", type=int, default=None,
                         help="compile with the selection stage of the N best samples (default: the preset's)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"PNG to write (default: {DEFAULT_OUT})")
