@@ -70,7 +70,9 @@ def test_compiled_yaml_is_a_pipeline_spec_with_cluster_settings(tmp_path):
             assert res["accelerator"]["resourceCount"] == "1"
             assert res["resourceCpuRequest"] and res["resourceMemoryRequest"]
     doc = docs[0]
-    assert sorted(set(_walk(doc, "parallelismLimit"))) == [3]
+    from pipelines.search_pipeline import FINAL_LOSSES
+
+    assert sorted(set(_walk(doc, "parallelismLimit"))) == [3, len(FINAL_LOSSES)]  # trials; the finals side by side
     retries = [p["maxRetryCount"] for p in _walk(doc, "retryPolicy")]
     assert retries and set(retries) == {4}
 
@@ -118,8 +120,9 @@ def cli_env(tmp_path, monkeypatch):
         (["--parallelism", "0"], "parallelism=0 is out of range"),
         (["--dataset", "/no/such/dataset"], "dataset='/no/such/dataset' has no annotations/train.json"),
         (["--proxy", '{"iters": 3}'], "unknown training option(s) ['iters']"),
-        # the proxies' PAP-loss options pass; the finals train the baselines too, which have no u
-        (["--proxy", '{"box_collapse": 0.3}', "--final", '{"detach_i3": true}'], "final options: detach_i3 needs"),
+        # the proxies' PAP-loss options pass; a final's are checked too (the baselines train without them)
+        (["--proxy", '{"box_collapse": 0.3}', "--final", '{"box_collapse": 1.5}'],
+         "final options: box_collapse is a box quality u in (0, 1)"),
         (["--proxy-epochs", "-1"], "--proxy-epochs=-1.0 must be >= 0"),
         (["--search-name", "a/b"], "search_name='a/b'"),
         (["--select-top", "2", "--select-seeds", "0,1"], "holds the search's trial seed 0"),
