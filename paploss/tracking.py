@@ -164,6 +164,7 @@ def ui_lines(tracking_uri: str, experiment: str) -> list[str]:
     the address of the experiment's finals and trials (:func:`runs_url`), when it exists."""
     lines = [f"look at it with: make ui   (or: {ui_command(tracking_uri)})"]
     try:
+        check_tracking(tracking_uri, timeout=2.0)  # a server gone away: no address, and no minutes of retries
         exp = make_client(tracking_uri).get_experiment_by_name(experiment)
     except Exception:  # noqa: BLE001 - a hint, never a failure
         exp = None
