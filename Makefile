@@ -7,6 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PRESET ?= demo
+TEST_JOBS ?= 2
 IMAGE ?= paploss:latest
 HOST ?=
 MLFLOW_TRACKING_URI ?= sqlite:///mlflow.db
@@ -27,11 +28,11 @@ install: $(STAMP)  ## create .venv and install paploss with its test tools
 run: install  ## the main job: a real search on the bundled dataset through kfp.local (PRESET=demo|smoke|quick|paper)
 	$(BIN)/paploss run --preset $(PRESET)
 
-test: install  ## the whole test suite, slow end-to-end tests included
-	$(BIN)/python -m pytest -q
+test: install  ## the whole test suite, slow end-to-end tests included (TEST_JOBS=2 worker processes)
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist worksteal
 
 test-fast: install  ## the test suite without the slow end-to-end tests
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist worksteal -m "not slow"
 
 ui: install  ## MLflow UI on the local store
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --port 5000

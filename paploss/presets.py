@@ -102,11 +102,11 @@ PRESETS: dict[str, Preset] = {
     "demo": Preset(
         rounds=2, samples=4, parallelism=2,
         bundled={"n_train": 500, "n_val": 100},
-        proxy={"preset": "quick", "iterations": 100, "warmup_iters": 10, "detach_i3": True, "num_threads": 1},
-        final={"preset": "quick", "iterations": 500, "warmup_iters": 50, "detach_i3": True, "num_threads": 1},
+        proxy={"preset": "quick", "iterations": 80, "warmup_iters": 10, "detach_i3": True, "num_threads": 1},
+        final={"preset": "quick", "iterations": 400, "warmup_iters": 40, "detach_i3": True, "num_threads": 1},
         pretrain={"iterations": 200, "num_threads": 2},
         controller={"mu": SQUARE_THETA, "sigma": 0.1},
-        lr_sweep={"lrs": [0.01, 0.02], "iterations": 120, "warmup_iters": 12},
+        lr_sweep={"lrs": [0.01, 0.02], "iterations": 60, "warmup_iters": 6},
     ),
     # the paper's search: 40 rounds x 8 samples, 1-epoch proxies, 12-epoch final trainings (GPUs)
     "paper": Preset(
