@@ -633,9 +633,15 @@ def decide_promotion(ap: float, baselines: Mapping[str, float], champion: tuple[
             "reason": f"promoted: AP {ap:.2f}, {held}{ahead}{note} (AP x 100 on val, rule {rule})"}
 
 
+#: The finals that are no baseline of the promotion rule: the search's starting loss is a row of the
+#: table (the report states searched - start), but the rule weighs the searched loss against the baselines
+START_FINAL = "start"
+
+
 def _finals_ap(table: Mapping[str, Any], searched: str) -> tuple[float, dict[str, float]]:
     finals = table["final"]
-    return ap100(finals[searched].get("AP", 0.0)), {k: ap100(m.get("AP", 0.0)) for k, m in finals.items() if k != searched}
+    return ap100(finals[searched].get("AP", 0.0)), {k: ap100(m.get("AP", 0.0)) for k, m in finals.items()
+                                                    if k not in (searched, START_FINAL)}
 
 
 def offline_decision(table: Mapping[str, Any], rule: str = "beat-baselines", searched: str = "searched") -> dict:

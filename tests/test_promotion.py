@@ -1,6 +1,6 @@
 """Promote only a winner: the report step decides, against a real MLflow store, whether
 the searched detector becomes ``champion`` (better than the champion and not behind a
-baseline of the same search), says why, and registers a real pyfunc model that
+baseline of the same search, ``focal+l1`` or ``focal+giou``; the search's start is no baseline), says why, and registers a real pyfunc model that
 ``models:/<name>@champion`` serves."""
 
 from __future__ import annotations
@@ -141,6 +141,21 @@ def test_no_champion_yet_but_behind_a_baseline(env):
     reason = report["promotion"]["reason"]
     assert "focal+l1 beat it by 10.00 AP" in reason and "focal+giou beat it by 5.00 AP" in reason
     assert len(client.search_model_versions(f"name = '{model}'")) == 1
+
+
+def test_behind_its_start_but_ahead_of_the_baselines_is_promoted(env):
+    """The search's starting loss is a row of the table, not a baseline of the rule: the
+    searched detector 0.5 AP behind its start but ahead of both baselines is promoted, and
+    the rule's baselines (the version's tag) hold the baselines only."""
+    from paploss.steps.lr_sweep import START
+
+    assert START == tr.START_FINAL
+    client, model = env["client"], "m-start"
+    report = _search(env, "p7", model, {"searched": 0.30, "start": 0.305, "focal+l1": 0.20, "focal+giou": 0.22})
+    assert report["promoted"] is True and _champion(client, model) == report["model_version"]
+    assert "start" not in report["promotion"]["reason"] and report["promotion"]["behind"] == {}
+    assert json.loads(client.get_model_version(model, report["model_version"]).tags[tr.BASELINES_TAG]) == {
+        "focal+l1": 20.0, "focal+giou": 22.0}
 
 
 def test_an_old_champion_in_fractions_compares_in_the_one_unit(env):
