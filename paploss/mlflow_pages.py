@@ -24,8 +24,9 @@ KIND_TAG = "paploss.kind"
 
 
 def ap100(value: float) -> float:
-    """A COCO AP as a fraction (what evaluation returns) → the one unit recorded: AP × 100."""
-    return 100.0 * float(value)
+    """A COCO AP as a fraction (what evaluation returns) → the one unit recorded: AP × 100, to
+    COCO's two decimals (the runs table shows 12.66, not 12.6607035...)."""
+    return round(100.0 * float(value), 2)
 
 
 # ----------------------------------------------------------------------------- lineage
