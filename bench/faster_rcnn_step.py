@@ -7,14 +7,19 @@ Three models train side by side on the same batches of the bundled ``shapes`` da
 (iterations alternate between them, so the load of a shared machine hits all alike):
 
 - ``focal+l1``: the baseline as built by default (RPN: 256 sampled anchors per image;
-  RoI head: ``box_batch_size_per_image`` = 128 sampled proposals per image);
-- ``focal+l1 all RoIs``: the same losses with the RoI sampler's batch raised above the
-  number of proposals, so the box head runs on every proposal as the PAP loss's does;
+  RoI head: ``box_batch_size_per_image`` = 128 proposals per image sampled from the
+  RPN's training proposals, :func:`~paploss.models.faster_rcnn.training_proposals`
+  = 128 at 128 px, plus the gt boxes);
+- ``focal+l1 all RoIs``: the same losses with the RoI sampler replaced by
+  :class:`~paploss.models.two_stage_targets.KeepAll`, so the box head runs on every
+  proposal as the PAP loss's does;
 - ``paploss`` (square, both heads): every anchor and every proposal × class ranked.
 
 ``paploss / focal+l1`` is the whole cost of the method on a step; ``paploss / focal+l1
 all RoIs`` the cost of the loss itself (the same RoIs through the same layers).
-Each number is the median over ``--iters`` timed iterations after two warm-up ones.
+Each number is the median over ``--iters`` timed iterations after two warm-up ones;
+"paired" is the median over iterations of the ratio within one iteration (the models
+run back to back on the same batch, so a load change between iterations cancels).
 """
 
 from __future__ import annotations
@@ -42,22 +47,24 @@ def main(argv: list[str] | None = None) -> dict:
     from paploss.data import load_coco, make_dataset
     from paploss.data.dataset import CocoDetection
     from paploss.models import build_detector
+    from paploss.models.two_stage_targets import KeepAll
 
-    variants = {
-        "focal+l1": ("focal+l1", None, {}),
-        "focal+l1 all RoIs": ("focal+l1", None, {"box_batch_size_per_image": 100_000}),
-        "paploss": ("paploss", LossSpec.handcrafted("square"), {}),
+    variants = {  # name: (loss, spec, keep every proposal in the RoI head's loss)
+        "focal+l1": ("focal+l1", None, False),
+        "focal+l1 all RoIs": ("focal+l1", None, True),
+        "paploss": ("paploss", LossSpec.handcrafted("square"), False),  # KeepAll by construction
     }
     with tempfile.TemporaryDirectory() as tmp:
         root = make_dataset("shapes", f"{tmp}/shapes", n_train=args.batch * 3, n_val=1, image_size=args.size,
                             progress=False)
         ds = CocoDetection(load_coco(root / "annotations" / "train.json"), root / "images")
         models, opts = {}, {}
-        for name, (loss, spec, extra) in variants.items():
+        for name, (loss, spec, keep_all) in variants.items():
             torch.manual_seed(0)
             m = build_detector(args.detector, ds.num_classes, loss=loss, spec=spec, image_size=args.size,
-                               fpn_channels=args.fpn_channels, anchor_size=16.0 * args.size / 128, head_norm=True,
-                               **extra)
+                               fpn_channels=args.fpn_channels, anchor_size=16.0 * args.size / 128, head_norm=True)
+            if keep_all:
+                m.roi_heads.fg_bg_sampler = KeepAll()
             m.train()
             models[name], opts[name] = m, torch.optim.SGD(m.parameters(), lr=0.001, momentum=0.9)
         times: dict[str, list[float]] = {k: [] for k in models}
@@ -74,13 +81,18 @@ def main(argv: list[str] | None = None) -> dict:
                 if it > 1:
                     times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{args.detector}, {args.size} px, batch {args.batch}, {args.threads} thread(s), median of {args.iters}:")
-    print("| model | s/iter | ratio to focal+l1 |")
-    print("|---|---|---|")
+    paired = {k: statistics.median(a / b for a, b in zip(v, times["focal+l1"])) for k, v in times.items()}
+    rpn, roi = models["paploss"].rpn, models["paploss"].roi_heads
+    print(f"{args.detector}, {args.size} px, batch {args.batch}, {args.threads} thread(s), median of {args.iters}; "
+          f"training proposals per image {rpn._post_nms_top_n['training']}, RoI sampler batch "
+          f"{models['focal+l1'].roi_heads.fg_bg_sampler.batch_size_per_image}; last paploss step ranked "
+          f"{roi.ranked['ranked']} RoI entries:")
+    print("| model | s/iter | ratio to focal+l1 | paired ratio |")
+    print("|---|---|---|---|")
     for k, v in med.items():
-        print(f"| {k} | {v:.3f} | {v / med['focal+l1']:.3f} |")
+        print(f"| {k} | {v:.3f} | {v / med['focal+l1']:.3f} | {paired[k]:.3f} |")
     print(f"paploss / focal+l1 all RoIs (the loss itself): {med['paploss'] / med['focal+l1 all RoIs']:.3f}")
-    return med
+    return {"median": med, "paired": paired}
 
 
 if __name__ == "__main__":

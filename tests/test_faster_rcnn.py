@@ -22,6 +22,7 @@ from torchvision.ops import box_iou, generalized_box_iou
 
 from paploss import LossSpec, pap_loss
 from paploss.models import build_detector
+from paploss.models.faster_rcnn import training_proposals
 from paploss.models.two_stage_targets import KeepAll, delta_quality, roi_targets, rpn_targets
 from paploss.spec_set import (SPECS_FORMAT, SpecSet, check_spec, from_theta, head_names, read_spec, spec_for_heads,
                               split_theta, theta_dim, to_theta)
@@ -292,8 +293,30 @@ def test_faster_rcnn_roi_loss_equals_pap_loss_on_every_proposal_and_class():
     ranked = model.roi_heads.ranked
     n_props = sum(len(p) + len(tg["boxes"]) for p, tg in zip(proposals, targets_t))
     assert ranked == {"entries": n_props * 3, "ranked": n_props * 3, "positives": int((t == 1).sum())}
+    # every proposal: the RPN's training proposals (128 per image at 128 px) and the 2 gt boxes of
+    # each image, where the baselines' sampler keeps at most box_batch_size_per_image = 128 per image
+    assert [len(p) for p in proposals] == [training_proposals(128, 128)] * 2 == [128, 128]
     baseline = tiny_model(loss="focal+l1", size=128).roi_heads.fg_bg_sampler
-    assert isinstance(model.roi_heads.fg_bg_sampler, KeepAll) and n_props > 2 * baseline.batch_size_per_image
+    assert isinstance(model.roi_heads.fg_bg_sampler, KeepAll)
+    assert n_props == 2 * (128 + 2) > 2 * baseline.batch_size_per_image
+
+
+def test_faster_rcnn_training_proposals_follow_the_papers_density():
+    """Training proposals per image: 1000 per 1333 x 800 pixels (the paper's), at least the
+    RoI sampler's batch; 128 at test time whatever the size; an explicit pair wins."""
+    assert training_proposals(128, 128) == 128  # 1000 * 128² / (1333 * 800) = 15.4 < 128
+    assert training_proposals(64, 128) == 128
+    assert training_proposals(512, 128) == 246  # 245.8
+    assert training_proposals(1024, 128) == 983  # 983.3
+    assert training_proposals(128, 512) == 512
+    for size, train in ((64, 128), (128, 128), (512, 246)):
+        rpn = tiny_model(loss="focal+l1", size=size).rpn
+        assert rpn._post_nms_top_n == {"training": train, "testing": 128}, size
+        assert rpn._pre_nms_top_n == {"training": 1000, "testing": 500}
+    rpn = tiny_model(spec=LossSpec.handcrafted("square"), rpn_post_nms_top_n=(300, 50)).rpn
+    assert rpn._post_nms_top_n == {"training": 300, "testing": 50}
+    with pytest.raises(ValueError, match="image_size and box_batch_size_per_image must be >= 1, got 0, 128"):
+        training_proposals(0, 128)
 
 
 def test_faster_rcnn_one_loss_spec_is_used_on_both_heads_and_bad_specs_fail():

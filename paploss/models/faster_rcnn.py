@@ -3,8 +3,19 @@
 The detector: a backbone with FPN (P3-P7, :func:`paploss.models.backbones.build_backbone`),
 torchvision's RPN over all five levels (one anchor size per level, ``anchor_size *
 2^l``, aspect ratios 0.5 / 1 / 2; matcher IoU 0.7 / 0.3), RoIAlign 7×7 on P3-P5 and a
-two-layer MLP box head with class-specific boxes. Sized for CPU: few proposals
-(``rpn_post_nms_top_n``), images resized to ``image_size``.
+two-layer MLP box head with class-specific boxes. Sized for CPU: images resized to
+``image_size``, and proposals per image sized to the images (below).
+
+Proposals per image (``rpn_post_nms_top_n``, training / testing). The paper's Faster
+R-CNN keeps 1000 training proposals per 1333×800 image (MMDetection's
+``rpn_proposal.max_per_img``) and samples 512 of them for its baselines' RoI loss. Ours
+keeps the same density of proposals per pixel, :func:`training_proposals`, but never
+fewer than the baselines' RoI sampler takes (``box_batch_size_per_image``, 128): at
+128 px that density is ~15, so training keeps 128 proposals per image, which every loss
+sees alike. The baselines then sample from the same 128 proposals (+ the gt boxes) that
+the PAP loss ranks all of, so ranking every proposal costs a step what sampling does
+(the shapes images hold a few objects each; 128 proposals are ~8× the paper's density).
+At test time 128 proposals per image (``rpn_post_nms_top_n[1]``) whatever the size.
 
 Labels: like every paploss detector it takes and returns classes 0..K-1 (torchvision's
 Faster R-CNN uses 0 for the background, so :class:`TwoStageDetector` shifts them by one).
@@ -58,9 +69,25 @@ from paploss.models.retinanet import check_loss
 from paploss.models.targets import QUALITIES
 from paploss.models.two_stage_targets import KeepAll, delta_quality, roi_targets, rpn_targets
 
-__all__ = ["PAPRegionProposalNetwork", "PAPRoIHeads", "TwoStageDetector", "build_faster_rcnn", "GIOU_WEIGHT"]
+__all__ = ["PAPRegionProposalNetwork", "PAPRoIHeads", "TwoStageDetector", "build_faster_rcnn", "training_proposals",
+           "GIOU_WEIGHT"]
 
 GIOU_WEIGHT = 10.0  # the RoI box loss weight of focal+giou (MMDetection's Faster R-CNN GIoU config)
+PAPER_PROPOSALS = 1000  # training proposals per image of the paper's Faster R-CNN (rpn_proposal.max_per_img)
+PAPER_IMAGE_AREA = 1333 * 800  # the image those proposals cover (MMDetection's 1x COCO resize)
+TEST_PROPOSALS = 128  # proposals per image at inference, whatever the image size
+
+
+def training_proposals(image_size: int, box_batch_size_per_image: int) -> int:
+    """Training proposals per image on images of side ``image_size``: the paper's density
+    ``PAPER_PROPOSALS / PAPER_IMAGE_AREA`` per pixel of ``image_size²``, but at least
+    ``box_batch_size_per_image`` (the RoI sampler's batch of the baselines), so that the
+    baselines' sampler and the PAP loss see the same proposals. 128 px: max(128, 15) = 128;
+    512 px: 246; 1024 px: 983."""
+    if image_size < 1 or box_batch_size_per_image < 1:
+        raise ValueError(f"image_size and box_batch_size_per_image must be >= 1, got {image_size}, "
+                         f"{box_batch_size_per_image}")
+    return max(box_batch_size_per_image, round(PAPER_PROPOSALS * image_size**2 / PAPER_IMAGE_AREA))
 
 
 class _PapOptions:
@@ -247,16 +274,20 @@ def build_faster_rcnn(
     detach_i3: bool = False,
     representation_size: int = 256,
     rpn_pre_nms_top_n: tuple[int, int] = (1000, 500),
-    rpn_post_nms_top_n: tuple[int, int] = (256, 128),
+    rpn_post_nms_top_n: tuple[int, int] | None = None,
     rpn_batch_size_per_image: int = 256,
     box_batch_size_per_image: int = 128,
 ) -> TwoStageDetector:
     """A Faster R-CNN for ``num_classes`` classes (labels 0..K-1) on square images of side
     ``image_size``. ``spec``: a ``SpecSet`` with heads ``rpn`` and ``roi`` or one
     ``LossSpec`` for both (for ``loss="paploss"``). ``rpn_*_top_n``: (training, testing)
-    proposals per image before / after the RPN's NMS; ``*_batch_size_per_image``: the
-    baselines' sampled anchors (RPN) and proposals (RoI head) per image."""
+    proposals per image before / after the RPN's NMS; ``rpn_post_nms_top_n=None``:
+    (:func:`training_proposals`, ``TEST_PROPOSALS``), see the module doc;
+    ``*_batch_size_per_image``: the baselines' sampled anchors (RPN) and proposals (RoI
+    head) per image."""
     specs = _head_specs(spec)
+    if rpn_post_nms_top_n is None:
+        rpn_post_nms_top_n = (training_proposals(image_size, box_batch_size_per_image), TEST_PROPOSALS)
     body = build_backbone(backbone, fpn_channels=fpn_channels, width_mult=width_mult, weights=backbone_weights)
     levels = 5
     anchors = AnchorGenerator(tuple((anchor_size * 2**lvl,) for lvl in range(levels)), ((0.5, 1.0, 2.0),) * levels)
