@@ -1,6 +1,6 @@
 """Benchmark: a Deformable DETR training step with the PAP loss vs MMDetection's losses.
 
-All detectors come from ``configs/mmdet/paploss_deformable_detr_tiny_shapes.py``
+All detectors come from ``paploss/configs/mmdet/paploss_deformable_detr_tiny_shapes.py`` (``deformable_detr_tiny``)
 (the same layers and initial weights; only ``model.bbox_head``'s loss differs, switched
 by :func:`paploss.integrations.mmdet_detr.switch_head`, as ``paploss train`` does)
 and train on the same batch of the bundled ``shapes`` dataset, interleaved step by
@@ -24,7 +24,9 @@ from types import SimpleNamespace
 
 import click
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mmdet" / "paploss_deformable_detr_tiny_shapes.py"
+from paploss.spec_set import mmdet_config
+
+CONFIG = mmdet_config("deformable_detr_tiny")  # the config the installed package ships
 LOSSES = ("paploss", "focal+giou", "focal+l1")
 
 

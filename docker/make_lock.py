@@ -7,8 +7,10 @@
 The images install exactly these pins, so the image runs what the tests ran:
 
 - ``docker/requirements.lock``: every runtime dependency of paploss
-  (``[project].dependencies``, not the dev extras), transitively, at the version
-  installed in the venv the tests ran in; shared by the CPU and CUDA images.
+  (``[project].dependencies`` and the extras of :data:`IMAGE_EXTRAS`: ``mmdet``, so the
+  images train the MMDetection detectors such as ``deformable_detr_tiny``; not the dev
+  extra), transitively, at the version installed in the venv the tests ran in; shared by
+  the CPU and CUDA images.
 - ``docker/requirements-cuda.lock``: what only torch's CUDA build adds on Linux
   (``nvidia-*``, ``cuda-*``, ``triton`` and their own dependencies). The CPU image
   leaves it out and takes torch from PyTorch's CPU wheel index instead.
@@ -41,17 +43,26 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parent.parent
 LOCK = ROOT / "docker" / "requirements.lock"
 CUDA_LOCK = ROOT / "docker" / "requirements-cuda.lock"
+#: Optional extras of paploss the images install besides [project].dependencies.
+IMAGE_EXTRAS = ("mmdet",)
 #: Requirements of torch that exist only for its CUDA build.
 GPU_ONLY = re.compile(r"^(nvidia-|cuda-|triton$)")
 
 
-def runtime_requirements(pyproject: Path = ROOT / "pyproject.toml") -> list[Requirement]:
-    """``[project].dependencies`` of pyproject.toml, parsed."""
+def runtime_requirements(pyproject: Path = ROOT / "pyproject.toml",
+                         extras: tuple[str, ...] = IMAGE_EXTRAS) -> list[Requirement]:
+    """``[project].dependencies`` of pyproject.toml and those of its optional ``extras``, parsed."""
     data = tomllib.loads(pyproject.read_text())
     try:
-        return [Requirement(r) for r in data["project"]["dependencies"]]
+        raw = list(data["project"]["dependencies"])
     except KeyError:
         raise SystemExit(f"{pyproject} has no [project].dependencies") from None
+    optional = data["project"].get("optional-dependencies", {})
+    for extra in extras:
+        if extra not in optional:
+            raise SystemExit(f"{pyproject} has no [project.optional-dependencies].{extra} (docker/make_lock.py IMAGE_EXTRAS)")
+        raw += optional[extra]
+    return [Requirement(r) for r in raw]
 
 
 def _applies(req: Requirement, extras: frozenset[str]) -> bool:
@@ -109,7 +120,8 @@ def locks() -> dict[Path, str]:
     everything = closure(roots, skip_gpu=False)
     cuda = {k: v for k, v in everything.items() if k not in common}
     return {
-        LOCK: render(common, "Runtime dependencies of paploss, shared by docker/Dockerfile.cpu and .cuda."),
+        LOCK: render(common, f"Runtime dependencies of paploss with its {', '.join(IMAGE_EXTRAS)} extra, shared by "
+                            "docker/Dockerfile.cpu and .cuda."),
         CUDA_LOCK: render(cuda, "What torch's CUDA build adds on Linux; installed by docker/Dockerfile.cuda only."),
     }
 

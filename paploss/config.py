@@ -26,6 +26,9 @@ class TrainConfig:
     ``data``: dataset folder or ``s3://`` prefix with ``images/`` and
     ``annotations/<split>.json``; ``train_ann`` / ``val_ann`` name the splits.
     ``loss``: ``"focal+l1" | "focal+giou" | "paploss"`` (``spec`` needed for paploss).
+    ``detector``: a name of ``paploss.models.DETECTORS`` (torchvision), of
+    ``paploss.spec_set.MMDET_DETECTORS`` (an MMDetection config shipped in the package,
+    found where the training runs) or ``mmdet:<config file>`` (a user's own).
     Exactly one of ``iterations`` and ``epochs`` sets the length.  ``lr_steps`` are
     fractions of the run.  ``init``: backbone file written by :func:`pretrain`.
     ``num_threads``: torch CPU threads (1 is fastest on a shared, loaded CPU).
@@ -68,13 +71,14 @@ class TrainConfig:
     resume: bool = True
     diverge_patience: int = 50
     box_collapse: float | None = None  # stop when the positives' mean box quality u stays below this (module doc)
-    detach_i3: bool = False  # PAP loss without the gradient into u through I3 (paploss.loss.pap_loss; not SPEC §1)
+    detach_i3: bool = False  # PAP loss without the gradient into u through I3 (paploss.loss.pap_loss; not SPEC §1);
+    # on an MMDetection detector where its head takes it (PAPLossDeformableDETRHead)
     eval_batch_size: int = 16
     max_val_images: int | None = None
 
     def __post_init__(self) -> None:
         from paploss.spec import LossSpec
-        from paploss.spec_set import SpecSet, check_spec, read_spec
+        from paploss.spec_set import MMDET_DETECTORS, SpecSet, check_spec, is_mmdet, read_spec
 
         if isinstance(self.spec, dict):
             self.spec = read_spec(self.spec)
@@ -88,10 +92,9 @@ class TrainConfig:
         if self.detector.startswith(MMDET_PREFIX):
             if not self.detector[len(MMDET_PREFIX):]:
                 raise ValueError(f"detector {self.detector!r} names no MMDetection config file after {MMDET_PREFIX!r}")
-        elif self.detector not in DETECTORS:
-            raise ValueError(
-                f"unknown detector {self.detector!r}; known: {sorted(DETECTORS)} or {MMDET_PREFIX}<config file>"
-            )
+        elif self.detector not in DETECTORS and self.detector not in MMDET_DETECTORS:
+            raise ValueError(f"unknown detector {self.detector!r}; known: {sorted({*DETECTORS, *MMDET_DETECTORS})} "
+                             f"or {MMDET_PREFIX}<config file>")
         else:
             check_spec(self.detector, self.spec)
         if (self.iterations is None) == (self.epochs is None):
@@ -109,10 +112,13 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.box_collapse is not None and not 0.0 < self.box_collapse < 1.0:
             raise ValueError(f"box_collapse is a box quality u in (0, 1), got {self.box_collapse}")
-        for name, on in (("box_collapse", self.box_collapse is not None), ("detach_i3", self.detach_i3)):
-            if on and (self.loss != "paploss" or self.detector.startswith(MMDET_PREFIX)):
-                raise ValueError(f"{name} needs the PAP loss on a paploss detector (loss={self.loss!r}, "
-                                 f"detector={self.detector!r}): only there is the positives' box quality u at hand")
+        if self.box_collapse is not None and (self.loss != "paploss" or is_mmdet(self.detector)):
+            raise ValueError(f"box_collapse needs the PAP loss on a paploss detector (loss={self.loss!r}, "
+                             f"detector={self.detector!r}): only there is the positives' box quality u at hand")
+        if self.detach_i3 and self.loss != "paploss":
+            # an MMDetection detector takes it where its head does (a Deformable DETR); a head without
+            # the switch is refused when its config is built (paploss.integrations.mmdet_train)
+            raise ValueError(f"detach_i3 needs the PAP loss (loss={self.loss!r}): it changes the PAP loss's gradient")
         self.lr_steps = tuple(float(s) for s in self.lr_steps)
         if any(not 0 < s <= 1 for s in self.lr_steps):
             raise ValueError(f"lr_steps are fractions of the run in (0, 1], got {self.lr_steps}")

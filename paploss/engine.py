@@ -56,6 +56,7 @@ from paploss.data.dataset import CocoDetection
 from paploss.distributed import convert_batchnorm
 from paploss.evaluate import METRICS, evaluate_model
 from paploss.models import DETECTORS, build_detector
+from paploss.spec_set import is_mmdet, mmdet_config
 
 __all__ = [
     "PROXY_PRESETS",
@@ -164,13 +165,14 @@ def _is_bad(loss: float, heads: tuple[float, ...] = ()) -> bool:
 def train(cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None, progress: bool = True) -> TrainResult:
     """Train ``cfg`` and evaluate it on ``cfg.val_ann``; see the module docstring.
 
-    ``cfg.detector = "mmdet:<config file>"`` trains that MMDetection config instead
-    (``paploss.integrations.mmdet_train``, needs the ``mmdet`` extra), with the same
+    An MMDetection detector (``cfg.detector`` a name of ``paploss.spec_set.MMDET_DETECTORS``,
+    whose config this installation ships, or ``"mmdet:<config file>"``) trains that config
+    instead (``paploss.integrations.mmdet_train``, needs the ``mmdet`` extra), with the same
     schedule, loss switch, divergence stop and metrics."""
-    if cfg.detector.startswith(MMDET_PREFIX):
+    if is_mmdet(cfg.detector):
         from paploss.integrations.mmdet_train import train as mmdet_train
 
-        return mmdet_train(cfg.detector[len(MMDET_PREFIX):], cfg, on_step)
+        return mmdet_train(mmdet_config(cfg.detector), cfg, on_step)
     t0 = time.time()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)

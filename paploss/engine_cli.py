@@ -160,13 +160,6 @@ def train(data, out_dir, preset, loss, spec, form, detach_i3, train_ann, val_ann
         raise InputError("--form", f"--form needs --loss paploss, got --loss {loss}")
     if spec_obj is None and (loss or base.get("loss")) == "paploss":
         spec_obj = default_spec()  # documented in --loss's help
-    if detector:
-        from paploss.spec_set import resolve_detector
-
-        try:
-            detector = resolve_detector(detector)  # deformable_detr_tiny -> mmdet:<its config>
-        except ValueError as exc:
-            raise InputError("--detector", one_line(exc)) from None
     over = dict(loss=loss or ("paploss" if spec_obj is not None else None), spec=spec_obj, train_ann=train_ann,
                 val_ann=val_ann, detector=detector, image_size=image_size, batch_size=batch_size, lr=lr,
                 optimizer=optimizer, warmup_iters=warmup_iters, init=init, backbone_weights=backbone_weights,

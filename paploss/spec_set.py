@@ -27,8 +27,11 @@ between θ and specs for any detector name; a detector with one head (and an
 
 Detectors by name (:func:`detector_names`): the torchvision ones of
 ``paploss.models.DETECTORS`` and the MMDetection configs of :data:`MMDET_DETECTORS`
-(``deformable_detr_tiny``), which :func:`resolve_detector` turns into the
-``mmdet:<config file>`` the engine trains.
+(``deformable_detr_tiny``). Such a config is a file of the installed package
+(``paploss/configs/mmdet/``), so a TrainConfig, a pipeline parameter and a CLI flag
+carry the *name*; the machine that trains it finds its own copy with
+:func:`mmdet_config` (:func:`is_mmdet` tells which detectors train through
+MMDetection: these names and ``mmdet:<config file>``).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+from paploss.config import MMDET_PREFIX  # "mmdet:<config file>": a user's own MMDetection config
 from paploss.spec import LossSpec
 
 __all__ = [
@@ -53,6 +57,9 @@ __all__ = [
     "spec_for_heads",
     "check_spec",
     "MMDET_DETECTORS",
+    "MMDET_PREFIX",
+    "is_mmdet",
+    "mmdet_config",
     "resolve_detector",
     "detector_names",
 ]
@@ -61,7 +68,8 @@ SPECS_FORMAT = "paploss-specs/1"
 # detector family (paploss.models.DETECTORS) -> its PAP-loss heads, in θ order
 FAMILY_HEADS: dict[str, tuple[str, ...]] = {"faster_rcnn": ("rpn", "roi")}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
-# detector name -> its MMDetection config, relative to the repository root (one loss each)
+# detector name -> its MMDetection config, a file of the paploss package (package data,
+# relative to the package folder), so the name works wherever paploss is installed; one loss each
 MMDET_DETECTORS: dict[str, str] = {"deformable_detr_tiny": "configs/mmdet/paploss_deformable_detr_tiny_shapes.py"}
 
 
@@ -181,29 +189,60 @@ def detector_names() -> list[str]:
     return sorted({*DETECTORS, *MMDET_DETECTORS})
 
 
+def is_mmdet(detector: str) -> bool:
+    """Whether ``detector`` trains through MMDetection (``paploss.integrations.mmdet_train``):
+    an :data:`MMDET_DETECTORS` name or ``mmdet:<config file>``."""
+    if not isinstance(detector, str):
+        raise ValueError(f"detector must be a name, got {detector!r}")
+    return detector.startswith(MMDET_PREFIX) or detector in MMDET_DETECTORS
+
+
+def mmdet_config(detector: str) -> str:
+    """The MMDetection config file of ``detector`` on *this* machine.
+
+    An :data:`MMDET_DETECTORS` name -> the file shipped in the installed paploss package
+    (found through ``importlib.resources``, so a wheel, an image or a checkout each give
+    their own path); ``mmdet:<config file>`` -> that file as given. Call it where the
+    training runs, never to build what is sent elsewhere: send the name.
+    Raises ValueError for any other detector, or when the packaged file is missing."""
+    if not is_mmdet(detector):
+        raise ValueError(f"detector {detector!r} is not an MMDetection one: "
+                         f"{', '.join(sorted(MMDET_DETECTORS))} or {MMDET_PREFIX}<config file>")
+    if detector.startswith(MMDET_PREFIX):
+        path = detector[len(MMDET_PREFIX):]
+        if not path:
+            raise ValueError(f"detector {detector!r} names no MMDetection config file after {MMDET_PREFIX!r}")
+        return path
+    from importlib import resources
+    from pathlib import Path
+
+    shipped = resources.files("paploss").joinpath(*MMDET_DETECTORS[detector].split("/"))
+    if not (isinstance(shipped, Path) and shipped.is_file()):
+        raise ValueError(f"detector {detector}: its MMDetection config paploss/{MMDET_DETECTORS[detector]} is missing "
+                         f"from the installed package ({shipped}); reinstall paploss (the file is package data)")
+    return str(shipped)
+
+
 def resolve_detector(detector: str) -> str:
-    """The name the engine trains: an :data:`MMDET_DETECTORS` name becomes
-    ``mmdet:<absolute config path>`` (the config must exist); any other name is
-    returned as it is ("" too: the engine's default)."""
+    """``mmdet:<this machine's config file>`` for an :data:`MMDET_DETECTORS` name
+    (:func:`mmdet_config`); any other name as it is ("" too: the engine's default).
+
+    Only for a tool that runs here and needs the file itself (MMDetection's own
+    ``tools/train.py``): a TrainConfig, the pipeline and the CLIs take the name, which
+    the training machine resolves."""
     if not isinstance(detector, str):
         raise ValueError(f"detector must be a name, got {detector!r}")
     if detector not in MMDET_DETECTORS:
         return detector
-    from pathlib import Path
-
-    config = Path(__file__).resolve().parents[1] / MMDET_DETECTORS[detector]
-    if not config.is_file():
-        raise ValueError(f"detector {detector}: its MMDetection config {config} is missing (a checkout of the "
-                         "repository has it under configs/mmdet/)")
-    return f"mmdet:{config}"
+    return MMDET_PREFIX + mmdet_config(detector)
 
 
 def head_names(detector: str) -> tuple[str, ...]:
     """The PAP-loss heads of ``detector`` in θ order: ``("rpn", "roi")`` for a Faster
-    R-CNN, ``()`` for a detector with one loss (RetinaNet, ``mmdet:<config>``)."""
+    R-CNN, ``()`` for a detector with one loss (RetinaNet, an MMDetection one: :func:`is_mmdet`)."""
     if not isinstance(detector, str):
         raise ValueError(f"detector must be a name, got {detector!r}")
-    if detector.startswith("mmdet:") or detector in MMDET_DETECTORS:
+    if is_mmdet(detector):
         return ()
     from paploss.models import DETECTORS
 

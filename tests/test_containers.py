@@ -6,7 +6,9 @@
 - The packages the images install agree with pyproject.toml: the locks
   (docker/make_lock.py) pin every runtime requirement within its specifier, the
   exact pins identically, nothing from the dev extras, and the whole dependency
-  closure; the images install those locks and the project with --no-deps.
+  closure; the images install those locks and the project with --no-deps. The locks
+  include the mmdet extra (Deformable DETR), the build imports MMDetection and finds the
+  shipped config of `deformable_detr_tiny`, and a wheel carries that config.
 - compose.yaml: valid against the Compose spec, MinIO + PostgreSQL + MLflow with
   health checks, MLflow on PostgreSQL with artifacts in the bucket; and (slow) its
   bucket script and MLflow server command really run, against moto instead of MinIO
@@ -220,9 +222,16 @@ def load_make_lock():
     return module
 
 
+def image_requirements() -> list[str]:
+    """What the images install: pyproject's dependencies and the extras make_lock.py adds (mmdet)."""
+    project = pyproject()["project"]
+    extras = load_make_lock().IMAGE_EXTRAS
+    return list(project["dependencies"]) + [r for e in extras for r in project["optional-dependencies"][e]]
+
+
 def test_lock_pins_every_runtime_requirement_within_pyproject():
     lock = read_lock("requirements.lock")
-    for raw in pyproject()["project"]["dependencies"]:
+    for raw in image_requirements():
         req = Requirement(raw)
         name = canonicalize_name(req.name)
         assert name in lock, f"{req} (pyproject.toml) is not in docker/requirements.lock: run docker/make_lock.py"
@@ -298,6 +307,85 @@ def test_make_lock_render_round_trips(tmp_path):
     path.write_text(text)
     lines = [ln for ln in text.splitlines() if not ln.startswith("#")]
     assert lines == ["a-pkg==2.0.1", "b-pkg==1.0"]
+
+
+# ------------------------------------------------------------------ MMDetection in the images
+
+
+def test_images_lock_the_mmdet_extra():
+    """The images train the MMDetection detectors (``deformable_detr_tiny``): make_lock.py
+    roots the closure in the ``mmdet`` extra too, so the lock pins mmdet, mmengine and
+    mmcv-lite at pyproject's pins, with what they pull in (opencv-python among them)."""
+    make_lock = load_make_lock()
+    assert "mmdet" in make_lock.IMAGE_EXTRAS
+    extra = {canonicalize_name(Requirement(r).name): Requirement(r)
+             for r in pyproject()["project"]["optional-dependencies"]["mmdet"]}
+    assert {"mmdet", "mmengine", "mmcv-lite"} <= set(extra)
+    roots = {canonicalize_name(r.name) for r in make_lock.runtime_requirements(ROOT / "pyproject.toml")}
+    plain = {canonicalize_name(r.name) for r in make_lock.runtime_requirements(ROOT / "pyproject.toml", extras=())}
+    assert set(extra) <= roots and not set(extra) & plain
+    lock = read_lock("requirements.lock")
+    for name, req in extra.items():
+        assert name in lock and Version(lock[name]) in req.specifier, f"{req}: docker/requirements.lock has {lock.get(name)}"
+    assert "opencv-python" in lock  # mmengine's and mmcv's image I/O: the images install its system libraries
+    with pytest.raises(SystemExit, match=r"no \[project.optional-dependencies\].nope"):
+        make_lock.runtime_requirements(ROOT / "pyproject.toml", extras=("nope",))
+
+
+@pytest.mark.parametrize("dockerfile", IMAGES)
+def test_images_check_mmdetection_and_the_shipped_config_at_build(dockerfile):
+    """The build fails unless MMDetection imports, the Deformable DETR head registers (with
+    the mmcv.ops stand-in) and the installed package holds deformable_detr_tiny's config;
+    opencv-python's system libraries (libGL, GLib) are installed before the lock."""
+    ins = instructions(dockerfile)
+    runs = [(i, a) for i, (_, w, a) in enumerate(ins) if w == "RUN"]
+    ((_, project),) = [(i, a) for i, a in runs if "--no-deps" in a]
+    checks = re.findall(r'python -c "([^"]*)"', project)
+    assert any(re.search(r"\bimport mmdet\b", c) and "paploss.integrations.mmdet_detr" in c
+               and "mmdet_config('deformable_detr_tiny')" in c for c in checks), checks
+    lock_install = next(i for i, a in runs if "-r /tmp/requirements.lock" in a)
+    ((i_apt, apt),) = [(i, a) for i, a in runs if "apt-get install" in a]
+    assert i_apt < lock_install
+    packages = apt.split("apt-get install", 1)[1].split("&&")[0].split()
+    assert {"libgl1", "libglib2.0-0t64", "--no-install-recommends"} <= set(packages), packages
+    assert apt.rstrip().endswith("rm -rf /var/lib/apt/lists/*")
+
+
+def test_package_data_holds_the_configs_of_named_detectors():
+    """Each MMDetection detector name's config is a file of the package that pyproject's
+    package-data globs ship (so `pip install .` in an image carries it)."""
+    from paploss.spec_set import MMDET_DETECTORS
+
+    globs = pyproject()["tool"]["setuptools"]["package-data"]["paploss"]
+    assert MMDET_DETECTORS
+    for name, rel in MMDET_DETECTORS.items():
+        assert (ROOT / "paploss" / rel).is_file(), f"{name}: paploss/{rel} is missing"
+        assert any(fnmatch.fnmatch(rel, g) for g in globs), f"{name}: paploss/{rel} matches no package-data glob {globs}"
+        assert not dockerignore_excludes(f"paploss/{rel}")
+
+
+@pytest.mark.slow
+def test_the_wheel_ships_the_configs_of_named_detectors(tmp_path):
+    """A wheel built from what the images copy (pyproject.toml, README.md, paploss,
+    components, pipelines) holds each MMDetection detector name's config, byte for byte."""
+    import shutil
+    import zipfile
+
+    from paploss.spec_set import MMDET_DETECTORS
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    for package in ("paploss", "components", "pipelines"):
+        shutil.copytree(ROOT / package, src / package, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                           "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("paploss-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        for rel in MMDET_DETECTORS.values():
+            assert zf.read(f"paploss/{rel}") == (ROOT / "paploss" / rel).read_bytes()
 
 
 # ------------------------------------------------------------------ compose

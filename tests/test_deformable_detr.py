@@ -36,7 +36,9 @@ from mmdet.registry import DATASETS, MODELS  # noqa: E402
 pytestmark = pytest.mark.mmdet
 
 ROOT = Path(__file__).resolve().parents[1]
-DETR_CFG = ROOT / "configs" / "mmdet" / "paploss_deformable_detr_tiny_shapes.py"
+DETR = "deformable_detr_tiny"
+DETR_CFG = ROOT / "paploss" / "configs" / "mmdet" / "paploss_deformable_detr_tiny_shapes.py"  # package data
+RETINA_CFG = ROOT / "configs" / "mmdet" / "paploss_retinanet_tiny_shapes.py"
 
 init_default_scope("mmdet")
 
@@ -248,14 +250,18 @@ def _hand_quality(pred, target, kind):
     return (iou - (hull - union) / hull + 1) / 2
 
 
-@pytest.mark.parametrize("seed, g, quality", [(0, 1.0, "giou"), (1, 0.3, "giou"), (2, 4.0, "iou"), (3, 2.0, "giou")])
-def test_deformable_detr_head_loss_equals_pap_loss_on_the_same_entries(seed, g, quality, monkeypatch):
+@pytest.mark.parametrize("seed, g, quality, detach_i3", [(0, 1.0, "giou", False), (1, 0.3, "giou", False),
+                                                    (2, 4.0, "iou", False), (3, 2.0, "giou", False),
+                                                    (4, 1.0, "giou", True), (5, 2.5, "iou", True)])
+def test_deformable_detr_head_loss_equals_pap_loss_on_the_same_entries(seed, g, quality, detach_i3, monkeypatch):
     """Per decoder layer: every query x class entry of the batch ranked once by pap_loss
     (targets from the forced matching, qualities by hand); value and gradient, the box
-    branch's gradient times the spec's grad_scale."""
+    branch's gradient times the spec's grad_scale. With ``detach_i3`` the head's loss is
+    ``pap_loss(..., detach_i3=True)`` in value and gradient (and its box gradient is not
+    the undetached one: the switch reaches the loss)."""
     gen = torch.Generator().manual_seed(seed)
     spec = LossSpec.searched(LossSpec.from_theta(torch.rand(40, generator=gen).tolist()).points, g)
-    head = MODELS.build(head_cfg(spec=spec, quality=quality))
+    head = MODELS.build(head_cfg(spec=spec, quality=quality, detach_i3=detach_i3))
     L, B, Q, C = 2, 2, 12, 5
     n_gts = [3, 1]
     metas = [dict(img_shape=(128, 128), pad_shape=(128, 128), batch_input_shape=(128, 128)) for _ in range(B)]
@@ -286,24 +292,33 @@ def test_deformable_detr_head_loss_equals_pap_loss_on_the_same_entries(seed, g, 
         assert shape.numel() == Q * C * B and targets.numel() == Q * C * B
         assert set(targets.unique().tolist()) <= {0.0, 1.0} and int(targets.sum()) == sum(n_gts)
 
-    ref = 0.0
-    for lvl in range(L):
-        t = torch.zeros(B, Q, C)
-        u = [[[torch.zeros(()) for _ in range(C)] for _ in range(Q)] for _ in range(B)]
-        for b in range(B):
-            _gt, _bx, perm, target = layouts[lvl][b]
-            for i, q in enumerate(perm.tolist()):
-                c = int(gts[b].labels[i])
-                t[b, q, c] = 1.0
-                u[b][q][c] = _hand_quality(boxes[lvl, b, q], target[i], quality)
-        u_flat = torch.stack([u[b][q][c] for b in range(B) for q in range(Q) for c in range(C)])
-        ref = ref + pap_loss(cls[lvl].reshape(-1), t.reshape(-1), u_flat, spec)
+    def reference(detach: bool):
+        ref = 0.0
+        for lvl in range(L):
+            t = torch.zeros(B, Q, C)
+            u = [[[torch.zeros(()) for _ in range(C)] for _ in range(Q)] for _ in range(B)]
+            for b in range(B):
+                _gt, _bx, perm, target = layouts[lvl][b]
+                for i, q in enumerate(perm.tolist()):
+                    c = int(gts[b].labels[i])
+                    t[b, q, c] = 1.0
+                    u[b][q][c] = _hand_quality(boxes[lvl, b, q], target[i], quality)
+            u_flat = torch.stack([u[b][q][c] for b in range(B) for q in range(Q) for c in range(C)])
+            ref = ref + pap_loss(cls[lvl].reshape(-1), t.reshape(-1), u_flat, spec, detach_i3=detach)
+        return ref
+
+    ref = reference(detach_i3)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
     g_ours = torch.autograd.grad(ours, (cls, boxes))
     g_ref = torch.autograd.grad(ref, (cls, boxes))
     torch.testing.assert_close(g_ours[0], g_ref[0], rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(g_ours[1], g * g_ref[1], rtol=1e-4, atol=1e-6)  # the searched gradient scale
     assert g_ours[1].abs().sum() > 0, "the box branch gets no gradient"
+    if detach_i3:  # the switch changes the box gradient (I3's share of it is gone), not the value
+        other = reference(False)
+        torch.testing.assert_close(other, ref, rtol=1e-6, atol=1e-7)
+        g_other = torch.autograd.grad(other, boxes)[0]
+        assert not torch.allclose(g * g_other, g_ours[1], rtol=1e-3, atol=1e-6), "detach_i3 did not reach the loss"
 
 
 def test_deformable_detr_head_without_ground_truth_is_zero_and_connected():
@@ -419,25 +434,65 @@ def test_deformable_detr_cli_train_reports_coco_ap(tmp_path):
     print("deformable_detr_tiny, 300 iterations:", metrics)
 
 
-def test_deformable_detr_tiny_names_the_tiny_config(shapes_root, monkeypatch):
-    """``deformable_detr_tiny`` (paploss.spec_set) resolves to this config, has one PAP-loss
-    head (θ of 41), and a TrainConfig with it trains through MMDetection on that config."""
+def test_deformable_detr_tiny_names_the_packaged_config(shapes_root, monkeypatch):
+    """``deformable_detr_tiny`` (paploss.spec_set) names the config the paploss package ships
+    (package data), has one PAP-loss head (θ of 41), and a TrainConfig keeps the *name*
+    (what a pipeline or a TrainJob sends): the engine finds the file when it trains."""
+    import paploss
     import paploss.integrations.mmdet_train as mt
     from paploss.engine import TrainConfig, train
-    from paploss.spec_set import detector_names, head_names, resolve_detector, theta_dim
+    from paploss.spec_set import detector_names, head_names, is_mmdet, mmdet_config, resolve_detector, theta_dim
 
-    assert "deformable_detr_tiny" in detector_names()
-    assert resolve_detector("deformable_detr_tiny") == f"mmdet:{DETR_CFG}"
-    assert head_names("deformable_detr_tiny") == () and theta_dim("deformable_detr_tiny") == 41
+    assert DETR in detector_names() and is_mmdet(DETR) and is_mmdet(f"mmdet:{RETINA_CFG}")
+    assert not is_mmdet("retinanet_mobilenet_v3") and not is_mmdet("")
+    assert Path(mmdet_config(DETR)) == DETR_CFG == Path(paploss.__file__).parent / "configs" / "mmdet" / DETR_CFG.name
+    assert mmdet_config(f"mmdet:{RETINA_CFG}") == str(RETINA_CFG)  # a user's own config: as given
+    assert resolve_detector(DETR) == f"mmdet:{DETR_CFG}" and resolve_detector("retinanet_mobilenet_v3") == "retinanet_mobilenet_v3"
+    assert head_names(DETR) == () and theta_dim(DETR) == 41
+    with pytest.raises(ValueError, match="'retinanet_mobilenet_v3' is not an MMDetection one"):
+        mmdet_config("retinanet_mobilenet_v3")
+    cfg = TrainConfig(data=str(shapes_root), detector=DETR, loss="paploss", spec=LossSpec.handcrafted("linear"),
+                      iterations=2)
+    sent = json.loads(json.dumps(cfg.to_dict()))
+    assert sent["detector"] == DETR and TrainConfig.from_dict(sent).detector == DETR
     seen = []
     monkeypatch.setattr(mt, "train", lambda config_file, cfg, on_step=None: seen.append(Path(config_file)) or "ran")
-    cfg = TrainConfig(data=str(shapes_root), detector=resolve_detector("deformable_detr_tiny"), loss="paploss",
-                      spec=LossSpec.handcrafted("linear"), iterations=2)
-    assert train(cfg) == "ran" and seen == [DETR_CFG]
+    assert train(TrainConfig.from_dict(sent)) == "ran" and seen == [DETR_CFG]
+    with pytest.raises(ValueError, match=r"unknown detector 'yolo'; known: .*'deformable_detr_tiny'.* or mmdet:<config file>"):
+        TrainConfig(data=str(shapes_root), detector="yolo", iterations=2)
+
+
+def test_deformable_detr_tiny_resolves_on_the_machine_that_trains(shapes_root, tmp_path, monkeypatch):
+    """Another installation (a wheel in an image: its own package folder) trains the same
+    TrainConfig JSON from its own copy of the config; one without the file says so."""
+    import importlib.resources
+
+    import paploss.integrations.mmdet_train as mt
+    from paploss.engine import TrainConfig, train
+    from paploss.spec_set import mmdet_config
+
+    sent = json.dumps(TrainConfig(data=str(shapes_root), detector=DETR, loss="paploss",
+                                  spec=LossSpec.handcrafted("linear"), iterations=2).to_dict())
+    other = tmp_path / "site-packages" / "paploss"
+    copy = other / "configs" / "mmdet" / DETR_CFG.name
+    copy.parent.mkdir(parents=True)
+    copy.write_text(DETR_CFG.read_text())
+    real_files = importlib.resources.files
+    monkeypatch.setattr(importlib.resources, "files", lambda pkg: other if pkg == "paploss" else real_files(pkg))
+    seen = []
+    monkeypatch.setattr(mt, "train", lambda config_file, cfg, on_step=None: seen.append(Path(config_file)) or "ran")
+    assert mmdet_config(DETR) == str(copy)
+    assert train(TrainConfig.from_dict(json.loads(sent))) == "ran" and seen == [copy]
+    copy.unlink()
+    with pytest.raises(ValueError, match=r"deformable_detr_tiny: its MMDetection config paploss/configs/mmdet/"
+                                         r"paploss_deformable_detr_tiny_shapes.py is missing from the installed package"):
+        train(TrainConfig.from_dict(json.loads(sent)))
+    assert seen == [copy]
 
 
 def test_deformable_detr_tiny_in_paploss_train(shapes_root, monkeypatch):
-    """``paploss train --detector deformable_detr_tiny`` trains the tiny config."""
+    """``paploss train --detector deformable_detr_tiny`` hands the engine the name (no path of
+    this machine), ``--detach-i3`` included."""
     from click.testing import CliRunner
 
     import paploss.engine
@@ -446,15 +501,38 @@ def test_deformable_detr_tiny_in_paploss_train(shapes_root, monkeypatch):
     seen = []
 
     def fake_train(cfg, on_step=None, progress=True):
-        seen.append(cfg.detector)
+        seen.append((cfg.detector, cfg.detach_i3))
         return paploss.engine.TrainResult(metrics={"AP": 0.0}, diverged=False, losses=[], checkpoint=None,
                                           seconds=0.0, iterations=0)
 
     monkeypatch.setattr(paploss.engine, "train", fake_train)
-    result = CliRunner().invoke(train_cmd, ["--data", str(shapes_root), "--detector", "deformable_detr_tiny",
-                                            "--form", "linear", "--iterations", "2", "--quiet"])
-    assert result.exit_code == 0, result.output
-    assert seen == [f"mmdet:{DETR_CFG}"]
+    for extra, detach in (([], False), (["--detach-i3"], True)):
+        result = CliRunner().invoke(train_cmd, ["--data", str(shapes_root), "--detector", DETR, "--form", "linear",
+                                                "--iterations", "2", "--quiet", *extra])
+        assert result.exit_code == 0, result.output
+        assert seen[-1] == (DETR, detach)
+    result = CliRunner().invoke(train_cmd, ["--data", str(shapes_root), "--detector", "yolo", "--iterations", "2"])
+    message = str(result.exception)  # InputError: the CLI's main prints it as a usage error
+    assert result.exit_code != 0 and message.startswith("--detector: unknown detector 'yolo'") and DETR in message
+
+
+def test_deformable_detr_detach_i3_reaches_the_head_and_is_refused_where_there_is_none(shapes_root, tmp_path):
+    """``detach_i3`` trains a Deformable DETR (its head's switch); a RetinaNet MMDetection
+    head has none: one clear error. Never with a baseline loss, nor the box-collapse stop."""
+    from paploss.engine import TrainConfig
+    from paploss.integrations.mmdet_train import build_config
+
+    base = dict(data=str(shapes_root), iterations=2, batch_size=2, loss="paploss", spec=LossSpec.handcrafted("sqrt"))
+    for detach in (True, False):
+        mm, _ = build_config(DETR_CFG, TrainConfig(detector=DETR, detach_i3=detach, **base), str(tmp_path))
+        assert mm.model.bbox_head.type == "PAPLossDeformableDETRHead" and mm.model.bbox_head.detach_i3 is detach
+    cfg = TrainConfig(detector=f"mmdet:{RETINA_CFG}", detach_i3=True, **base)
+    with pytest.raises(ValueError, match=r"^detach_i3: the MMDetection head 'PAPLossRetinaHead' has no such switch"):
+        build_config(RETINA_CFG, cfg, str(tmp_path))
+    with pytest.raises(ValueError, match=r"detach_i3 needs the PAP loss \(loss='focal\+giou'\)"):
+        TrainConfig(data=str(shapes_root), iterations=2, detector=DETR, loss="focal+giou", detach_i3=True)
+    with pytest.raises(ValueError, match="box_collapse needs the PAP loss on a paploss detector"):
+        TrainConfig(detector=DETR, box_collapse=0.3, **base)
 
 
 def test_deformable_detr_two_stage_proposals_get_the_loss_with_one_class(monkeypatch):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from click.testing import CliRunner
 from paploss import plots, storage
 from paploss.search import Controller
 from paploss.spec import LossSpec
-from paploss.spec_set import SpecSet, from_theta, read_spec, resolve_detector, theta_dim
+from paploss.spec_set import SpecSet, from_theta, mmdet_config, read_spec, resolve_detector, theta_dim
 from paploss.steps.errors import SearchExists, StepError
 from paploss.steps.state import _read_state
 from paploss.steps.update import init_search, trials_detector
@@ -96,9 +97,11 @@ def test_a_search_resumed_with_another_detector_or_heads_is_refused(tmp_path):
         init_search(str(tmp_path), "u", 2, 2, detector="yolo")
 
 
-def test_deformable_detr_tiny_resolves_to_its_mmdetection_config():
-    name = resolve_detector(DETR)
-    assert name.startswith("mmdet:") and name.endswith("configs/mmdet/paploss_deformable_detr_tiny_shapes.py")
+def test_deformable_detr_tiny_names_a_config_of_the_installed_package():
+    """The name is what travels; each machine finds the config in its own installed package."""
+    path = Path(mmdet_config(DETR))
+    assert path.is_file() and path.parts[-4:] == ("paploss", "configs", "mmdet", "paploss_deformable_detr_tiny_shapes.py")
+    assert resolve_detector(DETR) == f"mmdet:{path}"
     assert resolve_detector(FRCNN) == FRCNN and resolve_detector("") == ""
 
 

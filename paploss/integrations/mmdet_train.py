@@ -26,7 +26,8 @@ metrics 0.
 
 Not supported (a clear error): ``cfg.init`` (the engine's warm-start file is a
 torchvision backbone; give MMDetection weights in the config's ``load_from`` or
-``init_cfg`` instead).
+``init_cfg`` instead); ``cfg.detach_i3`` on a head without that switch (a RetinaNet:
+only the Deformable DETR head takes it).
 """
 
 from __future__ import annotations
@@ -136,8 +137,11 @@ def _dataset(base: Any, where: str, data_root: str, ann: str, classes, test_mode
 
 
 def _head(head: dict, cfg) -> dict:
-    if head.get("type") in _mmdet_detr.HEAD_TYPES:  # a Deformable DETR: its own loss switch
+    if head.get("type") in _mmdet_detr.HEAD_TYPES:  # a Deformable DETR: its own loss switch (detach_i3 too)
         return _mmdet_detr.switch_head(head, cfg)
+    if cfg.detach_i3:
+        raise ValueError(f"detach_i3: the MMDetection head {head.get('type')!r} has no such switch (of the "
+                         f"MMDetection heads only {_mmdet_detr.HEAD_TYPES[-1]} takes it); train without detach_i3")
     head = dict(head)
     for key in ("spec", "top_k", "quality"):
         head.pop(key, None)

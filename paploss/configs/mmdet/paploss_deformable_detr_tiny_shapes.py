@@ -3,10 +3,14 @@
 # dataset, trained with the Parameterized AP Loss (PAPLossDeformableDETRHead: every
 # query x class entry ranked, per decoder layer). Small enough to train on a CPU.
 #
+# It ships inside the paploss package (package data), so the detector name
+# `deformable_detr_tiny` (paploss.spec_set.MMDET_DETECTORS) finds it wherever paploss is
+# installed: a pipeline or a TrainJob carries the name, and each machine reads its own copy.
+#
 #     paploss data make shapes data/shapes
 #     paploss train --data data/shapes --detector deformable_detr_tiny --loss paploss --form linear \
 #         --optimizer adamw --lr 0.0005 --iterations 300
-#     python tools/train.py configs/mmdet/paploss_deformable_detr_tiny_shapes.py \
+#     python tools/train.py paploss/configs/mmdet/paploss_deformable_detr_tiny_shapes.py \
 #         --cfg-options model.bbox_head.spec=runs/my-search/loss_spec.json
 #
 # The multi-scale deformable attention runs in plain PyTorch (grid_sample), supplied by
