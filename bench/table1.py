@@ -77,6 +77,10 @@ PRESETS = {
     # what the 2 shared CPU cores can finish in about an hour (BENCHMARKS.md)
     "small": Sizes(n_train=200, n_val=50, image_size=96, pretrain_iterations=150, cnn_iterations=250,
                    detr_iterations=200, rounds=2, samples=2, proxy_iterations=40),
+    # the `demo` preset's data and schedule (500 / 100 images at 128 px, 400-iteration trainings): where the
+    # RetinaNet baselines pass the floor on 2 CPU cores (BENCHMARKS.md, "The main job")
+    "medium": Sizes(n_train=500, n_val=100, image_size=128, pretrain_iterations=200, cnn_iterations=400,
+                    detr_iterations=400, rounds=2, samples=2, proxy_iterations=60),
     # the paper-like setting's shape on a GPU or a free machine (not run here)
     "full": Sizes(n_train=1000, n_val=200, image_size=128, pretrain_iterations=400, cnn_iterations=1200,
                   detr_iterations=3000, rounds=4, samples=4, proxy_iterations=150),
@@ -287,7 +291,8 @@ def run(preset: str, detectors: Sequence[str], work: str, out: str, jobs: int, f
 
 @click.command("table1")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="small", show_default=True,
-              help="Sizes: small (what 2 CPU cores finish), full (longer trainings and search), smoke (seconds).")
+              help="Sizes: small (what 2 CPU cores finish in about an hour), medium (the demo's data and 400-iteration "
+                   "trainings), full (longer trainings and search), smoke (seconds).")
 @click.option("--detectors", default=",".join(DETECTORS), show_default=True,
               help="Comma-separated detectors (paploss search --detector names).")
 @click.option("--floor", type=float, default=AP_FLOOR, show_default=True,
