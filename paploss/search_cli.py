@@ -81,6 +81,24 @@ def _json_option(value: str | None, name: str) -> dict | None:
     return out
 
 
+def _lr_sweep_option(value: str | None, preset: Mapping[str, Any]) -> dict | None:
+    """``--lr-sweep JSON`` merged over the ``preset``'s sweep (None: not given, the
+    preset's); ``lrs`` must be a list of distinct numbers > 0. The training options
+    in it are checked by :func:`preflight` with the finals'."""
+    given = _json_option(value, "--lr-sweep")
+    if given is None:
+        return None
+    if "lrs" in given and not isinstance(given["lrs"], list):
+        raise InputError("--lr-sweep", f'"lrs": {given["lrs"]!r} must be a list of learning rates '
+                         '(e.g. [0.01, 0.02]; [] for no sweep)')
+    sweep = {**preset, **given}
+    try:
+        steps.sweep_lrs(sweep)
+    except steps.StepError as exc:
+        raise InputError("--lr-sweep", str(exc)) from None
+    return sweep
+
+
 def search_options(fn: Callable) -> Callable:
     """The options shared by ``paploss search`` and ``paploss run``."""
     opts = [
@@ -137,6 +155,11 @@ def search_options(fn: Callable) -> Callable:
                      help="Extra TrainConfig fields of the final trainings."),
         click.option("--controller", "controller_json", default=None, metavar="JSON",
                      help='Controller options, e.g. \'{"sigma": 0.2, "shared": true}\'.'),
+        click.option("--lr-sweep", "lr_sweep_json", default=None, metavar="JSON",
+                     help='The learning-rate sweep before the final trainings, merged over the preset\'s: '
+                          '"lrs" (a list; each final loss trains at its best on search-val) and training options '
+                          'of the sweep\'s short trainings, e.g. \'{"lrs": [0.01, 0.02], "iterations": 60}\'; '
+                          '\'{"lrs": []}\' skips the sweep (every final at the final options\' lr) [preset].'),
         click.option("--tracking-uri", envvar="MLFLOW_TRACKING_URI", default="sqlite:///mlflow.db",
                      show_default=True, help="MLflow tracking URI [env MLFLOW_TRACKING_URI]."),
         click.option("--experiment", default="paploss", show_default=True, help="MLflow experiment."),
@@ -181,13 +204,14 @@ def settings_from_options(
     detector, proxy_epochs, final_epochs, proxy_json, final_json, controller_json, tracking_uri, experiment,
     model_name, promote, promote_rule: str = "beat-baselines", select_top: int | None = None, select_seeds: str | None = None, select_rank: str | None = None,
     reward_seeds: int | None = None, search_splits: int | None = None, search_val_fraction: float | None = None,
-    now: _dt.datetime | None = None,
+    lr_sweep_json: str | None = None, now: _dt.datetime | None = None,
 ) -> RunSettings:
     """Preset + command-line overrides -> :class:`RunSettings` (no checks that touch the network)."""
     base = presets.get_preset(preset)
     extra_proxy = _json_option(proxy_json, "--proxy")
     extra_final = _json_option(final_json, "--final")
     controller = _json_option(controller_json, "--controller")
+    lr_sweep = _lr_sweep_option(lr_sweep_json, base.lr_sweep)
     p = base.with_overrides(
         select_top=select_top, select_seeds=None if select_seeds is None else int_list(select_seeds, "--select-seeds"),
         select_rank=select_rank,
@@ -196,7 +220,7 @@ def settings_from_options(
         attempts=attempts, seed=seed, detector=_detector(detector),
         proxy={**base.proxy, **extra_proxy} if extra_proxy else None,
         final={**base.final, **extra_final} if extra_final else None,
-        controller={**base.controller, **controller} if controller else None,
+        controller={**base.controller, **controller} if controller else None, lr_sweep=lr_sweep,
     )
     if search_name is None:
         search_name = f"{preset}-{(now or _dt.datetime.now()).strftime('%Y%m%d-%H%M%S')}"
@@ -242,7 +266,7 @@ def preflight(s: RunSettings) -> None:
     steps.check_train_options(steps.loss_options(final, steps.BASELINES[0]), "final options")
     lrs = steps.sweep_lrs(p.lr_sweep)
     steps.check_train_options({**final, **{k: v for k, v in p.lr_sweep.items() if k != "lrs"},
-                               **({"lr": lrs[0]} if lrs else {})}, "lr_sweep options", loss="paploss")
+                               **({"lr": lrs[0]} if lrs else {})}, "lr sweep options (--lr-sweep)", loss="paploss")
     check_pretrain_options(p.pretrain, p.proxy, p.detector)
     steps.check_detectors(p.proxy, p.final, p.pretrain, p.detector)
     check_tracking_uri(s.tracking_uri)

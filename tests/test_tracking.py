@@ -16,9 +16,19 @@ from tests._servers import free_port, mlflow_server, s3_server  # noqa: F401 - f
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    """One sqlite store per module (creating its tables takes seconds)."""
-    path = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
-    return path, MlflowClient(tracking_uri=f"sqlite:///{path}", registry_uri=f"sqlite:///{path}")
+    """One sqlite store per module (creating its tables takes seconds), in memory
+    (``/dev/shm``) where the machine has it: sqlite syncs the file to disk on every
+    MLflow write, and the kill tests below make thousands (about 4 ms each on a disk)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    shm = Path("/dev/shm")
+    folder = Path(tempfile.mkdtemp(prefix="paploss-mlflow-", dir=shm)) if shm.is_dir() and os.access(shm, os.W_OK) \
+        else tmp_path_factory.mktemp("mlflow")
+    path = folder / "mlflow.db"
+    yield path, MlflowClient(tracking_uri=f"sqlite:///{path}", registry_uri=f"sqlite:///{path}")
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture()
@@ -311,12 +321,20 @@ def _fake_model(path, checkpoint, metadata=None):
     return path
 
 
+def _tiny_png(*args, **kwargs) -> bytes:
+    """A figure's PNG without drawing it (these tests log figures, they do not look at them)."""
+    import base64
+
+    return base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
+
+
 def _whole_search(data: str, work: str, name: str, uri: str, model: str) -> dict:
-    """Every logging step of a search: init, two trials, the update, two finals, the report."""
+    """Every logging step of a search: init, two trials, the update, two finals, the report
+    (a PPO update of 5 steps: what it logs does not depend on how many)."""
     from paploss import steps
 
     t = {"uri": uri, "experiment": "kill"}
-    out = steps.init_search(work, name, rounds=1, samples=2, seed=0, tracking=t)
+    out = steps.init_search(work, name, rounds=1, samples=2, seed=0, tracking=t, controller={"steps": 5})
     proxy = {"iterations": 3, "image_size": 64}
     results = [steps.proxy_trial(data, "", trial, proxy, work, name, state=out["state"], tracking=t)
                for trial in out["trials"]]
@@ -338,6 +356,7 @@ def kill_env(tmp_path_factory, store):
 
 
 def _patch(monkeypatch):
+    import paploss.plots
     import paploss.serving
     import paploss.steps.finals
     import paploss.steps.trials
@@ -345,12 +364,18 @@ def _patch(monkeypatch):
     monkeypatch.setattr(paploss.steps.trials, "_run_training", _fake_training)
     monkeypatch.setattr(paploss.steps.finals, "_run_training", _fake_training)
     monkeypatch.setattr(paploss.serving, "save_detector", _fake_model)
+    for name in ("functions_figure", "reward_figure"):  # drawn: most of a search's time here
+        monkeypatch.setattr(paploss.plots, name, _tiny_png)
 
 
 def _assert_repaired(client, name: str, model: str, report: dict) -> None:
     """Exactly one run per key, all FINISHED, none without a key; one model version, champion."""
     exp = client.get_experiment_by_name("kill").experiment_id
-    runs = [r for r in client.search_runs([exp], max_results=1000)
+    # this search's runs and every superseded run (of any search): asked of the store by their tags, not
+    # read whole (the experiment grows by a search per kill)
+    queries = (f"tags.`{tr.SEARCH_NAME}` = '{name}'", "tags.`paploss.superseded_by` LIKE '%'")
+    found = {r.info.run_id: r for query in queries for r in client.search_runs([exp], query, max_results=1000)}
+    runs = [r for r in found.values()
             if r.data.tags.get(tr.SEARCH_NAME) == name or r.data.tags.get("paploss.superseded_by")]
     keys = sorted(r.data.tags.get(tr.KEY, "(none)") for r in runs)
     assert keys == sorted([f"{name}/search", f"{name}/trial/r000/s00", f"{name}/trial/r000/s01",
@@ -419,7 +444,8 @@ def test_sigkill_while_logging_the_model_then_resume(kill_env, tmp_path):
 import os, signal
 from paploss import tracking as tr
 from tests import test_tracking as T
-import paploss.serving, paploss.steps.finals, paploss.steps.trials
+import paploss.plots, paploss.serving, paploss.steps.finals, paploss.steps.trials
+paploss.plots.functions_figure = paploss.plots.reward_figure = T._tiny_png
 paploss.steps.trials._run_training = T._fake_training
 paploss.steps.finals._run_training = T._fake_training
 paploss.serving.save_detector = T._fake_model
