@@ -418,14 +418,16 @@ def test_deformable_detr_training_on_shapes_lowers_the_loss_and_predicts(shapes_
 
 @pytest.mark.slow
 def test_deformable_detr_cli_train_reports_coco_ap(tmp_path):
-    """``paploss train`` with the tiny Deformable DETR config for 300 iterations prints COCO AP."""
+    """``paploss train --detector deformable_detr_tiny --iterations 300`` prints COCO AP (64-pixel
+    images through ``--image-size``, batch 1, 8 validation images: the run, not the detector's
+    quality, is what is checked). From another folder: the name finds the installed package's config."""
     from paploss.data import make_dataset
 
-    root = make_dataset("shapes", tmp_path / "shapes", n_train=48, n_val=16, image_size=128, seed=0, progress=False)
-    cmd = [sys.executable, "-m", "paploss.cli", "train", "--data", str(root), "--detector", f"mmdet:{DETR_CFG}",
+    root = make_dataset("shapes", tmp_path / "shapes", n_train=32, n_val=8, image_size=64, seed=0, progress=False)
+    cmd = [sys.executable, "-m", "paploss.cli", "train", "--data", str(root), "--detector", DETR,
            "--loss", "paploss", "--form", "linear", "--optimizer", "adamw", "--lr", "0.002", "--iterations", "300",
-           "--batch-size", "2", "--warmup-iters", "50", "--threads", "1", "--quiet"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=ROOT)
+           "--batch-size", "1", "--image-size", "64", "--warmup-iters", "50", "--threads", "1", "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     metrics = result["metrics"]
@@ -533,6 +535,25 @@ def test_deformable_detr_detach_i3_reaches_the_head_and_is_refused_where_there_i
         TrainConfig(data=str(shapes_root), iterations=2, detector=DETR, loss="focal+giou", detach_i3=True)
     with pytest.raises(ValueError, match="box_collapse needs the PAP loss on a paploss detector"):
         TrainConfig(detector=DETR, box_collapse=0.3, **base)
+
+
+def test_deformable_detr_tiny_takes_the_image_size_of_its_training(shapes_root, tmp_path):
+    """A config paploss ships (a detector name) is sized by the TrainConfig: every Resize of
+    both pipelines at image_size (``paploss train --image-size``); a user's own config
+    (``mmdet:<file>``, the same file here) keeps its sizes."""
+    from paploss.engine import TrainConfig
+    from paploss.integrations.mmdet_train import build_config
+
+    def scales(mm):
+        return [tuple(step["scale"]) for loader in (mm.train_dataloader, mm.val_dataloader)
+                for step in loader["dataset"]["pipeline"] if step["type"] == "Resize"]
+
+    base = dict(data=str(shapes_root), iterations=2, loss="paploss", spec=LossSpec.handcrafted("linear"))
+    mm, _ = build_config(DETR_CFG, TrainConfig(detector=DETR, image_size=64, **base), str(tmp_path))
+    assert scales(mm) == [(64, 64), (64, 64)]
+    mm, _ = build_config(DETR_CFG, TrainConfig(detector=f"mmdet:{DETR_CFG}", image_size=64, **base), str(tmp_path))
+    assert scales(mm) == [(128, 128), (128, 128)] == [tuple(s) for s in (detr_cfg().train_pipeline[2]["scale"],
+                                                                          detr_cfg().test_pipeline[1]["scale"])]
 
 
 def test_deformable_detr_two_stage_proposals_get_the_loss_with_one_class(monkeypatch):

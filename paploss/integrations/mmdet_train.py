@@ -19,8 +19,10 @@ Focal Loss and L1 / GIoU (weight 2, as MMDetection's ATSS/GFL configs); a Deform
 DETR head switches through :func:`paploss.integrations.mmdet_detr.switch_head`), the
 schedule (iterations, SGD/AdamW, linear warm-up from ``warmup_factor`` over
 ``warmup_iters``, steps by ``lr_gamma`` at the fractions ``lr_steps``, gradient
-clipping; the config's ``optim_wrapper.paramwise_cfg`` is kept), the seed and the work folder. Divergence (SPEC §3): an iteration whose
-loss is not finite or equals 1.0 to 1e-6 is bad; after more than
+clipping; the config's ``optim_wrapper.paramwise_cfg`` is kept), the seed and the work folder; and
+for a config paploss ships (a detector name of ``paploss.spec_set.MMDET_DETECTORS``) the image size:
+every ``Resize`` of its pipelines at ``cfg.image_size`` square (a user's own config keeps its sizes).
+Divergence (SPEC §3): an iteration whose loss is not finite or equals 1.0 to 1e-6 is bad; after more than
 ``diverge_patience`` bad iterations the run stops with ``diverged=True`` and all
 metrics 0.
 
@@ -47,6 +49,7 @@ from paploss.integrations import mmdet_detr as _mmdet_detr  # registers PAPLossD
 from mmengine.hooks import Hook  # noqa: E402
 
 from paploss import storage  # noqa: E402
+from paploss.spec_set import MMDET_DETECTORS  # noqa: E402
 
 __all__ = ["DivergenceHook", "Diverged", "build_config", "train", "METRIC_KEYS"]
 
@@ -119,16 +122,29 @@ def _classes(ann_file: Path) -> tuple[str, ...]:
     return tuple(c["name"] for c in cats)
 
 
-def _dataset(base: Any, where: str, data_root: str, ann: str, classes, test_mode: bool, limit: int | None) -> dict:
+def _resized(pipeline: list, size: int, where: str) -> list:
+    """``pipeline`` with every ``Resize`` step at ``size`` x ``size`` (its ``keep_ratio`` kept)."""
+    steps = [dict(step) for step in pipeline]
+    resizes = [step for step in steps if step.get("type") == "Resize"]
+    if not resizes:
+        raise ValueError(f"the MMDetection config's {where}.dataset.pipeline has no Resize step to set image_size {size} on")
+    for step in resizes:
+        step["scale"] = (int(size), int(size))
+    return steps
+
+
+def _dataset(base: Any, where: str, data_root: str, ann: str, classes, test_mode: bool, limit: int | None,
+             image_size: int | None = None) -> dict:
     base = dict(base or {})
     if "pipeline" not in base:
         raise ValueError(
             f"the MMDetection config's {where}.dataset has no 'pipeline' (wrapped datasets such as RepeatDataset "
             "are not supported here): give the CocoDataset directly"
         )
+    pipeline = base["pipeline"] if image_size is None else _resized(base["pipeline"], image_size, where)
     out = dict(
         type="CocoDataset", data_root=data_root, ann_file=f"annotations/{ann}.json", data_prefix=dict(img="images/"),
-        metainfo=dict(classes=classes), pipeline=base["pipeline"], test_mode=test_mode,
+        metainfo=dict(classes=classes), pipeline=pipeline, test_mode=test_mode,
         filter_cfg=dict(filter_empty_gt=not test_mode),
     )
     if limit is not None:
@@ -176,7 +192,10 @@ def build_config(config_file: str | os.PathLike, cfg, work_dir: str):
         )
     if cfg.loss == "paploss" and cfg.spec is None:
         raise ValueError("loss 'paploss' needs a spec")
-    mm = Config.fromfile(str(config_file))
+    loaded = Config.fromfile(str(config_file))
+    # no yapf: formatting the config's text for the log and the checkpoint took half of a tiny model's training
+    # (mmengine 0.10.7's fromfile drops its format_python_code for a plain config, hence the copy)
+    mm = Config(loaded.to_dict(), cfg_text=loaded.text, filename=loaded.filename, format_python_code=False)
     if "model" not in mm or "bbox_head" not in mm.model:
         raise ValueError(
             f"{config_file}: the MMDetection config has no model.bbox_head (a RetinaNet-style or Deformable DETR "
@@ -195,17 +214,22 @@ def build_config(config_file: str | os.PathLike, cfg, work_dir: str):
     mm.model.bbox_head = _head(mm.model.bbox_head.to_dict(), cfg)
     mm.model.bbox_head["num_classes"] = len(classes)
     root = str(data) + "/"
+    # a config paploss ships (a detector name: spec_set.MMDET_DETECTORS) is sized by the TrainConfig; a user's own
+    # (mmdet:<config file>) keeps its pipelines' sizes
+    sized = cfg.image_size if cfg.detector in MMDET_DETECTORS else None
     train_loader = mm.get("train_dataloader") or {}
     val_loader = mm.get("val_dataloader") or {}
     mm.train_dataloader = dict(
         batch_size=cfg.batch_size, num_workers=0, persistent_workers=False,
         sampler=dict(type="InfiniteSampler", shuffle=True),
-        dataset=_dataset(train_loader.get("dataset"), "train_dataloader", root, cfg.train_ann, classes, False, None),
+        dataset=_dataset(train_loader.get("dataset"), "train_dataloader", root, cfg.train_ann, classes, False, None,
+                         sized),
     )
     mm.val_dataloader = dict(
         batch_size=cfg.eval_batch_size, num_workers=0, persistent_workers=False, drop_last=False,
         sampler=dict(type="DefaultSampler", shuffle=False),
-        dataset=_dataset(val_loader.get("dataset"), "val_dataloader", root, cfg.val_ann, classes, True, cfg.max_val_images),
+        dataset=_dataset(val_loader.get("dataset"), "val_dataloader", root, cfg.val_ann, classes, True, cfg.max_val_images,
+                         sized),
     )
     mm.val_evaluator = dict(type="CocoMetric", ann_file=str(val_json), metric="bbox", format_only=False)
     for key in ("test_dataloader", "test_evaluator", "test_cfg"):
@@ -213,9 +237,9 @@ def build_config(config_file: str | os.PathLike, cfg, work_dir: str):
     mm.train_cfg = dict(type="IterBasedTrainLoop", max_iters=total, val_interval=total + 1)
     mm.val_cfg = dict(type="ValLoop")
     optimizer = (
-        dict(type="SGD", lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        dict(type="SGD", lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
         if cfg.optimizer == "sgd"
-        else dict(type="AdamW", lr=cfg.lr, weight_decay=cfg.weight_decay)
+        else dict(type="AdamW", lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     )
     paramwise = (mm.get("optim_wrapper") or {}).get("paramwise_cfg")
     mm.optim_wrapper = dict(type="OptimWrapper", optimizer=optimizer)
@@ -238,7 +262,9 @@ def build_config(config_file: str | os.PathLike, cfg, work_dir: str):
         timer=dict(type="IterTimerHook"),
         logger=dict(type="LoggerHook", interval=max(1, min(50, total // 10 or 1))),
         param_scheduler=dict(type="ParamSchedulerHook"),
-        checkpoint=dict(type="CheckpointHook", interval=total, by_epoch=False, max_keep_ckpts=1),
+        # the final checkpoint only where it is kept (cfg.out_dir): None drops mmengine's default one
+        checkpoint=(dict(type="CheckpointHook", interval=total, by_epoch=False, max_keep_ckpts=1) if cfg.out_dir
+                    else None),
     )
     mm.custom_hooks = []
     mm.log_processor = dict(type="LogProcessor", window_size=10, by_epoch=False)
