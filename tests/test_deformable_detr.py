@@ -556,6 +556,51 @@ def test_deformable_detr_tiny_takes_the_image_size_of_its_training(shapes_root, 
                                                                           detr_cfg().test_pipeline[1]["scale"])]
 
 
+@pytest.mark.parametrize("optimizer", [dict(type="AdamW", lr=5e-3, weight_decay=1e-2, foreach=True),
+                                       dict(type="SGD", lr=5e-2, momentum=0.9, weight_decay=1e-3, foreach=True)])
+def test_deformable_detr_merged_optimizer_groups_update_as_mmengines_own(optimizer):
+    """The tiny DETR's paramwise_cfg (sampling offsets and reference points at 0.1x lr): mmengine
+    gives every parameter a group; the merged groups (a few) make the same updates, parameter
+    by parameter, over steps with random gradients (the slow twin: mmengine's constructor)."""
+    import copy
+
+    from mmengine.optim import DefaultOptimWrapperConstructor
+
+    from paploss.integrations.mmdet_train import GroupedOptimWrapperConstructor, merge_param_groups
+
+    torch.manual_seed(0)
+    cfg = detr_cfg()
+    model = MODELS.build(cfg.model)
+    model.init_weights()
+    twin = copy.deepcopy(model)
+    wrapper_cfg = dict(type="OptimWrapper", optimizer=optimizer)
+    paramwise = cfg.optim_wrapper.paramwise_cfg.to_dict()
+    ours = GroupedOptimWrapperConstructor(copy.deepcopy(wrapper_cfg), copy.deepcopy(paramwise))(model)
+    theirs = DefaultOptimWrapperConstructor(copy.deepcopy(wrapper_cfg), copy.deepcopy(paramwise))(twin)
+    n_params = len(list(model.parameters()))
+    assert len(theirs.optimizer.param_groups) == n_params > 100
+    assert len(ours.optimizer.param_groups) == 2  # the 0.1x lr group and the rest
+    assert sum(len(g["params"]) for g in ours.optimizer.param_groups) == n_params
+    lr = {id(p): g["lr"] for g in ours.optimizer.param_groups for p in g["params"]}
+    assert {v for k, v in lr.items()} == {optimizer["lr"], optimizer["lr"] * 0.1}
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert lr[id(p)] == optimizer["lr"] * (0.1 if "sampling_offsets" in name or "reference_points" in name else 1)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for p, q in zip(model.parameters(), twin.parameters()):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        ours.step()
+        theirs.step()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+    groups = [{"params": [1], "lr": 0.1, "betas": (0.9, 0.99)}, {"params": [2], "lr": 0.2, "betas": (0.9, 0.99)},
+              {"params": [3], "lr": 0.1, "betas": (0.9, 0.99)}]
+    assert merge_param_groups(groups) == [{"params": [1, 3], "lr": 0.1, "betas": (0.9, 0.99)},
+                                          {"params": [2], "lr": 0.2, "betas": (0.9, 0.99)}]
+    assert groups[0]["params"] == [1]  # the caller's groups are not changed
+
+
 def test_deformable_detr_two_stage_proposals_get_the_loss_with_one_class(monkeypatch):
     """With ``as_two_stage`` the encoder's proposals are ranked too: every ground truth
     relabelled class 0, every proposal x class entry ranked (``enc_loss_pap``)."""

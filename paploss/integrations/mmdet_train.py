@@ -47,11 +47,14 @@ from paploss.integrations import mmdet as _mmdet  # noqa: F401  (registers the h
 from paploss.integrations import mmdet_detr as _mmdet_detr  # registers PAPLossDeformableDETRHead
 
 from mmengine.hooks import Hook  # noqa: E402
+from mmengine.optim import DefaultOptimWrapperConstructor  # noqa: E402
+from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS  # noqa: E402
 
 from paploss import storage  # noqa: E402
 from paploss.spec_set import MMDET_DETECTORS  # noqa: E402
 
-__all__ = ["DivergenceHook", "Diverged", "build_config", "train", "METRIC_KEYS"]
+__all__ = ["DivergenceHook", "Diverged", "GroupedOptimWrapperConstructor", "build_config", "merge_param_groups", "train",
+           "METRIC_KEYS"]
 
 # MMDetection CocoMetric key -> paploss.evaluate.METRICS name
 METRIC_KEYS = {
@@ -62,6 +65,38 @@ METRIC_KEYS = {
     "coco/bbox_mAP_m": "APm",
     "coco/bbox_mAP_l": "APl",
 }
+
+# the optimizer constructor of every run (registered below in mmengine's OPTIM_WRAPPER_CONSTRUCTORS)
+GROUPED_CONSTRUCTOR = "GroupedOptimWrapperConstructor"
+
+
+def merge_param_groups(groups: list[dict]) -> list[dict]:
+    """Optimizer parameter groups with equal settings (every key but ``params``) merged
+    into one, in first-seen order; each parameter keeps its settings.
+
+    With a ``paramwise_cfg`` mmengine gives every parameter a group of its own (160 for the
+    tiny Deformable DETR), and the optimizer's per-group work then took most of a CPU
+    training step; SGD and AdamW update each parameter from its group's settings alone,
+    so merging changes no update (tests: the same steps as mmengine's own groups)."""
+    merged: dict[tuple, dict] = {}
+    for group in groups:
+        key = tuple(sorted((k, repr(v)) for k, v in group.items() if k != "params"))
+        if key in merged:
+            merged[key]["params"].extend(group["params"])
+        else:
+            merged[key] = {**group, "params": list(group["params"])}
+    return list(merged.values())
+
+
+@OPTIM_WRAPPER_CONSTRUCTORS.register_module()
+class GroupedOptimWrapperConstructor(DefaultOptimWrapperConstructor):
+    """mmengine's optimizer construction (``paramwise_cfg`` included), then
+    :func:`merge_param_groups` on the optimizer, before any scheduler reads its groups."""
+
+    def __call__(self, model):
+        wrapper = super().__call__(model)
+        wrapper.optimizer.param_groups[:] = merge_param_groups(wrapper.optimizer.param_groups)
+        return wrapper
 
 
 class Diverged(RuntimeError):
@@ -242,7 +277,7 @@ def build_config(config_file: str | os.PathLike, cfg, work_dir: str):
         else dict(type="AdamW", lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
     )
     paramwise = (mm.get("optim_wrapper") or {}).get("paramwise_cfg")
-    mm.optim_wrapper = dict(type="OptimWrapper", optimizer=optimizer)
+    mm.optim_wrapper = dict(type="OptimWrapper", optimizer=optimizer, constructor=GROUPED_CONSTRUCTOR)
     if paramwise:  # the config's per-parameter multipliers (e.g. Deformable DETR's sampling offsets) stay
         mm.optim_wrapper["paramwise_cfg"] = paramwise
     if cfg.grad_clip:
