@@ -13,6 +13,30 @@ from paploss.spec import LossSpec
 from tests.test_engine import learnable  # noqa: F401  (fixture: a small shapes set and its warm start)
 
 
+class _InThisProcess:
+    """Stands in for ``bench.reeval``'s spawned process pool: each job runs in this
+    process when submitted (a spawned worker imports torch again, about 5 s a call)."""
+
+    def __init__(self, max_workers=None, mp_context=None):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def submit(self, fn, *args):
+        import concurrent.futures as cf
+
+        fut = cf.Future()
+        try:
+            fut.set_result(fn(*args))
+        except Exception as exc:  # noqa: BLE001 - handed on through the future, as the pool does
+            fut.set_exception(exc)
+        return fut
+
+
 def _search(folder, rewards, inputs=None, failed=()):
     """A benchmark search folder with one trial per reward (round i, sample 0)."""
     (folder / "trials").mkdir(parents=True)
@@ -60,13 +84,17 @@ def test_summary_pairs_each_sample_with_the_baseline_seed_by_seed():
 
 
 @pytest.mark.slow  # real trainings
-def test_samples_are_trained_again_on_the_search_split_and_cpu_runs_repeat(learnable, tmp_path):  # noqa: F811
+def test_samples_are_trained_again_on_the_search_split_and_cpu_runs_repeat(learnable, tmp_path,  # noqa: F811
+                                                                          monkeypatch):
+    """The first run in reeval's process pool, the others in this process: the same
+    trainings give the same losses and AP in another process."""
     root, backbone = learnable
     proxy = {"preset": "smoke", "iterations": 2, "image_size": 64, "eval_batch_size": 16}
     folder = _search(tmp_path / "bench-shapes-searched-shared", [0.2, 0.6, 0.4],
                      inputs={"data": str(root), "init": backbone, "proxy": proxy, "detector": ""})
     args = ["--search", str(folder), "--top", "1", "--seeds", "3", "--jobs", "1"]
     first = reeval.main([*args, "--out", str(tmp_path / "a.json")])
+    monkeypatch.setattr(reeval.cf, "ProcessPoolExecutor", _InThisProcess)
     again = reeval.main([*args, "--out", str(tmp_path / "b.json")])
     assert first["candidates"] == ["r001-s00"] and first["split"] == "search_train -> search_val"
     assert sorted((r["loss"], r["seed"]) for r in first["runs"]) == [("r001-s00", 3), ("square", 3)]

@@ -884,16 +884,23 @@ def test_bench_with_a_loss_file_trains_it_without_searching(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_selection_across_warm_starts_trains_seed_s_from_warm_start_s_mod_n(tmp_path):
+def test_bench_selection_across_warm_starts_trains_seed_s_from_warm_start_s_mod_n(tmp_path, monkeypatch):
     """``--select-warm-starts`` end to end at the smoke size: the selection's seed s
     trains from warm start s mod N (as final seed s does), and the loss trained as ``searched-shared``
     is the candidate with the best mean over those trials. With ``--reward-seeds 2``
     each sampled loss's j-th trial trains from warm start j mod N too, and its reward
     is the mean of its two. With ``--search-splits 3`` round r trains and scores on
     split r, the selection on split 2; with ``--select-rank round`` its candidates are
-    the best rewards relative to their round's mean."""
+    the best rewards relative to their round's mean. The benchmark runs as a command
+    (a process of its own); the twin, the refused option and the report-only run after
+    it run in this process (no second torch import each)."""
     import subprocess
     import sys
+
+    from click.testing import CliRunner
+
+    from bench import reeval
+    from bench.search import bench
 
     work, out = tmp_path / "work", tmp_path / "out"
     cmd = [sys.executable, "-m", "bench.search", "--preset", "smoke", "--datasets", "shapes",
@@ -940,11 +947,9 @@ def test_bench_selection_across_warm_starts_trains_seed_s_from_warm_start_s_mod_
     base = {(d["init"], d["seed"], d["split"]): d["reward"]
             for d in (json.loads(f.read_text()) for f in (work / "shapes" / "baseline").iterdir())}
     assert set(base) == {(t["init"], t["seed"], t["split"]) for t in search_trials + picked} and len(base) == 6
-    twin = subprocess.run([sys.executable, "-m", "bench.reeval", "--search", str(search), "--top", "0", "--seeds", "1",
-                           "2", "--inits", *(storage.at_location(i, str(work / "shapes")) for i in inits),
-                           "--split", "2", "--jobs", "1", "--out", str(tmp_path / "twin.json")],
-                          capture_output=True, text=True, timeout=300)
-    assert twin.returncode == 0, twin.stderr[-3000:]
+    reeval.main(["--search", str(search), "--top", "0", "--seeds", "1", "2", "--inits",
+                 *(storage.at_location(i, str(work / "shapes")) for i in inits), "--split", "2", "--jobs", "1",
+                 "--out", str(tmp_path / "twin.json")])
     assert {r["seed"]: r["metrics"]["AP"] for r in json.loads((tmp_path / "twin.json").read_text())["runs"]} == {
         s: base[(inits[s % 2], s, 2)] for s in (1, 2)}
     section = report[report.index("## Rewards against `square`"):]
@@ -952,16 +957,17 @@ def test_bench_selection_across_warm_starts_trains_seed_s_from_warm_start_s_mod_
         b = (base[(inits[0], 0, r)] + base[(inits[1], 1000, r)]) / 2
         assert (f"| searched-shared on shapes | {r + 1} | {100 * b:.2f} | {100 * (sum(rec.rewards) / 2 - b):+.2f} | "
                 f"{100 * (max(rec.rewards) - b):+.2f} | {sum(x > b for x in rec.rewards)}/2 |") in section
-    bad = subprocess.run([*cmd, "--warm-starts", "1", "--report-only"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "select_warm_starts needs" in bad.stderr and "warm_starts=1" in bad.stderr
+    args = cmd[3:]  # less `python -m bench.search`
+    bad = CliRunner().invoke(bench, [*args, "--warm-starts", "1", "--report-only"])
+    assert bad.exit_code == 2 and "select_warm_starts needs" in bad.output and "warm_starts=1" in bad.output, bad.output
     # the work folder given relative (absolute above): every warm start, search, selection
     # and final is found under its key (a report-only run trains nothing, so a miss would
     # leave a result out)
-    at = cmd.index("--work")
-    relative = [*cmd[:at], "--work", "work/../work", "--out", "out2", *cmd[at + 4:], "--report-only"]
-    again = subprocess.run(relative, capture_output=True, text=True, timeout=120, cwd=tmp_path,
-                           env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-    assert again.returncode == 0, again.stderr[-3000:]
+    at = args.index("--work")
+    relative = [*args[:at], "--work", "work/../work", "--out", "out2", *args[at + 4:], "--report-only"]
+    monkeypatch.chdir(tmp_path)
+    again = CliRunner().invoke(bench, relative)
+    assert again.exit_code == 0, again.output[-3000:]
     assert (tmp_path / "out2" / "bench_search.json").read_text() == (out / "bench_search.json").read_text()
     again_md = (tmp_path / "out2" / "bench_search.md").read_text()
     assert again_md[again_md.index("## Rewards against `square`"):again_md.index("## Searched losses")] == \

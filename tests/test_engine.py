@@ -221,14 +221,22 @@ def test_train_from_s3(tiny, s3_server, monkeypatch):
 
 @pytest.fixture(scope="module")
 def learnable(tmp_path_factory) -> tuple[Path, str]:
-    """A small shapes set and a backbone pre-trained on its object crops."""
-    root = make_dataset("shapes", tmp_path_factory.mktemp("learn") / "shapes", n_train=50, n_val=10, image_size=64,
-                        progress=False)
-    search_split(root)
-    backbone = pretrain(str(root), str(root.parent / "backbone.pt"), ann="search_train",
-                        detector="retinanet_mobilenet_v3_small", iterations=100, image_size=64, crop_size=48,
-                        batch_size=32, num_threads=1, progress=False)
-    return root, backbone
+    """A small shapes set and a backbone pre-trained on its object crops, built once per
+    test session (per xdist worker) in its temp folder: tests/test_bench_eval_noise.py and
+    tests/test_bench_reeval.py import this fixture, and a module-scoped fixture alone would
+    pre-train it again for each module (20 s each). The tests that take it only read it."""
+    import shutil
+
+    folder = tmp_path_factory.getbasetemp() / "learnable"
+    root, backbone = folder / "shapes", folder / "backbone.pt"
+    if not (folder / "done").is_file():  # "done" is written last: a half-built folder is built again
+        shutil.rmtree(folder, ignore_errors=True)
+        make_dataset("shapes", root, n_train=50, n_val=10, image_size=64, progress=False)
+        search_split(root)
+        pretrain(str(root), str(backbone), ann="search_train", detector="retinanet_mobilenet_v3_small",
+                 iterations=100, image_size=64, crop_size=48, batch_size=32, num_threads=1, progress=False)
+        (folder / "done").write_text("")
+    return root, str(backbone)
 
 
 @pytest.mark.slow

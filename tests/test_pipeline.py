@@ -133,6 +133,10 @@ def cli_env(tmp_path, monkeypatch):
         (["--search-splits", "0"], "search_splits=0 is out of range"),
         (["--search-val-fraction", "1"], "search_val_fraction=1.0 must be in (0, 1)"),
         (["--select-top", "2", "--select-rank", "best"], "'best' is not one of 'reward', 'round'"),
+        (["--lr-sweep", '{"iters": 3}'], "lr sweep options (--lr-sweep) has unknown training option(s) ['iters']"),
+        (["--lr-sweep", '{"lrs": 0.01}'], '--lr-sweep: "lrs": 0.01 must be a list of learning rates'),
+        (["--lr-sweep", '{"lrs": [0.01, -1]}'], "--lr-sweep: lr sweep: lrs=[0.01, -1] must be numbers > 0"),
+        (["--lr-sweep", "[]"], "--lr-sweep: '[]' must be a JSON object"),
     ],
 )
 @pytest.mark.parametrize("command", ["run", "search"])
@@ -165,6 +169,30 @@ def test_help_answers():
         result = CliRunner().invoke(main, [command, "--help"])
         assert result.exit_code == 0 and "Usage:" in result.output, command
     assert "--search-name" in CliRunner().invoke(main, ["run", "--help"]).output
+    for command in ("run", "search"):
+        assert "--lr-sweep" in CliRunner().invoke(main, [command, "--help"]).output, command
+
+
+def test_lr_sweep_option_is_merged_over_the_presets_sweep():
+    """``--lr-sweep JSON`` replaces the keys it gives of the preset's sweep, keeps the
+    others; not given, the preset's sweep; ``{"lrs": []}`` leaves nothing to sweep."""
+    from paploss import presets
+    from paploss.search_cli import settings_from_options
+
+    def settings(lr_sweep_json):
+        return settings_from_options(
+            preset="smoke", dataset=None, work="w", search_name="x", rounds=None, samples=None, parallelism=None,
+            max_failed_trials=None, attempts=None, seed=None, detector=None, proxy_epochs=0, final_epochs=0,
+            proxy_json=None, final_json=None, controller_json=None, tracking_uri="sqlite:///m.db", experiment="e",
+            model_name="m", promote=True, lr_sweep_json=lr_sweep_json)
+
+    preset = presets.get_preset("smoke").lr_sweep
+    assert len(steps.sweep_lrs(preset)) >= 2
+    assert settings(None).preset.lr_sweep == preset
+    off = settings('{"lrs": []}').preset.lr_sweep
+    assert off == {**preset, "lrs": []} and steps.sweep_lrs(off) == []
+    assert settings('{"lrs": [0.1, 0.2, 0.3], "iterations": 5}').preset.lr_sweep == {
+        **preset, "lrs": [0.1, 0.2, 0.3], "iterations": 5}
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -213,13 +241,18 @@ def _check_mlflow(client, experiment: str, search_name: str, rounds: int = ROUND
 def test_inprocess_search_fills_the_sqlite_store(cli_env):
     from mlflow import MlflowClient
 
-    result = CliRunner().invoke(main, ["search", "--preset", "smoke", "--search-name", "inproc", "--work", "w"])
+    # one round, no lr sweep: the in-process path into the store (two rounds and the sweep: the kfp.local
+    # run below; the in-process sweep: tests/test_flow.py)
+    result = CliRunner().invoke(main, ["search", "--preset", "smoke", "--search-name", "inproc", "--work", "w",
+                                       "--rounds", "1", "--lr-sweep", '{"lrs": []}'])
     assert result.exit_code == 0, result.output
     assert re.search(r"searched\s+\d+\.\d\d", result.output) and "focal+giou" in result.output
+    assert "learning rates (each loss's best" not in result.output  # no sweep: every final at the final options' lr
     uri = f"sqlite:///{cli_env / 'mlflow.db'}"
-    _check_mlflow(MlflowClient(uri, uri), "paploss", "inproc")
+    _check_mlflow(MlflowClient(uri, uri), "paploss", "inproc", rounds=1)
     report = storage.read_json(cli_env / "w" / "searches" / "inproc" / "report.json")
-    assert report["rounds"] == ROUNDS and set(report["final"]) == {"searched", "start", "focal+l1", "focal+giou"}
+    assert report["rounds"] == 1 and set(report["final"]) == {"searched", "start", "focal+l1", "focal+giou"}
+    assert not (cli_env / "w" / "searches" / "inproc" / "lr_sweep.json").exists()
 
 
 @pytest.mark.slow
@@ -244,12 +277,14 @@ def test_kfp_local_run_with_mlflow_server_and_s3_then_resume_from_cache(tmp_path
     assert first.exit_code == 0, first.output + (tmp_path / "runs" / "logs" / "kfp-s3.log").read_text()[-5000:]
     assert f"round {ROUNDS}/{ROUNDS} done: mean reward" in first.output  # progress per round (the display's line)
     assert "searched" in first.output and "make ui" in first.output
+    # the preset's lr sweep ran (the one kfp.local test that runs it): each final loss got its lr
+    assert "learning rates (each loss's best of the sweep on search-val)" in first.output
 
     client = make_client(mlflow_server.uri)
     parent, trials = _check_mlflow(client, "paploss", "kfp-s3")
     assert parent.data.params["dataset"] == "s3://datasets/shapes"
     keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket="work", Prefix="paploss/")["Contents"]]
-    assert "paploss/searches/kfp-s3/report.json" in keys
+    assert "paploss/searches/kfp-s3/report.json" in keys and "paploss/searches/kfp-s3/lr_sweep.json" in keys
     assert sum(k.startswith("paploss/searches/kfp-s3/trials/") for k in keys) == ROUNDS * SAMPLES
     arts = [o["Key"] for o in s3.client().list_objects_v2(Bucket=mlflow_server.artifact_bucket)["Contents"]]
     assert any(k.endswith("/functions.png") for k in arts)  # MLflow's artifacts went to S3
@@ -280,15 +315,21 @@ def test_kfp_local_run_with_a_selection_stage(cli_env):
     ``--reward-seeds 2`` every sampled loss is trained twice (seeds 0 and 1000) and
     the controller is given the mean of the two. With ``--search-splits 3`` the
     data step draws three search splits, round r trains and scores on split r and the
-    selection on split 2, which no round used; with ``--search-val-fraction 0.4`` each
+    selection on split rounds mod 3, which no round used; with ``--search-val-fraction 0.4`` each
     holds out 40 % of train. Each round logs the seeds' noise in its rewards. With
     ``--select-rank round`` the candidates are the best rewards relative to their
-    round's mean (each round scored on its own split)."""
+    round's mean (each round scored on its own split).
+
+    One round (``--rounds 1``: round 0 on split 0, the selection on split 1) and no lr
+    sweep (``--lr-sweep '{"lrs": []}'``): this test is the selection's plumbing through
+    kfp.local; two rounds and the sweep run in the S3 test above, a round per split and the
+    ranks' orders in tests/test_steps.py."""
     from mlflow import MlflowClient
 
+    rounds = 1
     args = ["run", "--preset", "smoke", "--search-name", "kfp-select", "--work", "w", "--root", "runs",
-            "--select-top", "2", "--select-seeds", "1,2", "--reward-seeds", "2",
-            "--search-splits", "3", "--search-val-fraction", "0.4", "--select-rank", "round"]
+            "--rounds", str(rounds), "--lr-sweep", '{"lrs": []}', "--select-top", "2", "--select-seeds", "1,2",
+            "--reward-seeds", "2", "--search-splits", "3", "--search-val-fraction", "0.4", "--select-rank", "round"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output + (cli_env / "runs" / "logs" / "kfp-select.log").read_text()[-5000:]
     assert "selection candidate 1: reward" in result.output and "searched loss: selection candidate" in result.output
@@ -298,20 +339,20 @@ def test_kfp_local_run_with_a_selection_stage(cli_env):
     cands = doc["selected"]["candidates"]
     assert len(cands) == 2 and all(sorted(c["rewards"]) == ["1", "2"] for c in cands)
     trial_files = sorted(p.name for p in (folder / "trials").iterdir())
-    assert trial_files[-4:] == [f"r{ROUNDS:03d}-s{s:02d}.json" for s in range(4)]  # after the last round
+    assert trial_files[-4:] == [f"r{rounds:03d}-s{s:02d}.json" for s in range(4)]  # after the last round
     search_trials = [json.loads((folder / "trials" / f"r{r:03d}-s{s:02d}.json").read_text())
-                     for r in range(ROUNDS) for s in range(2 * SAMPLES)]
-    assert [t["seed"] for t in search_trials] == [0, 1000] * (ROUNDS * SAMPLES)
-    assert [t["split"] for t in search_trials] == [r for r in range(ROUNDS) for _ in range(2 * SAMPLES)]
-    assert {json.loads((folder / "trials" / f"r{ROUNDS:03d}-s{s:02d}.json").read_text())["split"]
-            for s in range(4)} == {ROUNDS % 3}
+                     for r in range(rounds) for s in range(2 * SAMPLES)]
+    assert [t["seed"] for t in search_trials] == [0, 1000] * (rounds * SAMPLES)
+    assert [t["split"] for t in search_trials] == [r for r in range(rounds) for _ in range(2 * SAMPLES)]
+    assert {json.loads((folder / "trials" / f"r{rounds:03d}-s{s:02d}.json").read_text())["split"]
+            for s in range(4)} == {rounds % 3}
     (data,) = (cli_env / "w" / "data").iterdir()
     assert {p.name for p in (data / "annotations").glob("search_val*.json")} == {
         "search_val.json", "search_val-1.json", "search_val-2.json"}
     images = {n: len(json.loads((data / "annotations" / f"{n}.json").read_text())["images"])
               for n in ("train", "search_val", "search_val-2")}
     assert abs(images["search_val"] - 0.4 * images["train"]) <= 2 and images["search_val-2"] == images["search_val"]
-    c = steps.load_controller(str(folder / "state" / f"round-{ROUNDS:03d}.json"))
+    c = steps.load_controller(str(folder / "state" / f"round-{rounds:03d}.json"))
     assert [r for rec in c.history for r in rec.rewards] == pytest.approx(
         [(a["reward"] + b["reward"]) / 2 for a, b in zip(search_trials[::2], search_trials[1::2])])
     assert not any(rec.failed for rec in c.history)
@@ -322,17 +363,20 @@ def test_kfp_local_run_with_a_selection_stage(cli_env):
     report = json.loads((folder / "report.json").read_text())
     final = json.loads((folder / "final" / "searched.json").read_text())
     assert final["spec"] == report["searched_spec"] == doc["selected"]["spec"]
-    assert final["spec"] != steps.load_controller(str(folder / "state" / f"round-{ROUNDS:03d}.json")).spec().to_json()
+    assert final["spec"] != steps.load_controller(str(folder / "state" / f"round-{rounds:03d}.json")).spec().to_json()
     uri = f"sqlite:///{cli_env / 'mlflow.db'}"
     client = MlflowClient(uri, uri)
     parent = client.search_runs([client.get_experiment_by_name("paploss").experiment_id],
                                 "tags.`paploss.kind` = 'search'")[0]
     assert [m.step for m in client.get_metric_history(parent.info.run_id, "selection.mean_reward")] == [0, 1]
-    noise = steps.round_noise(str(folder / "state" / f"round-{ROUNDS:03d}.json"))
+    noise = steps.round_noise(str(folder / "state" / f"round-{rounds:03d}.json"))
     logged = sorted((m.step, m.value) for m in client.get_metric_history(parent.info.run_id, "reward_noise_sd"))
-    assert [step for step, _ in logged] == list(range(ROUNDS))
-    assert [value for _, value in logged] == pytest.approx([noise[r][1] for r in range(ROUNDS)], abs=1e-12)
+    assert [step for step, _ in logged] == list(range(rounds))
+    assert [value for _, value in logged] == pytest.approx([noise[r][1] for r in range(rounds)], abs=1e-12)
     assert "selection.json" in {a.path for a in client.list_artifacts(parent.info.run_id)}
+    # no sweep: nothing trained for it, every final at the final options' lr
+    assert not (folder / "lr_sweep.json").exists() and "lrs" not in report
+    assert "learning rates (each loss's best" not in result.output  # the table's line of the sweep's picks
 
 
 def test_submit_names_what_is_wrong(tmp_path):
