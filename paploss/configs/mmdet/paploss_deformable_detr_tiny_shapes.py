@@ -6,6 +6,7 @@
 # It ships inside the paploss package (package data), so the detector name
 # `deformable_detr_tiny` (paploss.spec_set.MMDET_DETECTORS) finds it wherever paploss is
 # installed: a pipeline or a TrainJob carries the name, and each machine reads its own copy.
+# Trained that way, its pipelines resize to the training's image_size (128 by default).
 #
 #     paploss data make shapes data/shapes
 #     paploss train --data data/shapes --detector deformable_detr_tiny --loss paploss --form linear \
