@@ -56,7 +56,7 @@ import click
 from paploss import flow, presets, steps, storage
 from paploss.search_cli import int_list
 from paploss.spec import HANDCRAFTED_FORMS, grad_scale_from_theta
-from paploss.spec_set import detector_names, resolve_detector
+from paploss.spec_set import detector_names
 
 __all__ = ["BenchConfig", "LOSSES", "KNOWN_LOSSES", "TRANSFERS", "split_scale", "BENCH_PRESETS", "WarmStarts",
            "run_search", "run_finals", "final_jobs", "run_bench", "summarize", "goal_check", "goal_lines", "goal_text",
@@ -377,7 +377,7 @@ class BenchConfig:
         if sizes:
             p = p.with_overrides(bundled={**p.bundled, **sizes})
         if self.detector:  # the search's θ then has 41 numbers per PAP-loss head (steps.init_search)
-            p = p.with_overrides(detector=resolve_detector(self.detector))
+            p = p.with_overrides(detector=self.detector)
         return p
 
 

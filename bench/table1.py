@@ -91,9 +91,8 @@ PRESETS = {
 
 
 def rows_of(detector: str) -> tuple[str, ...]:
-    """The rows trained for ``detector``: all of :data:`ROWS`, except ``pap+detach_i3`` for
-    the MMDetection DETR (its head has no ``detach_i3`` switch: ``TrainConfig`` refuses it)."""
-    return tuple(r for r in ROWS if not (detector in MMDET and r == "pap+detach_i3"))
+    """The rows trained for ``detector``: all of :data:`ROWS` (the DETR head takes ``detach_i3`` too)."""
+    return ROWS
 
 
 def seeds_of(detector: str, sizes: Sizes) -> tuple[int, ...]:
@@ -102,10 +101,8 @@ def seeds_of(detector: str, sizes: Sizes) -> tuple[int, ...]:
 
 def train_options(detector: str, sizes: Sizes, iterations: int) -> dict[str, Any]:
     """TrainConfig fields of one training of ``detector`` (its resolved name included)."""
-    from paploss.spec_set import resolve_detector
-
     if detector in MMDET:  # the config's model and pipeline; AdamW as DETR trains
-        return {"detector": resolve_detector(detector), "iterations": iterations, "optimizer": "adamw",
+        return {"detector": detector, "iterations": iterations, "optimizer": "adamw",
                 "lr": 5e-4, "batch_size": 4, "warmup_iters": max(1, iterations // 10), "grad_clip": 0.1,
                 "num_threads": 1, "image_size": sizes.image_size}
     return {"detector": detector, "iterations": iterations, "image_size": sizes.image_size, "fpn_channels": 32,
@@ -161,7 +158,7 @@ def markdown(t: Mapping[str, Any]) -> str:
             cells = [NOT_CONVERGED] * len(t["rows"])
         lines.append("| " + " | ".join([f"`{det}`", d["seeds"], *cells]) + " |")
     lines.append("")
-    lines.append("— : not trained (`deformable_detr_tiny`'s MMDetection head has no `detach_i3` switch).")
+    lines.append("— : not trained.")
     lines.append(f"AP × 100 on `shapes` val (mean ± std over the seeds). A row counts when its `{BASELINE}` "
                  f"baseline reaches {t['floor']:g} AP; below that it reads \"{NOT_CONVERGED}\" "
                  "(its numbers are in table1.json).")

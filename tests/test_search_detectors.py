@@ -206,7 +206,7 @@ def test_the_search_benchmark_takes_the_detector():
     cfg = BenchConfig(detector=FRCNN, start="square")
     p = cfg.preset("shapes")
     assert p.detector == FRCNN and len(cfg.controller(p, "searched")["mu"]) == 82
-    assert BenchConfig(detector=DETR).preset("shapes").detector == resolve_detector(DETR)
+    assert BenchConfig(detector=DETR).preset("shapes").detector == DETR  # the name travels
     assert len(BenchConfig(start="square").controller(BenchConfig().preset("shapes"), "searched")["mu"]) == 41
     with pytest.raises(ValueError, match="detector 'yolo' is unknown"):
         BenchConfig(detector="yolo")

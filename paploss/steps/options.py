@@ -350,8 +350,8 @@ def check_pretrain_options(config: Mapping[str, Any] | None, proxy: Mapping[str,
     for name, value in options.items():
         default = params[name].default
         if name == "detector":
-            if str(value).startswith(engine.MMDET_PREFIX):
-                continue  # an MMDetection config gets no warm start (steps.pretrain): its own init applies
+            if engine.is_mmdet(str(value)):
+                continue  # an MMDetection detector gets no warm start (steps.pretrain): its own init applies
             if value not in engine.DETECTORS:
                 raise StepError(f"pretrain options: detector={value!r} is unknown; known: {sorted(engine.DETECTORS)}")
         elif name in ("seed",):

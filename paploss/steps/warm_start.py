@@ -22,11 +22,11 @@ def pretrain(data: str, work: str, config: Mapping[str, Any] | None = None, seed
     ``image_size`` not in ``config`` come from the ``proxy`` training options;
     ``detector`` (the pipeline parameter, "" = keep) overrides both.
 
-    An MMDetection detector (``"mmdet:<config>"``) gets no warm start here: it
+    An MMDetection detector (a name such as ``deformable_detr_tiny`` or ``"mmdet:<config>"``) gets no warm start here: it
     starts as its config says (``init_cfg`` / ``load_from``), and this returns "".
     With ``only_cached``, train nothing: return the URI if it exists, else ""."""
     config = pretrain_options(config, proxy, detector)
-    if str(config.get("detector", "")).startswith(_engine().MMDET_PREFIX):
+    if _engine().is_mmdet(str(config.get("detector", ""))):
         _log(f"no warm start for {config['detector']}: the MMDetection config's own init_cfg/load_from applies")
         return ""
     out = storage.join(work, "pretrain", cache_key(work, "pretrain", At(data), config, int(seed)), "backbone.pt")
