@@ -41,7 +41,7 @@ model = dict(
             fc_out_channels=128,
             num_classes=len(classes),
             spec=dict(points=[identity] * 5, grad_scale=1.0))),
-    train_cfg=dict(rpn_proposal=dict(nms_pre=1000, max_per_img=256)),
+    train_cfg=dict(rpn_proposal=dict(nms_pre=1000, max_per_img=128)),  # 128 training proposals per image, as paploss.models.faster_rcnn at 128 px
     test_cfg=dict(rpn=dict(nms_pre=500, max_per_img=128)))
 
 train_pipeline = [
