@@ -25,7 +25,7 @@ import click
 
 from paploss import presets, steps, storage
 from paploss.errors import InputError, mask
-from paploss.spec_set import detector_names, resolve_detector
+from paploss.spec_set import detector_names
 
 __all__ = ["RunSettings", "search", "search_options", "settings_from_options", "preflight", "begin", "end", "run_inprocess",
            "format_table", "absolute_tracking_uri", "wait_lease_option", "ensure_tracking_store"]
@@ -186,17 +186,14 @@ def int_list(text: str, option: str) -> list[int]:
 
 
 def _detector(name: str | None) -> str | None:
-    """``--detector``: a known name, an MMDetection one resolved to its config
-    (:func:`paploss.spec_set.resolve_detector`), or ``mmdet:<config file>``."""
+    """``--detector``: a known name (an MMDetection one included: the machine that trains finds
+    its config, :func:`paploss.spec_set.mmdet_config`), or ``mmdet:<config file>``."""
     if name is None or name.startswith("mmdet:"):
         return name
     if name not in detector_names():
         raise InputError("--detector", f"{name!r} is not a detector; known: {', '.join(detector_names())} "
                          "or mmdet:<config file>")
-    try:
-        return resolve_detector(name)
-    except ValueError as exc:
-        raise InputError("--detector", str(exc)) from None
+    return name
 
 
 def settings_from_options(

@@ -283,7 +283,10 @@ def build_pipeline(rounds: int | None = None, parallelism: int | None = None, im
     o = PipelineOptions.of(preset, rounds, parallelism, image, cluster, select_top)
     p, c = o.preset, components.build(o.image)
     round_pipeline, selection_pipeline, finals_pipeline = search_round(c, o), selection(c, o), finals(c, o)
-    sweep_pipeline = lr_sweep(c, o)
+    from paploss import steps
+
+    # fewer than two lrs: nothing to choose, no sweep tasks; every final trains at the final options' lr
+    sweep_pipeline = lr_sweep(c, o) if len(steps.sweep_lrs(p.lr_sweep)) >= 2 else None
 
     @dsl.pipeline(
         name=PIPELINE_NAME,
@@ -329,8 +332,8 @@ def build_pipeline(rounds: int | None = None, parallelism: int | None = None, im
         if o.select_top > 0:
             state = selection_pipeline(data=prep.output, init=warm.output, state=state, select_seeds=select_seeds,
                                        select_rank=select_rank, run=run, **k8s).set_display_name("selection").output
-        lrs = sweep_pipeline(data=prep.output, init=warm.output, state=state, run=run,
-                             **k8s).set_display_name("lr-sweep").output
+        lrs = "{}" if sweep_pipeline is None else sweep_pipeline(
+            data=prep.output, init=warm.output, state=state, run=run, **k8s).set_display_name("lr-sweep").output
         return finals_pipeline(data=prep.output, init=warm.output, state=state, run=run, lrs=lrs,
                                **k8s).set_display_name("finals").output
 
