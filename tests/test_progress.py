@@ -113,7 +113,7 @@ def test_the_ticker_thread_runs_inside_the_with_and_stops_after():
 
 def test_the_plan_of_a_preset():
     plan = Plan.of(presets.get_preset("demo"))
-    assert plan.iterations() == {"trial": (8, 100), "sweep": (8, 120), "final": (4, 500)}
+    assert plan.iterations() == {"trial": (8, 80), "sweep": (8, 60), "final": (4, 400)}
     smoke = Plan.of(presets.get_preset("smoke"), finals=3)
     assert smoke.sweep == 6 and smoke.finals == 3
 
