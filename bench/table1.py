@@ -71,16 +71,21 @@ class Sizes:
     proxy_iterations: int
     cnn_seeds: tuple[int, ...] = CNN_SEEDS
     detr_seeds: tuple[int, ...] = DETR_SEEDS
+    fpn_channels: int = 32
+    detectors: tuple[str, ...] = DETECTORS  # what --detectors defaults to
 
 
 PRESETS = {
     # what the 2 shared CPU cores can finish in about an hour (BENCHMARKS.md)
     "small": Sizes(n_train=200, n_val=50, image_size=96, pretrain_iterations=150, cnn_iterations=250,
                    detr_iterations=200, rounds=2, samples=2, proxy_iterations=40),
-    # the `demo` preset's data and schedule (500 / 100 images at 128 px, 400-iteration trainings): where the
-    # RetinaNet baselines pass the floor on 2 CPU cores (BENCHMARKS.md, "The main job")
+    # the `demo` preset's data, detectors (MobileNetV3-Small, FPN 64, 16 px anchors) and schedule (500 / 100
+    # images at 128 px, 400-iteration trainings): where RetinaNet's baselines pass the floor on 2 CPU cores
+    # (BENCHMARKS.md, "The main job")
     "medium": Sizes(n_train=500, n_val=100, image_size=128, pretrain_iterations=200, cnn_iterations=400,
-                    detr_iterations=400, rounds=2, samples=2, proxy_iterations=60),
+                    detr_iterations=400, rounds=2, samples=2, proxy_iterations=60, fpn_channels=64,
+                    detectors=("retinanet_mobilenet_v3_small", "faster_rcnn_mobilenet_v3_small",
+                               "deformable_detr_tiny")),
     # the paper-like setting's shape on a GPU or a free machine (not run here)
     "full": Sizes(n_train=1000, n_val=200, image_size=128, pretrain_iterations=400, cnn_iterations=1200,
                   detr_iterations=3000, rounds=4, samples=4, proxy_iterations=150),
@@ -105,7 +110,8 @@ def train_options(detector: str, sizes: Sizes, iterations: int) -> dict[str, Any
         return {"detector": detector, "iterations": iterations, "optimizer": "adamw",
                 "lr": 5e-4, "batch_size": 4, "warmup_iters": max(1, iterations // 10), "grad_clip": 0.1,
                 "num_threads": 1, "image_size": sizes.image_size}
-    return {"detector": detector, "iterations": iterations, "image_size": sizes.image_size, "fpn_channels": 32,
+    return {"detector": detector, "iterations": iterations, "image_size": sizes.image_size,
+            "fpn_channels": sizes.fpn_channels,
             "anchor_size": sizes.image_size / 8, "batch_size": 8, "warmup_iters": max(1, iterations // 10),
             "lr": 0.01, "num_threads": 1}
 
@@ -290,19 +296,20 @@ def run(preset: str, detectors: Sequence[str], work: str, out: str, jobs: int, f
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="small", show_default=True,
               help="Sizes: small (what 2 CPU cores finish in about an hour), medium (the demo's data and 400-iteration "
                    "trainings), full (longer trainings and search), smoke (seconds).")
-@click.option("--detectors", default=",".join(DETECTORS), show_default=True,
-              help="Comma-separated detectors (paploss search --detector names).")
+@click.option("--detectors", default=None,
+              help="Comma-separated detectors (paploss search --detector names) [default: the preset's; medium: the "
+                   "demo's MobileNetV3-Small CNNs and deformable_detr_tiny, the others: " + ",".join(DETECTORS) + "].")
 @click.option("--floor", type=float, default=AP_FLOOR, show_default=True,
               help="AP x 100 a detector's focal/CE baseline must reach for its row to count.")
 @click.option("--jobs", type=int, default=2, show_default=True, help="Trainings at a time (one thread each).")
 @click.option("--work", default="runs/table1-work", show_default=True, help="Cache folder; a rerun resumes.")
 @click.option("--out", default="runs/table1", show_default=True, help="Where table1.json/.md and figure1.png go.")
 @click.option("--report-only", is_flag=True, help="Train nothing: tabulate the trainings and searches --work holds.")
-def main(preset: str, detectors: str, floor: float, jobs: int, work: str, out: str, report_only: bool) -> None:
+def main(preset: str, detectors: str | None, floor: float, jobs: int, work: str, out: str, report_only: bool) -> None:
     """Table 1 and Figure 1 on shapes (see the module docstring)."""
     from paploss.spec_set import detector_names
 
-    names = tuple(d for d in detectors.split(",") if d)
+    names = PRESETS[preset].detectors if detectors is None else tuple(d for d in detectors.split(",") if d)
     unknown = sorted(set(names) - set(detector_names()))
     if unknown or not names:
         raise click.UsageError(f"--detectors: unknown {unknown or 'none given'}; known: {', '.join(detector_names())}")
