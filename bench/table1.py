@@ -72,6 +72,7 @@ class Sizes:
     cnn_seeds: tuple[int, ...] = CNN_SEEDS
     detr_seeds: tuple[int, ...] = DETR_SEEDS
     fpn_channels: int = 32
+    pretrain_batch: int = 8  # crops per warm-start step (the demo's warm start: engine.pretrain's 32)
     detectors: tuple[str, ...] = DETECTORS  # what --detectors defaults to
 
 
@@ -83,7 +84,7 @@ PRESETS = {
     # images at 128 px, 400-iteration trainings): where RetinaNet's baselines pass the floor on 2 CPU cores
     # (BENCHMARKS.md, "The main job")
     "medium": Sizes(n_train=500, n_val=100, image_size=128, pretrain_iterations=200, cnn_iterations=400,
-                    detr_iterations=400, rounds=2, samples=2, proxy_iterations=60, fpn_channels=64,
+                    detr_iterations=400, rounds=2, samples=2, proxy_iterations=60, fpn_channels=64, pretrain_batch=32,
                     detectors=("retinanet_mobilenet_v3_small", "faster_rcnn_mobilenet_v3_small",
                                "deformable_detr_tiny")),
     # the paper-like setting's shape on a GPU or a free machine (not run here)
@@ -258,7 +259,8 @@ def run(preset: str, detectors: Sequence[str], work: str, out: str, jobs: int, f
     for det in detectors:
         opts = train_options(det, sizes, sizes.cnn_iterations)
         inits[det] = steps.pretrain(data, str(work_dir), config={"iterations": sizes.pretrain_iterations,
-                                                                 "batch_size": 8, "num_threads": 1},
+                                                                 "batch_size": sizes.pretrain_batch,
+                                                                 "num_threads": jobs},
                                     detector=opts["detector"], proxy=opts, only_cached=report_only)
 
     def jobs_of(rows: Sequence[str], spec_of) -> list[dict]:  # seed-major: every detector's seed 0 first
