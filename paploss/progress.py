@@ -20,7 +20,7 @@ no minute passes in silence.
 
     plan = Plan.of(preset)                    # what the search will train
     with Progress(plan, sys.stdout) as show:  # the ticker thread lives inside the with
-        show.feed("paploss> round 0 sample 2: reward 0.1234 (35s)")
+        show.feed("paploss> round 1 sample 3: reward 0.1234 (35s)")
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ _PATTERNS: list[tuple[re.Pattern, Callable[[re.Match], Event]]] = [
     (re.compile(r"^pre-training the warm start"), lambda m: Event("stage", m.string, stage="pretrain")),
     (re.compile(r"^search \S+: \d+ rounds x \d+ samples"), lambda m: Event("stage", m.string, stage="search")),
     (re.compile(rf"^round (\d+) sample (\d+): (?:reward {_NUM}|FAILED) \((\d+)s"),
-     lambda m: Event("trial", m.string, round=int(m[1]), sample=int(m[2]),
+     lambda m: Event("trial", m.string, round=int(m[1]) - 1, sample=int(m[2]) - 1,  # the lines count from 1
                      reward=float(m[3]) if m[3] is not None else None, seconds=float(m[4]))),
     (re.compile(rf"^round (\d+)/(\d+): mean reward {_NUM}"),
      lambda m: Event("round", m.string, round=int(m[1]), reward=float(m[3]))),

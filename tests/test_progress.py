@@ -28,11 +28,11 @@ def _show(tty: bool, heartbeat: float = 30.0):
 
 
 def test_parse_reads_the_steps_lines_wherever_indented():
-    ev = parse("      paploss> round 0 sample 3: reward 0.1234 (35s)")
-    assert ev == Event("trial", "round 0 sample 3: reward 0.1234 (35s)", round=0, sample=3, reward=0.1234,
+    ev = parse("      paploss> round 1 sample 4: reward 0.1234 (35s)")  # the lines count from 1, the events from 0
+    assert ev == Event("trial", "round 1 sample 4: reward 0.1234 (35s)", round=0, sample=3, reward=0.1234,
                        seconds=35.0)
-    failed = parse("paploss> round 1 sample 0: FAILED (3s; stopped early: its boxes collapsed)")
-    assert failed.kind == "trial" and failed.reward is None and failed.round == 1
+    failed = parse("paploss> round 2 sample 1: FAILED (3s; stopped early: its boxes collapsed)")
+    assert failed.kind == "trial" and failed.reward is None and (failed.round, failed.sample) == (1, 0)
     assert parse("paploss> round 2/2: mean reward 0.1000, max 0.2, failed 0 (total 0)").round == 2
     assert parse("paploss> final focal+l1: AP 0.2500").loss == "focal+l1"
     sweep = parse("paploss> lr sweep start at lr 0.02: search-val AP 3.50 (41s)")
@@ -45,9 +45,9 @@ def test_parse_reads_the_steps_lines_wherever_indented():
 
 def test_one_numbering_rounds_and_trials_count_from_one():
     show, out, clock = _show(tty=False)
-    show.feed("paploss> round 0 sample 0: reward 0.1000 (20s)")
+    show.feed("paploss> round 1 sample 1: reward 0.1000 (20s)")
     show.feed("paploss> round 1/2: mean reward 0.1000, max 0.1")
-    show.feed("paploss> round 1 sample 3: reward 0.2000 (20s)")
+    show.feed("paploss> round 2 sample 4: reward 0.2000 (20s)")
     text = out.getvalue()
     assert "round 1/2  trial 1/4: reward 10.00 AP (20 s)" in text
     assert "round 1/2 done: mean reward 10.00 AP" in text
@@ -59,11 +59,11 @@ def test_the_eta_learns_from_the_trainings_done():
     show, out, clock = _show(tty=False)
     assert show.eta() is None  # nothing finished: no guess
     clock.t += 30
-    show.feed("paploss> round 0 sample 0: reward 0.1000 (20s)")  # 20 s per 100 iterations
+    show.feed("paploss> round 1 sample 1: reward 0.1000 (20s)")  # 20 s per 100 iterations
     # left: 7 trials x 100 + 8 sweeps x 100 + 4 finals x 400 = 3100 iterations, 0.2 s each, 2 side by side
     assert show.eta() == pytest.approx(0.2 * 3100 / 2)
     assert "ETA 5 min 10 s" in out.getvalue() and "30 s elapsed" in out.getvalue()
-    show.feed("paploss> round 0 sample 1: reward 0.1000 (40s)")  # now 0.3 s per iteration
+    show.feed("paploss> round 1 sample 2: reward 0.1000 (40s)")  # now 0.3 s per iteration
     assert show.eta() == pytest.approx(0.3 * 3000 / 2)
     show.feed("paploss> final searched: AP 0.3000")  # a final done: 400 iterations fewer to go
     assert show.eta() == pytest.approx(0.3 * 2600 / 2)

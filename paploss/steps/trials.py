@@ -207,10 +207,12 @@ def proxy_trial(
 
 
 def _trial_label(t: Mapping[str, Any]) -> str:
-    """How progress lines name a trial: a round's sample, or a selection candidate's seed."""
+    """How progress lines name a trial: a round's sample counted from 1 as the round lines,
+    the progress display and the MLflow run names (``r01-s01``) count, or a selection
+    candidate's seed."""
     if "candidate" in t:
         return f"selection candidate {t['candidate']} seed {t['seed']}"
-    return f"round {t['round']} sample {t['sample']}"
+    return f"round {t['round'] + 1} sample {t['sample'] + 1}"
 
 
 def _trial_output(result: Mapping[str, Any]) -> str:
