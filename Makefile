@@ -53,8 +53,8 @@ bench-controller: install  ## the PPO controller on a toy reward (how close it g
 bench-search: install  ## the search-quality benchmark of BENCHMARKS.md (long: about 2 hours on 2 CPU cores)
 	$(BIN)/python -m bench.search --out runs/bench-search
 
-bench-table1: install  ## Table 1 and Figure 1 on shapes for the three detectors (BENCHMARKS.md; about an hour on 2 CPU cores)
-	$(BIN)/python -m bench.table1 --preset small --out runs/table1
+bench-table1: install  ## Table 1 and Figure 1 on shapes for the three detectors (BENCHMARKS.md; about an hour on 2 idle CPU cores)
+	$(BIN)/python -m bench.table1 --preset medium --work runs/table1-medium --out runs/table1
 
 docs-figure: install  ## redraw docs/pipeline.png from the compiled pipeline (after changing the pipeline)
 	$(BIN)/python docs/pipeline_figure.py

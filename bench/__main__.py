@@ -13,7 +13,7 @@ from pathlib import Path
 
 #: The tools, in the order a reader meets them: what the product costs, then how good its search is.
 TOOLS = ("loss", "train_step", "faster_rcnn_step", "mmdet_step", "detr_step", "pipeline_overhead", "toy_search",
-         "search", "device_search", "gpu_check", "table1", "reeval", "paired", "proxy", "eval_noise", "collapse")
+         "search", "device_search", "gpu_check", "table1", "frcnn_baseline", "reeval", "paired", "proxy", "eval_noise", "collapse")
 #: Modules the tools share, with no command of their own.
 HELPERS = ("baseline",)
 

@@ -27,7 +27,7 @@ Every training's result is cached in ``--work`` (``table1/<detector>/<row>-s<see
 so that a stopped run resumes. Writes ``table1.json``, ``table1.md`` and
 ``figure1.png`` (the searched functions, a column per detector and head) to ``--out``.
 
-    .venv/bin/python -m bench.table1 --preset small --out runs/table1    # make bench-table1
+    .venv/bin/python -m bench.table1 --preset medium --work runs/table1-medium --out runs/table1   # make bench-table1
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ class Sizes:
 
 
 PRESETS = {
-    # what the 2 shared CPU cores can finish in about an hour (BENCHMARKS.md)
+    # 96 px, 250 iterations: the first partial run (BENCHMARKS.md); no baseline reached the floor
     "small": Sizes(n_train=200, n_val=50, image_size=96, pretrain_iterations=150, cnn_iterations=250,
                    detr_iterations=200, rounds=2, samples=2, proxy_iterations=40),
     # the `demo` preset's data, detectors (MobileNetV3-Small, FPN 64, 16 px anchors) and schedule (500 / 100
@@ -295,9 +295,10 @@ def run(preset: str, detectors: Sequence[str], work: str, out: str, jobs: int, f
 
 
 @click.command("table1")
-@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="small", show_default=True,
-              help="Sizes: small (what 2 CPU cores finish in about an hour), medium (the demo's data and 400-iteration "
-                   "trainings), full (longer trainings and search), smoke (seconds).")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default="medium", show_default=True,
+              help="Sizes: medium (the demo's data, detectors and 400-iteration trainings: about an hour on 2 idle "
+                   "cores), small (96 px, 250 iterations: no baseline reaches the floor), full (longer trainings and "
+                   "search), smoke (seconds).")
 @click.option("--detectors", default=None,
               help="Comma-separated detectors (paploss search --detector names) [default: the preset's; medium: the "
                    "demo's MobileNetV3-Small CNNs and deformable_detr_tiny, the others: " + ",".join(DETECTORS) + "].")
