@@ -29,16 +29,10 @@ DETECTOR = "faster_rcnn_mobilenet_v3_small"
 @click.option("--seed", type=int, default=0, show_default=True)
 def main(work: str, out: str, long_iterations: int, seed: int) -> None:
     """focal+l1 at the preset's iterations and focal+giou at --long, from Table 1's warm start."""
-    from paploss import steps
-
     sizes = table1.PRESETS["medium"]
-    work_dir, out_dir = Path(work).resolve(), Path(out).resolve()
-    data = steps.prepare_data("bundled:shapes", str(work_dir), bundled={
-        "n_train": sizes.n_train, "n_val": sizes.n_val, "image_size": sizes.image_size})
-    opts = table1.train_options(DETECTOR, sizes, sizes.cnn_iterations)
-    init = steps.pretrain(data, str(work_dir), config={"iterations": sizes.pretrain_iterations,
-                                                       "batch_size": sizes.pretrain_batch, "num_threads": 2},
-                          detector=DETECTOR, proxy=opts, only_cached=True)
+    out_dir = Path(out).resolve()
+    data, inits = table1.inputs(sizes, [DETECTOR], Path(work).resolve(), only_cached=True)
+    init = inits[DETECTOR]
     if not init:
         raise click.UsageError(f"--work {work}: no cached warm start of {DETECTOR}; run bench.table1 --preset medium first")
     jobs = []

@@ -54,6 +54,7 @@ NOT_CONVERGED = "not converged"
 CNN_SEEDS = (0, 1, 2)
 DETR_SEEDS = (0,)
 MMDET = ("deformable_detr_tiny",)
+PRETRAIN_THREADS = 2  # the warm start's threads (the demo's); in its cache key, so not --jobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -241,27 +242,37 @@ def _cached_search(work: Path, detector: str) -> str | None:
     return steps.searched_spec(str(states[-1])).to_json() if len(states) > 1 else None
 
 
+def inputs(sizes: Sizes, detectors: Sequence[str], work_dir: Path, only_cached: bool = False
+           ) -> tuple[str, dict[str, str]]:
+    """The bundled ``shapes`` of ``sizes`` and each detector's warm start, cached in ``work_dir``
+    (``only_cached``: a warm start not there is "")."""
+    from paploss import steps
+
+    data = steps.prepare_data("bundled:shapes", str(work_dir),
+                              bundled={"n_train": sizes.n_train, "n_val": sizes.n_val, "image_size": sizes.image_size})
+    inits = {}
+    for det in detectors:
+        opts = train_options(det, sizes, sizes.cnn_iterations)
+        inits[det] = steps.pretrain(data, str(work_dir), config={"iterations": sizes.pretrain_iterations,
+                                                                 "batch_size": sizes.pretrain_batch,
+                                                                 "num_threads": PRETRAIN_THREADS},
+                                    detector=opts["detector"], proxy=opts, only_cached=only_cached)
+    return data, inits
+
+
 def run(preset: str, detectors: Sequence[str], work: str, out: str, jobs: int, floor: float = AP_FLOOR,
         report_only: bool = False) -> dict:
     """Everything: data, warm starts, the fixed losses' trainings, a search per detector,
     the searched losses' trainings; writes the table and the figure to ``out`` and returns
     the table. ``report_only``: train nothing, tabulate what the cache holds."""
-    from paploss import plots, steps
+    from paploss import plots
     from paploss.spec import LossSpec
     from paploss.spec_set import read_spec
 
     sizes = PRESETS[preset]
     work_dir = Path(work).resolve()
-    data = steps.prepare_data("bundled:shapes", str(work_dir),
-                              bundled={"n_train": sizes.n_train, "n_val": sizes.n_val, "image_size": sizes.image_size})
+    data, inits = inputs(sizes, detectors, work_dir, only_cached=report_only)
     pap = LossSpec.handcrafted(PAP_FORM).to_json()
-    inits: dict[str, str] = {}
-    for det in detectors:
-        opts = train_options(det, sizes, sizes.cnn_iterations)
-        inits[det] = steps.pretrain(data, str(work_dir), config={"iterations": sizes.pretrain_iterations,
-                                                                 "batch_size": sizes.pretrain_batch,
-                                                                 "num_threads": jobs},
-                                    detector=opts["detector"], proxy=opts, only_cached=report_only)
 
     def jobs_of(rows: Sequence[str], spec_of) -> list[dict]:  # seed-major: every detector's seed 0 first
         return [_job(det, row, seed, sizes, data, inits[det], spec_of(det, row), work_dir)
